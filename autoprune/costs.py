@@ -1,0 +1,275 @@
+"""Costs: MACs and parameters counted on the pruned model, latency measured on the device.
+
+Counter choice: `torch.utils.flop_counter.FlopCounterMode` (MACs = FLOPs / 2 of conv, matmul and
+attention). It sees functional ops that hook-based counters (Torch-Pruning's, thop) miss, and it
+does not write buffers into the model. A search loop needs thousands of cost queries, so
+`CostModel` also predicts MACs/params analytically from the kept channel counts (~µs per call,
+exact on conv/linear nets); it is checked against the counter and the counter has the last word.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from autoprune.groups import ROOT_TYPES, GroupInfo, PrunableModel, _PER_CHANNEL
+from autoprune.plan import PruningPlan
+
+try:  # the CPU flash-attention op is missing from torch's flop table
+    _SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def _sdpa_cpu_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape if hasattr(query, "shape") else query, key.shape if hasattr(key, "shape") else key, value.shape if hasattr(value, "shape") else value)
+
+    _CUSTOM = {_SDPA_CPU: _sdpa_cpu_flop}
+except AttributeError:  # pragma: no cover
+    _CUSTOM = {}
+
+
+@dataclass
+class LatencyStats:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    device: str
+    threads: int | None
+    batch_size: int
+
+    @property
+    def spread_ms(self) -> float:
+        return self.p90_ms - self.p10_ms
+
+
+@dataclass
+class CostReport:
+    """Costs of one (pruned) model, with ratios against the unpruned one when known."""
+
+    macs: int
+    params: int
+    macs_ratio: float | None = None
+    params_ratio: float | None = None
+    nonzero_params: int | None = None
+    sparsity: float | None = None
+    latency_ms: float | None = None
+    latency_spread_ms: float | None = None
+    latency_runs: int | None = None
+    counter: str = "torch.utils.flop_counter"
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """MACs of one forward pass on `example` (conv, matmul, attention), counted by FlopCounterMode."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
+        model(example)
+    return int(fc.get_total_flops()) // 2
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+def cost_report(model: nn.Module, example: torch.Tensor, base: "CostReport | None" = None, *, dense_note: bool = False) -> CostReport:
+    """Count MACs and parameters of `model`; ratios against `base` when given."""
+    macs, params = count_macs(model, example), count_params(model)
+    nz = count_nonzero(model)
+    rep = CostReport(macs, params, nonzero_params=nz, sparsity=1 - nz / max(params, 1))
+    if base is not None:
+        rep.macs_ratio = macs / max(base.macs, 1)
+        rep.params_ratio = params / max(base.params, 1)
+    if dense_note:
+        rep.notes.append("unstructured pruning: MACs and latency stay dense; nonzero_params is the compressed size")
+        if base is not None:
+            rep.params_ratio = nz / max(base.params, 1)
+    return rep
+
+
+def measure_latency(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    device: str = "cpu",
+    threads: int | None = 1,
+    warmup: int = 10,
+    runs: int = 50,
+    max_runs: int = 500,
+    rel_ci: float = 0.02,
+    time_budget_s: float = 10.0,
+) -> LatencyStats:
+    """Median latency of `model(example)` in ms: warm-up, then timed runs until the median's 95 %
+    confidence interval is within `rel_ci` of it (or `max_runs` / `time_budget_s` is hit).
+    CUDA is synchronised around every run; the CPU thread count is fixed while timing."""
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    x = example.to(dev)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            sync()
+            start = time.perf_counter()
+            while True:
+                sync()
+                t0 = time.perf_counter()
+                model(x)
+                sync()
+                times.append((time.perf_counter() - t0) * 1e3)
+                n = len(times)
+                if n >= runs and n % 10 == 0:
+                    s = sorted(times)
+                    # distribution-free CI of the median: order statistics n/2 ± 1.96 sqrt(n)/2
+                    half = int(math.ceil(1.96 * math.sqrt(n) / 2))
+                    lo, hi = s[max(n // 2 - half, 0)], s[min(n // 2 + half, n - 1)]
+                    med = statistics.median(s)
+                    if (hi - lo) / 2 <= rel_ci * med or n >= max_runs or time.perf_counter() - start > time_budget_s:
+                        break
+    finally:
+        torch.set_num_threads(old_threads)
+    s = sorted(times)
+    q = lambda f: s[min(int(f * len(s)), len(s) - 1)]  # noqa: E731
+    return LatencyStats(statistics.median(s), q(0.1), q(0.9), len(s), str(dev), threads, int(example.shape[0]))
+
+
+@dataclass
+class _Layer:
+    name: str
+    kind: str  # conv | dwconv | linear | perchannel
+    cin: int
+    cout: int
+    groups: int
+    kprod: int
+    rows: int  # output positions per sample (spatial size for conv, leading dims for linear)
+    bias: bool
+    params: int
+
+
+class CostModel:
+    """Analytic MACs/params of a plan from kept channel counts (no pruning, no forward).
+
+    Written by hand because no counter predicts costs without building the pruned model, and a
+    budget bisection needs ~20 cost queries per trial. One hook pass records every layer's shape;
+    a group's members say which layers lose input or output channels, and how many per root
+    channel (flatten and concat mappings included). `exact` tells whether it reproduced the
+    counted costs of the unpruned model (models with attention matmuls are not modelled exactly).
+    """
+
+    def __init__(self, pm: PrunableModel, base_macs: int | None = None, base_params: int | None = None) -> None:
+        self.pm = pm
+        model, example = pm.base, pm.example
+        mods = dict(model.named_modules())
+        rows: dict[str, int] = {}
+        hooks = []
+        for name, m in mods.items():
+            if isinstance(m, ROOT_TYPES):
+                def hook(mod, _i, out, name=name):
+                    c = mod.out_channels if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else mod.out_features
+                    rows[name] = rows.get(name, 0) + out.numel() // (out.shape[0] * c)
+                hooks.append(m.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.layers: dict[str, _Layer] = {}
+        for name, m in mods.items():
+            own = sum(p.numel() for p in m.parameters(recurse=False))
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and name in rows:
+                dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
+                self.layers[name] = _Layer(name, "dwconv" if dw else "conv", m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), rows[name], m.bias is not None, own)
+            elif isinstance(m, nn.Linear) and name in rows:
+                self.layers[name] = _Layer(name, "linear", m.in_features, m.out_features, 1, 1, rows[name], m.bias is not None, own)
+            elif isinstance(m, _PER_CHANNEL) and own > 0:
+                c = _channels_of(m)
+                if c:
+                    self.layers[name] = _Layer(name, "perchannel", c, c, 1, 1, 0, False, own)
+        # per layer: list of (group, role, per-root-channel multiplier)
+        self.effects: dict[str, list[tuple[str, str, float]]] = {}
+        for g in pm.groups:
+            for mem in g.members:
+                if mem.module in self.layers:
+                    self.effects.setdefault(mem.module, []).append((g.name, mem.role, mem.count / g.channels))
+        self.base_macs_est, self.base_params_est = self._estimate({g.name: g.channels for g in pm.groups})
+        self.total_params = sum(p.numel() for p in model.parameters())
+        self.base_macs = base_macs if base_macs is not None else count_macs(model, example)
+        self.base_params = base_params if base_params is not None else self.total_params
+        self.macs_offset = self.base_macs - self.base_macs_est
+        self.exact = self.macs_offset == 0
+
+    def _estimate(self, kept: dict[str, int]) -> tuple[int, int]:
+        chans = {g.name: g.channels for g in self.pm.groups}
+        macs = 0
+        removed_params = 0
+        for name, L in self.layers.items():
+            cin, cout = L.cin, L.cout
+            for gname, role, mult in self.effects.get(name, ()):
+                r = (chans[gname] - kept[gname]) * mult
+                if L.kind == "dwconv" or L.kind == "perchannel":
+                    cin -= r
+                    cout -= r
+                elif role == "out":
+                    cout -= r
+                else:
+                    cin -= r
+            cin, cout = round(cin), round(cout)
+            if L.kind == "conv":
+                per = cin // L.groups * L.kprod
+                macs += L.rows * per * cout
+                new = per * cout + (cout if L.bias else 0)
+            elif L.kind == "dwconv":
+                macs += L.rows * L.kprod * cout
+                new = L.kprod * cout + (cout if L.bias else 0)
+            elif L.kind == "linear":
+                macs += L.rows * cin * cout
+                new = cin * cout + (cout if L.bias else 0)
+            else:
+                new = L.params * cout // max(L.cout, 1)
+            removed_params += L.params - new
+        return macs, -removed_params
+
+    def estimate(self, plan: PruningPlan | dict[str, int]) -> tuple[int, int]:
+        """(MACs, params) of the model after `plan` (or after keeping the given channel counts)."""
+        kept = self.pm.kept(plan) if isinstance(plan, PruningPlan) else {**{g.name: g.channels for g in self.pm.groups}, **plan}
+        macs, dparams = self._estimate(kept)
+        return macs + self.macs_offset, self.total_params + dparams - self.base_params_est
+
+    def macs_shares(self) -> dict[str, float]:
+        """Each group's share of the model's MACs: the MACs that scale with its channels, over the total."""
+        base, _ = self._estimate({g.name: g.channels for g in self.pm.groups})
+        out = {}
+        for g in self.pm.groups:
+            macs, _ = self._estimate({**{h.name: h.channels for h in self.pm.groups}, g.name: 0})
+            out[g.name] = (base - macs) / self.base_macs
+        return out
+
+
+def _channels_of(m: nn.Module) -> int | None:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        return m.num_features
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    if isinstance(m, nn.LayerNorm):
+        return int(m.normalized_shape[-1])
+    if isinstance(m, nn.PReLU):
+        return m.num_parameters if m.num_parameters > 1 else None
+    return None

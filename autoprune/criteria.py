@@ -1,0 +1,101 @@
+"""Channel importance criteria, all through Torch-Pruning's importance classes.
+
+A criterion scores every channel of a group (one score per root channel; low = pruned first).
+Scores depend only on the unpruned model, so they are computed once and reused for every plan.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+CRITERION_HELP: dict[str, str] = {
+    "l1": "L1 norm of each channel's weights across the group (magnitude)",
+    "l2": "L2 norm of each channel's weights across the group (magnitude, default)",
+    "bn_scale": "absolute BatchNorm scale (Network Slimming); pair with train.sparsity_l1",
+    "taylor": "first-order Taylor |w * dL/dw| on calibration batches",
+    "random": "random scores (a control), seeded",
+    "obd": "second-order, Optimal-Brain-Damage style (diagonal Hessian from squared gradients)",
+    "apoz": "activation-based: fewer zeros after the activation = more important",
+    "fpgm": "geometric median distance (FPGM): redundant filters pruned first",
+}
+
+
+def make_importance(name: str) -> tp.importance.Importance:
+    """The Torch-Pruning importance object for a criterion name."""
+    imp = tp.importance
+    if name == "l1":
+        return imp.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return imp.GroupMagnitudeImportance(p=2)
+    if name == "bn_scale":
+        return imp.BNScaleImportance()
+    if name == "taylor":
+        return imp.GroupTaylorImportance()
+    if name == "random":
+        return imp.RandomImportance()
+    if name == "obd":
+        return imp.GroupHessianImportance()
+    if name == "fpgm":
+        return imp.FPGMImportance()
+    if name == "lamp":
+        return imp.LAMPImportance(p=2)
+    if name == "global_l2":
+        return imp.GroupMagnitudeImportance(p=2, normalizer="mean")
+    raise ValueError(f"unknown criterion {name!r}; choose one of {sorted(CRITERION_HELP)}")
+
+
+def needs_gradients(name: str) -> bool:
+    return name in ("taylor", "obd")
+
+
+def prepare_gradients(
+    name: str, model: nn.Module, imp: tp.importance.Importance, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Accumulate the gradients a gradient-based criterion needs on calibration batches."""
+    loss_fn = nn.CrossEntropyLoss()
+    model.eval()
+    model.zero_grad()
+    with torch.enable_grad():
+        for x, y in batches:
+            if name == "obd":
+                # diagonal Hessian estimate: squared per-sample gradients, accumulated by the importance
+                for i in range(min(len(x), 16)):
+                    model.zero_grad()
+                    loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
+                    imp.accumulate_grad(model)  # type: ignore[attr-defined]
+            else:
+                loss_fn(model(x), y).backward()
+
+
+def apoz_scores(model: nn.Module, layers: dict[str, nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Average percentage of zeros after each root layer's activation; returns 1 - APoZ per channel.
+
+    Torch-Pruning has no APoZ importance (its ActivationImportance is a magnitude of activations),
+    so the statistic is measured here with forward hooks on the calibration batches.
+    """
+    stats: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    hooks = []
+
+    def hook(name: str) -> Callable:
+        def fn(_m, _inp, out):
+            a = torch.relu(out.detach())
+            dims = [d for d in range(a.dim()) if d != 1] if a.dim() > 2 else [0]
+            stats[name].append((a > 0).float().mean(dim=dims))
+
+        return fn
+
+    for n, m in layers.items():
+        hooks.append(m.register_forward_hook(hook(n)))
+    try:
+        with torch.no_grad():
+            model.eval()
+            for x, _ in batches:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.stack(v).mean(0) if v else torch.zeros(0) for n, v in stats.items()}

@@ -1,0 +1,13 @@
+"""User-facing errors: one clear message, exit code 2, no traceback unless --debug."""
+
+from __future__ import annotations
+
+
+class AutopruneError(Exception):
+    """Bad input or an impossible request. The message says what is wrong and what to change."""
+
+    exit_code = 2
+
+
+class BudgetUnreachableError(AutopruneError):
+    """The budget is below the smallest model the pruning settings can reach."""

@@ -1,0 +1,139 @@
+"""Fast candidate evaluation: adaptive BatchNorm recalibration (EagleEye), optional short fine-tune,
+then the metric on `val`. Deterministic for a fixed seed: the calibration batches are drawn once."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from autoprune.errors import AutopruneError
+from autoprune.training import train_model
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def top1(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return float((logits.argmax(1) == targets).float().mean())
+
+
+def resolve_metric(name: str) -> MetricFn:
+    if name in ("accuracy", "top1"):
+        return top1
+    from autoprune.target import import_object
+
+    return import_object(name, "metric")
+
+
+def stack_batches(dataset: Dataset, batch_size: int, n_batches: int | None, seed: int, shuffle: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Materialise batches once so every evaluation sees exactly the same data."""
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g)
+    out = []
+    for i, (x, y) in enumerate(loader):
+        if n_batches is not None and i >= n_batches:
+            break
+        out.append((x, y))
+    return out
+
+
+def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str = "cpu") -> nn.Module:
+    """Reset BatchNorm statistics and re-estimate them as an exact average over `batches`."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not batches:
+        return model
+    saved = []
+    for m in bns:
+        m.reset_running_stats()
+        saved.append(m.momentum)
+        m.momentum = None  # cumulative average
+    model.train()
+    for m in model.modules():  # only BN in train mode: dropout stays off
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.training = False
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x.to(device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
+
+
+class Evaluator:
+    """Scores a candidate model on `val` (or another split) after BN recalibration."""
+
+    def __init__(
+        self,
+        datasets: dict[str, Dataset],
+        *,
+        batch_size: int = 128,
+        calibration_batches: int = 20,
+        finetune_steps: int = 0,
+        finetune_lr: float = 1e-3,
+        metric: str = "accuracy",
+        max_val_samples: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        self.datasets = datasets
+        self.batch_size = batch_size
+        self.calibration_batches = calibration_batches
+        self.finetune_steps = finetune_steps
+        self.finetune_lr = finetune_lr
+        self.metric_name = metric
+        self.metric = resolve_metric(metric)
+        self.seed = seed
+        self.device = device
+        self.calibration = stack_batches(datasets["train"], batch_size, calibration_batches, seed)
+        self._eval: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.max_val_samples = max_val_samples
+
+    def batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if split not in self._eval:
+            ds = self.datasets[split]
+            n = None
+            if split == "val" and self.max_val_samples:
+                n = math.ceil(self.max_val_samples / 512)
+            self._eval[split] = stack_batches(ds, 512, n, self.seed, shuffle=False)
+        return self._eval[split]
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, split: str = "val") -> float:
+        """The metric of `model` as it is (no recalibration) on `split`."""
+        model.eval()
+        outs, ys = [], []
+        for x, y in self.batches(split):
+            outs.append(model(x.to(self.device)).float().cpu())
+            ys.append(y)
+        value = float(self.metric(torch.cat(outs), torch.cat(ys)))
+        return value
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """BN recalibration, then the optional short fine-tune (in place)."""
+        model.to(self.device)
+        recalibrate_bn(model, self.calibration, self.device)
+        if self.finetune_steps > 0:
+            train_model(
+                model,
+                self.datasets["train"],
+                epochs=1,
+                lr=self.finetune_lr,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                max_steps=self.finetune_steps,
+                device=self.device,
+                show_progress=False,
+            )
+            recalibrate_bn(model, self.calibration, self.device)
+        return model
+
+    def __call__(self, model: nn.Module, split: str = "val") -> float:
+        """Recalibrate (and fine-tune) `model` in place, then score it on `split`."""
+        value = self.score(self.prepare(model), split)
+        if not math.isfinite(value):
+            raise AutopruneError(f"metric {self.metric_name!r} returned {value}")
+        return value

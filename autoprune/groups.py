@@ -1,0 +1,353 @@
+"""Prunable groups: Torch-Pruning's dependency graph, one search dimension per coupled channel set.
+
+`PrunableModel` wraps a trained model: it lists the groups (stable names = root module's qualified
+name), scores channels once per criterion, and applies a `PruningPlan` to a fresh copy, returning a
+physically smaller model whose output shape is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as nn_prune
+import torch_pruning as tp
+
+from autoprune import criteria
+from autoprune.errors import AutopruneError
+from autoprune.plan import PruningPlan, channels_kept
+
+log = logging.getLogger(__name__)
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One module touched by a group: its output ('out') or input ('in') channels, and how many."""
+
+    module: str
+    role: str
+    count: int
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    name: str
+    index: int
+    channels: int
+    members: tuple[Member, ...]
+    layers: tuple[str, ...]
+    prunable: bool = True
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["members"] = [asdict(m) for m in self.members]
+        return d
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def find_output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Conv/linear layers whose output is the model's output (never pruned): the classifier."""
+    produced: dict[int, str] = {}
+    order: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, ROOT_TYPES):
+            def hook(_m, _i, out, name=name):
+                produced[id(out)] = name
+                order.append(name)
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    if id(out) in produced:
+        return [produced[id(out)]]
+    return order[-1:]
+
+
+class PrunableModel:
+    """The prunable groups of a model and the means to apply plans to copies of it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor,
+        *,
+        ignore: Sequence[str] = (),
+        criterion: str = "l2",
+        round_to: int = 1,
+        max_ratio: float = 0.9,
+        mode: str = "structured",
+        calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        seed: int = 0,
+        check_groups: bool = True,
+    ) -> None:
+        self.base = model.eval()
+        self.example = example_input
+        self.criterion = criterion
+        self.round_to = round_to
+        self.max_ratio = max_ratio
+        self.mode = mode
+        self.calibration = calibration or []
+        self.seed = seed
+        names = dict(model.named_modules())
+        bad = [n for n in ignore if n not in names]
+        if bad:
+            import difflib
+
+            hints = {b: difflib.get_close_matches(b, list(names), n=3) for b in bad}
+            raise AutopruneError(
+                "pruning.ignore names modules that do not exist: "
+                + "; ".join(f"{b!r} (did you mean {h}?)" if h else repr(b) for b, h in hints.items())
+            )
+        self.output_layers = find_output_layers(model, example_input)
+        self.ignored = sorted(set(ignore) | set(self.output_layers))
+        self.groups: list[GroupInfo] = self._find_groups()
+        if check_groups:
+            self._check_groups()
+        self._by_name = {g.name: g for g in self.groups}
+        self._scores: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------- groups
+    def _graph(self, model: nn.Module) -> tp.DependencyGraph:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                return tp.DependencyGraph().build_dependency(model, example_inputs=self.example)
+        except Exception as e:
+            raise AutopruneError(f"Torch-Pruning cannot trace the model: {type(e).__name__}: {e}") from None
+
+    def _tp_groups(self, model: nn.Module, dg: tp.DependencyGraph):
+        mods = dict(model.named_modules())
+        ignored = [mods[n] for n in self.ignored]
+        return dg.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES))
+
+    def _find_groups(self) -> list[GroupInfo]:
+        work = copy.deepcopy(self.base)
+        dg = self._graph(work)
+        names = _module_names(work)
+        order = {n: i for i, n in enumerate(names.values())}
+        found = []
+        for grp in self._tp_groups(work, dg):
+            root = grp[0].dep.target.module
+            root_name = names[id(root)]
+            channels = len(grp[0].idxs)
+            members: dict[tuple[str, str], int] = {}
+            grouped = []
+            for dep, idxs in grp:
+                m = dep.target.module
+                if id(m) not in names or not isinstance(m, nn.Module):
+                    continue
+                role = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
+                key = (names[id(m)], role)
+                members[key] = max(members.get(key, 0), len(idxs))
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < m.groups < max(m.in_channels, m.out_channels) and not (
+                    m.groups == m.in_channels == m.out_channels
+                ):
+                    grouped.append(names[id(m)])
+            mem = tuple(Member(n, r, c) for (n, r), c in sorted(members.items(), key=lambda kv: order.get(kv[0][0], 0)))
+            layers = tuple(dict.fromkeys(m.module for m in mem if m.role == "out" and isinstance(dict(work.named_modules())[m.module], ROOT_TYPES)))
+            prunable, reason = True, ""
+            if channels <= 1:
+                prunable, reason = False, "a single channel"
+            elif grouped:
+                prunable, reason = False, f"touches grouped convolution(s) {grouped} (only depthwise groups are supported)"
+            found.append(GroupInfo(root_name, 0, channels, mem, layers, prunable, reason))
+        found.sort(key=lambda g: order.get(g.name, 0))
+        return [GroupInfo(g.name, i, g.channels, g.members, g.layers, g.prunable, g.reason) for i, g in enumerate(found)]
+
+    def _check_groups(self) -> None:
+        """Prune each group by half on a copy and run a forward: a group that breaks is marked unprunable."""
+        out_shape = self._forward_shape(self.base)
+        for i, g in enumerate(self.groups):
+            if not g.prunable:
+                continue
+            work = copy.deepcopy(self.base)
+            try:
+                dg = self._graph(work)
+                root = work.get_submodule(g.name)
+                idxs = list(range(g.channels // 2))
+                pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+                pg.prune()
+                shape = self._forward_shape(work)
+                if shape != out_shape:
+                    raise RuntimeError(f"output shape changed from {out_shape} to {shape}")
+            except Exception as e:  # any failure of Torch-Pruning or of the forward
+                msg = f"pruning fails: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("group %s cannot be pruned (%s); it is left intact", g.name, msg)
+                self.groups[i] = GroupInfo(g.name, g.index, g.channels, g.members, g.layers, False, msg)
+        if not any(g.prunable for g in self.groups):
+            raise AutopruneError(
+                "no prunable group found: "
+                + ("; ".join(f"{g.name}: {g.reason}" for g in self.groups) or "Torch-Pruning found no conv/linear layer outside pruning.ignore and the classifier")
+            )
+
+    def _forward_shape(self, model: nn.Module) -> tuple[int, ...]:
+        with torch.no_grad():
+            return tuple(model.eval()(self.example).shape)
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    @property
+    def prunable_names(self) -> list[str]:
+        return [g.name for g in self.groups if g.prunable]
+
+    def group(self, name: str) -> GroupInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise AutopruneError(f"unknown group {name!r}; the groups are {self.names}") from None
+
+    # ----------------------------------------------------------------- plans
+    def plan(self, ratios: dict[str, float], *, criterion: str | None = None) -> PruningPlan:
+        """A plan over this model's groups (missing groups get ratio 0)."""
+        full = {g.name: 0.0 for g in self.groups if g.prunable}
+        full.update({k: float(v) for k, v in ratios.items()})
+        return PruningPlan(full, self.mode, criterion or self.criterion, self.round_to)
+
+    def uniform_plan(self, ratio: float) -> PruningPlan:
+        return self.plan({n: min(ratio, self.max_ratio) for n in self.prunable_names})
+
+    def validate(self, plan: PruningPlan) -> None:
+        plan.validate(self.names, self.max_ratio, self.prunable_names)
+
+    def kept(self, plan: PruningPlan) -> dict[str, int]:
+        """Channels each group keeps under `plan` (all groups, unpruned ones at full width)."""
+        return {
+            g.name: channels_kept(g.channels, plan.ratios.get(g.name, 0.0), plan.round_to) if g.prunable else g.channels
+            for g in self.groups
+        }
+
+    def plan_from_kept(self, kept: dict[str, int]) -> PruningPlan:
+        """The plan that reproduces given channel counts (used by ranking baselines)."""
+        ratios = {}
+        for g in self.groups:
+            if g.prunable:
+                k = kept.get(g.name, g.channels)
+                ratios[g.name] = round((g.channels - k) / g.channels, 6)
+        return self.plan(ratios)
+
+    # ----------------------------------------------------------------- scores
+    def scores(self, criterion: str | None = None) -> dict[str, torch.Tensor]:
+        """One importance score per root channel for every prunable group (low = pruned first)."""
+        crit = criterion or self.criterion
+        if crit in self._scores:
+            return self._scores[crit]
+        work = copy.deepcopy(self.base)
+        dg = self._graph(work)
+        by_name = dict(work.named_modules())
+        out: dict[str, torch.Tensor] = {}
+        if crit == "apoz":
+            hooked = {}
+            for g in self.groups:
+                bns = [m.module for m in g.members if m.role == "out" and isinstance(by_name[m.module], nn.modules.batchnorm._BatchNorm)]
+                hooked[g.name] = by_name[bns[0] if bns else g.name]
+            apoz = criteria.apoz_scores(work, hooked, self.calibration or [(self.example, torch.zeros(1, dtype=torch.long))])
+            for g in self.groups:
+                if g.prunable:
+                    out[g.name] = apoz[g.name].reshape(-1)[: g.channels] if apoz[g.name].numel() >= g.channels else torch.ones(g.channels)
+            self._scores[crit] = out
+            return out
+        imp = criteria.make_importance(crit)
+        if criteria.needs_gradients(crit):
+            if not self.calibration:
+                raise AutopruneError(f"criterion {crit!r} needs calibration batches with targets")
+            criteria.prepare_gradients(crit, work, imp, self.calibration[:2])
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        try:
+            for g in self.groups:
+                if not g.prunable:
+                    continue
+                root = by_name[g.name]
+                pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, list(range(g.channels)))
+                s = imp(pg)
+                if s is None or len(s) != g.channels:
+                    s = torch.zeros(g.channels)
+                out[g.name] = torch.nan_to_num(s.detach().float().cpu(), nan=0.0)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        self._scores[crit] = out
+        return out
+
+    def order(self, criterion: str | None = None) -> dict[str, list[int]]:
+        """Channel indices of each group, least important first (stable)."""
+        return {n: torch.argsort(s, stable=True).tolist() for n, s in self.scores(criterion).items()}
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, plan: PruningPlan, *, check: bool = True) -> nn.Module:
+        """A new model with `plan` applied; the base model is left untouched."""
+        self.validate(plan)
+        if plan.mode == "unstructured":
+            return self._apply_unstructured(plan)
+        kept = self.kept(plan)
+        order = self.order(plan.criterion)
+        work = copy.deepcopy(self.base)
+        if all(kept[g.name] == g.channels for g in self.groups):
+            return work
+        dg = self._graph(work)
+        for g in self.groups:
+            n_prune = g.channels - kept[g.name]
+            if n_prune <= 0:
+                continue
+            root = work.get_submodule(g.name)
+            idxs = sorted(order[g.name][:n_prune])
+            pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+            if not dg.check_pruning_group(pg):
+                raise AutopruneError(f"group {g.name!r}: pruning {n_prune} of {g.channels} channels would remove a whole layer")
+            pg.prune()
+        for p in work.parameters():
+            p.requires_grad_(True)
+        work.eval()
+        work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
+        if check:
+            shape = self._forward_shape(work)
+            want = self._forward_shape(self.base)
+            if shape != want:
+                raise AutopruneError(f"plan changed the output shape from {want} to {shape}")
+        return work
+
+    def _apply_unstructured(self, plan: PruningPlan) -> nn.Module:
+        """Per-layer magnitude masks (torch.nn.utils.prune), made permanent: zeros, same shapes."""
+        work = copy.deepcopy(self.base)
+        mods = dict(work.named_modules())
+        for g in self.groups:
+            r = plan.ratios.get(g.name, 0.0)
+            if r <= 0:
+                continue
+            for layer in g.layers:
+                m = mods[layer]
+                nn_prune.l1_unstructured(m, "weight", amount=float(r))
+                nn_prune.remove(m, "weight")
+        return work.eval()
+
+    # ----------------------------------------------------------------- views
+    def table(self, costs: "Iterable[dict] | None" = None) -> pd.DataFrame:
+        rows = [
+            {
+                "group": g.name,
+                "channels": g.channels,
+                "layers": len(g.layers),
+                "members": ", ".join(g.layers),
+                "prunable": g.prunable,
+                "reason": g.reason,
+            }
+            for g in self.groups
+        ]
+        return pd.DataFrame(rows)

@@ -1,0 +1,210 @@
+"""The search space: one ratio per group, bounded by sensitivity priors, projected onto the budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch.nn as nn
+
+from autoprune.costs import CostModel, count_macs, count_params, count_nonzero
+from autoprune.errors import BudgetUnreachableError
+from autoprune.groups import PrunableModel
+from autoprune.plan import PruningPlan
+from autoprune.sensitivity import upper_bounds
+
+
+@dataclass
+class Budget:
+    """An absolute cost limit, a fast estimate of a plan's cost and a real measurement of a model's."""
+
+    kind: str  # macs | params | latency_ms
+    fraction: float | None  # of the unpruned model, when given as a fraction
+    limit: float
+    base: float
+    estimate: Callable[[PruningPlan], float]
+    measure: Callable[[nn.Module], float]
+
+    @classmethod
+    def from_spec(cls, spec, pm: PrunableModel, cost_model: CostModel) -> "Budget":
+        kind, value = spec.budget.kind, spec.budget.value
+        example = pm.example
+        if kind == "macs":
+            return cls("macs", value, value * cost_model.base_macs, cost_model.base_macs,
+                       lambda p: cost_model.estimate(p)[0], lambda m: count_macs(m, example))
+        if kind == "params":
+            if spec.pruning.mode == "unstructured":
+                return cls("params", value, value * cost_model.base_params, cost_model.base_params,
+                           lambda p: _unstructured_params(pm, p), count_nonzero)
+            return cls("params", value, value * cost_model.base_params, cost_model.base_params,
+                       lambda p: cost_model.estimate(p)[1], count_params)
+        from autoprune.latency import latency_budget  # the latency stage owns device measurement
+
+        return latency_budget(spec, pm, cost_model)
+
+    def overshoot(self, cost: float) -> float:
+        """Constraint value for Optuna: <= 0 means the budget is met."""
+        return cost / self.limit - 1.0
+
+
+def _unstructured_params(pm: PrunableModel, plan: PruningPlan) -> float:
+    import math
+
+    mods = dict(pm.base.named_modules())
+    total = sum(p.numel() for p in pm.base.parameters())
+    for g in pm.groups:
+        r = plan.ratios.get(g.name, 0.0)
+        for layer in g.layers:
+            n = mods[layer].weight.numel()
+            total -= round(r * n) if r > 0 else 0
+    return float(total)
+
+
+@dataclass
+class SearchSpace:
+    """Bounds per group and the projection of a proposal onto the budget."""
+
+    pm: PrunableModel
+    budget: Budget
+    bounds: dict[str, float]  # upper bound of each prunable group's ratio
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, pm: PrunableModel, budget: Budget, sensitivity: pd.DataFrame | None, tolerance: float) -> "SearchSpace":
+        names = pm.prunable_names
+        full = {n: pm.max_ratio for n in names}
+        min_cost = budget.estimate(pm.plan(full))
+        if min_cost > budget.limit:
+            raise BudgetUnreachableError(
+                f"budget {budget.kind} <= {_fmt(budget.limit, budget)} is unreachable: pruning every group at "
+                f"max_ratio {pm.max_ratio} still costs {_fmt(min_cost, budget)} "
+                f"({min_cost / budget.base:.1%} of the unpruned model). Raise the budget to at least "
+                f"{min_cost / budget.base:.3f}, or raise pruning.max_ratio / shrink pruning.ignore."
+            )
+        notes: list[str] = []
+        if sensitivity is None or sensitivity.empty:
+            return cls(pm, budget, full, ["no priors: every group searched in [0, max_ratio]"])
+        tol = tolerance
+        while True:
+            ub = upper_bounds(sensitivity, names, tol, pm.max_ratio)
+            if budget.estimate(pm.plan(ub)) <= budget.limit or tol > 10:
+                break
+            tol *= 1.5  # the priors must leave the budget reachable: relax the tolerance
+        if budget.estimate(pm.plan(ub)) > budget.limit:
+            ub, tol = full, float("inf")
+        if tol != tolerance:
+            notes.append(f"tolerance relaxed from {tolerance} to {tol:.3g} so that the bounds can reach the budget")
+        return cls(pm, budget, ub, notes)
+
+    @property
+    def dims(self) -> list[str]:
+        """Groups with a non-zero upper bound: the search dimensions."""
+        return [n for n in self.pm.prunable_names if self.bounds.get(n, 0) > 0]
+
+    def clip(self, values: dict[str, float]) -> dict[str, float]:
+        return {n: min(max(float(values.get(n, 0.0)), 0.0), self.bounds[n]) for n in self.dims}
+
+    def scaled(self, proposal: dict[str, float], s: float) -> PruningPlan:
+        return self.pm.plan({n: round(min(max(s * proposal.get(n, 0.0), 0.0), self.bounds[n]), 6) for n in self.dims})
+
+    def project(self, proposal: dict[str, float], iters: int = 40) -> tuple[PruningPlan, bool]:
+        """Scale the proposal (a relative allocation) by one factor, within the bounds, so that the
+        estimated cost lands just under the budget. Returns (plan, feasible)."""
+        p = {n: max(float(proposal.get(n, 0.0)), 0.0) for n in self.dims}
+        if sum(p.values()) <= 0:
+            p = {n: self.bounds[n] for n in self.dims}
+        if self.budget.estimate(self.scaled(p, 0.0)) <= self.budget.limit:
+            return self.scaled(p, 0.0), True
+        hi = max(self.bounds[n] / p[n] for n in self.dims if p[n] > 0)
+        if self.budget.estimate(self.scaled(p, hi)) > self.budget.limit:
+            # this direction saturates before the budget: fill the remaining groups uniformly
+            return self._fill(self.scaled(p, hi))
+        lo = 0.0
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            if self.budget.estimate(self.scaled(p, mid)) <= self.budget.limit:
+                hi = mid
+            else:
+                lo = mid
+        return self.scaled(p, hi), True
+
+    def _fill(self, plan: PruningPlan) -> tuple[PruningPlan, bool]:
+        base = dict(plan.ratios)
+        room = {n: self.bounds[n] - base.get(n, 0.0) for n in self.dims}
+
+        def at(t: float) -> PruningPlan:
+            return self.pm.plan({n: round(base.get(n, 0.0) + t * room[n], 6) for n in self.dims})
+
+        if self.budget.estimate(at(1.0)) > self.budget.limit:
+            return at(1.0), False
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if self.budget.estimate(at(mid)) <= self.budget.limit:
+                hi = mid
+            else:
+                lo = mid
+        return at(hi), True
+
+    # ------------------------------------------------------------ warm starts
+    def uniform(self) -> PruningPlan:
+        """One ratio for every group (within max_ratio), bisected to the budget."""
+        names = self.pm.prunable_names
+        lo, hi = 0.0, self.pm.max_ratio
+        if self.budget.estimate(self.pm.plan({n: hi for n in names})) > self.budget.limit:
+            return self.pm.plan({n: hi for n in names})
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if self.budget.estimate(self.pm.plan({n: mid for n in names})) <= self.budget.limit:
+                hi = mid
+            else:
+                lo = mid
+        return self.pm.plan({n: round(hi, 6) for n in names})
+
+    def greedy(self, sensitivity: pd.DataFrame) -> PruningPlan:
+        """Sensitivity-greedy: repeatedly take the grid step with the smallest drop per cost saved."""
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for n in self.dims:
+            rows = sensitivity[(sensitivity.group == n) & (sensitivity.ratio <= self.bounds[n] + 1e-9)].sort_values("ratio")
+            curves[n] = list(zip(rows.ratio.astype(float), rows["drop"].astype(float)))
+        ratios = {n: 0.0 for n in self.dims}
+        step = {n: 0 for n in self.dims}
+        drop_now = {n: 0.0 for n in self.dims}
+        cost = self.budget.estimate(self.pm.plan(ratios))
+        while cost > self.budget.limit:
+            best, best_score = None, None
+            for n in self.dims:
+                if step[n] >= len(curves[n]):
+                    continue
+                r, d = curves[n][step[n]]
+                c = self.budget.estimate(self.pm.plan({**ratios, n: r}))
+                saved = cost - c
+                if saved <= 0:
+                    step[n] += 1
+                    continue
+                score = (max(d, 0.0) - max(drop_now[n], 0.0) + 1e-6) / saved
+                if best_score is None or score < best_score:
+                    best, best_score = n, score
+            if best is None:
+                break
+            r, d = curves[best][step[best]]
+            ratios[best], drop_now[best] = r, d
+            step[best] += 1
+            cost = self.budget.estimate(self.pm.plan(ratios))
+        return self.pm.plan(ratios)
+
+
+def _fmt(x: float, budget: Budget) -> str:
+    if budget.kind == "latency_ms":
+        return f"{x:.3f} ms"
+    return f"{x:,.0f}"
+
+
+def pareto_mask(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """Non-dominated points for (maximise first, minimise second)."""
+    out = []
+    for i, (m, c) in enumerate(points):
+        dominated = any((m2 >= m and c2 <= c) and (m2 > m or c2 < c) for j, (m2, c2) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out

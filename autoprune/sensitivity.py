@@ -1,0 +1,137 @@
+"""Sensitivity analysis: prune each group alone at a grid of ratios and record the metric drop.
+
+Results are cached on disk keyed by the model's weights and every setting that changes them, so a
+second call evaluates nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from autoprune.costs import CostModel
+from autoprune.evaluate import Evaluator
+from autoprune.groups import PrunableModel
+from autoprune.progress import progress
+from autoprune.target import weights_digest
+
+log = logging.getLogger(__name__)
+COLUMNS = ["group", "ratio", "channels", "channels_kept", "metric", "drop", "macs", "macs_saved", "params", "params_saved"]
+
+
+@dataclass
+class SensitivityResult:
+    table: pd.DataFrame
+    baseline_metric: float
+    cache_path: Path | None
+    evaluations: int  # how many evaluations this call ran (0 when served from cache)
+
+
+def _key(pm: PrunableModel, ev: Evaluator, ratios: Sequence[float], stop_drop: float, extra: dict | None) -> str:
+    settings = {
+        "weights": weights_digest(pm.base),
+        "criterion": pm.criterion,
+        "round_to": pm.round_to,
+        "mode": pm.mode,
+        "ratios": list(ratios),
+        "stop_drop": stop_drop,
+        "calibration_batches": ev.calibration_batches,
+        "finetune_steps": ev.finetune_steps,
+        "metric": ev.metric_name,
+        "batch_size": ev.batch_size,
+        "seed": ev.seed,
+        "max_val_samples": ev.max_val_samples,
+        "extra": extra or {},
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_sensitivity(
+    pm: PrunableModel,
+    evaluator: Evaluator,
+    cost_model: CostModel,
+    *,
+    ratios: Sequence[float] = tuple(round(0.1 * i, 1) for i in range(1, 10)),
+    stop_drop: float = 0.5,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+    extra_key: dict | None = None,
+    map_fn: Callable | None = None,
+) -> SensitivityResult:
+    """Sweep every prunable group over `ratios` (clipped to max_ratio); one row per evaluation.
+
+    A group's sweep stops early once its drop exceeds `stop_drop`. `map_fn(fn, items)` can fan the
+    per-group sweeps out (e.g. over Ray); by default they run in this process.
+    """
+    ratios = [r for r in ratios if r <= pm.max_ratio + 1e-9]
+    path = None
+    if cache_dir is not None:
+        key = _key(pm, evaluator, ratios, stop_drop, extra_key)
+        path = Path(cache_dir) / f"sensitivity-{key}.csv"
+        if path.exists():
+            df = pd.read_csv(path)
+            meta = json.loads(path.with_suffix(".json").read_text())
+            log.info("sensitivity served from cache %s", path)
+            return SensitivityResult(df, float(meta["baseline_metric"]), path, 0)
+    baseline = evaluator(pm.apply(pm.plan({})))
+    base_macs, base_params = cost_model.base_macs, cost_model.base_params
+    names = pm.prunable_names
+    bar = progress(total=len(names) * len(ratios), desc="sensitivity")
+
+    def sweep(name: str) -> list[dict]:
+        rows = []
+        g = pm.group(name)
+        last_kept = None
+        for r in ratios:
+            plan = pm.plan({name: r})
+            kept = pm.kept(plan)[name]
+            if kept == last_kept:  # rounding made this ratio identical to the previous one
+                bar.update(1)
+                continue
+            last_kept = kept
+            metric = evaluator(pm.apply(plan, check=False))
+            macs, params = cost_model.estimate(plan)
+            rows.append(
+                dict(group=name, ratio=r, channels=g.channels, channels_kept=kept, metric=metric, drop=baseline - metric,
+                     macs=macs, macs_saved=base_macs - macs, params=params, params_saved=base_params - params)
+            )
+            bar.update(1)
+            if baseline - metric > stop_drop:
+                bar.update(len(ratios) - ratios.index(r) - 1)
+                break
+        return rows
+
+    mapper = map_fn or (lambda fn, items: [fn(i) for i in items])
+    rows = [row for rs in mapper(sweep, names) for row in rs]
+    bar.close()
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    n_eval = len(df) + 1
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        df.to_csv(tmp, index=False)
+        path.with_suffix(".json").write_text(json.dumps({"baseline_metric": baseline, "evaluations": n_eval}))
+        os.replace(tmp, path)
+    return SensitivityResult(df, baseline, path, n_eval)
+
+
+def upper_bounds(df: pd.DataFrame, names: Sequence[str], tolerance: float, max_ratio: float) -> dict[str, float]:
+    """Each group's largest swept ratio whose drop stays within `tolerance` (0 when none does)."""
+    ub = {}
+    for n in names:
+        rows = df[df.group == n].sort_values("ratio")
+        ok = 0.0
+        for r, d in zip(rows["ratio"], rows["drop"]):
+            if d <= tolerance:
+                ok = float(r)
+            else:
+                break
+        ub[n] = min(ok, max_ratio)
+    return ub

@@ -1,0 +1,247 @@
+"""The search spec: one YAML file, validated with pydantic before any work starts.
+
+Every section forbids unknown keys so that a typo is an error naming the key, not a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autoprune.errors import AutopruneError
+
+STRATEGIES = ("optuna", "uniform", "global", "lamp", "netadapt", "random")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "obd", "apoz", "fpgm")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    factory: str = Field(description="package.module:callable returning an nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    input_shape: list[int] = Field(description="per-sample input shape, e.g. [1, 40]")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_path(cls, v: str) -> str:
+        if ":" not in v or not all(v.split(":", 1)):
+            raise ValueError(f"{v!r} is not of the form 'package.module:callable'")
+        return v
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        if not v or any(d <= 0 for d in v):
+            raise ValueError(f"must be a non-empty list of positive integers, got {v}")
+        return v
+
+
+class DataSpec(_Section):
+    factory: str = "autoprune.data:mnist1d"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(128, gt=0)
+
+    _factory_path = field_validator("factory")(ModelSpec._factory_path.__func__)  # type: ignore[attr-defined]
+
+
+class TrainSpec(_Section):
+    epochs: int = Field(20, ge=0)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    sparsity_l1: float = Field(0.0, ge=0, description="L1 penalty on BN scales (Network Slimming)")
+
+
+class PruningSpec(_Section):
+    mode: Literal["structured", "unstructured"] = "structured"
+    criterion: Literal[CRITERIA] = "l2"  # type: ignore[valid-type]
+    ignore: list[str] = Field(default_factory=list)
+    round_to: int = Field(1, ge=1)
+    max_ratio: float = Field(0.9, gt=0, lt=1)
+
+
+class BudgetSpec(_Section):
+    macs: float | None = Field(None, description="fraction of the unpruned model's MACs, in (0, 1)")
+    params: float | None = Field(None, description="fraction of the unpruned model's parameters, in (0, 1)")
+    latency_ms: float | None = Field(None, gt=0)
+    device: str = "cpu"
+    batch_size: int = Field(1, gt=0)
+    threads: int | None = Field(1, gt=0)
+
+    @field_validator("macs", "params")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v < 1:
+            raise ValueError(f"must be a fraction strictly between 0 and 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "BudgetSpec":
+        named = [k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None]
+        if len(named) != 1:
+            raise ValueError(
+                f"give exactly one of macs, params, latency_ms (got {named or 'none'})"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
+class SearchSpec(_Section):
+    strategy: Literal[STRATEGIES] = "optuna"  # type: ignore[valid-type]
+    sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
+    objectives: list[Literal["accuracy", "metric", "macs", "params", "latency"]] = Field(
+        default_factory=lambda: ["accuracy"]
+    )
+    n_trials: int = Field(60, gt=0)
+    priors: Literal["sensitivity", "none"] = "sensitivity"
+    budget_mode: Literal["projection", "constraint"] | None = Field(
+        None, description="projection (default for one objective) or constraint (default for several)"
+    )
+    tolerance: float = Field(0.05, gt=0, description="sensitivity drop that bounds a group's ratio")
+    storage: str | None = None
+    seed: int = 0
+    backend: Literal["optuna", "ray"] = "optuna"
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent_trials: int = Field(1, gt=0)
+    ray_address: str | None = None
+    netadapt_step: float = Field(0.1, gt=0, lt=1, description="cost cut per NetAdapt step, fraction of the unpruned cost")
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if not v or v[0] not in ("accuracy", "metric"):
+            raise ValueError("the first objective must be 'accuracy' (or 'metric'); e.g. [accuracy, macs]")
+        if len(set(v)) != len(v):
+            raise ValueError(f"objectives repeat: {v}")
+        return v
+
+
+class EvaluationSpec(_Section):
+    calibration_batches: int = Field(20, ge=0)
+    finetune_steps: int = Field(0, ge=0)
+    finetune_lr: float | None = Field(None, gt=0)
+    metric: str = "accuracy"
+    max_val_samples: int | None = Field(None, gt=0)
+    device: str = "cpu"
+    reconstruct: bool = False
+
+
+class SensitivitySpec(_Section):
+    ratios: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    stop_drop: float = Field(0.5, gt=0, description="stop a group's sweep once the drop exceeds this")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < r < 1 for r in v):
+            raise ValueError(f"ratios must be in (0, 1), got {v}")
+        return sorted(set(v))
+
+
+class Spec(_Section):
+    name: str
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    budget: BudgetSpec
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
+    output: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(
+                f"{v!r} must start with a letter or digit and use only letters, digits, '_', '-', '.' "
+                "(it names the run directory)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Spec":
+        if self.pruning.mode == "unstructured" and self.budget.kind != "params":
+            raise ValueError(
+                "unstructured pruning keeps dense MACs and latency; use budget: {params: ...} with it"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+
+def format_validation_error(err: ValidationError, source: str = "spec") -> str:
+    """One line per problem: the dotted key, what is wrong, and the value given."""
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise AutopruneError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_spec(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> Spec:
+    """Read a spec from a YAML/JSON path, a YAML string or a dict; apply dotted-key overrides."""
+    if isinstance(source, dict):
+        data = dict(source)
+        where = "spec"
+    else:
+        text = None
+        path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+        if path is not None:
+            if not path.exists():
+                raise AutopruneError(f"spec file {str(path)!r} does not exist")
+            text = path.read_text()
+            where = f"spec {path}"
+        else:
+            text = str(source)
+            where = "spec"
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise AutopruneError(f"{where} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise AutopruneError(f"{where} must be a mapping of keys (name, model, budget, ...), got {type(data).__name__}")
+    import copy
+
+    data = copy.deepcopy(data)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            _set_dotted(data, k, v)
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise AutopruneError(format_validation_error(e, where)) from None
