@@ -215,6 +215,47 @@ def demo(
     typer.echo(f"\nexported the best model to {out}; report: autoprune report {s.run_dir}")
 
 
+@app.command()
+def finetune(
+    run: str = typer.Argument(..., help="The spec of the run whose best plan to fine-tune."),
+    schedule: str = typer.Option("oneshot", help="oneshot | polynomial | agp"),
+    steps: Optional[int] = typer.Option(None, help="Fine-tune steps."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: train.lr / 10)."),
+    strategy: str = typer.Option("optuna", help="Which strategy's best plan."),
+    out: Optional[Path] = typer.Option(None, help="Export directory (default RUN/finetuned)."),
+) -> None:
+    """Prune to the chosen plan (one-shot or gradually) while fine-tuning, then export."""
+    from autoprune.finetune import finetune_run
+
+    typer.echo(json.dumps(finetune_run(run, schedule=schedule, steps=steps, lr=lr, strategy=strategy, out=out),
+                          indent=2, default=str))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Bind address (default loopback only)."),
+    port: int = typer.Option(8765, help="Port."),
+    runs: Path = typer.Option(Path("runs"), help="Directory that holds every search's run directory."),
+    token_file: Optional[Path] = typer.Option(None, help="Bearer token file (created 0600 if missing)."),
+) -> None:
+    """HTTP service to launch and watch searches (bearer token required)."""
+    from autoprune.service import serve as _serve
+
+    _serve(host=host, port=port, runs_dir=runs, token_file=token_file)
+
+
+@app.command()
+def agent(
+    host: str = typer.Option("127.0.0.1", help="Bind address (default loopback only)."),
+    port: int = typer.Option(8766, help="Port."),
+    token_file: Optional[Path] = typer.Option(None, help="Bearer token file (created 0600 if missing)."),
+) -> None:
+    """Latency agent for the target device: times models it rebuilds from JSON, or ONNX files."""
+    from autoprune.agent import serve_agent
+
+    serve_agent(host=host, port=port, token_file=token_file)
+
+
 def _default_spec() -> str:
     here = Path("search_spaces/mnist1d-cnn-macs50.yaml")
     if here.exists():
