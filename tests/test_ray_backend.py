@@ -1,0 +1,125 @@
+"""The Ray Tune backend: same study, budgets met, constraints passed through to Optuna, sensitivity fan-out."""
+
+from __future__ import annotations
+
+import os
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoprune import api
+from autoprune.results import load
+from autoprune.search.study import open_storage, storage_url, study_name
+from autoprune.spec import load_spec
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_runtime():
+    """One local Ray runtime for the module (2-4 s and ~700 MB each time it starts)."""
+    from autoprune.search.ray_backend import init_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _study(spec_dict, strategy="optuna") -> optuna.Study:
+    spec = load_spec(spec_dict)
+    return optuna.load_study(study_name=study_name(spec, strategy), storage=open_storage(storage_url(spec)))
+
+
+def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec):
+    spec = make_spec("cnn1d", budget={"macs": 0.5},
+                     search={"backend": "ray", "n_trials": 6, "max_concurrent_trials": 2, "cpus_per_trial": 1})
+    result = api.search(spec, show_progress=False)
+    assert result["n_trials_complete"] == 6
+    assert result["best"]["macs_ratio"] <= 0.5
+    assert result["best"]["measured_cost"] <= result["budget"]["limit"]
+    assert 0.1 < result["best"]["metric_val"] <= 1.0
+    assert result["sensitivity_evaluations"] > 1  # sensitivity ran (fanned out over Ray tasks)
+    assert any("ray backend" in n for n in result["notes"])
+
+    study = _study(spec)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 6
+    for t in done:  # what Tune alone would have dropped: the plan, its costs and the budget constraint
+        assert {"plan", "macs_ratio", "feasible", "cost"} <= set(t.user_attrs)
+        assert t.user_attrs["macs_ratio"] <= 0.5 + 1e-9  # projection mode: every trial is on budget
+        assert t.constraints["budget"] <= 1e-9
+        assert t.user_attrs["worker"].endswith(f":{os.getpid()}")
+    labels = sorted(t.user_attrs.get("warm_start") or "" for t in done)
+    assert labels[-2:] == ["sensitivity-greedy", "uniform"]  # warm starts went in as points_to_evaluate
+    # report/load read a Ray run like a local one
+    runs = load(load_spec(spec).run_dir)
+    assert (runs.trials.state == "COMPLETE").sum() == 6
+
+    # resume: asking for 8 runs only the 2 missing trials, and the warm starts are not enqueued twice
+    result = api.search(spec, n_trials=8, show_progress=False)
+    study = _study(spec)
+    assert result["n_trials_complete"] == 8 == len(study.get_trials(states=(TrialState.COMPLETE,)))
+    assert sum(bool(t.user_attrs.get("warm_start")) for t in study.trials) == 2
+
+
+def test_constraint_reaches_optuna_and_infeasible_trials_stay_off_the_front(make_spec):
+    spec = make_spec("cnn1d", budget={"macs": 0.3},
+                     search={"backend": "ray", "n_trials": 10, "max_concurrent_trials": 2, "priors": "none",
+                             "objectives": ["accuracy", "macs"], "budget_mode": "constraint", "sampler": "random"})
+    result = api.search(spec, show_progress=False)
+    assert result["budget_mode"] == "constraint"
+    study = _study(spec)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 10
+    over = [t for t in done if t.user_attrs["macs_ratio"] > 0.3 + 1e-9]
+    assert over, "a random sampler in constraint mode at 30% MACs proposes some infeasible plans"
+    for t in done:  # the constraint Optuna stored is the trial's real overshoot
+        assert t.constraints["budget"] == pytest.approx(t.user_attrs["cost"] / result["budget"]["limit"] - 1)
+        assert (t.constraints["budget"] > 1e-9) == (t.user_attrs["macs_ratio"] > 0.3 + 1e-9)
+    # Optuna's own front (which honours constraints) and ours both exclude every infeasible trial
+    front = {t.number for t in study.best_trials}
+    assert front and not front & {t.number for t in over}
+    assert result["pareto"] and all(p["macs_ratio"] <= 0.3 + 1e-9 for p in result["pareto"])
+    assert {p["trial"] for p in result["pareto"]}.isdisjoint({t.number for t in over})
+    if result["best"]:
+        assert result["best"]["macs_ratio"] <= 0.3 + 1e-9
+
+
+def test_ray_map_fans_out_in_order_on_other_processes():
+    from autoprune.search.ray_backend import ray_map
+
+    out = ray_map(lambda x: (x * x, os.getpid()), range(6), num_cpus=1)
+    assert [v for v, _ in out] == [0, 1, 4, 9, 16, 25]
+    assert os.getpid() not in {pid for _, pid in out}
+
+
+def test_failed_evaluations_are_recorded_as_failed_trials_with_their_reason(make_spec, tmp_path):
+    from autoprune.session import Session
+
+    spec = make_spec("cnn1d", budget={"macs": 0.5},
+                     search={"backend": "ray", "n_trials": 2, "priors": "none", "max_concurrent_trials": 2})
+    s = Session(spec, show_progress=False)
+    real = s.evaluator
+    s.cost_model  # built with the real evaluator's calibration batches
+    marker = str(tmp_path / "failed-once")
+
+    class Flaky:  # the first call in any actor fails (an O_EXCL marker file), every later one scores normally
+        def __call__(self, model, split="val"):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return real(model, split)
+            raise RuntimeError("planted failure")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    s.__dict__["evaluator"] = Flaky()
+    result = api.search(s, show_progress=False)
+    study = _study(spec)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert result["n_trials_complete"] == 2
+    assert len(failed) == 1 and all("planted failure" in t.user_attrs["fail_reason"] for t in failed)
+    assert all("plan" in t.user_attrs for t in failed)
