@@ -1,0 +1,151 @@
+"""Study storage: the journal file and a real PostgreSQL (AUTOPRUNE_PG_URL, started by .ci/postgres.sh).
+
+Four worker processes on one study lose and duplicate no trial; a search resumes on either storage.
+Every test uses a fresh study/spec name so that the database can be reused between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoprune import api
+from autoprune.search.study import open_storage, study_name
+from autoprune.spec import load_spec
+from conftest import require_service
+
+WORKERS = 4
+PER_WORKER = 10
+WARM = [{"x": 0.123, "y": 0.456}, {"x": 0.789, "y": 0.321}]
+
+
+def _pg_url() -> str:
+    url = os.environ.get("AUTOPRUNE_PG_URL", "")
+    why = "AUTOPRUNE_PG_URL is not set (run: export AUTOPRUNE_PG_URL=$(bash .ci/postgres.sh))"
+    if url:
+        try:
+            open_storage(url)
+        except Exception as e:  # noqa: BLE001 - reported through require_service
+            why = f"cannot connect: {e}"
+            url = ""
+    require_service("PostgreSQL", bool(url), why)
+    return url
+
+
+@pytest.fixture(params=["journal", "postgresql"])
+def storage(request, tmp_path) -> str:
+    if request.param == "journal":
+        return str(tmp_path / "study.journal")
+    return _pg_url()
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def _worker(url: str, name: str, log_path: str, n: int) -> None:
+    """One worker process: load the shared study and run `n` trials, logging what it evaluated."""
+    study = optuna.load_study(study_name=name, storage=open_storage(url),
+                              sampler=optuna.samplers.TPESampler(seed=os.getpid()))
+    with open(log_path, "w") as log:
+        def objective(trial: optuna.Trial) -> float:
+            x, y = trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
+            log.write(json.dumps({"number": trial.number, "x": x, "y": y}) + "\n")
+            log.flush()
+            return (x - 0.3) ** 2 + (y - 0.7) ** 2
+
+        study.optimize(objective, n_trials=n)
+
+
+def test_four_parallel_workers_lose_and_duplicate_no_trial(storage, tmp_path):
+    name = _unique("parallel")
+    study = optuna.create_study(study_name=name, storage=open_storage(storage))
+    for p in WARM:  # enqueued once, before the workers start (as run_search does at creation)
+        study.enqueue_trial(p)
+    ctx = mp.get_context("spawn")
+    logs = [tmp_path / f"worker{i}.jsonl" for i in range(WORKERS)]
+    procs = [ctx.Process(target=_worker, args=(storage, name, str(p), PER_WORKER)) for p in logs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0] * WORKERS
+
+    trials = optuna.load_study(study_name=name, storage=open_storage(storage)).trials
+    ran = [json.loads(line) for p in logs for line in Path(p).read_text().splitlines()]
+    assert len(ran) == WORKERS * PER_WORKER
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(WORKERS * PER_WORKER))  # nothing lost, no gaps, no duplicates
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(r["number"] for r in ran) == sorted(numbers)  # each trial evaluated by exactly one worker
+    stored = {t.number: (t.params["x"], t.params["y"]) for t in trials}
+    assert all(stored[r["number"]] == (r["x"], r["y"]) for r in ran)
+    for w in WARM:  # each warm start ran exactly once, not once per worker
+        assert sum(1 for t in trials if t.params == w) == 1
+
+
+def test_search_resumes_on_the_storage(storage, make_spec):
+    spec = make_spec("cnn1d", name=_unique("resume"), budget={"macs": 0.5},
+                     search={"n_trials": 4, "storage": storage, "priors": "none"})
+    first = api.search(spec, show_progress=False, test=False)
+    assert first["n_trials_complete"] == 4
+    s = load_spec(spec)
+    st = open_storage(storage)
+    before = {t.number: t.params for t in optuna.load_study(study_name=study_name(s, "optuna"), storage=st).trials}
+
+    # a trial left RUNNING by a killed worker on this host: the resumed run fails it and carries on
+    study = optuna.load_study(study_name=study_name(s, "optuna"), storage=st)
+    orphan = study.ask()
+    orphan.set_user_attr("worker", f"{os.uname().nodename}:999999999")
+
+    second = api.search(spec, n_trials=6, show_progress=False, test=False)
+    trials = optuna.load_study(study_name=study_name(s, "optuna"), storage=open_storage(storage)).trials
+    assert second["n_trials_complete"] == 6
+    assert {t.number: t.params for t in trials if t.number in before} == before  # the first 4 kept as they were
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert "interrupted" in trials[orphan.number].user_attrs["fail_reason"]
+    assert second["best"]["macs_ratio"] <= 0.5
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+
+
+def _search_worker(spec: dict, n_trials: int, out: str) -> None:
+    os.environ["AUTOPRUNE_PROGRESS"] = "0"
+    from autoprune.search import run_search
+
+    run = run_search(api.session(spec, show_progress=False), n_trials=n_trials, show_progress=False)
+    Path(out).write_text(json.dumps(sorted(t.number for t in run.study.trials
+                                           if t.user_attrs.get("worker", "").endswith(f":{os.getpid()}"))))
+
+
+@pytest.mark.slow
+def test_four_autoprune_workers_share_one_study(storage, make_spec, tmp_path):
+    """Four `run_search` processes on one spec and storage: one creates the study and the warm starts,
+    together they complete n_trials, and every trial belongs to exactly one worker."""
+    spec = make_spec("cnn1d", name=_unique("shared"), budget={"macs": 0.5},
+                     search={"n_trials": 12, "storage": storage, "priors": "none"})
+    api.session(spec, show_progress=False).target  # train (cached) once, before the workers start
+    ctx = mp.get_context("spawn")
+    outs = [tmp_path / f"w{i}.json" for i in range(WORKERS)]
+    procs = [ctx.Process(target=_search_worker, args=(spec, 12, str(o))) for o in outs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * WORKERS
+    s = load_spec(spec)
+    trials = optuna.load_study(study_name=study_name(s, "optuna"), storage=open_storage(storage)).trials
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    # each worker stops once 12 are complete; trials already in flight then may add up to WORKERS - 1 more
+    assert 12 <= len(done) <= 12 + WORKERS - 1
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    owned = [n for o in outs for n in json.loads(o.read_text())]
+    assert sorted(owned) == sorted(t.number for t in trials)  # no trial lost, none run twice
+    assert sum(t.user_attrs.get("warm_start") == "uniform" for t in trials) == 1
+    assert all(t.user_attrs["macs_ratio"] <= 0.5 + 1e-9 for t in done)
