@@ -1,0 +1,605 @@
+"""The search service: launch and watch searches over HTTP (FastAPI + uvicorn).
+
+    autoprune serve [--host 127.0.0.1] [--port 8765] [--runs runs] [--token-file FILE]
+
+Endpoints (every one, the OpenAPI schema included, needs ``Authorization: Bearer <token>``):
+
+- ``POST /searches``: a spec as YAML or JSON -> ``{"id": ...}``; validated before any work starts (422 with the
+  spec's validation message otherwise), then run by a worker process (``python -m autoprune.service _worker``,
+  i.e. the ``autoprune search`` path; the ray backend runs there too).
+- ``GET /searches``: every search with status, progress (completed/total trials) and best value so far.
+- ``GET /searches/{id}``: the same plus ``result`` (the run's result.json) when done.
+- ``GET /searches/{id}/pareto`` (JSON) and ``/searches/{id}/pareto.html`` (plotly figure).
+- ``DELETE /searches/{id}``: cancels a running search (its process group gets SIGTERM, then SIGKILL).
+
+State lives only in the run directories and the study storage: ``RUNS/.service/<id>/`` holds the submitted
+spec, the worker's pid, its log and exit status, and progress is read from the Optuna storage. A restarted
+service therefore lists running and finished searches again, and workers outlive it.
+
+Security: loopback by default; a bearer token from ``AUTOPRUNE_TOKEN`` or a token file (created 0600, refused
+when others can read it), compared in constant time and never logged or passed to workers; a spec's
+``output``, checkpoint and journal storage must stay inside the runs directory and SQL storage must be the
+service's own; model/data factories can be restricted to package prefixes (``AUTOPRUNE_ALLOWED_FACTORIES=
+autoprune,mypkg``); request bodies are limited (``AUTOPRUNE_MAX_BODY``, default 1 MiB); specs are parsed with
+``yaml.safe_load``/JSON and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from autoprune.errors import AutopruneError
+
+log = logging.getLogger("autoprune.service")
+
+TOKEN_ENV = "AUTOPRUNE_TOKEN"
+ALLOW_ENV = "AUTOPRUNE_ALLOWED_FACTORIES"
+MAX_BODY_ENV = "AUTOPRUNE_MAX_BODY"
+STORAGE_ENV = "AUTOPRUNE_SERVICE_STORAGE"
+DEFAULT_MAX_BODY = 1 << 20
+STATE_DIR = ".service"
+
+
+# ------------------------------------------------------------------ configuration
+@dataclass
+class ServiceConfig:
+    runs_dir: Path
+    token: str
+    storage: str | None = None  # SQL URL every search writes to; None: each run's own journal file
+    allowed_factories: tuple[str, ...] | None = None  # package prefixes; None: any importable factory
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    python: str = field(default_factory=lambda: sys.executable)
+
+    def __post_init__(self) -> None:
+        self.runs_dir = Path(self.runs_dir).resolve()
+        if not self.token:
+            raise AutopruneError("the service needs a non-empty bearer token")
+
+
+def load_token(token_file: Path | None, runs_dir: Path) -> tuple[str, str]:
+    """The bearer token and where it came from: AUTOPRUNE_TOKEN, else a token file (created 0600 if missing)."""
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env, f"${TOKEN_ENV}"
+    path = Path(token_file) if token_file else Path(runs_dir) / STATE_DIR / "token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it meanwhile: read that one
+            return load_token(path, runs_dir)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token, str(path)
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise AutopruneError(f"token file {str(path)!r} is readable by others (mode {oct(mode & 0o777)}); "
+                             f"run `chmod 600 {path}`")
+    token = path.read_text().strip()
+    if not token:
+        raise AutopruneError(f"token file {str(path)!r} is empty; delete it to get a new token")
+    return token, str(path)
+
+
+def _allowed_from_env() -> tuple[str, ...] | None:
+    raw = os.environ.get(ALLOW_ENV, "").strip()
+    return tuple(p.strip().rstrip(".") for p in raw.split(",") if p.strip()) or None
+
+
+# ------------------------------------------------------------------ spec admission
+class Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _module_allowed(factory: str, allowed: tuple[str, ...]) -> bool:
+    module = factory.split(":", 1)[0]
+    return any(module == p or module.startswith(p + ".") for p in allowed)
+
+
+def admit_spec(body: bytes, content_type: str, cfg: ServiceConfig):
+    """Parse and validate a submitted spec and pin it inside the service's runs directory.
+
+    Returns the validated `Spec`; raises `Refused` (422 invalid, 403 not allowed)."""
+    from autoprune.spec import load_spec
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused(422, "the spec must be UTF-8 text (YAML or JSON)") from None
+    try:
+        data = json.loads(text) if "json" in content_type else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise Refused(422, f"the spec is not valid {'JSON' if 'json' in content_type else 'YAML'}: {e}") from None
+    if not isinstance(data, dict):
+        raise Refused(422, f"the spec must be a mapping of keys (name, model, budget, ...), got {type(data).__name__}")
+
+    root = cfg.runs_dir
+    out = data.get("output")
+    if out in (None, "", "runs"):
+        data["output"] = str(root)
+    else:
+        p = Path(str(out))
+        p = p if p.is_absolute() else root / p
+        if not _inside(p, root):
+            raise Refused(422, f"output {out!r} is outside the service's runs directory; leave output unset "
+                               "or give a path inside it")
+        data["output"] = str(p.resolve())
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("checkpoint"):
+        ck = Path(str(model["checkpoint"]))
+        ck = ck if ck.is_absolute() else root / ck
+        if not _inside(ck, root):
+            raise Refused(422, f"model.checkpoint {model['checkpoint']!r} is outside the service's runs directory; "
+                               "copy the checkpoint into it")
+        model["checkpoint"] = str(ck.resolve())
+    search = data.get("search")
+    if isinstance(search, dict) and search.get("storage"):
+        st = str(search["storage"])
+        if "://" in st:
+            if st != cfg.storage:
+                raise Refused(422, "search.storage: the service writes to its own storage; leave storage unset")
+        else:
+            jp = Path(st.removeprefix("journal:"))
+            jp = jp if jp.is_absolute() else root / jp
+            if not _inside(jp, root):
+                raise Refused(422, f"search.storage {st!r} is outside the service's runs directory")
+            search["storage"] = str(jp.resolve())
+    elif cfg.storage:
+        data.setdefault("search", {})
+        if isinstance(data["search"], dict):
+            data["search"]["storage"] = cfg.storage
+    try:
+        spec = load_spec(data)
+    except AutopruneError as e:
+        raise Refused(422, str(e)) from None
+    if not _inside(spec.run_dir, root):  # belt and braces: the name pattern already forbids '/' and '..'
+        raise Refused(422, f"name {spec.name!r} escapes the runs directory")
+    if cfg.allowed_factories:
+        named = {"model.factory": spec.model.factory, "data.factory": spec.data.factory}
+        if ":" in spec.evaluation.metric:
+            named["evaluation.metric"] = spec.evaluation.metric
+        for key, factory in named.items():
+            if not _module_allowed(factory, cfg.allowed_factories):
+                raise Refused(403, f"{key} {factory!r} is not allowed here; this service accepts factories from "
+                                   f"{', '.join(cfg.allowed_factories)}")
+    return spec
+
+
+# ------------------------------------------------------------------ searches on disk
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int | None, marker: str) -> bool:
+    """True if `pid` runs and (where /proc exists) its command line names this search (no pid reuse)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if marker not in text:
+                return False
+            st = Path(f"/proc/{pid}/stat").read_text()
+            if st.rsplit(")", 1)[1].split()[0] == "Z":  # a zombie (our own exited child) is not running
+                return False
+        except OSError:
+            return False
+    return True
+
+
+class Searches:
+    """The service's searches, all state on disk: RUNS/.service/<id>/{spec.yaml,state.json,exit.json,worker.log}."""
+
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.root = cfg.runs_dir / STATE_DIR
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._children: dict[str, subprocess.Popen] = {}
+
+    def dir(self, sid: str) -> Path:
+        from autoprune.spec import _NAME
+
+        if not _NAME.match(sid):
+            raise Refused(404, f"no search {sid!r}")
+        d = self.root / sid
+        if not (d / "state.json").exists():
+            raise Refused(404, f"no search {sid!r}")
+        return d
+
+    def ids(self) -> list[str]:
+        return sorted(p.parent.name for p in self.root.glob("*/state.json"))
+
+    # ---------------------------------------------------------------- launching and cancelling
+    def submit(self, spec) -> dict:
+        sid = spec.name
+        d = self.root / sid
+        if (d / "state.json").exists() and self.status(sid)["status"] == "running":
+            raise Refused(409, f"search {sid!r} is already running; cancel it first or use another name")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        (d / "exit.json").unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}  # the token never reaches user code
+        env.update({"AUTOPRUNE_PROGRESS": "0", "PYTHONUNBUFFERED": "1"})
+        env.setdefault("RAY_AUTH_MODE", "disabled")
+        with open(d / "worker.log", "ab") as logf:
+            proc = subprocess.Popen(
+                [self.cfg.python, "-m", "autoprune.service", "_worker", str(d)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, cwd=str(self.cfg.runs_dir),
+            )
+        self._children[sid] = proc
+        state = {
+            "id": sid, "name": spec.name, "pid": proc.pid, "submitted_at": _now(), "run_dir": str(spec.run_dir),
+            "strategy": spec.search.strategy, "n_trials": spec.search.n_trials, "backend": spec.search.backend,
+            "storage": spec.search.storage, "budget": {spec.budget.kind: spec.budget.value}, "cancelled_at": None,
+        }
+        _write_json(d / "state.json", state)
+        return self.status(sid)
+
+    def cancel(self, sid: str) -> dict:
+        d = self.dir(sid)
+        state = _read_json(d / "state.json") or {}
+        if self.status(sid)["status"] != "running":
+            raise Refused(409, f"search {sid!r} is not running")
+        state["cancelled_at"] = _now()
+        _write_json(d / "state.json", state)
+        pid = state["pid"]
+        try:
+            os.killpg(pid, signal.SIGTERM)  # the worker's whole process group (Ray workers included)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self._alive(sid, state):
+            time.sleep(0.1)
+        if self._alive(sid, state):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return self.status(sid)
+
+    def _alive(self, sid: str, state: dict) -> bool:
+        child = self._children.get(sid)
+        if child is not None and child.pid == state.get("pid"):
+            return child.poll() is None
+        return _pid_alive(state.get("pid"), str(self.root / sid))
+
+    # ---------------------------------------------------------------- reading state back
+    def status(self, sid: str, *, with_result: bool = False) -> dict:
+        d = self.dir(sid)
+        state = _read_json(d / "state.json") or {}
+        exit_ = _read_json(d / "exit.json")
+        alive = self._alive(sid, state)
+        if alive:
+            status = "running"
+        elif state.get("cancelled_at"):
+            status = "cancelled"
+        elif exit_ is not None:
+            status = "done" if exit_.get("rc") == 0 else "failed"
+        else:
+            status = "failed"  # the worker died without writing its exit status
+        out = {k: state.get(k) for k in ("id", "name", "submitted_at", "strategy", "backend", "budget", "cancelled_at")}
+        out["status"] = status
+        out.update(self._progress(state))
+        if exit_:
+            out["finished_at"] = exit_.get("finished_at")
+        if status == "failed":
+            out["error"] = (exit_ or {}).get("error") or _tail(d / "worker.log")
+        if with_result:
+            res = self._result(state)
+            out["result"] = res if status == "done" else None
+            out["log_tail"] = _tail(d / "worker.log", 20)
+        return out
+
+    def _storage_url(self, state: dict) -> str:
+        return state.get("storage") or str(Path(state["run_dir"]) / "study.journal")
+
+    def _study(self, state: dict):
+        import optuna
+
+        from autoprune.search.study import open_storage
+
+        url = self._storage_url(state)
+        if "://" not in url and not Path(url.removeprefix("journal:")).exists():
+            return None
+        try:
+            return optuna.load_study(study_name=f"{state['name']}:{state['strategy']}", storage=open_storage(url))
+        except Exception:  # not created yet (the worker is still training / running sensitivity)
+            return None
+
+    def _progress(self, state: dict) -> dict:
+        from optuna.trial import TrialState
+
+        study = self._study(state)
+        total = state.get("n_trials")
+        if study is None:
+            return {"progress": {"complete": 0, "failed": 0, "total": total}, "best_so_far": None}
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        feasible = [t for t in done if t.user_attrs.get("feasible", True)]
+        best = max(feasible, key=lambda t: t.values[0], default=None)
+        return {
+            "progress": {"complete": len(done), "failed": sum(t.state == TrialState.FAIL for t in trials),
+                         "total": total},
+            "best_so_far": None if best is None else {
+                "trial": best.number, "metric_val": best.values[0],
+                "macs_ratio": best.user_attrs.get("macs_ratio"), "params_ratio": best.user_attrs.get("params_ratio"),
+            },
+        }
+
+    def _result(self, state: dict) -> dict | None:
+        from autoprune.results import result_path
+
+        return _read_json(result_path(state["run_dir"], state["strategy"]))
+
+    def trials(self, sid: str):
+        """The search's trials (pandas) with Pareto flags, read from its storage."""
+        from autoprune.results import pareto_flags, trials_frame
+
+        state = _read_json(self.dir(sid) / "state.json") or {}
+        study = self._study(state)
+        if study is None:
+            raise Refused(404, f"search {sid!r} has no trials yet")
+        df = trials_frame(study, state["strategy"])
+        df["pareto"] = pareto_flags(df)
+        return df, state
+
+    def pareto(self, sid: str) -> dict:
+        df, state = self.trials(sid)
+        ok = df[df.state == "COMPLETE"]
+        cols = ["number", "metric", "macs_ratio", "params_ratio", "cost", "feasible", "pareto"]
+
+        def rec(r) -> dict:
+            d = {c: (None if _isnan(r[c]) else (r[c].item() if hasattr(r[c], "item") else r[c])) for c in cols}
+            d["plan"] = json.loads(r.plan) if isinstance(r.plan, str) else None
+            return d
+
+        front = sorted((rec(r) for _, r in ok[ok.pareto].iterrows()), key=lambda p: p["macs_ratio"] or 0)
+        return {"id": sid, "objective": "metric (val, higher is better) vs macs_ratio (lower is better)",
+                "budget": state.get("budget"), "front": front, "trials": [rec(r) for _, r in ok.iterrows()]}
+
+    def pareto_html(self, sid: str) -> str:
+        df, state = self.trials(sid)
+        fig = None
+        try:  # the project's figure when the plots module provides it
+            from autoprune.plots import pareto_figure  # type: ignore[attr-defined]
+
+            fig = pareto_figure(df)
+        except Exception as e:  # noqa: BLE001 - fall back to a plain scatter
+            log.debug("plots.pareto_figure unavailable (%s); using a plain scatter", e)
+        if fig is None:
+            fig = _pareto_scatter(df, sid, state)
+        return fig.to_html(full_html=True, include_plotlyjs=True)
+
+
+def _isnan(v: Any) -> bool:
+    try:
+        return v is None or v != v
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _pareto_scatter(df, sid: str, state: dict):
+    import plotly.graph_objects as go
+
+    ok = df[df.state == "COMPLETE"].sort_values("macs_ratio")
+    fig = go.Figure()
+    for label, part, color in (("infeasible", ok[~ok.feasible], "lightgrey"), ("feasible", ok[ok.feasible], "#1f77b4")):
+        fig.add_trace(go.Scatter(x=part.macs_ratio, y=part.metric, mode="markers", name=label,
+                                 marker={"color": color}, text=[f"trial {n}" for n in part.number]))
+    front = ok[ok.pareto]
+    fig.add_trace(go.Scatter(x=front.macs_ratio, y=front.metric, mode="lines+markers", name="Pareto front",
+                             line={"color": "#d62728"}))
+    budget = (state.get("budget") or {}).get("macs")
+    if budget:
+        fig.add_vline(x=budget, line_dash="dash", annotation_text=f"budget {budget:g}")
+    fig.update_layout(title=f"{sid}: val metric vs MACs", xaxis_title="MACs (fraction of unpruned)",
+                      yaxis_title="val metric", template="plotly_white")
+    return fig
+
+
+def _tail(path: Path, n: int = 5) -> str | None:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return "\n".join(lines[-n:]) or None
+
+
+# ------------------------------------------------------------------ the app
+def create_app(cfg: ServiceConfig):
+    """The FastAPI app over `cfg.runs_dir` (used by `serve`; handy in-process with a test client)."""
+    searches = Searches(cfg)
+    bearer = HTTPBearer(auto_error=False, description="the service's token (AUTOPRUNE_TOKEN or the token file)")
+    expected = f"Bearer {cfg.token}".encode()
+
+    def authorized(header: str | None) -> bool:
+        return header is not None and secrets.compare_digest(header.encode(), expected)
+
+    async def check_token(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not authorized(request.headers.get("authorization")):  # documents the scheme in the OpenAPI schema
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="autoprune service", version="1", dependencies=[Depends(check_token)],
+                  description="Launch and watch autoprune searches. Every endpoint needs `Authorization: Bearer <token>`.")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        # every path, the OpenAPI schema and docs included: no token, no answer
+        if not authorized(request.headers.get("authorization")):
+            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    def refused(e: Refused) -> JSONResponse:
+        return JSONResponse({"detail": e.message}, status_code=e.status)
+
+    @app.post("/searches", status_code=201, summary="Submit a spec (YAML or JSON body); returns its id")
+    async def submit(request: Request):
+        body = bytearray()
+        async for chunk in request.stream():  # also bounds chunked bodies without a Content-Length
+            body += chunk
+            if len(body) > cfg.max_body_bytes:
+                return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
+        try:
+            spec = admit_spec(bytes(body), request.headers.get("content-type", ""), cfg)
+            st = searches.submit(spec)
+        except Refused as e:
+            return refused(e)
+        log.info("search %s submitted", st["id"])
+        return JSONResponse({"id": st["id"], "status": st["status"], "url": f"/searches/{st['id']}"}, status_code=201)
+
+    @app.get("/searches", summary="Every search: status, progress, best so far")
+    def list_searches():
+        out = []
+        for sid in searches.ids():
+            try:
+                out.append(searches.status(sid))
+            except Refused:
+                continue
+        return out
+
+    @app.get("/searches/{sid}", summary="One search; `result` holds result.json when done")
+    def get_search(sid: str):
+        try:
+            return searches.status(sid, with_result=True)
+        except Refused as e:
+            return refused(e)
+
+    @app.get("/searches/{sid}/pareto", summary="The Pareto front (val metric vs MACs) and every completed trial")
+    def pareto(sid: str):
+        try:
+            return searches.pareto(sid)
+        except Refused as e:
+            return refused(e)
+
+    @app.get("/searches/{sid}/pareto.html", response_class=HTMLResponse, summary="The Pareto front as a plotly page")
+    def pareto_html(sid: str):
+        try:
+            return HTMLResponse(searches.pareto_html(sid))
+        except Refused as e:
+            return refused(e)
+
+    @app.delete("/searches/{sid}", summary="Cancel a running search")
+    def cancel(sid: str):
+        try:
+            return searches.cancel(sid)
+        except Refused as e:
+            return refused(e)
+
+    app.state.searches = searches
+    return app
+
+
+def serve(*, host: str = "127.0.0.1", port: int = 8765, runs_dir: Path | str = "runs",
+          token_file: Path | str | None = None, storage: str | None = None,
+          allowed_factories: tuple[str, ...] | None = None, max_body_bytes: int | None = None) -> None:
+    """Run the service with uvicorn until interrupted (`autoprune serve`)."""
+    import uvicorn
+
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    token, source = load_token(Path(token_file) if token_file else None, runs_dir)
+    try:
+        max_body = max_body_bytes or int(os.environ.get(MAX_BODY_ENV, DEFAULT_MAX_BODY))
+    except ValueError:
+        raise AutopruneError(f"{MAX_BODY_ENV} must be a number of bytes") from None
+    storage = storage or os.environ.get(STORAGE_ENV) or None
+    if storage:
+        from autoprune.search.study import open_storage
+
+        open_storage(storage)  # fail now, with a clear message, not in every worker
+    cfg = ServiceConfig(runs_dir, token, storage=storage, allowed_factories=allowed_factories or _allowed_from_env(),
+                        max_body_bytes=max_body)
+    app = create_app(cfg)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: anyone who can reach it and holds the token can run model code",
+              file=sys.stderr)
+    print(f"autoprune service on http://{host}:{port} (runs: {cfg.runs_dir}; bearer token from {source}; "
+          f"OpenAPI: /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+
+
+# ------------------------------------------------------------------ the worker process
+def _worker(state_dir: str) -> int:
+    """Run one submitted search (`autoprune search`), then record its exit status for the service."""
+    from autoprune.cli import main as cli_main
+
+    d = Path(state_dir)
+    rc, error = 0, None
+
+    def on_term(signum, frame):  # cancellation: unwind so the exit status is written
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        cli_main(["search", str(d / "spec.yaml")])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        rc, error = 130, "cancelled"
+    except BaseException as e:  # noqa: BLE001 - recorded for GET /searches/{id}
+        rc, error = 1, f"{type(e).__name__}: {e}"
+    if rc and error is None:
+        error = _tail(d / "worker.log", 3)
+    _write_json(d / "exit.json", {"rc": rc, "finished_at": _now(), "error": error})
+    return rc
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "_worker":
+        raise SystemExit(_worker(sys.argv[2]))
+    print("usage: autoprune serve --help (this module's entry point is for the service's workers)", file=sys.stderr)
+    raise SystemExit(2)
