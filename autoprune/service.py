@@ -579,8 +579,10 @@ def _worker(state_dir: str) -> int:
 
     d = Path(state_dir)
     rc, error = 0, None
+    cancelled = []
 
     def on_term(signum, frame):  # cancellation: unwind so the exit status is written
+        cancelled.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
@@ -592,6 +594,8 @@ def _worker(state_dir: str) -> int:
         rc, error = 130, "cancelled"
     except BaseException as e:  # noqa: BLE001 - recorded for GET /searches/{id}
         rc, error = 1, f"{type(e).__name__}: {e}"
+    if cancelled:  # however the layers above handled the interrupt
+        rc, error = 130, "cancelled"
     if rc and error is None:
         error = _tail(d / "worker.log", 3)
     _write_json(d / "exit.json", {"rc": rc, "finished_at": _now(), "error": error})

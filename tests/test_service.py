@@ -133,6 +133,7 @@ def test_service_end_to_end(runs):
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+        assert json.loads((runs / ".service" / "long" / "exit.json").read_text())["error"] == "cancelled"
         assert c.delete("/searches/long").status_code == 409
         assert c.get("/searches/nope").status_code == 404
     finally:
