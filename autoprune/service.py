@@ -244,6 +244,7 @@ class Searches:
         self.root = cfg.runs_dir / STATE_DIR
         self.root.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen] = {}
+        self._storages: dict[str, Any] = {}
 
     def dir(self, sid: str) -> Path:
         from autoprune.spec import _NAME
@@ -352,7 +353,9 @@ class Searches:
         if "://" not in url and not Path(url.removeprefix("journal:")).exists():
             return None
         try:
-            return optuna.load_study(study_name=f"{state['name']}:{state['strategy']}", storage=open_storage(url))
+            if url not in self._storages:  # one engine / journal reader per storage, not one per request
+                self._storages[url] = open_storage(url)
+            return optuna.load_study(study_name=f"{state['name']}:{state['strategy']}", storage=self._storages[url])
         except Exception:  # not created yet (the worker is still training / running sensitivity)
             return None
 

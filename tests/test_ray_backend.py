@@ -32,7 +32,18 @@ def _study(spec_dict, strategy="optuna") -> optuna.Study:
     return optuna.load_study(study_name=study_name(spec, strategy), storage=open_storage(storage_url(spec)))
 
 
-def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec):
+def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monkeypatch):
+    from autoprune.search import ray_backend
+
+    fanned: list[int] = []
+    real_map = ray_backend.ray_map
+
+    def spy(fn, items, **kw):  # sensitivity goes through ray_map: one Ray task per group
+        items = list(items)
+        fanned.append(len(items))
+        return real_map(fn, items, **kw)
+
+    monkeypatch.setattr(ray_backend, "ray_map", spy)
     spec = make_spec("cnn1d", budget={"macs": 0.5},
                      search={"backend": "ray", "n_trials": 6, "max_concurrent_trials": 2, "cpus_per_trial": 1})
     result = api.search(spec, show_progress=False)
@@ -40,7 +51,8 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec):
     assert result["best"]["macs_ratio"] <= 0.5
     assert result["best"]["measured_cost"] <= result["budget"]["limit"]
     assert 0.1 < result["best"]["metric_val"] <= 1.0
-    assert result["sensitivity_evaluations"] > 1  # sensitivity ran (fanned out over Ray tasks)
+    assert result["sensitivity_evaluations"] > 1
+    assert fanned == [len(result["search_bounds"])] and fanned[0] >= 3  # one task per group
     assert any("ray backend" in n for n in result["notes"])
 
     study = _study(spec)

@@ -22,7 +22,6 @@ analysis (one task per group).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -120,7 +119,8 @@ def ray_map(fn: Callable, items: Iterable, *, num_cpus: float = 1, num_gpus: flo
 
 def ray_map_for(spec) -> Callable:
     """A `map_fn` for `Session.sensitivity` with the spec's per-trial resources (one task per group)."""
-    return functools.partial(ray_map, num_cpus=spec.search.cpus_per_trial, num_gpus=spec.search.gpus_per_trial)
+    s = spec.search
+    return lambda fn, items: ray_map(fn, items, num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial)
 
 
 # ------------------------------------------------------------------ the trial, inside an actor
