@@ -463,10 +463,11 @@ def create_app(cfg: ServiceConfig):
     """The FastAPI app over `cfg.runs_dir` (used by `serve`; handy in-process with a test client)."""
     searches = Searches(cfg)
     bearer = HTTPBearer(auto_error=False, description="the service's token (AUTOPRUNE_TOKEN or the token file)")
-    expected = f"Bearer {cfg.token}".encode()
+    expected = cfg.token.encode()
 
     def authorized(header: str | None) -> bool:
-        return header is not None and secrets.compare_digest(header.encode(), expected)
+        scheme, _, given = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), expected)
 
     async def check_token(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if not authorized(request.headers.get("authorization")):  # documents the scheme in the OpenAPI schema
