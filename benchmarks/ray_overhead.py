@@ -1,6 +1,6 @@
 """Ray Tune backend overhead vs the in-process Optuna loop, and trials/minute with 1 and 2 concurrent trials.
 
-    python benchmarks/ray_overhead.py [--trials 40] [--real-trials 16] [--out ray_overhead.json]
+    python benchmarks/ray_overhead.py [--trials 60] [--real-trials 40] [--finetune-steps 30] [--out ray_overhead.json]
 
 1. Overhead: the same spec (MNIST-1D CNN, 4 groups, TPE, journal storage) searched by both backends with a
    no-op evaluation (the evaluator returns a constant; pruning the copy and costing the plan still run, in
@@ -8,8 +8,8 @@
    Per-trial times are steady-state (from the trials' completion times in the study); Ray's fixed cost per
    search (starting actors, which import torch, and Tune's set-up) is reported separately.
 2. Throughput: a real search (BN recalibration + val accuracy per trial; then again with a short fine-tune
-   per trial) on the ray backend with max_concurrent_trials 1 and 2 (1 CPU each), and the in-process backend
-   for reference.
+   per trial) on the ray backend with max_concurrent_trials 1 and 2 (1 CPU, one torch thread each), and the
+   in-process backend (torch's default threads) for reference.
 
 `ray.init` (2-4 s) is paid once, before any timing. Everything runs in a temporary directory.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,6 +125,7 @@ def main() -> None:
                            "steady_trials_per_min": round(60 / steady, 1) if steady > 0 else None}
         out[key] = real
         print(json.dumps({key: real}, indent=2), flush=True)
+    shutil.rmtree(root, ignore_errors=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
