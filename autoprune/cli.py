@@ -271,6 +271,21 @@ def _default_spec() -> str:
     }) + "\n"
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage-error and abort classes: Typer >= 0.17 vendors its own copy (typer._click) besides click."""
+    import click
+
+    usage, abort = [click.exceptions.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
+
+        usage.append(vendored.ClickException)
+        abort += [getattr(vendored, "Abort", click.exceptions.Abort)]
+    except ImportError:
+        pass
+    return tuple(usage), tuple(abort)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: AutopruneError -> one line on stderr and exit code 2 (traceback only with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -288,12 +303,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors and unexpected failures
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        click_exc, abort_exc = _click_exceptions()
+        if isinstance(e, click_exc):
+            if "NoArgsIsHelp" in type(e).__name__:  # bare `autoprune`: the help text, as usage
+                typer.echo(str(e.format_message() if hasattr(e, "format_message") else e), err=True)
+            else:
+                e.show()
             raise SystemExit(2) from None
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, abort_exc):
             raise SystemExit(1) from None
         if debug:
             raise

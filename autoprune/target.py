@@ -165,8 +165,25 @@ def model_fingerprint(spec: Spec) -> dict[str, Any]:
     }
 
 
+def check_output_dir(spec: Spec) -> Path:
+    """The run directory must be creatable and writable: fail before training or searching, not after."""
+    run_dir = spec.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise AutopruneError(
+            f"run directory {str(run_dir)!r} is not writable ({type(e).__name__}: {e.strerror or e}); "
+            "set output: to a writable directory"
+        ) from None
+    return run_dir
+
+
 def load_target(spec: Spec, *, show_progress: bool = True) -> Target:
     """Build the model and data of `spec`; load its checkpoint or train it (cached by settings hash)."""
+    check_output_dir(spec)
     datasets = load_datasets(spec.data.factory, spec.data.kwargs)
     model = build_model(spec.model.factory, spec.model.kwargs)
     example = torch.zeros(1, *spec.model.input_shape)

@@ -71,8 +71,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 raise PermissionError(f"{path.parent} is not writable")
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+            repair_journal(path)
             return JournalStorage(JournalFileBackend(str(path)))
-        except PermissionError as e:
+        except AutopruneError:
+            raise
+        except (PermissionError, NotADirectoryError, FileExistsError) as e:
             raise AutopruneError(f"cannot write the study journal {str(path)!r}: {e}; set output: to a writable directory") from None
         except Exception as e:  # a corrupted journal fails while it is replayed
             raise AutopruneError(
@@ -84,6 +87,51 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as e:
         safe = url.split("@")[-1]
         raise AutopruneError(f"cannot connect to storage ...@{safe}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+STALE_LOCK_S = 10.0  # a journal write holds the lock for milliseconds; an older lock was left by a killed process
+
+
+def repair_journal(path: Path) -> None:
+    """Undo what a `kill -9` during a journal write can leave behind, and refuse a corrupted journal.
+
+    Optuna's JournalFileBackend would wait 30 s on a stale lock (its grace period) and, worse, append the
+    next record to a half-written last line, which makes the whole journal unreadable on the following
+    replay. So: drop a lock older than STALE_LOCK_S, then (holding the lock) cut a partial last line, and
+    check that every complete line is JSON so that a corrupted file fails now with one clear message.
+    """
+    import json
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    lock = Path(str(path) + ".lock")
+    try:
+        if time.time() - os.lstat(lock).st_mtime > STALE_LOCK_S:
+            log.warning("removing the stale journal lock %s (left by a killed process)", lock)
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    locker = JournalFileSymlinkLock(str(path))
+    locker.acquire()
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):
+                log.warning("journal %s: dropping a half-written last record (%d bytes)", path, len(data) - end)
+                f.truncate(end)
+    finally:
+        locker.release()
+    for i, line in enumerate(data[:end].splitlines(), 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise AutopruneError(
+                f"cannot read the study journal {str(path)!r}: line {i} is not a journal record (the file is "
+                "corrupted); move it away to start a new study"
+            ) from None
 
 
 def study_name(spec, strategy: str) -> str:
@@ -98,6 +146,43 @@ def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampl
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Creates the real sampler at this process's first trial, seeded with ``seed + trial.number``.
+
+    Trial numbers are handed out atomically by the storage, so parallel workers on one study get distinct
+    seeds (and do not sample identical points), while a single process gets ``seed + trials already in the
+    study``: reproducible, and a resumed run does not replay itself. Every call is delegated.
+    """
+
+    def __init__(self, name: str, seed: int, multi: bool) -> None:
+        self._args = (name, seed, multi)
+        self._inner: optuna.samplers.BaseSampler | None = None
+
+    def _sampler(self, trial_number: int | None = None) -> optuna.samplers.BaseSampler:
+        if self._inner is None:
+            name, seed, multi = self._args
+            self._inner = make_sampler(name, seed + (trial_number or 0), multi)
+        return self._inner
+
+    def before_trial(self, study, trial) -> None:
+        self._sampler(trial.number).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler(trial.number).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler(trial.number).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler(trial.number).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler(trial.number).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler().reseed_rng()
 
 
 def worker_id() -> str:
@@ -148,6 +233,7 @@ def build_space(session, strategy: str) -> tuple[SearchSpace, int]:
     use_priors = strategy == "optuna" and spec.search.priors == "sensitivity"
     sens, n_eval = None, 0
     if use_priors:
+        SearchSpace.build(session.pruner, budget, None, spec.search.tolerance)  # an unreachable budget fails now
         res = session.sensitivity()
         sens, n_eval = res.table, res.evaluations
     return SearchSpace.build(session.pruner, budget, sens, spec.search.tolerance), n_eval
@@ -174,17 +260,17 @@ def run_search(
         return run_ray_search(session, strategy=strategy, n_trials=n_trials, storage=storage, show_progress=show_progress)
 
     t0 = time.perf_counter()
+    storage_obj = open_storage(storage_url(spec, storage))  # fail on bad storage before sensitivity analysis
     space, sens_evals = build_space(session, strategy)
-    storage_obj = open_storage(storage_url(spec, storage))
     mode = resolve_budget_mode(spec)
     objectives = list(spec.search.objectives) if strategy in ("optuna", "random") else ["accuracy"]
     name = study_name(spec, strategy)
     study, created = _create_or_load(storage_obj, name, directions(objectives), spec, strategy, mode)
     fail_stale_trials(study)
-    # the seed moves with the trials already in the study so that a resumed run does not replay itself
-    seed = spec.search.seed + len(study.trials)
+    # seeded with seed + the number of this process's first trial: a resumed run does not replay itself and
+    # parallel workers (distinct trial numbers) do not sample identical points
     sampler_name = "random" if strategy == "random" else spec.search.sampler
-    study.sampler = make_sampler(sampler_name, seed, len(objectives) > 1)
+    study.sampler = TrialSeededSampler(sampler_name, spec.search.seed, len(objectives) > 1)
     if created and strategy == "optuna":
         _enqueue_warm_starts(study, space, session)
 
