@@ -215,7 +215,7 @@ CASES = [
     Case("latency-zero", "budget.latency_ms: Input should be greater than 0", edit={"budget": {"latency_ms": 0}}),
     Case("budget-unreachable", "is unreachable: pruning every group at max_ratio 0.5 still costs",
          edit={"budget": {"macs": 0.05}, "pruning.max_ratio": 0.5}, cmd="search"),
-    Case("budget-unreachable-says-minimum", "Raise the budget to at least 0.2",
+    Case("budget-unreachable-says-minimum", "still costs 157,440 (25.3% of the unpruned model). Raise the budget to at least 0.253",
          edit={"budget": {"macs": 0.05}, "pruning.max_ratio": 0.5}, cmd="search"),
     # --- choices
     Case("unknown-strategy", "search.strategy: Input should be 'optuna', 'uniform', 'global', 'lamp', 'netadapt' or 'random'",

@@ -33,8 +33,12 @@ ENV = {**os.environ, "AUTOPRUNE_PROGRESS": "0", "PYTHONPATH": f"{ROOT / 'tests'}
 
 # ----------------------------------------------------------------- helpers
 def _study(spec: dict, strategy: str = "optuna") -> optuna.Study:
+    """The study as stored, read with plain Optuna (no repair: observing must not change the journal)."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
     s = load_spec(spec)
-    return optuna.load_study(study_name=study_name(s, strategy), storage=open_storage(str(s.run_dir / "study.journal")))
+    storage = JournalStorage(JournalFileBackend(str(s.run_dir / "study.journal")))
+    return optuna.load_study(study_name=study_name(s, strategy), storage=storage)
 
 
 def _snapshot(spec: dict) -> dict[int, tuple[str, tuple | None, dict]]:

@@ -89,7 +89,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise AutopruneError(f"cannot connect to storage ...@{safe}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-STALE_LOCK_S = 10.0  # a journal write holds the lock for milliseconds; an older lock was left by a killed process
+STALE_LOCK_S = 5.0  # a journal write holds the lock for milliseconds; an older lock was left by a killed process
 
 
 def repair_journal(path: Path) -> None:
@@ -97,20 +97,25 @@ def repair_journal(path: Path) -> None:
 
     Optuna's JournalFileBackend would wait 30 s on a stale lock (its grace period) and, worse, append the
     next record to a half-written last line, which makes the whole journal unreadable on the following
-    replay. So: drop a lock older than STALE_LOCK_S, then (holding the lock) cut a partial last line, and
-    check that every complete line is JSON so that a corrupted file fails now with one clear message.
+    replay. So: wait for the lock at most until it is STALE_LOCK_S old (the symlink's own mtime is when it
+    was taken) and then drop it, cut a partial last line while holding the lock, and check that every
+    complete line is JSON so that a corrupted file fails now with one clear message.
     """
     import json
 
     from optuna.storages.journal import JournalFileSymlinkLock
 
     lock = Path(str(path) + ".lock")
-    try:
-        if time.time() - os.lstat(lock).st_mtime > STALE_LOCK_S:
+    while True:
+        try:
+            age = time.time() - os.lstat(lock).st_mtime
+        except FileNotFoundError:
+            break
+        if age > STALE_LOCK_S:
             log.warning("removing the stale journal lock %s (left by a killed process)", lock)
             lock.unlink(missing_ok=True)
-    except FileNotFoundError:
-        pass
+            break
+        time.sleep(0.05)
     if not path.exists() or path.stat().st_size == 0:
         return
     locker = JournalFileSymlinkLock(str(path))

@@ -1,0 +1,86 @@
+"""The command line: help and exit codes, --set overrides, JSON output, and the real console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoprune.cli import main
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_every_command(capsys):
+    code, out, _ = _cli(["--help"], capsys)
+    assert code == 0
+    for cmd in ("groups", "train", "sensitivity", "search", "report", "export", "demo", "finetune", "serve", "agent"):
+        assert f"  {cmd} " in out or f"  {cmd}\n" in out, cmd
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = _cli(["no-such-command"], capsys)
+    assert code == 2 and "No such command 'no-such-command'" in err
+    code, _, err = _cli(["search", "x.yaml", "--no-such-option"], capsys)
+    assert code == 2 and "No such option: --no-such-option" in err
+    code, _, err = _cli(["search", "x.yaml", "--n-trials", "many"], capsys)
+    assert code == 2 and "Invalid value for '--n-trials'" in err
+    assert "Traceback" not in err
+
+
+def test_groups_json_and_set_overrides(make_spec, tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(make_spec("cnn1d")))
+    code, out, err = _cli(["groups", str(path), "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    names = [r["group"] for r in rows]
+    assert len(rows) == 4 and all(r["prunable"] for r in rows)
+    assert all(0 < r["macs_share"] <= 1 for r in rows)
+    # --set reaches nested keys and parses YAML values: ignoring a group's root makes it unprunable
+    code, out, err = _cli(["groups", str(path), "--json", "--set", f"pruning.ignore=[{names[0]}]"], capsys)
+    assert code == 0, err
+    assert [r["group"] for r in json.loads(out)] == names[1:]
+
+
+def test_search_report_export_through_the_cli(make_spec, tmp_path, capsys):
+    spec = make_spec("cnn1d", search={"n_trials": 3, "priors": "none"})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code, out, err = _cli(["search", str(path), "--set", "search.n_trials=4"], capsys)
+    assert code == 0, err
+    assert "[optuna] val" in out and "4 trials, 0 failed" in out
+    run_dir = Path(spec["output"]) / spec["name"]
+    code, out, err = _cli(["report", str(run_dir), "--format", "json"], capsys)
+    assert code == 0 and json.loads(out)["optuna"]["n_trials_complete"] == 4
+    code, out, err = _cli(["export", str(path), "--out", str(tmp_path / "exp"), "--no-onnx"], capsys)
+    assert code == 0, err
+    costs = json.loads((tmp_path / "exp" / "costs.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["costs.json", "manifest.json", "model.pt"]
+    assert costs["macs_ratio"] <= 0.5 + 1e-9 and costs["macs"] < costs["macs"] / costs["macs_ratio"]
+
+
+@pytest.mark.skipif(shutil.which("autoprune") is None and not (Path(sys.executable).parent / "autoprune").exists(),
+                    reason="console script not installed")
+def test_console_script_exit_code_and_one_line(tmp_path):
+    exe = shutil.which("autoprune") or str(Path(sys.executable).parent / "autoprune")
+    (tmp_path / "bad.yaml").write_text("name: x\nmodel: {factory: m:f, input_shape: [1]}\nbudget: {macs: 2}\n")
+    r = subprocess.run([exe, "groups", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "AUTOPRUNE_PROGRESS": "0"})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"error: invalid spec {tmp_path / 'bad.yaml'}:",
+                                     "  budget.macs: Value error, must be a fraction strictly between 0 and 1, got 2.0"]
