@@ -99,7 +99,11 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
     for _, row in ok.iterrows():
         plan = PruningPlan.from_dict(json.loads(row.plan))
         model = session.pruner.apply(plan)
-        measured = float(budget.measure(model))
+        try:
+            measured = float(budget.measure(model))
+        except Exception as e:  # e.g. the latency agent died: this plan cannot be confirmed, try the next
+            rejected.append({"trial": int(row.number), "error": f"{type(e).__name__}: {e}"})
+            continue
         if measured > budget.limit * (1 + 1e-9):  # the estimate was wrong: never report it as meeting the budget
             rejected.append({"trial": int(row.number), "measured": measured})
             continue

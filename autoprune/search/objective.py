@@ -71,8 +71,9 @@ def evaluate_plan(space: SearchSpace, evaluator, cost_model, plan: PruningPlan) 
     t2 = time.perf_counter()
     if not math.isfinite(metric):
         raise TrialFailed(f"metric is {metric}")
+    extra = {"latency_ms": float(cost)} if space.budget.kind == "latency_ms" else {}  # predicted (latency stage)
     return TrialResult(plan, float(metric), int(macs), int(params), float(cost), space.budget.limit,
-                       cost <= space.budget.limit * (1 + 1e-9), t1 - t0, t2 - t1)
+                       cost <= space.budget.limit * (1 + 1e-9), t1 - t0, t2 - t1, extra)
 
 
 def objective_values(result: TrialResult, objectives: list[str], base: dict[str, float]) -> list[float]:
