@@ -78,6 +78,7 @@ def _record(row: pd.Series, plan: PruningPlan) -> dict[str, Any]:
     return {
         "trial": int(row.number),
         "metric_val": float(row.metric),
+        "metric": float(row.metric),
         "macs": int(row.macs),
         "params": int(row.params),
         "macs_ratio": float(row.macs_ratio),
@@ -122,7 +123,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         "priors": session.spec.search.priors if run.strategy == "optuna" else "none",
         "budget_mode": run.budget_mode,
         "budget": {"kind": budget.kind, "fraction": budget.fraction, "limit": budget.limit, "base": budget.base},
-        "baseline": {"metric_val": float(session.baseline_metric), "macs": base.macs, "params": base.params},
+        "baseline": {"metric_val": float(session.baseline_metric), "metric": float(session.baseline_metric), "macs": base.macs, "params": base.params},
         "best": best,
         "rejected_by_remeasure": rejected,
         "pareto": [_record(r, PruningPlan.from_dict(json.loads(r.plan))) for _, r in df[df.pareto].iterrows()],

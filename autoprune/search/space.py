@@ -11,7 +11,7 @@ import torch.nn as nn
 from autoprune.costs import CostModel, count_macs, count_params, count_nonzero
 from autoprune.errors import BudgetUnreachableError
 from autoprune.groups import PrunableModel
-from autoprune.plan import PruningPlan
+from autoprune.plan import PruningPlan, channels_kept
 from autoprune.sensitivity import upper_bounds
 
 
@@ -108,9 +108,10 @@ class SearchSpace:
     def scaled(self, proposal: dict[str, float], s: float) -> PruningPlan:
         return self.pm.plan({n: round(min(max(s * proposal.get(n, 0.0), 0.0), self.bounds[n]), 6) for n in self.dims})
 
-    def project(self, proposal: dict[str, float], iters: int = 40) -> tuple[PruningPlan, bool]:
+    def project(self, proposal: dict[str, float], iters: int = 40, tol: float = 1e-3) -> tuple[PruningPlan, bool]:
         """Scale the proposal (a relative allocation) by one factor, within the bounds, so that the
-        estimated cost lands just under the budget. Returns (plan, feasible)."""
+        estimated cost lands just under the budget, then top it up channel by channel (see `top_up`) so
+        that it lands within ~1 % under. Returns (plan, feasible)."""
         p = {n: max(float(proposal.get(n, 0.0)), 0.0) for n in self.dims}
         if sum(p.values()) <= 0:
             p = {n: self.bounds[n] for n in self.dims}
@@ -119,15 +120,46 @@ class SearchSpace:
         hi = max(self.bounds[n] / p[n] for n in self.dims if p[n] > 0)
         if self.budget.estimate(self.scaled(p, hi)) > self.budget.limit:
             # this direction saturates before the budget: fill the remaining groups uniformly
-            return self._fill(self.scaled(p, hi))
+            plan, ok = self._fill(self.scaled(p, hi))
+            return (self.top_up(plan, p), True) if ok else (plan, False)
         lo = 0.0
-        for _ in range(iters):
+        for _ in range(iters):  # the plan is discrete (whole channels): a relative tolerance is enough
+            if hi - lo <= tol * hi:
+                break
             mid = (lo + hi) / 2
             if self.budget.estimate(self.scaled(p, mid)) <= self.budget.limit:
                 hi = mid
             else:
                 lo = mid
-        return self.scaled(p, hi), True
+        return self.top_up(self.scaled(p, hi), p), True
+
+    def top_up(self, plan: PruningPlan, weights: dict[str, float] | None = None) -> PruningPlan:
+        """Give channels back while the budget allows: one scaling factor moves every group by whole
+        channels at once, which leaves up to a few % of the budget unused on small models. Round robin over
+        the groups (most-pruned relative to its proposal weight first), each group keeps `round_to` more
+        channels as long as the cost stays under the limit; a group that no longer fits is dropped (costs
+        only grow as channels come back). Costs one estimate per channel given back plus one per group."""
+        pm, limit = self.pm, self.budget.limit
+        ratios = {n: float(plan.ratios.get(n, 0.0)) for n in self.dims}
+        groups = {n: pm.group(n) for n in self.dims}
+        w = weights or {}
+        order = sorted(self.dims, key=lambda n: -(ratios[n] - w.get(n, ratios[n])))
+        live = [n for n in order if ratios[n] > 0]
+        while live:
+            nxt = []
+            for n in live:
+                g = groups[n]
+                keep = channels_kept(g.channels, ratios[n], pm.round_to) + pm.round_to
+                if keep > g.channels:
+                    continue
+                r = (g.channels - keep) / g.channels  # exact: rounding could skip a channel
+                trial = {**ratios, n: r}
+                if self.budget.estimate(pm.plan(trial)) <= limit:
+                    ratios = trial
+                    if r > 0:
+                        nxt.append(n)
+            live = nxt
+        return pm.plan(ratios)
 
     def _fill(self, plan: PruningPlan) -> tuple[PruningPlan, bool]:
         base = dict(plan.ratios)
@@ -140,6 +172,8 @@ class SearchSpace:
             return at(1.0), False
         lo, hi = 0.0, 1.0
         for _ in range(40):
+            if hi - lo <= 1e-3:
+                break
             mid = (lo + hi) / 2
             if self.budget.estimate(at(mid)) <= self.budget.limit:
                 hi = mid

@@ -72,7 +72,7 @@ def netadapt(
     cost = budget.estimate(pm.plan(ratios))
     used = 0
     while cost > budget.limit:
-        iters_left = max(1, (n_evaluations - used) // max(1, len(dims)))
+        iters_left = max(1, (n_evaluations - used - 1) // max(1, len(dims)))
         cut = max(step * budget.base, (cost - budget.limit) / iters_left)
         target = max(cost - cut, budget.limit)
         candidates = []
@@ -80,8 +80,10 @@ def netadapt(
             r = _smallest_ratio_reaching(space, ratios, n, target)
             if r is not None:
                 candidates.append(pm.plan({**ratios, n: r}))
-        if not candidates:  # no single group can reach the step: move every group towards its bound
-            plan, _ = space.project({n: space.bounds[n] for n in dims})
+        if not candidates or used + len(candidates) > n_evaluations:
+            # no single group reaches the step, or the evaluations left cannot try every group: move every
+            # group towards its bound at once (one evaluation), so NetAdapt never exceeds n_evaluations
+            plan, _ = space._fill(pm.plan(ratios))
             evaluate(plan)
             return plan
         best, best_metric = None, None

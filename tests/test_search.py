@@ -1,0 +1,127 @@
+"""The search: projection onto the budget, constraint mode, Pareto fronts, warm starts, seeds, resume."""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from autoprune.costs import CostModel, count_macs
+from autoprune.groups import PrunableModel
+from autoprune.plan import channels_kept
+from autoprune.search.space import Budget, SearchSpace
+from autoprune.search.study import open_storage, run_search, study_name
+from autoprune.session import Session
+from autoprune.spec import load_spec
+from autoprune.zoo import ZOO
+
+SHAPES = {"cnn1d": [1, 40], "resnet1d": [1, 40], "digits_cnn": [1, 8, 8], "resnet20": [1, 8, 8], "mobilenetv2": [1, 8, 8]}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_projection_lands_just_under_budget(name):
+    torch.manual_seed(0)
+    x = torch.randn(1, *SHAPES[name])
+    pm = PrunableModel(ZOO[name](), x)
+    cm = CostModel(pm)
+    for frac in (0.3, 0.5):
+        b = Budget("macs", frac, frac * cm.base_macs, cm.base_macs, lambda p: cm.estimate(p)[0], lambda m: count_macs(m, x))
+        space = SearchSpace.build(pm, b, None, 0.05)
+        rng = random.Random(frac)
+        for _ in range(8):
+            plan, ok = space.project({n: rng.uniform(0, space.bounds[n]) for n in space.dims})
+            assert ok
+            est = b.estimate(plan)
+            counted = count_macs(pm.apply(plan, check=False), x)
+            assert counted == est <= b.limit
+            # maximal: no group can keep one more channel without breaking the budget
+            for n in space.dims:
+                g = pm.group(n)
+                keep = channels_kept(g.channels, plan.ratios[n], pm.round_to) + 1
+                if keep <= g.channels and plan.ratios[n] > 0:
+                    assert b.estimate(pm.plan({**plan.ratios, n: (g.channels - keep) / g.channels})) > b.limit
+            if name != "digits_cnn":  # its cheapest channel is 1.2 % of the MACs: 1 % is not reachable there
+                assert est >= 0.99 * b.limit, (name, frac, est / b.limit)
+
+
+def _session(spec: dict) -> Session:
+    return Session(load_spec(spec), show_progress=False)
+
+
+def test_constraint_mode_records_constraints_and_pareto_is_feasible(make_spec):
+    spec = make_spec("cnn1d", budget={"macs": 0.5},
+                     search={"n_trials": 12, "objectives": ["accuracy", "macs"], "priors": "none"})
+    run = run_search(_session(spec), show_progress=False)
+    assert run.budget_mode == "constraint"
+    done = [t for t in run.study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 12
+    for t in done:
+        c = _budget_constraint(t)
+        assert (c <= 0) == t.user_attrs["feasible"]
+        assert abs(c - (t.user_attrs["cost"] / run.space.budget.limit - 1)) < 1e-9
+    front = run.study.best_trials
+    assert front, "no feasible trial"
+    for t in front:
+        assert _budget_constraint(t) <= 0 and t.user_attrs["macs_ratio"] <= 0.5 + 1e-9
+        assert t.values[1] == pytest.approx(t.user_attrs["macs_ratio"])
+
+
+def _budget_constraint(t) -> float:
+    c = t.constraints
+    assert c is not None and len(c) == 1
+    return float(c["budget"] if isinstance(c, dict) else c[0])
+
+
+def test_warm_starts_enqueued_once_clipped_and_resume(make_spec):
+    spec = make_spec("cnn1d", budget={"macs": 0.3}, search={"n_trials": 6})
+    s = _session(spec)
+    run = run_search(s, show_progress=False)
+    warm = [t for t in run.study.trials if "warm_start" in t.user_attrs]
+    assert sorted(t.user_attrs["warm_start"] for t in warm) == ["sensitivity-greedy", "uniform"]
+    for t in warm:
+        for n, v in t.params.items():
+            assert 0.0 <= v <= run.space.bounds[n] + 1e-12
+    assert sum(t.state == TrialState.COMPLETE for t in run.study.trials) == 6
+    # a second call (same storage) resumes: keeps the 6 trials, runs 4 more, enqueues nothing again
+    run2 = run_search(_session(spec), n_trials=10, show_progress=False)
+    assert sum(t.state == TrialState.COMPLETE for t in run2.study.trials) == 10
+    assert len([t for t in run2.study.trials if "warm_start" in t.user_attrs]) == 2
+    for t in run2.study.trials:
+        if t.state == TrialState.COMPLETE:
+            assert t.user_attrs["macs_ratio"] <= 0.3 + 1e-9 and t.user_attrs["macs_ratio"] >= 0.3 * 0.97
+
+
+def test_same_seed_same_best_plan(make_spec):
+    bests = []
+    for _ in range(2):
+        spec = make_spec("cnn1d", budget={"macs": 0.4}, search={"n_trials": 8, "seed": 3})
+        run = run_search(_session(spec), show_progress=False)
+        best = max((t for t in run.study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[0])
+        bests.append((best.number, best.user_attrs["plan"], best.values[0]))
+    assert bests[0] == bests[1]
+
+
+def test_two_processes_share_one_study_without_duplicates(make_spec, tmp_path):
+    import multiprocessing as mp
+
+    spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 10, "storage": str(tmp_path / "s.journal")})
+    run_search(_session({**spec, "search": {**spec["search"], "n_trials": 1}}), show_progress=False)  # train + create
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(spec,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    study = optuna.load_study(study_name=study_name(load_spec(spec), "optuna"), storage=open_storage(str(tmp_path / "s.journal")))
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) >= 10
+    assert len([t for t in study.trials if "warm_start" in t.user_attrs]) == 2  # enqueued once, taken once
+    assert len({t.number for t in study.trials}) == len(study.trials)
+
+
+def _worker(spec: dict) -> None:
+    run_search(Session(load_spec(spec), show_progress=False), show_progress=False)
