@@ -1,0 +1,52 @@
+"""Every baseline strategy meets the budget; NetAdapt stays within its evaluation budget."""
+
+from __future__ import annotations
+
+import pytest
+from optuna.trial import TrialState
+
+from autoprune.results import summarize
+from autoprune.search.study import run_search
+from autoprune.session import Session
+from autoprune.spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def session_resnet20(runs_root):
+    import copy
+
+    from tests.conftest import ZOO_SPECS
+
+    spec = copy.deepcopy(ZOO_SPECS["resnet20"])
+    spec.update(name="strategies-resnet20", output=str(runs_root), budget={"macs": 0.4},
+                search={"n_trials": 8}, evaluation={"calibration_batches": 4})
+    return Session(load_spec(spec), show_progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global", "lamp", "netadapt", "random"])
+def test_strategy_meets_budget(session_resnet20, strategy):
+    s = session_resnet20
+    run = run_search(s, strategy=strategy, n_trials=8, show_progress=False)
+    done = [t for t in run.study.trials if t.state == TrialState.COMPLETE]
+    assert done
+    if strategy == "netadapt":
+        assert len(run.study.trials) <= 8
+    result = summarize(run, test=False, write=False)
+    best = result["best"]
+    assert best is not None
+    assert best["measured_cost"] <= result["budget"]["limit"]
+    assert best["macs_ratio"] <= 0.4 + 1e-9
+    assert 0.1 < best["metric_val"] <= 1.0
+    if strategy in ("uniform", "random"):  # bisected / projected: lands close under the budget
+        assert best["macs_ratio"] >= 0.4 * 0.95
+    if strategy == "uniform":
+        assert len(set(best["plan"]["ratios"].values())) == 1
+
+
+def test_netadapt_greedy_steps_within_evaluation_budget(make_spec):
+    spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"netadapt_step": 0.15})
+    run = run_search(Session(load_spec(spec), show_progress=False), strategy="netadapt", n_trials=9, show_progress=False)
+    trials = run.study.trials
+    assert 4 < len(trials) <= 9  # at least one full step over the 4 groups, never more than n_trials
+    result = summarize(run, test=False, write=False)
+    assert result["best"]["measured_cost"] <= result["budget"]["limit"]
