@@ -1,0 +1,58 @@
+"""Smoke test of the allocator benchmark: `benchmarks/allocators.py --quick` end to end (CI runs it)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("allocators_bench", ROOT / "benchmarks" / "allocators.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_quick_benchmark_has_every_strategy_within_budget(tmp_path):
+    bench = _load_benchmark()
+    out = bench.main(["--quick", "--out", str(tmp_path / "bench")])
+
+    runs = pd.read_csv(out / "runs.csv")
+    strategies = list(bench.STRATEGIES)
+    assert len(strategies) == 8
+    assert sorted(runs.strategy) == sorted(strategies)  # one row per strategy: 1 model, 1 budget, 1 seed
+    assert set(runs.model) == {"mnist1d-cnn"} and set(runs.budget) == {"macs50"} and set(runs.seed) == {0}
+    assert runs.budget_met.all()
+    # the budget was met on the counted model, not just the estimate
+    assert (runs.measured_cost <= runs.budget_limit * (1 + 1e-9)).all()
+    assert (runs.macs_ratio <= 0.5 + 1e-9).all() and (runs.macs_ratio > 0.3).all()
+    assert runs.test_ft.between(0.2, 1.0).all() and runs.val_proxy.between(0.0, 1.0).all()
+    assert (runs.latency_ms > 0).all()
+    # equal evaluation budget: 8 trials for the sampling searches, <= 8 for NetAdapt, 1 for the one-shot heuristics
+    ev = runs.set_index("strategy").evals_search
+    assert all(ev[s] == 8 for s in ("tpe-priors", "tpe-nopriors", "nsga2-moo", "random"))
+    assert 1 <= ev["netadapt"] <= 8
+    assert all(ev[s] == 1 for s in ("uniform", "global", "lamp"))
+    sens = runs.set_index("strategy").evals_sensitivity
+    assert sens["tpe-priors"] > 0 and sens.drop("tpe-priors").eq(0).all()  # sensitivity counted apart, priors only
+    eff = runs.set_index("strategy")["evals_to_0.5pp"]
+    assert all(1 <= eff[s] <= 8 for s in ("tpe-priors", "tpe-nopriors", "nsga2-moo", "random"))
+
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials[trials.state == "COMPLETE"]) == int(runs.evals_search.sum())
+    proxy = pd.read_csv(out / "proxy.csv")
+    assert len(proxy) == 4 and proxy.test_ft.between(0.2, 1.0).all()
+
+    md = (out / "tables.md").read_text()
+    table = md.split("## mnist1d-cnn\n")[1].split("## Efficiency")[0]
+    for s in strategies:
+        assert f"| {s} |" in table, s
+    assert table.count("| 1/1 |") == 8  # budget met in every row
+    for section in ("## Efficiency", "## Overhead per trial", "## Proxy fidelity", "Spearman(val proxy, test after FT)"):
+        assert section in md
