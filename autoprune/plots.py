@@ -427,7 +427,7 @@ def best_so_far(res, strategies: Sequence[str] | None = None) -> pd.DataFrame:
         d["evaluation"] = range(1, len(d) + 1)
         t0 = pd.to_datetime(d.datetime_start).min()
         d["elapsed_s"] = (pd.to_datetime(d.datetime_complete) - t0).dt.total_seconds()
-        d["best"] = d.metric.where(d.feasible.astype(bool)).cummax()
+        d["best"] = d.metric.where(d.feasible.astype(bool)).cummax().ffill()  # cummax leaves NaN at NaN rows
         out.append(d)
     return pd.concat(out, ignore_index=True) if out else done.assign(evaluation=[], elapsed_s=[], best=[])
 
@@ -479,7 +479,8 @@ def report_figures(res: "RunResults | str | Path") -> dict[str, go.Figure]:
         figs["pareto_latency"] = pareto_figure(res, "latency")
     main = _main_strategy(res)
     if main and _plan_of(res, main) is not None:
-        figs["ratio_profile"] = ratio_profile(res, main, [s for s in ("uniform", "netadapt") if s != main])
+        others = [s for s in ("netadapt", "lamp", "global", "random") if s != main and _plan_of(res, s) is not None]
+        figs["ratio_profile"] = ratio_profile(res, main, [s for s in ["uniform", *others[:1]] if s != main])
     if not res.trials.empty:
         figs["progress"] = search_progress(res)
     if res.sensitivity is not None and not res.sensitivity.empty:
@@ -502,7 +503,9 @@ def html_report(res: "RunResults | str | Path", path: str | Path) -> Path:
     captions = {
         "pareto": "Every completed trial of the search. Filled: Pareto front; open: dominated; red x: over the "
                   "budget. Baselines' chosen plans are labelled; the star is the search's chosen plan.",
-        "ratio_profile": "How much each group is cut by the chosen plan, against uniform and NetAdapt.",
+        "ratio_profile": "How much each group is cut by the chosen plan, against uniform and another baseline. "
+                         "A group's MACs share counts every MAC that scales with its channels (its own outputs and "
+                         "the next layers' inputs), so neighbouring groups overlap.",
         "progress": "Best feasible val metric so far, per strategy.",
         "sensitivity_curves": "Each group pruned alone; the dashed line is the tolerance that bounds the search.",
         "sensitivity_heatmap": "The same drops as a group × ratio grid.",
