@@ -18,9 +18,9 @@ CRITERION_HELP: dict[str, str] = {
     "bn_scale": "absolute BatchNorm scale (Network Slimming); pair with train.sparsity_l1",
     "taylor": "first-order Taylor |w * dL/dw| on calibration batches",
     "random": "random scores (a control), seeded",
-    "obd": "second-order, Optimal-Brain-Damage style (diagonal Hessian from squared gradients)",
-    "apoz": "activation-based: fewer zeros after the activation = more important",
-    "fpgm": "geometric median distance (FPGM): redundant filters pruned first",
+    "obd": "second-order OBD: w^2 * diagonal Hessian (mean squared per-sample gradients), summed over the group",
+    "apoz": "activation-based: 1 - average percentage of zeros after the activation on calibration batches",
+    "fpgm": "filter pruning via geometric median (FPGM): filters nearest the others' median pruned first",
 }
 
 
@@ -62,11 +62,18 @@ def prepare_gradients(
     with torch.enable_grad():
         for x, y in batches:
             if name == "obd":
-                # diagonal Hessian estimate: squared per-sample gradients, accumulated by the importance
+                # diagonal Hessian estimate (empirical Fisher): mean of squared per-sample gradients.
+                # Accumulated here rather than with imp.accumulate_grad: in Torch-Pruning 1.6.1 that method
+                # tests `name in` a dict keyed by parameters, so it keeps only the LAST sample's gradient.
+                accu, count = imp._accu_grad, imp._counter  # type: ignore[attr-defined]
                 for i in range(min(len(x), 16)):
                     model.zero_grad()
                     loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
-                    imp.accumulate_grad(model)  # type: ignore[attr-defined]
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            g2 = p.grad.detach().pow(2)
+                            accu[p] = accu[p] + g2 if p in accu else g2.clone()
+                            count[p] = count.get(p, 0) + 1
             else:
                 loss_fn(model(x), y).backward()
 
