@@ -71,8 +71,15 @@ class CostReport:
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     """MACs of one forward pass on `example` (conv, matmul, attention), counted by FlopCounterMode."""
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
-        model(example)
+    # nn.MultiheadAttention's inference fast path is one fused op the counter does not know; without it
+    # the module runs linear + scaled_dot_product_attention, which are counted
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
+            model(example)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return int(fc.get_total_flops()) // 2
 
 
@@ -84,8 +91,13 @@ def count_nonzero(model: nn.Module) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 
 
-def cost_report(model: nn.Module, example: torch.Tensor, base: "CostReport | None" = None, *, dense_note: bool = False) -> CostReport:
-    """Count MACs and parameters of `model`; ratios against `base` when given."""
+def cost_report(model: nn.Module, example: torch.Tensor, base: "CostReport | None" = None, *, dense_note: bool | None = None) -> CostReport:
+    """Count MACs and parameters of `model`; ratios against `base` when given.
+
+    For a model pruned by an unstructured plan (or with `dense_note=True`) the report notes that MACs
+    and latency stay dense, and `params_ratio` is the fraction of non-zero parameters."""
+    if dense_note is None:
+        dense_note = (getattr(model, "_autoprune_plan", None) or {}).get("mode") == "unstructured"
     macs, params = count_macs(model, example), count_params(model)
     nz = count_nonzero(model)
     rep = CostReport(macs, params, nonzero_params=nz, sparsity=1 - nz / max(params, 1))
@@ -153,11 +165,11 @@ def measure_latency(
 @dataclass
 class _Layer:
     name: str
-    kind: str  # conv | dwconv | linear | perchannel
+    kind: str  # conv | dwconv | linear | mha | perchannel
     cin: int
     cout: int
     groups: int
-    kprod: int
+    kprod: int  # kernel size product (mha: query x key pairs)
     rows: int  # output positions per sample (spatial size for conv, leading dims for linear)
     bias: bool
     params: int
@@ -178,20 +190,38 @@ class CostModel:
         model, example = pm.base, pm.example
         mods = dict(model.named_modules())
         rows: dict[str, int] = {}
+        attn: dict[str, tuple[int, int, int]] = {}  # MHA: (query tokens, key tokens, query x key pairs)
         hooks = []
         for name, m in mods.items():
             if isinstance(m, ROOT_TYPES):
                 def hook(mod, _i, out, name=name):
                     c = mod.out_channels if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else mod.out_features
-                    rows[name] = rows.get(name, 0) + out.numel() // (out.shape[0] * c)
+                    rows[name] = rows.get(name, 0) + out.numel() // c  # output positions in the whole example batch
                 hooks.append(m.register_forward_hook(hook))
+            elif isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim:
+                def mha_hook(mod, args, kwargs, _out, name=name):
+                    q = args[0] if args else kwargs["query"]
+                    k = args[1] if len(args) > 1 else kwargs["key"]
+                    e = mod.embed_dim
+                    if q.dim() == 2:
+                        n, lq, lk = 1, q.shape[0], k.shape[0]
+                    else:
+                        n = q.shape[0] if mod.batch_first else q.shape[1]
+                        lq, lk = q.numel() // (n * e), k.numel() // (n * e)
+                    old = attn.get(name, (0, 0, 0))
+                    attn[name] = (old[0] + n * lq, old[1] + n * lk, old[2] + n * lq * lk)
+                hooks.append(m.register_forward_hook(mha_hook, with_kwargs=True))
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             with torch.no_grad():
                 model(example)
         finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
             for h in hooks:
                 h.remove()
         self.layers: dict[str, _Layer] = {}
+        self._mha_keys: dict[str, int] = {}
         for name, m in mods.items():
             own = sum(p.numel() for p in m.parameters(recurse=False))
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and name in rows:
@@ -199,32 +229,48 @@ class CostModel:
                 self.layers[name] = _Layer(name, "dwconv" if dw else "conv", m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), rows[name], m.bias is not None, own)
             elif isinstance(m, nn.Linear) and name in rows:
                 self.layers[name] = _Layer(name, "linear", m.in_features, m.out_features, 1, 1, rows[name], m.bias is not None, own)
+            elif isinstance(m, nn.MultiheadAttention) and name in attn:
+                e = m.embed_dim
+                self.layers[name] = _Layer(name, "mha", e, e, m.num_heads, attn[name][2], attn[name][0], m.in_proj_bias is not None,
+                                           sum(p.numel() for p in m.parameters()))
+                self._mha_keys[name] = attn[name][1]
             elif isinstance(m, _PER_CHANNEL) and own > 0:
                 c = _channels_of(m)
                 if c:
                     self.layers[name] = _Layer(name, "perchannel", c, c, 1, 1, 0, False, own)
-        # per layer: list of (group, role, per-root-channel multiplier)
-        self.effects: dict[str, list[tuple[str, str, float]]] = {}
+        # per layer: list of (group, role, per-root-channel multiplier, per-root-channel counts or None);
+        # the counts are set where root channels map unevenly onto a member (branches of a concatenation)
+        self.effects: dict[str, list[tuple[str, str, float, list[int] | None]]] = {}
         for g in pm.groups:
+            counts = pm._counts.get(g.name, {})
             for mem in g.members:
                 if mem.module in self.layers:
-                    self.effects.setdefault(mem.module, []).append((g.name, mem.role, mem.count / g.channels))
-        self.base_macs_est, self.base_params_est = self._estimate({g.name: g.channels for g in pm.groups})
+                    self.effects.setdefault(mem.module, []).append(
+                        (g.name, mem.role, mem.count / g.channels, counts.get((mem.module, mem.role))))
+        self.base_macs_est, self.base_params_est = self._estimate({})
         self.total_params = sum(p.numel() for p in model.parameters())
         self.base_macs = base_macs if base_macs is not None else count_macs(model, example)
         self.base_params = base_params if base_params is not None else self.total_params
         self.macs_offset = self.base_macs - self.base_macs_est
         self.exact = self.macs_offset == 0
 
-    def _estimate(self, kept: dict[str, int]) -> tuple[int, int]:
-        chans = {g.name: g.channels for g in self.pm.groups}
+    def _estimate(self, pruned: dict[str, list[int] | int]) -> tuple[int, int]:
+        """(MACs, params change) when each group loses the given root channels (or that many, evenly)."""
         macs = 0
         removed_params = 0
         for name, L in self.layers.items():
             cin, cout = L.cin, L.cout
-            for gname, role, mult in self.effects.get(name, ()):
-                r = (chans[gname] - kept[gname]) * mult
-                if L.kind == "dwconv" or L.kind == "perchannel":
+            for gname, role, mult, counts in self.effects.get(name, ()):
+                lost = pruned.get(gname)
+                if not lost:
+                    continue
+                if isinstance(lost, int):
+                    r = lost * mult
+                elif counts is not None:
+                    r = sum(counts[i] for i in lost)
+                else:
+                    r = len(lost) * mult
+                if L.kind in ("dwconv", "perchannel", "mha"):
                     cin -= r
                     cout -= r
                 elif role == "out":
@@ -242,23 +288,55 @@ class CostModel:
             elif L.kind == "linear":
                 macs += L.rows * cin * cout
                 new = cin * cout + (cout if L.bias else 0)
+            elif L.kind == "mha":  # in-projections of q (rows) and k, v (key tokens), attention, out-projection
+                e = cout
+                macs += (2 * L.rows + 2 * self._mha_keys[name]) * e * e + 2 * L.kprod * e
+                new = 4 * e * e + (4 * e if L.bias else 0)
             else:
                 new = L.params * cout // max(L.cout, 1)
             removed_params += L.params - new
         return macs, -removed_params
 
     def estimate(self, plan: PruningPlan | dict[str, int]) -> tuple[int, int]:
-        """(MACs, params) of the model after `plan` (or after keeping the given channel counts)."""
-        kept = self.pm.kept(plan) if isinstance(plan, PruningPlan) else {**{g.name: g.channels for g in self.pm.groups}, **plan}
-        macs, dparams = self._estimate(kept)
+        """(MACs, params) of the model after `plan` (or after keeping the given channel counts).
+
+        An unstructured plan keeps dense shapes: it returns the dense MACs and the parameters left
+        non-zero (torch.nn.utils.prune zeroes round(ratio * n) weights of each layer of a group).
+        When `exact` is False some MACs are not modelled (e.g. a hand-written
+        F.scaled_dot_product_attention); they are carried as a constant offset at their unpruned size,
+        so the estimate never falls below the counted MACs when pruning shrinks them: a budget met by the
+        estimate is met by the model (conservatively), and the counter measures the final model.
+        """
+        if isinstance(plan, PruningPlan) and plan.mode == "unstructured":
+            return self.base_macs, self._unstructured_nonzero(plan)
+        if isinstance(plan, PruningPlan):
+            pruned: dict[str, list[int] | int] = dict(self.pm.pruned_indices(plan))
+        else:
+            kept = {**{g.name: g.channels for g in self.pm.groups}, **plan}
+            pruned = {g.name: g.channels - kept[g.name] for g in self.pm.groups if kept[g.name] < g.channels}
+            if any(self.pm._counts.get(n) for n in pruned):  # uneven branches: which channels matters
+                pruned = dict(self.pm.pruned_indices(self.pm.plan_from_kept(kept)))
+        macs, dparams = self._estimate(pruned)
         return macs + self.macs_offset, self.total_params + dparams - self.base_params_est
+
+    def _unstructured_nonzero(self, plan: PruningPlan) -> int:
+        mods = dict(self.pm.base.named_modules())
+        if not hasattr(self, "_base_nonzero"):
+            self._base_nonzero = count_nonzero(self.pm.base)
+        total = self._base_nonzero  # BatchNorm shifts start at zero
+        for g in self.pm.groups:
+            r = plan.ratios.get(g.name, 0.0)
+            if r > 0:
+                for layer in g.layers:
+                    total -= round(float(r) * mods[layer].weight.numel())
+        return total
 
     def macs_shares(self) -> dict[str, float]:
         """Each group's share of the model's MACs: the MACs that scale with its channels, over the total."""
-        base, _ = self._estimate({g.name: g.channels for g in self.pm.groups})
+        base, _ = self._estimate({})
         out = {}
         for g in self.pm.groups:
-            macs, _ = self._estimate({**{h.name: h.channels for h in self.pm.groups}, g.name: 0})
+            macs, _ = self._estimate({g.name: list(range(g.channels))})
             out[g.name] = (base - macs) / self.base_macs
         return out
 

@@ -71,7 +71,7 @@ def run_sensitivity(
     per-group sweeps out (e.g. over Ray); by default they run in this process.
     """
     ratios = [r for r in ratios if r <= pm.max_ratio + 1e-9]
-    path = None
+    path = parts = None
     if cache_dir is not None:
         key = _key(pm, evaluator, ratios, stop_drop, extra_key)
         path = Path(cache_dir) / f"sensitivity-{key}.csv"
@@ -80,10 +80,30 @@ def run_sensitivity(
             meta = json.loads(path.with_suffix(".json").read_text())
             log.info("sensitivity served from cache %s", path)
             return SensitivityResult(df, float(meta["baseline_metric"]), path, 0)
-    baseline = evaluator(pm.apply(pm.plan({})))
+        # every finished group is persisted on its own as it completes, so a killed sweep resumes
+        parts = Path(cache_dir) / f"sensitivity-{key}.parts"
+        parts.mkdir(parents=True, exist_ok=True)
+    n_eval = 0
+    base_file = parts / "baseline.json" if parts is not None else None
+    if base_file is not None and base_file.exists():
+        baseline = float(json.loads(base_file.read_text())["baseline_metric"])
+    else:
+        baseline = evaluator(pm.apply(pm.plan({})))
+        n_eval += 1
+        if base_file is not None:
+            _write_atomic(base_file, json.dumps({"baseline_metric": baseline}))
     base_macs, base_params = cost_model.base_macs, cost_model.base_params
     names = pm.prunable_names
-    bar = progress(total=len(names) * len(ratios), desc="sensitivity")
+    done: dict[str, pd.DataFrame] = {}
+    if parts is not None:
+        for n in names:
+            f = parts / _part_name(n)
+            if f.exists():
+                done[n] = pd.read_csv(f)
+    todo = [n for n in names if n not in done]
+    if done:
+        log.info("sensitivity: %d of %d groups found in %s", len(done), len(names), parts)
+    bar = progress(total=len(todo) * len(ratios), desc="sensitivity")
 
     def sweep(name: str) -> list[dict]:
         rows = []
@@ -106,20 +126,38 @@ def run_sensitivity(
             if baseline - metric > stop_drop:
                 bar.update(len(ratios) - ratios.index(r) - 1)
                 break
+        if parts is not None:
+            _write_atomic(parts / _part_name(name), pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
         return rows
 
     mapper = map_fn or (lambda fn, items: [fn(i) for i in items])
-    rows = [row for rs in mapper(sweep, names) for row in rs]
+    new = dict(zip(todo, mapper(sweep, todo)))
     bar.close()
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    n_eval = len(df) + 1
+    n_eval += sum(len(rs) for rs in new.values())  # one row per evaluation
+    frames = [done[n] if n in done else pd.DataFrame(new[n], columns=COLUMNS) for n in names]
+    df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame(columns=COLUMNS)
+    df = df[COLUMNS]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        df.to_csv(tmp, index=False)
         path.with_suffix(".json").write_text(json.dumps({"baseline_metric": baseline, "evaluations": n_eval}))
-        os.replace(tmp, path)
+        _write_atomic(path, df.to_csv(index=False))
+        if parts is not None:
+            for f in parts.iterdir():
+                f.unlink()
+            parts.rmdir()
     return SensitivityResult(df, baseline, path, n_eval)
+
+
+def _part_name(group: str) -> str:
+    """File of one group's finished sweep (group names are module paths: dots, letters, digits)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in group)
+    return f"{safe}-{hashlib.sha1(group.encode()).hexdigest()[:8]}.csv"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def upper_bounds(df: pd.DataFrame, names: Sequence[str], tolerance: float, max_ratio: float) -> dict[str, float]:

@@ -95,5 +95,6 @@ class Session:
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         res.table.to_csv(self.run_dir / "sensitivity.csv", index=False)
+        res.table.to_parquet(self.run_dir / "sensitivity.parquet", index=False)
         self._sensitivity = res
         return res

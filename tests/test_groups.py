@@ -1,0 +1,165 @@
+"""Engine tests over every zoo model: groups, plans applied in both modes, architecture, error messages."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autoprune.costs import CostModel, cost_report, count_macs, count_nonzero, count_params
+from autoprune.errors import AutopruneError
+from autoprune.groups import PrunableModel
+from autoprune.plan import PruningPlan
+from autoprune.zoo import ZOO
+
+SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 8, 8), "mobilenetv2": (1, 8, 8)}
+_CACHE: dict = {}
+
+
+def build(name: str, **kw) -> PrunableModel:
+    key = (name, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE[key] = PrunableModel(ZOO[name]().eval(), torch.randn(1, *SHAPES[name]), **kw)
+    return _CACHE[key]
+
+
+def random_plans(pm: PrunableModel, n: int, seed: int) -> list[PruningPlan]:
+    rng = random.Random(seed)
+    return [pm.plan({g: rng.uniform(0, pm.max_ratio) for g in pm.prunable_names}) for _ in range(n)]
+
+
+def conv_widths(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_structured_random_plans(name: str) -> None:
+    pm = build(name)
+    assert len(pm.prunable_names) >= 4
+    cm = CostModel(pm)
+    assert cm.exact
+    x = torch.randn(3, *SHAPES[name])
+    with torch.no_grad():
+        want = pm.base(x).shape
+    for i, plan in enumerate(random_plans(pm, 3, seed=1)):
+        small = pm.apply(plan)
+        with torch.no_grad():
+            assert small(x).shape == want
+        macs, params = count_macs(small, pm.example), count_params(small)
+        assert macs < cm.base_macs and params < cm.base_params
+        assert cm.estimate(plan) == (macs, params)  # analytic estimate == counter on the pruned model
+        # re-applying the plan (via JSON) to a freshly built base model gives the same architecture
+        again = PruningPlan.from_json(plan.to_json())
+        assert again == plan
+        if i:
+            continue
+        torch.manual_seed(0)
+        fresh = PrunableModel(ZOO[name]().eval(), torch.randn(1, *SHAPES[name]))
+        rebuilt = fresh.apply(again)
+        assert conv_widths(rebuilt) == conv_widths(small)
+        for k, v in small.state_dict().items():
+            assert torch.equal(v, rebuilt.state_dict()[k]), k
+        # the output layer is never pruned
+        assert small.fc.out_features == pm.base.fc.out_features
+    # the base model is left untouched
+    assert count_params(pm.base) == cm.base_params
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_costs_monotone_in_one_group(name: str) -> None:
+    pm = build(name)
+    rng = random.Random(2)
+    for g in rng.sample(pm.prunable_names, 1):
+        rest = {h: 0.3 for h in pm.prunable_names if h != g}
+        counted = []
+        for r in (0.0, 0.3, 0.6, 0.9):
+            m = pm.apply(pm.plan({**rest, g: r}), check=False)
+            counted.append((count_macs(m, pm.example), count_params(m)))
+        for (m0, p0), (m1, p1) in zip(counted, counted[1:]):
+            assert m1 <= m0 and p1 <= p0, (g, counted)
+        assert counted[-1][0] < counted[0][0] and counted[-1][1] < counted[0][1]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "cnn1d"])
+def test_round_to_and_at_least_one_channel(name: str) -> None:
+    pm = build(name, round_to=8)
+    for plan in random_plans(pm, 1, seed=3) + [pm.uniform_plan(0.9)]:
+        kept = pm.kept(plan)
+        small = pm.apply(plan)
+        mods = dict(small.named_modules())
+        for g in pm.groups:
+            assert kept[g.name] >= 1
+            assert kept[g.name] == g.channels or kept[g.name] % 8 == 0, (g.name, kept[g.name])
+            root = mods[g.name]
+            width = root.out_channels if isinstance(root, (nn.Conv1d, nn.Conv2d)) else root.out_features
+            assert width == kept[g.name]
+    # one channel at most: with round_to=1 the extreme ratio still keeps >= 1 channel per group
+    pm1 = build(name, max_ratio=1.0)
+    small = pm1.apply(pm1.uniform_plan(1.0))
+    for g in pm1.groups:
+        assert pm1.kept(pm1.uniform_plan(1.0))[g.name] == 1
+    with torch.no_grad():
+        assert small(torch.randn(2, *SHAPES[name])).shape == (2, 10)
+
+
+def test_ignored_modules_are_never_pruned() -> None:
+    torch.manual_seed(0)
+    model = ZOO["resnet20"]().eval()
+    pm = PrunableModel(model, torch.randn(1, 1, 8, 8), ignore=["layer3.0.conv1", "stem.0"])
+    assert "layer3.0.conv1" not in pm.prunable_names
+    small = pm.apply(pm.uniform_plan(0.9))
+    assert small.layer3[0].conv1.out_channels == model.layer3[0].conv1.out_channels == 64
+    assert small.stem[0].out_channels == 16  # the stem's residual group is left whole
+    assert small.fc.out_features == 10
+    assert small.layer2[0].conv1.out_channels < 32  # others are pruned
+    with pytest.raises(AutopruneError, match="'layer9.conv' .*does not exist|'layer9.conv'"):
+        PrunableModel(model, torch.randn(1, 1, 8, 8), ignore=["layer9.conv"])
+
+
+def test_bad_plans_name_the_entry() -> None:
+    pm = build("resnet20")
+    g = pm.prunable_names[0]
+    with pytest.raises(AutopruneError, match=r"unknown group 'layer1\.0\.conv9'"):
+        pm.apply(pm.plan({"layer1.0.conv9": 0.2}))
+    with pytest.raises(AutopruneError, match=rf"group '{g}' is 0\.95.*\[0, 0\.9\]"):
+        pm.apply(pm.plan({g: 0.95}))
+    with pytest.raises(AutopruneError, match=rf"group '{g}' is -0\.1"):
+        pm.apply(pm.plan({g: -0.1}))
+    with pytest.raises(AutopruneError, match="mode 'sparse'"):
+        pm.apply(PruningPlan({g: 0.1}, mode="sparse"))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_unstructured_random_plans(name: str) -> None:
+    pm = build(name, mode="unstructured")
+    cm = CostModel(pm)
+    base = cost_report(pm.base, pm.example)
+    assert base.sparsity < 0.01  # only the zero-initialised BatchNorm shifts
+    x = torch.randn(2, *SHAPES[name])
+    for plan in random_plans(pm, 2, seed=4):
+        assert plan.mode == "unstructured"
+        sparse = pm.apply(plan)
+        with torch.no_grad():
+            assert sparse(x).shape == (2, 10)
+        assert conv_widths(sparse) == conv_widths(pm.base)  # same shapes, zeros inside
+        assert not any(hasattr(m, "weight_mask") for m in sparse.modules())  # masks made permanent
+        rep = cost_report(sparse, pm.example, base)
+        assert rep.macs == base.macs and rep.params == base.params  # dense MACs unchanged
+        assert rep.nonzero_params == count_nonzero(sparse) < base.params
+        assert rep.sparsity == pytest.approx(1 - rep.nonzero_params / rep.params)
+        assert any("dense" in n for n in rep.notes)
+        assert rep.params_ratio == pytest.approx(rep.nonzero_params / base.params)
+        assert cm.estimate(plan) == (base.macs, rep.nonzero_params)
+        # each pruned layer holds the requested fraction of zeros
+        mods = dict(sparse.named_modules())
+        for g in pm.groups:
+            for layer in g.layers:
+                w = mods[layer].weight
+                assert int((w == 0).sum()) == round(plan.ratios[g.name] * w.numel())
+    # more sparsity in one group: fewer non-zeros
+    g = pm.prunable_names[0]
+    nz = [count_nonzero(pm.apply(pm.plan({g: r}))) for r in (0.1, 0.5, 0.9)]
+    assert nz[0] > nz[1] > nz[2]
