@@ -137,7 +137,7 @@ def test_unstructured_random_plans(name: str) -> None:
     pm = build(name, mode="unstructured")
     cm = CostModel(pm)
     base = cost_report(pm.base, pm.example)
-    assert base.sparsity < 0.01  # only the zero-initialised BatchNorm shifts
+    assert base.sparsity < 0.05  # only the zero-initialised BatchNorm shifts
     x = torch.randn(2, *SHAPES[name])
     for plan in random_plans(pm, 2, seed=4):
         assert plan.mode == "unstructured"
