@@ -433,6 +433,9 @@ def write_tables(out: Path, args, header: list[str], runs: pd.DataFrame, trials:
           f"{args.ft_steps} Adam steps, lr {args.ft_lr}, cosine, seed = run seed, the same for every plan; "
           "selection on val (BN-recalibrated proxy), numbers on test; mean ± std over seeds "
           f"{','.join(map(str, seeds))}",
+          "- sensitivity (tpe-priors only) is cached on disk per weights and seed: its evaluations and wall time show "
+          "at the first budget of each seed and as 0 where a later budget reused the table",
+          "- trials run with 1 torch thread: on this shared machine 2 threads made every evaluation ~30x slower",
           ""]
     for model in models:
         if not runs.empty and (runs.model == model).any():
@@ -481,7 +484,10 @@ def render(args) -> Path:
         if (d / "profiles.md").exists():
             profiles.append((d / "profiles.md").read_text())
     cat = lambda fs: pd.concat(fs, ignore_index=True) if fs else pd.DataFrame()  # noqa: E731
-    write_tables(out, args, header, cat(runs), cat(trials), cat(proxy), profiles)
+    runs, trials, proxy = cat(runs), cat(trials), cat(proxy)
+    for name, df in (("runs", runs), ("trials", trials), ("proxy", proxy)):
+        df.to_csv(out / f"{name}.csv", index=False)
+    write_tables(out, args, header, runs, trials, proxy, profiles)
     return out
 
 
