@@ -207,6 +207,13 @@ def demo(
                f"<= {s.spec.budget.value}")
     typer.echo(f"baseline val {s.evaluator.metric_name}: {s.baseline_metric:.4f}; "
                f"{len(s.pruner.prunable_names)} prunable groups; {s.base_costs.macs:,} MACs")
+    groups_df = s.pruner.table()
+    groups_df["macs_share"] = groups_df.group.map(s.cost_model.macs_shares()).round(3)
+    typer.echo("\nprunable groups:\n" + groups_df[["group", "channels", "prunable", "macs_share"]].to_string(index=False))
+    sens = s.sensitivity().table
+    if not sens.empty:
+        typer.echo("\nsensitivity (val drop when one group is pruned alone):\n"
+                   + sens.pivot(index="group", columns="ratio", values="drop").round(3).to_string() + "\n")
     _print_result(api.search(s))
     for b in ("uniform", "global", "lamp", "netadapt"):
         _print_result(api.search(s, strategy=b), short=True)
@@ -218,8 +225,10 @@ def demo(
 @app.command()
 def finetune(
     run: str = typer.Argument(..., help="The spec of the run whose best plan to fine-tune."),
-    schedule: str = typer.Option("oneshot", help="oneshot | polynomial | agp"),
-    steps: Optional[int] = typer.Option(None, help="Fine-tune steps."),
+    schedule: str = typer.Option("oneshot", help="oneshot | polynomial (TF-MOT PolynomialDecay) | agp (Zhu & Gupta)"),
+    steps: Optional[int] = typer.Option(None, help="Fine-tune steps (default 300)."),
+    frequency: int = typer.Option(25, help="Prune every N steps (gradual schedules)."),
+    reconstruct: bool = typer.Option(False, help="Least-squares reconstruction of consuming layers before fine-tuning (one-shot)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: train.lr / 10)."),
     strategy: str = typer.Option("optuna", help="Which strategy's best plan."),
     out: Optional[Path] = typer.Option(None, help="Export directory (default RUN/finetuned)."),
@@ -227,7 +236,8 @@ def finetune(
     """Prune to the chosen plan (one-shot or gradually) while fine-tuning, then export."""
     from autoprune.finetune import finetune_run
 
-    typer.echo(json.dumps(finetune_run(run, schedule=schedule, steps=steps, lr=lr, strategy=strategy, out=out),
+    typer.echo(json.dumps(finetune_run(run, schedule=schedule, steps=steps, lr=lr, strategy=strategy, out=out,
+                                       frequency=frequency, reconstruct=reconstruct),
                           indent=2, default=str))
 
 
