@@ -1,10 +1,11 @@
-import pytest
 """Latency budgets: measurement, the per-layer lookup table, and a search whose re-measured best meets ~60 %
 of the unpruned latency. Timing on shared machines is noisy: margins are wide but every assert can fail."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 import torch
 
