@@ -44,7 +44,8 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monk
         return real_map(fn, items, **kw)
 
     monkeypatch.setattr(ray_backend, "ray_map", spy)
-    spec = make_spec("cnn1d", budget={"macs": 0.5},
+    # sensitivity ratios of its own: the session-wide cache must not serve this table, so the fan-out really runs
+    spec = make_spec("cnn1d", budget={"macs": 0.5}, sensitivity={"ratios": [0.3, 0.6, 0.8]},
                      search={"backend": "ray", "n_trials": 6, "max_concurrent_trials": 2, "cpus_per_trial": 1})
     result = api.search(spec, show_progress=False)
     assert result["n_trials_complete"] == 6
