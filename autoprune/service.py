@@ -46,6 +46,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from autoprune.errors import AutopruneError
+from autoprune.search.study import pid_alive
 
 log = logging.getLogger("autoprune.service")
 
@@ -214,14 +215,8 @@ def _read_json(path: Path) -> dict | None:
 
 def _pid_alive(pid: int | None, marker: str) -> bool:
     """True if `pid` runs and (where /proc exists) its command line names this search (no pid reuse)."""
-    if not pid:
+    if not pid or not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
         try:

@@ -201,7 +201,7 @@ def fail_stale_trials(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w = t.user_attrs.get("worker", "")
         h, _, pid = w.rpartition(":")
-        if h != host or not pid.isdigit() or _alive(int(pid)):
+        if h != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         try:
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: its worker process died")
@@ -212,7 +212,8 @@ def fail_stale_trials(study: optuna.Study) -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host (or is us)."""
     if pid == os.getpid():
         return True
     try:
