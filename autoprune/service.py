@@ -482,7 +482,8 @@ def create_app(cfg: ServiceConfig):
             return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
         return await call_next(request)
 
-    def refused(e: Refused) -> JSONResponse:
+    @app.exception_handler(Refused)
+    async def refused(_request: Request, e: Refused) -> JSONResponse:
         return JSONResponse({"detail": e.message}, status_code=e.status)
 
     @app.post("/searches", status_code=201, summary="Submit a spec (YAML or JSON body); returns its id")
@@ -492,11 +493,8 @@ def create_app(cfg: ServiceConfig):
             body += chunk
             if len(body) > cfg.max_body_bytes:
                 return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
-        try:
-            spec = admit_spec(bytes(body), request.headers.get("content-type", ""), cfg)
-            st = searches.submit(spec)
-        except Refused as e:
-            return refused(e)
+        spec = admit_spec(bytes(body), request.headers.get("content-type", ""), cfg)
+        st = searches.submit(spec)
         log.info("search %s submitted", st["id"])
         return JSONResponse({"id": st["id"], "status": st["status"], "url": f"/searches/{st['id']}"}, status_code=201)
 
@@ -512,31 +510,19 @@ def create_app(cfg: ServiceConfig):
 
     @app.get("/searches/{sid}", summary="One search; `result` holds result.json when done")
     def get_search(sid: str):
-        try:
-            return searches.status(sid, with_result=True)
-        except Refused as e:
-            return refused(e)
+        return searches.status(sid, with_result=True)
 
     @app.get("/searches/{sid}/pareto", summary="The Pareto front (val metric vs MACs) and every completed trial")
     def pareto(sid: str):
-        try:
-            return searches.pareto(sid)
-        except Refused as e:
-            return refused(e)
+        return searches.pareto(sid)
 
     @app.get("/searches/{sid}/pareto.html", response_class=HTMLResponse, summary="The Pareto front as a plotly page")
     def pareto_html(sid: str):
-        try:
-            return HTMLResponse(searches.pareto_html(sid))
-        except Refused as e:
-            return refused(e)
+        return HTMLResponse(searches.pareto_html(sid))
 
     @app.delete("/searches/{sid}", summary="Cancel a running search")
     def cancel(sid: str):
-        try:
-            return searches.cancel(sid)
-        except Refused as e:
-            return refused(e)
+        return searches.cancel(sid)
 
     app.state.searches = searches
     return app
