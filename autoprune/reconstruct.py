@@ -83,21 +83,7 @@ def consumers(pruned: nn.Module, base: nn.Module) -> list[str]:
 
 def _capture(model: nn.Module, name: str, batches: list[torch.Tensor], what: str) -> torch.Tensor:
     """The input ('in') or output ('out') of `name` over `batches`, concatenated along the batch."""
-    mod = model.get_submodule(name)
-    got: list[torch.Tensor] = []
-
-    def hook(_m, inp, out):
-        got.append((inp[0] if what == "in" else out).detach())
-
-    h = mod.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model.eval()
-            for x in batches:
-                model(x)
-    finally:
-        h.remove()
-    return torch.cat(got)
+    return _capture_many(model, [name], batches, what)[name]
 
 
 def _capture_many(model: nn.Module, names: list[str], batches: list[torch.Tensor], what: str) -> dict[str, torch.Tensor]:
