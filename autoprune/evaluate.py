@@ -1,18 +1,25 @@
-"""Fast candidate evaluation: adaptive BatchNorm recalibration (EagleEye), optional short fine-tune,
-then the metric on `val`. Deterministic for a fixed seed: the calibration batches are drawn once."""
+"""Fast candidate evaluation: optional least-squares reconstruction of the layers consuming pruned channels,
+adaptive BatchNorm recalibration (EagleEye), optional short fine-tune, then the metric on `val`.
+Deterministic for a fixed seed: the calibration batches are drawn once."""
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from autoprune.errors import AutopruneError
+from autoprune.plan import PruningPlan
 from autoprune.training import train_model
 
+if TYPE_CHECKING:
+    from autoprune.groups import PrunableModel
+
+log = logging.getLogger(__name__)
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
@@ -64,7 +71,14 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
 
 
 class Evaluator:
-    """Scores a candidate model on `val` (or another split) after BN recalibration."""
+    """Scores a candidate model on `val` (or another split) after BN recalibration.
+
+    With `reconstruct=True` a candidate made by `pruner.apply(plan)` first gets its layers that consume pruned
+    channels refit by least squares on the calibration batches (`reconstruct.reconstruct_plan`), then BN
+    recalibration. The plan is the one passed explicitly (`evaluate_plan`, `__call__(..., plan=)`) or the one
+    `PrunableModel.apply` tagged the model with, so `evaluator(pm.apply(plan))` reconstructs too; `pruner` is the
+    PrunableModel the plans refer to (a Session sets it when it builds its pruner).
+    """
 
     def __init__(
         self,
@@ -78,6 +92,8 @@ class Evaluator:
         max_val_samples: int | None = None,
         seed: int = 0,
         device: str = "cpu",
+        reconstruct: bool = False,
+        pruner: PrunableModel | None = None,
     ) -> None:
         self.datasets = datasets
         self.batch_size = batch_size
@@ -91,6 +107,8 @@ class Evaluator:
         self.calibration = stack_batches(datasets["train"], batch_size, calibration_batches, seed)
         self._eval: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.max_val_samples = max_val_samples
+        self.reconstruct = reconstruct
+        self.pruner = pruner
 
     def batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if split not in self._eval:
@@ -112,9 +130,47 @@ class Evaluator:
         value = float(self.metric(torch.cat(outs), torch.cat(ys)))
         return value
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """BN recalibration, then the optional short fine-tune (in place)."""
+    def _plan_of(self, model: nn.Module, pruner: PrunableModel | None) -> PruningPlan | None:
+        """The plan `pruner.apply` tagged `model` with, when the model's widths match it (else None)."""
+        tag = getattr(model, "_autoprune_plan", None)
+        if tag is None or pruner is None:
+            return None
+        plan = PruningPlan.from_dict(tag)
+        if plan.mode != "structured":
+            return plan
+        try:  # a model pruned by another PrunableModel (e.g. a gradual schedule's) carries a plan on other widths
+            kept = pruner.kept(plan)
+            mods = dict(model.named_modules())
+            for name, k in kept.items():
+                m = mods.get(name)
+                width = getattr(m, "out_channels", getattr(m, "out_features", None))
+                if width is not None and width != k:
+                    return None
+        except Exception:
+            return None
+        return plan
+
+    def reconstruct_model(self, model: nn.Module, plan: PruningPlan | None = None,
+                          pruner: PrunableModel | None = None) -> nn.Module:
+        """Least-squares refit (in place) of `model = pruner.apply(plan)` on the calibration batches."""
+        pruner = pruner or self.pruner
+        if pruner is None:
+            raise AutopruneError("evaluation.reconstruct needs the PrunableModel: Evaluator(pruner=...) or evaluate_plan(pruner, plan)")
+        plan = plan or self._plan_of(model, pruner)
+        if plan is None:
+            log.debug("reconstruction skipped: the model carries no plan of this pruner")
+            return model
+        from autoprune.reconstruct import reconstruct_plan
+
+        batches = [(x.to(self.device), y) for x, y in self.calibration]
+        reconstruct_plan(pruner, plan, model, batches)
+        return model
+
+    def prepare(self, model: nn.Module, plan: PruningPlan | None = None, pruner: PrunableModel | None = None) -> nn.Module:
+        """Reconstruction (when enabled), BN recalibration, then the optional short fine-tune (in place)."""
         model.to(self.device)
+        if self.reconstruct:
+            self.reconstruct_model(model, plan, pruner)
         recalibrate_bn(model, self.calibration, self.device)
         if self.finetune_steps > 0:
             train_model(
@@ -131,9 +187,14 @@ class Evaluator:
             recalibrate_bn(model, self.calibration, self.device)
         return model
 
-    def __call__(self, model: nn.Module, split: str = "val") -> float:
-        """Recalibrate (and fine-tune) `model` in place, then score it on `split`."""
-        value = self.score(self.prepare(model), split)
+    def __call__(self, model: nn.Module, split: str = "val", *, plan: PruningPlan | None = None,
+                 pruner: PrunableModel | None = None) -> float:
+        """Reconstruct (when enabled), recalibrate (and fine-tune) `model` in place, then score it on `split`."""
+        value = self.score(self.prepare(model, plan, pruner), split)
         if not math.isfinite(value):
             raise AutopruneError(f"metric {self.metric_name!r} returned {value}")
         return value
+
+    def evaluate_plan(self, pruner: PrunableModel, plan: PruningPlan, split: str = "val") -> float:
+        """Score a candidate plan: `pruner.apply(plan)`, then the same steps as `__call__`."""
+        return self(pruner.apply(plan, check=False), split, plan=plan, pruner=pruner)

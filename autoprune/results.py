@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.plan import PruningPlan
+from autoprune.search.objective import trial_attrs
 from autoprune.search.space import pareto_mask
 from autoprune.search.study import SearchRun, open_storage, storage_url
 
@@ -37,7 +38,7 @@ def trials_frame(study: optuna.Study, strategy: str | None = None) -> pd.DataFra
     strategy = strategy or study.user_attrs.get("strategy") or study.study_name.rpartition(":")[2]
     rows = []
     for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
+        a = trial_attrs(t)
         dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         rows.append({
             "strategy": strategy,

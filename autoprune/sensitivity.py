@@ -50,6 +50,8 @@ def _key(pm: PrunableModel, ev: Evaluator, ratios: Sequence[float], stop_drop: f
         "max_val_samples": ev.max_val_samples,
         "extra": extra or {},
     }
+    if getattr(ev, "reconstruct", False):  # only when on, so tables cached before the setting existed stay valid
+        settings["reconstruct"] = True
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -116,7 +118,7 @@ def run_sensitivity(
                 bar.update(1)
                 continue
             last_kept = kept
-            metric = evaluator(pm.apply(plan, check=False))
+            metric = evaluator(pm.apply(plan, check=False))  # reconstructs from the plan the model carries
             macs, params = cost_model.estimate(plan)
             rows.append(
                 dict(group=name, ratio=r, channels=g.channels, channels_kept=kept, metric=metric, drop=baseline - metric,

@@ -46,6 +46,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from autoprune.errors import AutopruneError
+from autoprune.search.objective import trial_attrs
 from autoprune.search.study import pid_alive
 
 log = logging.getLogger("autoprune.service")
@@ -363,14 +364,14 @@ class Searches:
             return {"progress": {"complete": 0, "failed": 0, "total": total}, "best_so_far": None}
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        feasible = [t for t in done if t.user_attrs.get("feasible", True)]
+        feasible = [t for t in done if trial_attrs(t).get("feasible", True)]
         best = max(feasible, key=lambda t: t.values[0], default=None)
         return {
             "progress": {"complete": len(done), "failed": sum(t.state == TrialState.FAIL for t in trials),
                          "total": total},
             "best_so_far": None if best is None else {
                 "trial": best.number, "metric_val": best.values[0],
-                "macs_ratio": best.user_attrs.get("macs_ratio"), "params_ratio": best.user_attrs.get("params_ratio"),
+                "macs_ratio": trial_attrs(best).get("macs_ratio"), "params_ratio": trial_attrs(best).get("params_ratio"),
             },
         }
 

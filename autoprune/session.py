@@ -48,12 +48,13 @@ class Session:
             max_val_samples=ev.max_val_samples,
             seed=self.spec.search.seed,
             device=ev.device,
-        )
+            reconstruct=ev.reconstruct,
+        )  # its `pruner` is set by the `pruner` stage (which needs the evaluator's calibration batches first)
 
     @cached_property
     def pruner(self) -> PrunableModel:
         p = self.spec.pruning
-        return PrunableModel(
+        pm = PrunableModel(
             self.target.model,
             self.target.example_input,
             ignore=p.ignore,
@@ -64,6 +65,8 @@ class Session:
             calibration=self.evaluator.calibration[:4],
             seed=self.spec.search.seed,
         )
+        self.evaluator.pruner = pm  # candidates are reconstructed against this model (evaluation.reconstruct)
+        return pm
 
     @cached_property
     def base_costs(self) -> CostReport:

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from autoprune import api
 from autoprune.cli import main
+from autoprune.search.objective import trial_attrs
 from autoprune.search.study import STALE_LOCK_S, open_storage, study_name
 from autoprune.spec import load_spec
 
@@ -104,7 +105,7 @@ def test_failed_evaluations_are_recorded_and_the_study_goes_on(make_spec, capsys
     assert any("out of memory during evaluation" in r for r in reasons), reasons
     st = _study(spec)
     fails = [t for t in st.trials if t.state == TrialState.FAIL]
-    assert len(fails) == 4 and all("plan" in t.user_attrs and t.user_attrs["fail_reason"] for t in fails)
+    assert len(fails) == 4 and all("plan" in trial_attrs(t) and trial_attrs(t)["fail_reason"] for t in fails)
     assert result["best"] is not None and result["best"]["macs_ratio"] <= 0.5 + 1e-9
 
     assert _cli(["report", str(s.run_dir)]) == 0
@@ -256,7 +257,7 @@ def test_kill_9_at_random_points_loses_no_trial(make_spec, tmp_path):
     assert all(final[n] == v for n, v in seen.items() if v[0] == "COMPLETE")
     assert all(final[n][0] == "FAIL" for n in running_at_kill)
     st = _study(spec)
-    assert all(t.user_attrs["fail_reason"] == "interrupted: its worker process died" for t in st.trials
+    assert all(trial_attrs(t)["fail_reason"] == "interrupted: its worker process died" for t in st.trials
                if t.number in running_at_kill)
     assert sorted(final) == list(range(len(final)))  # trial numbers: no gap, no duplicate
     assert "trial" in kills, kills  # at least one kill landed inside a running trial
@@ -288,7 +289,7 @@ def test_four_search_processes_on_one_journal(make_spec, tmp_path):
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost, none duplicated
     assert n_trials <= len(complete) <= n_trials + 3  # each worker may finish the trial it was running
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert [t.user_attrs.get("warm_start") for t in trials].count("uniform") == 1  # enqueued and run once
+    assert [trial_attrs(t).get("warm_start") for t in trials].count("uniform") == 1  # enqueued and run once
     points = [tuple(round(v, 9) for v in t.params.values()) for t in complete]
     assert len(set(points)) == len(points), "two workers sampled the same point (same sampler seed)"
-    assert len({t.user_attrs["worker"] for t in trials}) >= 2
+    assert len({trial_attrs(t)["worker"] for t in trials}) >= 2

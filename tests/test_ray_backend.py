@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from autoprune import api
 from autoprune.results import load
+from autoprune.search.objective import trial_attrs
 from autoprune.search.study import open_storage, storage_url, study_name
 from autoprune.spec import load_spec
 
@@ -60,11 +61,11 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monk
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 6
     for t in done:  # what Tune alone would have dropped: the plan, its costs and the budget constraint
-        assert {"plan", "macs_ratio", "feasible", "cost"} <= set(t.user_attrs)
-        assert t.user_attrs["macs_ratio"] <= 0.5 + 1e-9  # projection mode: every trial is on budget
+        assert {"plan", "macs_ratio", "feasible", "cost"} <= set(trial_attrs(t))
+        assert trial_attrs(t)["macs_ratio"] <= 0.5 + 1e-9  # projection mode: every trial is on budget
         assert t.constraints["budget"] <= 1e-9
-        assert t.user_attrs["worker"].endswith(f":{os.getpid()}")
-    labels = sorted(t.user_attrs.get("warm_start") or "" for t in done)
+        assert trial_attrs(t)["worker"].endswith(f":{os.getpid()}")
+    labels = sorted(trial_attrs(t).get("warm_start") or "" for t in done)
     assert labels[-2:] == ["sensitivity-greedy", "uniform"]  # warm starts went in as points_to_evaluate
     # report/load read a Ray run like a local one
     runs = load(load_spec(spec).run_dir)
@@ -74,7 +75,7 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monk
     result = api.search(spec, n_trials=8, show_progress=False)
     study = _study(spec)
     assert result["n_trials_complete"] == 8 == len(study.get_trials(states=(TrialState.COMPLETE,)))
-    assert sum(bool(t.user_attrs.get("warm_start")) for t in study.trials) == 2
+    assert sum(bool(trial_attrs(t).get("warm_start")) for t in study.trials) == 2
 
 
 def test_constraint_reaches_optuna_and_infeasible_trials_stay_off_the_front(make_spec):
@@ -86,11 +87,11 @@ def test_constraint_reaches_optuna_and_infeasible_trials_stay_off_the_front(make
     study = _study(spec)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 10
-    over = [t for t in done if t.user_attrs["macs_ratio"] > 0.3 + 1e-9]
+    over = [t for t in done if trial_attrs(t)["macs_ratio"] > 0.3 + 1e-9]
     assert over, "a random sampler in constraint mode at 30% MACs proposes some infeasible plans"
     for t in done:  # the constraint Optuna stored is the trial's real overshoot
-        assert t.constraints["budget"] == pytest.approx(t.user_attrs["cost"] / result["budget"]["limit"] - 1)
-        assert (t.constraints["budget"] > 1e-9) == (t.user_attrs["macs_ratio"] > 0.3 + 1e-9)
+        assert t.constraints["budget"] == pytest.approx(trial_attrs(t)["cost"] / result["budget"]["limit"] - 1)
+        assert (t.constraints["budget"] > 1e-9) == (trial_attrs(t)["macs_ratio"] > 0.3 + 1e-9)
     # Optuna's own front (which honours constraints) and ours both exclude every infeasible trial
     front = {t.number for t in study.best_trials}
     assert front and not front & {t.number for t in over}
@@ -134,5 +135,5 @@ def test_failed_evaluations_are_recorded_as_failed_trials_with_their_reason(make
     study = _study(spec)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert result["n_trials_complete"] == 2
-    assert len(failed) == 1 and all("planted failure" in t.user_attrs["fail_reason"] for t in failed)
-    assert all("plan" in t.user_attrs for t in failed)
+    assert len(failed) == 1 and all("planted failure" in trial_attrs(t)["fail_reason"] for t in failed)
+    assert all("plan" in trial_attrs(t) for t in failed)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import optuna
 import pytest
 import torch
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
 from autoprune.costs import CostModel, count_macs
 from autoprune.groups import PrunableModel
 from autoprune.plan import channels_kept
+from autoprune.search.objective import trial_attrs
 from autoprune.search.space import Budget, SearchSpace
 from autoprune.search.study import open_storage, run_search, study_name
 from autoprune.session import Session
@@ -60,13 +63,13 @@ def test_constraint_mode_records_constraints_and_pareto_is_feasible(make_spec):
     assert len(done) == 12
     for t in done:
         c = _budget_constraint(t)
-        assert (c <= 0) == t.user_attrs["feasible"]
-        assert abs(c - (t.user_attrs["cost"] / run.space.budget.limit - 1)) < 1e-9
+        assert (c <= 0) == trial_attrs(t)["feasible"]
+        assert abs(c - (trial_attrs(t)["cost"] / run.space.budget.limit - 1)) < 1e-9
     front = run.study.best_trials
     assert front, "no feasible trial"
     for t in front:
-        assert _budget_constraint(t) <= 0 and t.user_attrs["macs_ratio"] <= 0.5 + 1e-9
-        assert t.values[1] == pytest.approx(t.user_attrs["macs_ratio"])
+        assert _budget_constraint(t) <= 0 and trial_attrs(t)["macs_ratio"] <= 0.5 + 1e-9
+        assert t.values[1] == pytest.approx(trial_attrs(t)["macs_ratio"])
 
 
 def _budget_constraint(t) -> float:
@@ -79,8 +82,8 @@ def test_warm_starts_enqueued_once_clipped_and_resume(make_spec):
     spec = make_spec("cnn1d", budget={"macs": 0.3}, search={"n_trials": 6})
     s = _session(spec)
     run = run_search(s, show_progress=False)
-    warm = [t for t in run.study.trials if "warm_start" in t.user_attrs]
-    assert sorted(t.user_attrs["warm_start"] for t in warm) == ["sensitivity-greedy", "uniform"]
+    warm = [t for t in run.study.trials if "warm_start" in trial_attrs(t)]
+    assert sorted(trial_attrs(t)["warm_start"] for t in warm) == ["sensitivity-greedy", "uniform"]
     for t in warm:
         for n, v in t.params.items():
             assert 0.0 <= v <= run.space.bounds[n] + 1e-12
@@ -88,10 +91,10 @@ def test_warm_starts_enqueued_once_clipped_and_resume(make_spec):
     # a second call (same storage) resumes: keeps the 6 trials, runs 4 more, enqueues nothing again
     run2 = run_search(_session(spec), n_trials=10, show_progress=False)
     assert sum(t.state == TrialState.COMPLETE for t in run2.study.trials) == 10
-    assert len([t for t in run2.study.trials if "warm_start" in t.user_attrs]) == 2
+    assert len([t for t in run2.study.trials if "warm_start" in trial_attrs(t)]) == 2
     for t in run2.study.trials:
         if t.state == TrialState.COMPLETE:
-            assert t.user_attrs["macs_ratio"] <= 0.3 + 1e-9 and t.user_attrs["macs_ratio"] >= 0.3 * 0.97
+            assert trial_attrs(t)["macs_ratio"] <= 0.3 + 1e-9 and trial_attrs(t)["macs_ratio"] >= 0.3 * 0.97
 
 
 def test_same_seed_same_best_plan(make_spec):
@@ -100,7 +103,7 @@ def test_same_seed_same_best_plan(make_spec):
         spec = make_spec("cnn1d", budget={"macs": 0.4}, search={"n_trials": 8, "seed": 3})
         run = run_search(_session(spec), show_progress=False)
         best = max((t for t in run.study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[0])
-        bests.append((best.number, best.user_attrs["plan"], best.values[0]))
+        bests.append((best.number, trial_attrs(best)["plan"], best.values[0]))
     assert bests[0] == bests[1]
 
 
@@ -119,9 +122,25 @@ def test_two_processes_share_one_study_without_duplicates(make_spec, tmp_path):
     study = optuna.load_study(study_name=study_name(load_spec(spec), "optuna"), storage=open_storage(str(tmp_path / "s.journal")))
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) >= 10
-    assert len([t for t in study.trials if "warm_start" in t.user_attrs]) == 2  # enqueued once, taken once
+    assert len([t for t in study.trials if "warm_start" in trial_attrs(t)]) == 2  # enqueued once, taken once
     assert len({t.number for t in study.trials}) == len(study.trials)
 
 
 def _worker(spec: dict) -> None:
     run_search(Session(load_spec(spec), show_progress=False), show_progress=False)
+
+
+def test_a_trial_costs_few_storage_writes(make_spec, tmp_path):
+    """Each set_user_attr is a locked journal append; a trial's result is stored as one record attribute."""
+    journal = tmp_path / "w.journal"
+    spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 6, "priors": "none", "storage": str(journal)})
+    run = run_search(_session(spec), show_progress=False)
+    done = [t for t in run.study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) >= 6
+    ops = [json.loads(line) for line in journal.read_text().splitlines()]
+    attr_writes = sum(op["op_code"] == JournalOperation.SET_TRIAL_USER_ATTR for op in ops)
+    # worker + record per trial (plus warm-start labels): ~19 writes a trial before
+    assert attr_writes <= 2 * len(run.study.trials) + 2, attr_writes
+    a = trial_attrs(done[0])
+    assert {"plan", "metric", "macs_ratio", "feasible", "cost", "worker"} <= set(a)
+    assert a["macs_ratio"] <= 0.5 + 1e-9

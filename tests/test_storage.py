@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autoprune import api
+from autoprune.search.objective import trial_attrs
 from autoprune.search.study import open_storage, study_name
 from autoprune.spec import load_spec
 from conftest import require_service
@@ -110,7 +111,7 @@ def test_search_resumes_on_the_storage(storage, make_spec):
     assert second["n_trials_complete"] == 6
     assert {t.number: t.params for t in trials if t.number in before} == before  # the first 4 kept as they were
     assert trials[orphan.number].state == TrialState.FAIL
-    assert "interrupted" in trials[orphan.number].user_attrs["fail_reason"]
+    assert "interrupted" in trial_attrs(trials[orphan.number])["fail_reason"]
     assert second["best"]["macs_ratio"] <= 0.5
     assert sorted(t.number for t in trials) == list(range(len(trials)))
 
@@ -121,7 +122,7 @@ def _search_worker(spec: dict, n_trials: int, out: str) -> None:
 
     run = run_search(api.session(spec, show_progress=False), n_trials=n_trials, show_progress=False)
     Path(out).write_text(json.dumps(sorted(t.number for t in run.study.trials
-                                           if t.user_attrs.get("worker", "").endswith(f":{os.getpid()}"))))
+                                           if trial_attrs(t).get("worker", "").endswith(f":{os.getpid()}"))))
 
 
 @pytest.mark.slow
@@ -147,5 +148,5 @@ def test_four_autoprune_workers_share_one_study(storage, make_spec, tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in trials)
     owned = [n for o in outs for n in json.loads(o.read_text())]
     assert sorted(owned) == sorted(t.number for t in trials)  # no trial lost, none run twice
-    assert sum(t.user_attrs.get("warm_start") == "uniform" for t in trials) == 1
-    assert all(t.user_attrs["macs_ratio"] <= 0.5 + 1e-9 for t in done)
+    assert sum(trial_attrs(t).get("warm_start") == "uniform" for t in trials) == 1
+    assert all(trial_attrs(t)["macs_ratio"] <= 0.5 + 1e-9 for t in done)

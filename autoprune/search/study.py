@@ -22,7 +22,7 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import PruningPlan
 from autoprune.progress import progress
 from autoprune.search import strategies
-from autoprune.search.objective import Objective, TrialFailed, directions, evaluate_plan, objective_values, record
+from autoprune.search.objective import Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.search.space import Budget, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_pro
 
 def _best_value(study: optuna.Study) -> float | None:
     vals = [t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("feasible", True)]
+            if trial_attrs(t).get("feasible", True)]
     return max(vals) if vals else None
 
 
@@ -386,8 +386,9 @@ def _record_plans(study: optuna.Study, space: SearchSpace, session, plans: list[
 def _evaluated(study: optuna.Study) -> dict[str, float]:
     out = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "plan" in t.user_attrs:
-            out[PruningPlan.from_dict(t.user_attrs["plan"]).to_json(indent=None)] = t.values[0]
+        a = trial_attrs(t)
+        if "plan" in a:
+            out[PruningPlan.from_dict(a["plan"]).to_json(indent=None)] = t.values[0]
     return out
 
 
