@@ -50,3 +50,23 @@ def test_netadapt_greedy_steps_within_evaluation_budget(make_spec):
     assert 4 < len(trials) <= 9  # at least one full step over the 4 groups, never more than n_trials
     result = summarize(run, test=False, write=False)
     assert result["best"]["measured_cost"] <= result["budget"]["limit"]
+
+
+@pytest.mark.parametrize("name", ["cnn1d", "resnet1d", "digits_cnn", "resnet20", "mobilenetv2"])
+def test_uniform_plan_never_overshoots(name):
+    """The bisected ratio used to be rounded down, keeping one channel too many (resnet1d at 30 %: 0.3028)."""
+    import torch
+
+    from autoprune.costs import CostModel
+    from autoprune.groups import PrunableModel
+    from autoprune.search.space import Budget, SearchSpace
+    from autoprune.zoo import ZOO
+    from tests.test_search import SHAPES
+
+    pm = PrunableModel(ZOO[name](), torch.randn(1, *SHAPES[name]))
+    cm = CostModel(pm)
+    for frac in (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7):
+        b = Budget("macs", frac, frac * cm.base_macs, cm.base_macs, lambda p: cm.estimate(p)[0], None)
+        plan = SearchSpace.build(pm, b, None, 0.05).uniform()  # one ratio for all groups: a coarse grid (digits_cnn 0.26 at 0.3)
+        assert len(set(plan.ratios.values())) == 1
+        assert 0.8 * b.limit <= b.estimate(plan) <= b.limit, (frac, b.estimate(plan) / cm.base_macs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -202,7 +204,9 @@ class SearchSpace:
                 hi = mid
             else:
                 lo = mid
-        return self.pm.plan({n: round(hi, 6) for n in names})
+        # round *up*: a ratio rounded down can keep one more channel and overshoot the budget
+        r = min(math.ceil(hi * 1e6) / 1e6, self.pm.max_ratio)
+        return self.pm.plan({n: r for n in names})
 
     def greedy(self, sensitivity: pd.DataFrame) -> PruningPlan:
         """Sensitivity-greedy: repeatedly take the grid step with the smallest drop per cost saved."""
