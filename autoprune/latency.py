@@ -496,7 +496,8 @@ def load_or_build_table(spec, pm, dev=None, *, rebuild: bool = False) -> tuple[L
 
 def latency_budget(spec, pm, cost_model=None):
     """A `Budget` in ms: the table predicts (or, when it is not trusted, the device measures) each plan;
-    `measure` re-measures a pruned model on the device. Selected by `budget: {latency_ms: ...}`."""
+    `measure` re-measures a pruned model on the device. Selected by `budget: {latency_ms: ...}` (absolute) or
+    `budget: {latency: 0.6}` (a fraction of the unpruned model, measured here and now)."""
     from autoprune.search.space import Budget
 
     b = spec.budget
@@ -539,7 +540,8 @@ def latency_budget(spec, pm, cost_model=None):
     def measure(model: nn.Module) -> float:
         return _guard(lambda: dev.measure_model(model, pm.example), dev, trial=True).median_ms
 
-    budget = Budget("latency_ms", None, float(b.latency_ms), float(base), estimate, measure)
+    limit = float(b.latency_ms) if b.latency_ms is not None else float(b.latency) * float(base)
+    budget = Budget("latency_ms", b.latency, limit, float(base), estimate, measure)
     budget.table = table  # type: ignore[attr-defined]
     budget.notes = notes  # type: ignore[attr-defined]
     budget.device = dev  # type: ignore[attr-defined]

@@ -91,6 +91,8 @@ def _budget(res: RunResults) -> dict | None:
             v = float(b[kind])
             return {"kind": kind, "fraction": None if kind == "latency_ms" else v,
                     "limit": v if kind == "latency_ms" else None, "base": None}
+    if b.get("latency") is not None:  # a fraction of a latency not measured yet
+        return {"kind": "latency_ms", "fraction": float(b["latency"]), "limit": None, "base": None}
     return None
 
 

@@ -73,12 +73,14 @@ class PruningSpec(_Section):
 class BudgetSpec(_Section):
     macs: float | None = Field(None, description="fraction of the unpruned model's MACs, in (0, 1)")
     params: float | None = Field(None, description="fraction of the unpruned model's parameters, in (0, 1)")
-    latency_ms: float | None = Field(None, gt=0)
+    latency_ms: float | None = Field(None, gt=0, description="absolute limit in ms on `device`")
+    latency: float | None = Field(None, description="fraction of the unpruned model's latency, measured on `device` "
+                                  "when the search starts (robust to a machine that is faster or slower today)")
     device: str = "cpu"
     batch_size: int = Field(1, gt=0)
     threads: int | None = Field(1, gt=0)
 
-    @field_validator("macs", "params")
+    @field_validator("macs", "params", "latency")
     @classmethod
     def _fraction(cls, v: float | None) -> float | None:
         if v is not None and not 0 < v < 1:
@@ -87,16 +89,16 @@ class BudgetSpec(_Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "BudgetSpec":
-        named = [k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None]
+        named = [k for k in ("macs", "params", "latency_ms", "latency") if getattr(self, k) is not None]
         if len(named) != 1:
             raise ValueError(
-                f"give exactly one of macs, params, latency_ms (got {named or 'none'})"
+                f"give exactly one of macs, params, latency_ms, latency (got {named or 'none'})"
             )
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None)
+        return next(k for k in ("macs", "params", "latency_ms", "latency") if getattr(self, k) is not None)
 
     @property
     def value(self) -> float:

@@ -4,7 +4,6 @@ of the unpruned latency. Timing on shared machines is noisy: margins are wide bu
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -13,9 +12,9 @@ import torch
 from autoprune import api, zoo
 from autoprune.costs import measure_latency
 from autoprune.groups import PrunableModel
-from autoprune.latency import LatencyTable, analyse_calls, latency_budget, measure_model
+from autoprune.latency import LatencyTable, analyse_calls, latency_budget
 
-LAT = {"device": "cpu", "batch_size": 16, "threads": 1}
+LAT64 = {"device": "cpu", "batch_size": 64, "threads": 1}
 
 
 def test_measure_latency_fixes_threads_and_reports_spread():
@@ -52,39 +51,42 @@ def test_call_analysis_follows_groups_on_resnet20():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("AUTOPRUNE_TIMING_TESTS") != "1",
-                    reason="wall-clock latency on shared cores drifts up to 2x between measurements (it failed CI "
-                           "runs with the unpruned model re-measured 1.16x slower than its max-pruned copy); run "
-                           "by hand with AUTOPRUNE_TIMING_TESTS=1 on a quiet machine")
 def test_latency_search_meets_remeasured_budget(make_spec):
-    spec = make_spec("cnn1d", budget={"latency_ms": 1.0, **LAT}, pruning={"round_to": 8},
-                     search={"n_trials": 5, "priors": "none"})
-    session = api.session(spec, show_progress=False)
-    base = measure_model(session.target.model, session.target.example_input, "cpu", 1, 16).median_ms
-    spec["budget"]["latency_ms"] = round(0.6 * base, 4)
+    # batch 64: compute, not per-call overhead, dominates, so 60 % is reachable with room (uniform 0.5 -> ~55 %,
+    # 0.8 -> ~38 % measured); the budget is a fraction of the base measured in this process (no drift between
+    # processes; an absolute limit at batch 16 failed CI when the base was re-measured 1.16x slower)
+    spec = make_spec("cnn1d", budget={"latency": 0.6, **LAT64}, pruning={"round_to": 8},
+                     search={"n_trials": 8, "priors": "none"})
     session = api.session(spec, show_progress=False)
     budget = latency_budget(session.spec, session.pruner, session.cost_model)
+    base = budget.base
+    assert budget.limit == pytest.approx(0.6 * base) and budget.fraction == 0.6
     table: LatencyTable = budget.table
     assert table is not None, budget.notes
     # the table predicts the unpruned model and ranks a heavily pruned one below it
     full = table.predict(session.pruner.kept(session.pruner.plan({})))
     small = table.predict(session.pruner.kept(session.pruner.uniform_plan(0.8)))
     assert abs(full - table.base_ms) / table.base_ms < 0.15
-    assert small < 0.9 * full  # cnn1d at batch 16: fixed per-call overheads keep ~75 % (measured)
+    assert small < 0.7 * full
     assert len(table.validation) == 6 and all(v["measured"] > 0 for v in table.validation)
     # a table worse than 5 % median error is not trusted: the budget then measures every plan
     assert (table.median_error <= 0.05) == (not any("falling back" in n for n in budget.notes))
-    assert 0.5 * base < budget.base < 2 * base  # the same device, re-measured
 
     result = api.search(session, show_progress=False, test=False)
     best = result["best"]
     assert result["budget"]["kind"] == "latency_ms"
-    assert result["n_trials_complete"] == 5
+    assert result["n_trials_complete"] == 8
     assert best is not None, result["rejected_by_remeasure"]
-    assert best["latency_ms"] <= spec["budget"]["latency_ms"]  # re-measured on the device
+    limit = result["budget"]["limit"]
+    assert result["budget"]["fraction"] == 0.6 and 0.4 * base < limit < 0.8 * base  # re-measured base, same device
+    assert best["latency_ms"] <= limit  # re-measured on the device
+    assert best["macs_ratio"] < 0.9
+    # every Pareto point carries its re-measured latency and whether that measurement meets the budget
+    assert result["pareto"] and all(p["latency_ms"] > 0 for p in result["pareto"])
+    assert all(p["meets_budget"] == (p["latency_ms"] <= limit) for p in result["pareto"])
     runs = api.load(session.run_dir)
-    assert runs.trials.latency_ms.notna().sum() == 5
+    assert runs.trials.latency_ms.notna().sum() == 8
     cached = list((session.cache_dir / "latency").glob("cnn1d-*.json"))
     assert len(cached) == 1
     data = json.loads(cached[0].read_text())
-    assert data["fingerprint"]["batch_size"] == 16 and data["fingerprint"]["threads"] == 1
+    assert data["fingerprint"]["batch_size"] == 64 and data["fingerprint"]["threads"] == 1
