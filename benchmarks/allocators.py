@@ -177,10 +177,18 @@ def proxy_fidelity(model: str, budget_label: str, budget: dict, trials: pd.DataF
     spec_name = f"{model}-{budget_label}-s0-random"
     s = api.session(_merge(base_spec(model, args, budget), {"name": spec_name, "search": {"seed": 0}}),
                     show_progress=False)
+    # a costlier proxy for comparison: BN recalibration + a short fine-tune (evaluation.finetune_steps)
+    ft_proxy = copy.copy(s.evaluator)
+    ft_proxy.finetune_steps = args.proxy_ft_steps
     rows = []
     for _, r in t.iterrows():
-        ft = finetune_and_test(s, PruningPlan.from_dict(json.loads(r.plan)), args, 0)
+        plan = PruningPlan.from_dict(json.loads(r.plan))
+        t0 = time.perf_counter()
+        val_ftproxy = ft_proxy(s.pruner.apply(plan)) if args.proxy_ft_steps > 0 else float("nan")
+        ftproxy_s = time.perf_counter() - t0
+        ft = finetune_and_test(s, plan, args, 0)
         rows.append({"model": model, "budget": budget_label, "trial": int(r.number), "val_proxy": float(r.metric),
+                     "val_proxy_ft": val_ftproxy, "proxy_ft_s": ftproxy_s,
                      "val_ft": ft["val_ft"], "test_ft": ft["test_ft"], "macs_ratio": float(r.macs_ratio)})
     df = pd.DataFrame(rows)
     if len(df) >= 3:
@@ -286,8 +294,12 @@ def proxy_table(proxy: pd.DataFrame) -> str:
     for (model, budget), g in proxy.groupby(["model", "budget"], sort=False):
         rho = spearmanr(g.val_proxy, g.test_ft).statistic if len(g) >= 3 else float("nan")
         rho_v = spearmanr(g.val_proxy, g.val_ft).statistic if len(g) >= 3 else float("nan")
+        has_ft = "val_proxy_ft" in g and g.val_proxy_ft.notna().sum() >= 3
+        rho_f = spearmanr(g.val_proxy_ft, g.test_ft).statistic if has_ft else float("nan")
         rows.append({"model": model, "budget": budget, "plans": len(g),
                      "Spearman(val proxy, test after FT)": f"{rho:.3f}", "Spearman(val proxy, val after FT)": f"{rho_v:.3f}",
+                     "Spearman(short-FT proxy, test after FT)": f"{rho_f:.3f}",
+                     "short-FT proxy s/plan": f"{g.proxy_ft_s.mean():.2f}" if has_ft else "",
                      "val proxy % range": f"{100 * g.val_proxy.min():.1f}–{100 * g.val_proxy.max():.1f}",
                      "test after FT % range": f"{100 * g.test_ft.min():.1f}–{100 * g.test_ft.max():.1f}"})
     return _md(pd.DataFrame(rows))
@@ -313,6 +325,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ft-steps", type=int, default=300, help="final fine-tune steps, the same for every plan")
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--proxy-plans", type=int, default=15, help="random-search plans fine-tuned for the proxy correlation")
+    p.add_argument("--proxy-ft-steps", type=int, default=30,
+                   help="steps of the short-fine-tune proxy compared with the BN-recalibration proxy (0: skip)")
     p.add_argument("--lat-s", type=float, default=2.0, help="time budget per latency measurement")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile of a search when overhead > 10 %%")
     p.add_argument("--threads", type=int, default=1,
