@@ -132,7 +132,7 @@ def random_plans(space: SearchSpace, n: int, seed: int) -> list:
     return plans
 
 
-def bench_model(model: str, args, log) -> tuple[list[dict], list[dict]]:
+def bench_model(model: str, args, log) -> tuple[list[dict], list[dict], float]:
     rows, proxies = [], []
     s = make_session(model, args)
     t0 = time.perf_counter()
@@ -146,7 +146,9 @@ def bench_model(model: str, args, log) -> tuple[list[dict], list[dict]]:
     log(f"{model}: uniform plan {plan.summary()} at {common['macs_ratio']:.3f} of the MACs")
 
     # (a) schedules, l2
-    for label, (kind, extra, rec) in SCHEDULES.items():
+    for label, (kind, extra, rec) in (SCHEDULES.items() if "a" in args.parts or "b" in args.parts else ()):
+        if "a" not in args.parts and label != "one-shot":  # (b) reuses the one-shot rows
+            continue
         for seed in args.seeds:
             r = run_finetune(s, s.pruner, plan, args, seed, kind, extra, rec)
             rows.append({**common, "part": "schedule", "method": label, "seed": seed, **r})
@@ -154,7 +156,7 @@ def bench_model(model: str, args, log) -> tuple[list[dict], list[dict]]:
 
     # (b) criteria, one-shot (l2 is (a)'s one-shot row: the same computation)
     s_l1 = None
-    for crit in CRITERIA:
+    for crit in (CRITERIA if "b" in args.parts else ()):
         for seed in args.seeds:
             if crit == "l2":
                 r = next(x for x in rows if x["part"] == "schedule" and x["method"] == "one-shot" and x["seed"] == seed)
@@ -183,7 +185,7 @@ def bench_model(model: str, args, log) -> tuple[list[dict], list[dict]]:
             r["val_proxy"] = proxy(s, s.pruner, plan, False)
 
     # (c) proxy fidelity over random plans
-    for i, p in enumerate(random_plans(space, args.plans, seed=1000)):
+    for i, p in enumerate(random_plans(space, args.plans, seed=1000) if "c" in args.parts else ()):
         t0 = time.perf_counter()
         off = proxy(s, s.pruner, p, False)
         t1 = time.perf_counter()
@@ -195,7 +197,7 @@ def bench_model(model: str, args, log) -> tuple[list[dict], list[dict]]:
                         "proxy_bn": off, "proxy_rec_bn": on, "proxy_bn_s": round(t1 - t0, 3),
                         "proxy_rec_bn_s": round(t2 - t1, 3), **r, "ratios": p.summary()})
         log(f"  plan {i:2d}: proxy {off:.4f} / with reconstruction {on:.4f} -> test {r['test_ft']:.4f}")
-    return rows, proxies
+    return rows, proxies, base["test"]
 
 
 def fmt(values) -> str:
@@ -203,14 +205,49 @@ def fmt(values) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
 
 
+def rho_ci(x, y, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman rho of (x, y) and its 90 % bootstrap interval (plans resampled with replacement)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rho = float(spearmanr(x, y).statistic) if len(x) > 2 else float("nan")
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot if len(x) > 3 else 0):
+        idx = rng.integers(0, len(x), len(x))
+        if len(set(idx)) > 2:
+            r = spearmanr(x[idx], y[idx]).statistic
+            if np.isfinite(r):
+                boots.append(r)
+    lo, hi = (np.percentile(boots, [5, 95]) if boots else (float("nan"), float("nan")))
+    return rho, float(lo), float(hi)
+
+
+def rho_diff_ci(a, b, y, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """rho(b, y) - rho(a, y) and its 90 % paired bootstrap interval."""
+    a, b, y = (np.asarray(v, float) for v in (a, b, y))
+    d = float(spearmanr(b, y).statistic - spearmanr(a, y).statistic) if len(y) > 2 else float("nan")
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot if len(y) > 3 else 0):
+        idx = rng.integers(0, len(y), len(y))
+        if len(set(idx)) > 2:
+            r = spearmanr(b[idx], y[idx]).statistic - spearmanr(a[idx], y[idx]).statistic
+            if np.isfinite(r):
+                boots.append(r)
+    lo, hi = (np.percentile(boots, [5, 95]) if boots else (float("nan"), float("nan")))
+    return d, float(lo), float(hi)
+
+
 def tables(rows: pd.DataFrame, proxies: pd.DataFrame, args) -> list[str]:
     md = []
     n_seeds = len(args.seeds)
     for part, title, col in (("schedule", "(a) Schedules (criterion l2)", "schedule"),
                              ("criterion", "(b) Criteria (one-shot)", "criterion")):
-        md += ["", f"## {title}: test accuracy % after the fine-tune, mean ± std over {n_seeds} seed(s)", ""]
-        models = list(dict.fromkeys(rows.model))
+        if rows.empty or {"schedule": "a", "criterion": "b"}[part] not in args.parts:
+            continue
         sub = rows[rows.part == part]
+        models = list(dict.fromkeys(sub.model))
+        md += ["", f"## {title}: test accuracy % after the fine-tune ({args.ft_steps} steps), mean ± std over "
+                   f"{n_seeds} seed(s)", ""]
         crit = part == "criterion"
         head = [f"{m} test %" for m in models] + ([f"{m} val proxy % (BN recal., before ft)" for m in models] if crit else [])
         md.append(f"| {col} | " + " | ".join(head) + " |")
@@ -220,17 +257,22 @@ def tables(rows: pd.DataFrame, proxies: pd.DataFrame, args) -> list[str]:
             if crit:
                 cells += [fmt(sub[(sub.model == m) & (sub.method == method)].val_proxy) for m in models]
             md.append(f"| {method} | " + " | ".join(cells) + " |")
+    if proxies.empty:
+        return md
     md += ["", f"## (c) Proxy fidelity: Spearman ρ between the proxy and test accuracy after the fine-tune "
-               f"({args.ft_steps} steps, one-shot), over random plans at {args.budget:.0%} MACs", "",
-           "| model | plans | ρ proxy = BN recal. | ρ proxy = reconstruction + BN recal. | mean proxy % (BN / rec+BN) "
-           "| mean test % after ft | proxy s/plan (BN / rec+BN) |", "|---|---|---|---|---|---|---|"]
+               f"({args.ft_steps} steps, one-shot), over random plans at {args.budget:.0%} MACs (90 % bootstrap intervals)", "",
+           "| model | plans | ρ proxy = BN recal. | ρ proxy = reconstruction + BN recal. | ρ difference (rec − no rec) "
+           "| mean proxy % (BN / rec+BN) | mean test % after ft | proxy s/plan (BN / rec+BN) |",
+           "|---|---|---|---|---|---|---|---|"]
     for m in dict.fromkeys(proxies.model):
         p = proxies[proxies.model == m]
-        rho_bn = spearmanr(p.proxy_bn, p.test_ft).statistic if len(p) > 2 else float("nan")
-        rho_rec = spearmanr(p.proxy_rec_bn, p.test_ft).statistic if len(p) > 2 else float("nan")
-        md.append(f"| {m} | {len(p)} | {rho_bn:.2f} | {rho_rec:.2f} | {100 * p.proxy_bn.mean():.1f} / "
-                  f"{100 * p.proxy_rec_bn.mean():.1f} | {100 * p.test_ft.mean():.1f} (range {100 * p.test_ft.min():.1f}–"
-                  f"{100 * p.test_ft.max():.1f}) | {p.proxy_bn_s.median():.2f} / {p.proxy_rec_bn_s.median():.2f} |")
+        r0, l0, h0 = rho_ci(p.proxy_bn, p.test_ft)
+        r1, l1, h1 = rho_ci(p.proxy_rec_bn, p.test_ft)
+        d, ld, hd = rho_diff_ci(p.proxy_bn, p.proxy_rec_bn, p.test_ft)
+        md.append(f"| {m} | {len(p)} | {r0:.2f} [{l0:.2f}, {h0:.2f}] | {r1:.2f} [{l1:.2f}, {h1:.2f}] | "
+                  f"{d:+.2f} [{ld:+.2f}, {hd:+.2f}] | {100 * p.proxy_bn.mean():.1f} / {100 * p.proxy_rec_bn.mean():.1f} | "
+                  f"{100 * p.test_ft.mean():.1f} (range {100 * p.test_ft.min():.1f}–{100 * p.test_ft.max():.1f}) | "
+                  f"{p.proxy_bn_s.median():.2f} / {p.proxy_rec_bn_s.median():.2f} |")
     return md
 
 
@@ -244,12 +286,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ft-steps", type=int, default=300)
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--sparsity-l1", type=float, default=1e-3, help="train.sparsity_l1 of the bn_scale+L1 model")
+    p.add_argument("--parts", default="a,b,c", help="comma list of the parts to run: a (schedules), b (criteria), c (proxy)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/out/methods"))
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.seeds, args.plans, args.ft_steps = "mnist1d-cnn", "0", 4, 30
     args.models = [m for m in args.models.split(",") if m]
+    args.parts = set(args.parts.split(","))
     args.seeds = [int(x) for x in str(args.seeds).split(",") if x != ""]
     return args
 
@@ -261,7 +305,7 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     t_start = time.perf_counter()
-    cmd = "python benchmarks/methods.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    cmd = " ".join(["python benchmarks/methods.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
     machine = (f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()} ({platform.machine()}), "
                f"torch {torch.__version__}, Python {platform.python_version()}, "
                f"load average at start {os.getloadavg()[0]:.1f}")
@@ -270,9 +314,9 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
     log(f"{cmd} on {machine}")
-    rows, proxies = [], []
+    rows, proxies, base_test = [], [], {}
     for m in args.models:
-        r, p = bench_model(m, args, log)
+        r, p, base_test[m] = bench_model(m, args, log)
         rows += r
         proxies += p
         pd.DataFrame(rows).to_csv(out / "rows.csv", index=False)
@@ -286,8 +330,7 @@ def main(argv: list[str] | None = None) -> Path:
               f"- budget: {args.budget:.0%} MACs; plan: the uniform plan (`strategies.uniform_plan`, no priors) per model; "
               f"fine-tune: {args.ft_steps} Adam steps, lr {args.ft_lr:g}, cosine decay, seeds {args.seeds}; "
               f"bn_scale+L1: base model retrained with train.sparsity_l1 = {args.sparsity_l1:g}",
-              "- base models (test %): " + ", ".join(f"{m} {100 * rows_df[rows_df.model == m].base_test.iloc[0]:.1f}"
-                                                    for m in args.models)]
+              "- base models (test %): " + ", ".join(f"{m} {100 * base_test[m]:.1f}" for m in args.models)]
     md = header + tables(rows_df, proxy_df, args)
     (out / "tables.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
