@@ -17,13 +17,22 @@ from autoprune.search.objective import TrialFailed
 TOKEN = "t" * 32
 
 
-@pytest.fixture
-def agent_url():
-    server = make_server("127.0.0.1", 0, token=TOKEN, device="cpu", max_body=4096)
+def _serve(**kw):
+    server = make_server("127.0.0.1", 0, token=TOKEN, device="cpu", **kw)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def agent_url():
+    yield from _serve(max_body=4096)
+
+
+@pytest.fixture
+def big_agent_url():  # the default body limit: room for an ONNX file
+    yield from _serve()
 
 
 def _post(url, body: bytes, token: str | None = TOKEN, ctype="application/json"):
@@ -69,3 +78,61 @@ def test_dead_agent_fails_the_trial_not_the_study():
                          timeout_s=2, retries=1, backoff_s=0.01)
     with pytest.raises(TrialFailed, match="unreachable"):
         _guard(lambda: client.fingerprint(), client, trial=True)
+
+
+def test_onnx_endpoint_times_an_exported_model(big_agent_url):
+    """(b) an ONNX file, timed with onnxruntime on the agent; anything that is not ONNX is a 400."""
+    import torch
+
+    from autoprune import zoo
+    from autoprune.groups import PrunableModel
+
+    agent_url = big_agent_url
+    client = AgentClient("agent://" + agent_url.removeprefix("http://"), model=MEASURE["model"],
+                         pruning=MEASURE["pruning"], token=TOKEN)
+    pm = PrunableModel(zoo.cnn1d(), torch.zeros(1, 1, 40))
+    pruned = pm.apply(pm.uniform_plan(0.5))
+    pruned._autoprune_plan = None  # an arbitrary module: goes as ONNX
+    st = client.measure_model(pruned, pm.example)
+    assert 0 < st.p10_ms <= st.median_ms <= st.p90_ms < 100 and st.runs >= 50
+    code, ans = _post(agent_url + "/onnx?input_shape=1,40&batch_size=1&threads=1", b"not an onnx model" * 10,
+                      ctype="application/octet-stream")
+    assert code == 400 and "not a loadable ONNX model" in ans["error"]
+    code, _ = _post(agent_url + "/onnx?input_shape=1,40", b"\x08\x07", token=None, ctype="application/octet-stream")
+    assert code == 401
+
+
+@pytest.mark.slow
+def test_search_through_an_agent_meets_the_remeasured_budget(make_spec, monkeypatch):
+    """The whole latency path through an agent on 127.0.0.1: fingerprint, lookup table built on the agent,
+    a search, and the best re-measured on the agent."""
+    server = make_server("127.0.0.1", 0, token=TOKEN, device="cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    calls = []
+    handle = server.RequestHandlerClass.do_POST
+
+    def counting(self):
+        calls.append(self.path.split("?")[0])
+        return handle(self)
+
+    monkeypatch.setattr(server.RequestHandlerClass, "do_POST", counting)
+    monkeypatch.setenv("AUTOPRUNE_AGENT_TOKEN", TOKEN)
+    url = f"agent://127.0.0.1:{server.server_address[1]}"
+    try:
+        from autoprune import api
+
+        spec = make_spec("cnn1d", budget={"latency": 0.8, "device": url, "batch_size": 64, "threads": 1},
+                         pruning={"round_to": 8}, search={"n_trials": 4, "priors": "none"})
+        session = api.session(spec, show_progress=False)
+        result = api.search(session, show_progress=False, test=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["n_trials_complete"] == 4 and result["n_trials_failed"] == 0
+    best = result["best"]
+    assert best is not None, result["rejected_by_remeasure"]
+    assert best["latency_ms"] <= result["budget"]["limit"] == pytest.approx(0.8 * result["budget"]["base"])
+    assert calls.count("/table") == 1  # the lookup table was built on the agent
+    assert calls.count("/measure") >= 2  # the base, then the re-measured best (and Pareto points)
+    (cached,) = (session.cache_dir / "latency").glob("cnn1d-*.json")  # keyed by the agent's fingerprint
+    assert json.loads(cached.read_text())["fingerprint"]["batch_size"] == 64
