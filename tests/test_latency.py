@@ -86,6 +86,13 @@ def test_latency_search_meets_remeasured_budget(make_spec):
     assert all(p["meets_budget"] == (p["latency_ms"] <= limit) for p in result["pareto"])
     runs = api.load(session.run_dir)
     assert runs.trials.latency_ms.notna().sum() == 8
+    # the latency-axis Pareto plot: every trial drawn, the budget line at the limit in ms
+    from autoprune import plots
+
+    fig = plots.pareto_figure(runs, x="latency")
+    assert sum(len(t.x) for t in fig.data if t.name in ("Pareto front", "dominated", "infeasible")) == 8
+    (line,) = [sh for sh in fig.layout.shapes if sh.name == "budget"]
+    assert line.x0 == pytest.approx(limit)
     cached = list((session.cache_dir / "latency").glob("cnn1d-*.json"))
     assert len(cached) == 1
     data = json.loads(cached[0].read_text())
