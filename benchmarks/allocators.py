@@ -454,6 +454,9 @@ def write_tables(out: Path, args, header: list[str], runs: pd.DataFrame, trials:
           "- sensitivity (tpe-priors only) is cached on disk per weights and seed: its evaluations and wall time show "
           "at the first budget of each seed and as 0 where a later budget reused the table",
           "- trials run with 1 torch thread: on this shared machine 2 threads made every evaluation ~30x slower",
+          *(["- tpe-ftproxy: TPE (priors off) whose proxy is BN recalibration + a 30-step fine-tune; its 'val % "
+             "before FT' column is that proxy, so it is higher than the others' by construction"]
+            if not runs.empty and (runs.strategy == "tpe-ftproxy").any() else []),
           ""]
     for model in models:
         if not runs.empty and (runs.model == model).any():
@@ -474,15 +477,16 @@ def write_tables(out: Path, args, header: list[str], runs: pd.DataFrame, trials:
 
 def render(args) -> Path:
     """Merge finished (or interrupted) out dirs into one tables.md; trials come from the run journals when
-    trials.csv is missing."""
+    trials.csv is missing. A later dir replaces an earlier one's rows for the same model, budget, seed and
+    strategy (and its proxy plans for the same model and budget): a partial re-run updates what it re-ran."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs, trials, proxy, header, profiles = [], [], [], [], []
-    for d in [Path(x) for x in args.render.split(",") if x]:
-        r = pd.read_csv(d / "runs.csv")
+    for src, d in enumerate(Path(x) for x in args.render.split(",") if x):
+        r = pd.read_csv(d / "runs.csv").assign(_src=src)
         runs.append(r)
         if (d / "trials.csv").exists():
-            trials.append(pd.read_csv(d / "trials.csv"))
+            trials.append(pd.read_csv(d / "trials.csv").assign(_src=src))
         else:
             for _, row in r.iterrows():
                 t = api.load(d / "runs" / f"{row.model}-{row.budget}-s{row.seed}-{row.strategy}").trials
@@ -491,9 +495,9 @@ def render(args) -> Path:
                 t.insert(0, "seed", row.seed)
                 t.insert(0, "budget", row.budget)
                 t.insert(0, "model", row.model)
-                trials.append(t)
+                trials.append(t.assign(_src=src))
         if (d / "proxy.csv").exists():
-            proxy.append(pd.read_csv(d / "proxy.csv"))
+            proxy.append(pd.read_csv(d / "proxy.csv").assign(_src=src))
         if (d / "header.md").exists():
             header += (d / "header.md").read_text().splitlines()
         else:  # an interrupted run: its first log line has the command and the machine
@@ -503,6 +507,15 @@ def render(args) -> Path:
             profiles.append((d / "profiles.md").read_text())
     cat = lambda fs: pd.concat(fs, ignore_index=True) if fs else pd.DataFrame()  # noqa: E731
     runs, trials, proxy = cat(runs), cat(trials), cat(proxy)
+    key = ["model", "budget", "seed", "strategy"]
+    runs = runs.drop_duplicates(key, keep="last")
+    if not trials.empty:
+        kept = runs[key + ["_src"]].rename(columns={"strategy": "label"})
+        trials = trials.merge(kept, on=["model", "budget", "seed", "label", "_src"])
+    if not proxy.empty:
+        last = proxy.groupby(["model", "budget"])._src.transform("max")
+        proxy = proxy[proxy._src == last]
+    runs, trials, proxy = (df.drop(columns=["_src"], errors="ignore").reset_index(drop=True) for df in (runs, trials, proxy))
     for name, df in (("runs", runs), ("trials", trials), ("proxy", proxy)):
         df.to_csv(out / f"{name}.csv", index=False)
     write_tables(out, args, header, runs, trials, proxy, profiles)
