@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from autoprune import api
 from autoprune.search.objective import evaluate_plan
@@ -16,14 +17,20 @@ from autoprune.sensitivity import _key, run_sensitivity
 
 @pytest.fixture
 def sessions(make_spec):
-    """The same cnn1d (one trained checkpoint) with reconstruction off and on."""
+    """The same cnn1d (one trained checkpoint) with reconstruction off and on.
+
+    One torch thread while these tests run: on the shared 2-core machines two intra-op threads competing with other
+    processes made this file take 104 s instead of 7 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     spec = make_spec("cnn1d")
     off = api.session(spec, show_progress=False)
     on_spec = copy.deepcopy(spec)
     on_spec["name"] += "-rec"
     on_spec["evaluation"]["reconstruct"] = True
     on = api.session(on_spec, show_progress=False)
-    return off, on
+    yield off, on
+    torch.set_num_threads(threads)
 
 
 def test_reconstruction_changes_the_proxy_and_every_path_uses_it(sessions):
