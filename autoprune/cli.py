@@ -228,6 +228,10 @@ def finetune(
     schedule: str = typer.Option("oneshot", help="oneshot | polynomial (TF-MOT PolynomialDecay) | agp (Zhu & Gupta)"),
     steps: Optional[int] = typer.Option(None, help="Fine-tune steps (default 300)."),
     frequency: int = typer.Option(25, help="Prune every N steps (gradual schedules)."),
+    initial: float = typer.Option(0.0, help="polynomial: fraction of the final ratios pruned at --begin-step."),
+    power: float = typer.Option(3.0, help="polynomial: decay power (3 with --initial 0 is AGP; 1 is a linear ramp)."),
+    begin_step: int = typer.Option(0, help="Gradual schedules: first pruning step."),
+    end_step: Optional[int] = typer.Option(None, help="Gradual schedules: step that reaches the plan (default 2/3 of --steps)."),
     reconstruct: bool = typer.Option(False, help="Least-squares reconstruction of consuming layers before fine-tuning (one-shot)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: train.lr / 10)."),
     strategy: str = typer.Option("optuna", help="Which strategy's best plan."),
@@ -237,7 +241,8 @@ def finetune(
     from autoprune.finetune import finetune_run
 
     typer.echo(json.dumps(finetune_run(run, schedule=schedule, steps=steps, lr=lr, strategy=strategy, out=out,
-                                       frequency=frequency, reconstruct=reconstruct),
+                                       frequency=frequency, reconstruct=reconstruct, initial=initial, power=power,
+                                       begin_step=begin_step, end_step=end_step),
                           indent=2, default=str))
 
 

@@ -142,6 +142,10 @@ def finetune_run(
     out: str | Path | None = None,
     frequency: int = 25,
     reconstruct: bool = False,
+    initial: float = 0.0,
+    power: float = 3.0,
+    begin_step: int = 0,
+    end_step: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune a run's best plan with a schedule, export it, and return metrics and costs."""
@@ -152,7 +156,8 @@ def finetune_run(
     plan = api.plan_of(s.run_dir, strategy=strategy)
     steps = 300 if steps is None else steps
     lr = lr if lr is not None else s.spec.train.lr / 10  # common practice: 1/10 of the training lr
-    sched = Schedule(schedule, steps=steps, frequency=frequency)
+    sched = Schedule(schedule, steps=steps, frequency=frequency, initial=initial, power=power,
+                     begin_step=begin_step, end_step=end_step)
     model = finetune(s.pruner, plan, s.target.datasets, schedule=sched, lr=lr, batch_size=s.spec.data.batch_size,
                      seed=s.spec.search.seed, show_progress=show_progress,
                      reconstruct_batches=s.evaluator.calibration if reconstruct else None)

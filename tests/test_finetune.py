@@ -18,6 +18,13 @@ def test_schedule_fractions():
     agp = Schedule("agp", steps=90, frequency=10, initial=0.5)  # AGP always starts from zero
     assert agp.fraction(30) == pytest.approx(1 - 0.5 ** 3)
     assert Schedule("oneshot", steps=10).pruning_steps() == [0]
+    # TF-MOT polynomial from an initial fraction, linear ramp between begin and end step
+    lin = Schedule("polynomial", steps=100, frequency=10, initial=0.2, power=1.0, begin_step=20, end_step=60)
+    assert lin.fraction(10) == 0.0 and lin.fraction(20) == pytest.approx(0.2)
+    assert lin.fraction(40) == pytest.approx(0.6) and lin.fraction(60) == 1.0
+    assert lin.pruning_steps() == [20, 30, 40, 50, 60]
+    # the defaults (initial 0, power 3) are AGP's curve
+    assert all(Schedule("polynomial", steps=90).fraction(t) == Schedule("agp", steps=90).fraction(t) for t in range(91))
     with pytest.raises(Exception, match="unknown"):
         Schedule("linear")
 
@@ -60,3 +67,31 @@ def test_sparsity_l1_drives_bn_scales_down(make_spec):
     plain, sparse = mean_scale(0.0), mean_scale(1e-2)
     # measured: 1.003 without the penalty, 0.786 with it (3 epochs, Adam); BN scales start at 1
     assert sparse < 0.85 * plain, (plain, sparse)
+
+
+def test_finetune_cli_polynomial_reaches_the_best_plan(make_spec, tmp_path, capsys):
+    """`autoprune finetune SPEC --schedule polynomial --initial --power ...` end to end: exported, exact widths."""
+    import json
+
+    import yaml
+
+    from autoprune.cli import main
+    from autoprune.export import load_pruned
+
+    spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 4, "priors": "none"})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = api.search(str(path), show_progress=False, test=False)
+    argv = ["finetune", str(path), "--schedule", "polynomial", "--steps", "12", "--frequency", "4",
+            "--initial", "0.2", "--power", "1", "--end-step", "8", "--out", str(tmp_path / "ft")]
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert not e.code
+    out = json.loads(capsys.readouterr().out)
+    assert out["schedule"] == "polynomial" and out["steps"] == 12
+    assert out["costs"]["macs_ratio"] == pytest.approx(result["best"]["macs_ratio"], abs=1e-9)
+    assert 0.1 < out["metrics"]["test"] <= 1.0
+    model = load_pruned(tmp_path / "ft")
+    s = api.session(str(path), show_progress=False)
+    assert widths(model) == widths(s.pruner.apply(api.plan_of(s.run_dir)))
