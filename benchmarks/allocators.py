@@ -107,12 +107,12 @@ def latency_budget(spec: dict, fraction: float) -> dict | None:
     return {"latency": fraction, "device": "cpu", "batch_size": 1, "threads": 1}
 
 
-def finetune_and_test(session, plan: PruningPlan, args, seed: int) -> dict:
-    """The same final fine-tune for every plan: Adam, `--ft-steps` steps, `--ft-lr`, seed; then val/test."""
+def finetune_and_test(session, plan: PruningPlan, args, seed: int, steps: int | None = None) -> dict:
+    """The same final fine-tune for every plan: Adam, `--ft-steps` (or `steps`) steps, `--ft-lr`, seed; then val/test."""
     model = session.pruner.apply(plan)
     t0 = time.perf_counter()
     train_model(model, session.target.datasets["train"], epochs=10**6, lr=args.ft_lr, batch_size=session.spec.data.batch_size,
-                seed=seed, max_steps=args.ft_steps, show_progress=False)
+                seed=seed, max_steps=steps or args.ft_steps, show_progress=False)
     ft_s = time.perf_counter() - t0
     return {"model": model, "val_ft": session.evaluator.score(model, "val"), "test_ft": session.evaluator.score(model, "test"),
             "ft_s": ft_s}
@@ -158,9 +158,11 @@ def run_one(model: str, budget_label: str, budget: dict, seed: int, label: str, 
         return row, trials
     plan = PruningPlan.from_dict(best["plan"])
     ft = finetune_and_test(s, plan, args, seed)
+    short = finetune_and_test(s, plan, args, seed, steps=args.ft_short_steps) if args.ft_short_steps else None
     lat = measure_latency(ft["model"], torch.randn(1, *spec["model"]["input_shape"]), threads=1, runs=30, time_budget_s=args.lat_s)
     row.update({
-        "test_ft": ft["test_ft"], "val_ft": ft["val_ft"], "val_proxy": best["metric_val"], "test_proxy": best.get("metric_test"),
+        "test_ft": ft["test_ft"], "val_ft": ft["val_ft"], "val_proxy": best["metric_val"],
+        "test_ft_short": short["test_ft"] if short else None, "test_proxy": best.get("metric_test"),
         "macs_ratio": best["macs_ratio"], "params_ratio": best["params_ratio"], "measured_cost": best["measured_cost"],
         "budget_met": bool(best["measured_cost"] <= res["budget"]["limit"] * (1 + 1e-9)),
         "latency_ms": lat.median_ms, "evals_search": res["evaluations"] - res["sensitivity_evaluations"],
@@ -248,13 +250,15 @@ def model_table(runs: pd.DataFrame, model: str) -> str:
     out = []
     for budget, g in runs[runs.model == model].groupby("budget", sort=False):
         rows = []
-        for label in STRATEGIES:
+        for label in ALL_STRATEGIES:
             r = g[g.strategy == label]
             if r.empty:
                 continue
+            short = r.test_ft_short if "test_ft_short" in r else pd.Series(dtype=float)
             rows.append({
                 "strategy": label,
                 "test % after FT": _pm(r.test_ft, 100),
+                "test % after short FT": _pm(short, 100) if short.notna().any() else "",
                 "val % before FT": _pm(r.val_proxy, 100),
                 "MACs ratio": _pm(r.macs_ratio, 1, 3),
                 "params ratio": _pm(r.params_ratio, 1, 3),
@@ -332,6 +336,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=60, help="evaluations per iterative strategy (sensitivity counted apart)")
     p.add_argument("--ft-steps", type=int, default=300, help="final fine-tune steps, the same for every plan")
     p.add_argument("--ft-lr", type=float, default=1e-3)
+    p.add_argument("--ft-short-steps", type=int, default=50,
+                   help="also fine-tune each chosen plan this many steps (a low-recovery regime where allocations "
+                        "differ more; 0: skip)")
+    p.add_argument("--short-ft-only", default=None,
+                   help="only add the short fine-tune to an existing out dir's runs.csv (rows that lack it), then re-render")
     p.add_argument("--proxy-plans", type=int, default=15, help="random-search plans fine-tuned for the proxy correlation")
     p.add_argument("--proxy-ft-steps", type=int, default=30,
                    help="steps of the short-fine-tune proxy compared with the BN-recalibration proxy (0: skip)")
@@ -343,6 +352,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.budgets, a.seeds = "mnist1d-cnn", "macs50", "0"
+        a.ft_short_steps = min(a.ft_short_steps, 5)
         a.trials, a.ft_steps, a.proxy_plans, a.lat_s = min(a.trials, 8), min(a.ft_steps, 20), min(a.proxy_plans, 4), 0.3
         a.no_profile = True
     return a
@@ -353,6 +363,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.render:
         return render(args)
     torch.set_num_threads(args.threads)
+    if args.short_ft_only:
+        return add_short_finetune(Path(args.short_ft_only), args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = (out / "log.txt").open("a")
@@ -448,7 +460,7 @@ def write_tables(out: Path, args, header: list[str], runs: pd.DataFrame, trials:
     models = list(dict.fromkeys(runs.model)) if not runs.empty else []
     md = [f"# Allocator benchmark ({started:%Y-%m-%d})", *header,
           f"- {args.trials} evaluations per iterative strategy (sensitivity evaluations counted apart), final fine-tune: "
-          f"{args.ft_steps} Adam steps, lr {args.ft_lr}, cosine, seed = run seed, the same for every plan; "
+          f"{args.ft_steps} Adam steps (short FT: {args.ft_short_steps}), lr {args.ft_lr}, cosine, seed = run seed, the same for every plan; "
           "selection on val (BN-recalibrated proxy), numbers on test; mean ± std over seeds "
           f"{','.join(map(str, seeds))}",
           "- sensitivity (tpe-priors only) is cached on disk per weights and seed: its evaluations and wall time show "
@@ -473,6 +485,30 @@ def write_tables(out: Path, args, header: list[str], runs: pd.DataFrame, trials:
     if not proxy.empty:
         md += ["## Proxy fidelity: random-search plans (seed 0) fine-tuned with the same schedule", "", proxy_table(proxy), ""]
     (out / "tables.md").write_text("\n".join(md))
+
+
+def add_short_finetune(d: Path, args) -> Path:
+    """Fill `test_ft_short` in an out dir made before the short fine-tune existed: each row's chosen plan,
+    rebuilt in the same session (same cached model), fine-tuned `--ft-short-steps` steps with the row's seed."""
+    runs = pd.read_csv(d / "runs.csv")
+    if "test_ft_short" not in runs:
+        runs["test_ft_short"] = np.nan
+    args.out = str(d)
+    for i, r in runs.iterrows():
+        if pd.notna(r.test_ft_short) or not isinstance(r.get("plan"), str):
+            continue
+        budget = BUDGETS[r.budget] if not isinstance(BUDGETS[r.budget], tuple) else latency_budget({}, BUDGETS[r.budget][1])
+        strategy, search, *extra = ALL_STRATEGIES[r.strategy]
+        spec = _merge(base_spec(r.model, args, budget), {"search": {"seed": int(r.seed), "n_trials": args.trials, **search}})
+        for overrides in extra:
+            spec = _merge(spec, overrides)
+        spec["name"] = f"{r.model}-{r.budget}-s{r.seed}-{r.strategy}"
+        s = api.session(spec, show_progress=False)
+        plan = s.pruner.plan(json.loads(r.plan))
+        runs.loc[i, "test_ft_short"] = finetune_and_test(s, plan, args, int(r.seed), steps=args.ft_short_steps)["test_ft"]
+        runs.to_csv(d / "runs.csv", index=False)
+        print(f"{spec['name']}: test after {args.ft_short_steps}-step FT {runs.loc[i, 'test_ft_short']:.4f}", flush=True)
+    return d
 
 
 def render(args) -> Path:
