@@ -56,3 +56,20 @@ def test_quick_benchmark_has_every_strategy_within_budget(tmp_path):
     assert table.count("| 1/1 |") == 8  # budget met in every row
     for section in ("## Efficiency", "## Overhead per trial", "## Proxy fidelity", "Spearman(val proxy, test after FT)"):
         assert section in md
+
+
+@pytest.mark.slow
+def test_quick_methods_benchmark_fills_every_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("methods_bench", ROOT / "benchmarks" / "methods.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--quick", "--out", str(tmp_path / "methods")])
+    rows = pd.read_csv(out / "rows.csv")
+    assert rows.test_ft.between(0.1, 1.0).all() and (rows.macs_ratio <= 0.3).all()
+    assert set(rows.part) >= {"schedule", "criterion"}
+    assert {"one-shot", "AGP (cubic)", "l2", "bn_scale+L1", "obd", "apoz", "fpgm", "random"} <= set(rows.method)
+    text = (out / "tables.md").read_text()
+    for part in ("Schedules", "Criteria", "Proxy fidelity"):
+        assert part in text, part
+    for name in ("one-shot", "AGP", "fpgm", "apoz", "obd", "bn_scale"):
+        assert name in text, name
