@@ -125,6 +125,9 @@ class SearchSpec(_Section):
     max_concurrent_trials: int = Field(1, gt=0)
     ray_address: str | None = None
     netadapt_step: float = Field(0.1, gt=0, lt=1, description="cost cut per NetAdapt step, fraction of the unpruned cost")
+    rerank_top_k: int = Field(0, ge=0, description="re-rank the k best trials, plus the uniform, global and LAMP "
+                              "plans (enqueued as warm starts), by val after a short fine-tune before picking the best; 0: off")
+    rerank_steps: int = Field(50, gt=0, description="fine-tune steps of each re-ranked candidate")
 
     @field_validator("objectives")
     @classmethod

@@ -144,3 +144,24 @@ def test_a_trial_costs_few_storage_writes(make_spec, tmp_path):
     a = trial_attrs(done[0])
     assert {"plan", "metric", "macs_ratio", "feasible", "cost", "worker"} <= set(a)
     assert a["macs_ratio"] <= 0.5 + 1e-9
+
+
+def test_rerank_picks_the_best_after_a_short_finetune(make_spec):
+    """search.rerank_top_k: the k best trials by the proxy and the heuristics' plans (uniform, global, LAMP as
+    warm starts) are fine-tuned briefly on val; the best is the best of that second fidelity."""
+    spec = make_spec("cnn1d", budget={"macs": 0.4},
+                     search={"n_trials": 8, "priors": "none", "rerank_top_k": 3, "rerank_steps": 10})
+    run = run_search(_session(spec), show_progress=False)
+    from autoprune.results import summarize
+
+    result = summarize(run, test=False, write=False)
+    warm = sorted(trial_attrs(t)["warm_start"] for t in run.study.trials if "warm_start" in trial_attrs(t))
+    assert warm == ["global", "lamp", "uniform"]
+    rr = result["rerank"]
+    assert 4 <= len(rr) <= 6 and {r["warm_start"] for r in rr} >= {"global", "lamp", "uniform"}
+    scores = [r["metric_rerank"] for r in rr]
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    assert result["best"]["trial"] == rr[0]["trial"] and result["best"]["metric_rerank"] == scores[0]
+    # a short fine-tune changes the picture: the proxy and the re-rank score differ
+    assert any(abs(r["metric_rerank"] - r["metric_val"]) > 0.01 for r in rr)
+    assert result["best"]["macs_ratio"] <= 0.4 + 1e-9

@@ -313,10 +313,13 @@ def _create_or_load(storage, name: str, dirs: list[str], spec, strategy: str, mo
 
 
 def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session) -> None:
-    """Sensitivity-greedy and uniform allocations, clipped into the bounds, enqueued once at creation."""
+    """Sensitivity-greedy and uniform allocations (and global, LAMP when re-ranking), clipped into the bounds,
+    enqueued once at creation."""
     starts: list[tuple[str, PruningPlan]] = [("uniform", space.uniform())]
     if session.spec.search.priors == "sensitivity":
         starts.insert(0, ("sensitivity-greedy", space.greedy(session.sensitivity().table)))
+    if session.spec.search.rerank_top_k:  # the heuristics' plans become re-rank candidates (results.summarize)
+        starts += [("global", strategies.ranked_plan(space, "global_l2")), ("lamp", strategies.ranked_plan(space, "lamp"))]
     for label, plan in starts:
         params = space.clip(plan.ratios)
         study.enqueue_trial(params, user_attrs={"warm_start": label}, skip_if_exists=True)
