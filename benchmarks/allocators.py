@@ -281,6 +281,27 @@ def model_table(runs: pd.DataFrame, model: str) -> str:
     return "\n\n".join(out)
 
 
+def summary_table(runs: pd.DataFrame) -> str:
+    """One row per model and budget, one column per strategy: mean test % after the fine-tune [after the short
+    one]; the row's best (by the long fine-tune) in bold."""
+    labels = [lab for lab in ALL_STRATEGIES if (runs.strategy == lab).any()]
+    rows = []
+    for (model, budget), g in runs.groupby(["model", "budget"], sort=False):
+        means = {lab: g[g.strategy == lab].test_ft.mean() for lab in labels}
+        top = max((v for v in means.values() if pd.notna(v)), default=None)
+        row = {"model": model, "budget": budget}
+        for lab in labels:
+            v = means[lab]
+            if pd.isna(v):
+                row[lab] = ""
+                continue
+            short = g[g.strategy == lab].test_ft_short.mean() if "test_ft_short" in g else float("nan")
+            cell = f"{100 * v:.2f}" + (f" [{100 * short:.1f}]" if pd.notna(short) else "")
+            row[lab] = f"**{cell}**" if top is not None and v >= top - 1e-12 else cell
+        rows.append(row)
+    return _md(pd.DataFrame(rows))
+
+
 def efficiency_table(runs: pd.DataFrame) -> str:
     r = runs[runs.strategy.isin(ITERATIVE)]
     rows = []
@@ -478,6 +499,9 @@ def write_tables(out: Path, args, header: list[str], runs: pd.DataFrame, trials:
              "before FT' column is that proxy, so it is higher than the others' by construction"]
             if not runs.empty and (runs.strategy == "tpe-ftproxy").any() else []),
           ""]
+    if not runs.empty:
+        md += ["## Summary: test % after the fine-tune, mean over seeds (best per row in bold; short FT in brackets)", "",
+               summary_table(runs), ""]
     for model in models:
         if not runs.empty and (runs.model == model).any():
             md += [f"## {model}", "", model_table(runs, model), ""]
