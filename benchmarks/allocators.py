@@ -151,7 +151,12 @@ def run_one(model: str, budget_label: str, budget: dict, seed: int, label: str, 
         s.sensitivity()  # timed apart from the search (cached on disk per seed; both are reported)
         sens_s = time.perf_counter() - t0
     t_search = time.perf_counter()
-    res = api.search(s, strategy=strategy, n_trials=args.trials, show_progress=False)
+    try:
+        res = api.search(s, strategy=strategy, n_trials=args.trials, show_progress=False)
+    except AutopruneError as e:  # e.g. a latency budget that this process's base measurement makes unreachable
+        log(f"{spec['name']}: {e}")
+        return ({"model": model, "budget": budget_label, "seed": seed, "strategy": label, "budget_met": False,
+                 "note": str(e).split(". ")[0]}, pd.DataFrame())
     t_search = time.perf_counter() - t_search  # with the selection (re-measure, re-rank), not only the trials
     trials = api.load(s.run_dir).trials
     trials = trials[trials.strategy == strategy].copy()
