@@ -12,7 +12,7 @@ import torch
 from autoprune import api, zoo
 from autoprune.costs import measure_latency
 from autoprune.groups import PrunableModel
-from autoprune.latency import LatencyTable, analyse_calls, latency_budget
+from autoprune.latency import LatencyTable, analyse_calls, latency_budget, model_key, table_path
 
 LAT64 = {"device": "cpu", "batch_size": 64, "threads": 1}
 
@@ -93,7 +93,8 @@ def test_latency_search_meets_remeasured_budget(make_spec):
     assert sum(len(t.x) for t in fig.data if t.name in ("Pareto front", "dominated", "infeasible")) == 8
     (line,) = [sh for sh in fig.layout.shapes if sh.name == "budget"]
     assert line.x0 == pytest.approx(limit)
-    cached = list((session.cache_dir / "latency").glob("cnn1d-*.json"))
-    assert len(cached) == 1
-    data = json.loads(cached[0].read_text())
+    # cached under this device's fingerprint (other tests cache other devices' tables beside it)
+    cached = table_path(session.spec, budget.device.fingerprint(), model_key(session.spec, session.pruner.prunable_names))
+    assert cached.parent == session.cache_dir / "latency" and cached.name.startswith("cnn1d-")
+    data = json.loads(cached.read_text())
     assert data["fingerprint"]["batch_size"] == 64 and data["fingerprint"]["threads"] == 1
