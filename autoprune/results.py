@@ -160,8 +160,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         best = _record(row, plan)
         best["measured_cost"] = measured
         if reranked:
-            best["metric_rerank"] = next(r["metric_rerank"] for r in reranked if r["trial"] == best["trial"]) \
-                if any(r["trial"] == best["trial"] for r in reranked) else None
+            best["metric_rerank"] = {r["trial"]: r["metric_rerank"] for r in reranked}.get(best["trial"])
         if latency:
             best["latency_ms"] = measured
         if test:
