@@ -11,3 +11,8 @@ class AutopruneError(Exception):
 
 class BudgetUnreachableError(AutopruneError):
     """The budget is below the smallest model the pruning settings can reach."""
+
+
+class TrialFailed(RuntimeError):
+    """An evaluation that produced no usable metric (NaN/inf, exception, out of memory, a dead latency agent):
+    the trial is recorded as failed and the study goes on. Not an input error, so not an AutopruneError."""

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from autoprune.costs import LatencyStats, measure_latency
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, TrialFailed
 from autoprune.plan import PruningPlan, channels_kept
 
 log = logging.getLogger(__name__)
@@ -558,7 +558,5 @@ def _guard(fn: Callable[[], Any], dev, *, trial: bool = False) -> Any:
         return fn()
     except AgentUnavailable as e:
         if trial:
-            from autoprune.search.objective import TrialFailed
-
             raise TrialFailed(str(e)) from e
         raise AutopruneError(str(e)) from None

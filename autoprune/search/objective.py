@@ -13,12 +13,9 @@ from typing import Any
 
 import optuna
 
+from autoprune.errors import TrialFailed
 from autoprune.plan import PruningPlan
 from autoprune.search.space import SearchSpace
-
-
-class TrialFailed(RuntimeError):
-    """An evaluation that produced no usable metric (NaN/inf, exception, out of memory)."""
 
 
 @dataclass
