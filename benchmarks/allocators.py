@@ -548,6 +548,14 @@ def add_short_finetune(d: Path, args) -> Path:
     return d
 
 
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV, or an empty frame where a run skipped every budget (its header says why)."""
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=["model", "budget", "seed", "strategy"])
+
+
 def render(args) -> Path:
     """Merge finished (or interrupted) out dirs into one tables.md; trials come from the run journals when
     trials.csv is missing. A later dir replaces an earlier one's rows for the same model, budget, seed and
@@ -556,10 +564,10 @@ def render(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     runs, trials, proxy, header, profiles = [], [], [], [], []
     for src, d in enumerate(Path(x) for x in args.render.split(",") if x):
-        r = pd.read_csv(d / "runs.csv").assign(_src=src)
+        r = _read_csv(d / "runs.csv").assign(_src=src)
         runs.append(r)
         if (d / "trials.csv").exists():
-            trials.append(pd.read_csv(d / "trials.csv").assign(_src=src))
+            trials.append(_read_csv(d / "trials.csv").assign(_src=src))
         else:
             for _, row in r.iterrows():
                 t = api.load(d / "runs" / f"{row.model}-{row.budget}-s{row.seed}-{row.strategy}").trials
