@@ -22,6 +22,7 @@ import torch_pruning as tp
 from autoprune import criteria
 from autoprune.errors import AutopruneError
 from autoprune.plan import PruningPlan, channels_kept
+from autoprune.task import call_model, output_signature, tensors_of
 
 log = logging.getLogger(__name__)
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -59,8 +60,10 @@ def _module_names(model: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
 
-def find_output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Conv/linear layers whose output is the model's output (never pruned): the classifier."""
+def find_output_layers(model: nn.Module, example) -> list[str]:
+    """Conv/linear layers whose output is the model's output (never pruned): the classifier.
+
+    `example` is the model's inputs (a tensor, a tuple of positional arguments or a dict of keyword ones)."""
     produced: dict[int, str] = {}
     order: list[str] = []
     hooks = []
@@ -72,12 +75,13 @@ def find_output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
             hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            out = model(example)
+            out = call_model(model, example)
     finally:
         for h in hooks:
             h.remove()
-    if id(out) in produced:
-        return [produced[id(out)]]
+    hit = [produced[id(t)] for t in tensors_of(out) if id(t) in produced]
+    if hit:
+        return list(dict.fromkeys(hit))
     return order[-1:]
 
 
@@ -87,7 +91,7 @@ class PrunableModel:
     def __init__(
         self,
         model: nn.Module,
-        example_input: torch.Tensor,
+        example_input,
         *,
         ignore: Sequence[str] = (),
         criterion: str = "l2",
@@ -294,9 +298,11 @@ class PrunableModel:
             out[g.name] = self._selection[key]
         return out
 
-    def _forward_shape(self, model: nn.Module) -> tuple[int, ...]:
+    def _forward_shape(self, model: nn.Module) -> tuple:
+        """Shapes of every tensor the model returns on the example (a tensor's shape for a plain model)."""
         with torch.no_grad():
-            return tuple(model.eval()(self.example).shape)
+            sig = output_signature(call_model(model.eval(), self.example))
+        return sig[0] if len(sig) == 1 else sig
 
     @property
     def names(self) -> list[str]:

@@ -29,7 +29,8 @@ class ModelSpec(_Section):
     factory: str = Field(description="package.module:callable returning an nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
-    input_shape: list[int] = Field(description="per-sample input shape, e.g. [1, 40]")
+    input_shape: list[int] | None = Field(None, description="per-sample input shape, e.g. [1, 40]; optional: the example "
+                                          "input for tracing, costs and latency comes from a real batch of the data")
 
     @field_validator("factory")
     @classmethod
@@ -40,8 +41,8 @@ class ModelSpec(_Section):
 
     @field_validator("input_shape")
     @classmethod
-    def _shape(cls, v: list[int]) -> list[int]:
-        if not v or any(d <= 0 for d in v):
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(d <= 0 for d in v)):
             raise ValueError(f"must be a non-empty list of positive integers, got {v}")
         return v
 
@@ -52,6 +53,27 @@ class DataSpec(_Section):
     batch_size: int = Field(128, gt=0)
 
     _factory_path = field_validator("factory")(ModelSpec._factory_path.__func__)  # type: ignore[attr-defined]
+
+
+TASK_KINDS = ("classification", "regression", "distillation")
+
+
+class TaskSpec(_Section):
+    """What is scored and what fine-tuning minimises (see autoprune.task)."""
+
+    kind: Literal[TASK_KINDS] = "classification"  # type: ignore[valid-type]
+    factory: str | None = Field(None, description="package.module:callable returning an autoprune.task.Task (custom task)")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    output: str = Field("auto", description="the output field to score: auto | logits | last_hidden_state | "
+                        "pooler_output | pooled (mean over attention_mask; distillation) | a dict key")
+    loss: str | None = Field(None, description="distillation loss: kl | mse | cosine (default by output)")
+    metric: str | None = Field(None, description="distillation metric: cosine | agreement (default by output)")
+    temperature: float = Field(1.0, gt=0)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_path(cls, v: str | None) -> str | None:
+        return None if v is None else ModelSpec._factory_path.__func__(cls, v)  # type: ignore[attr-defined]
 
 
 class TrainSpec(_Section):
@@ -165,6 +187,7 @@ class Spec(_Section):
     name: str
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
+    task: TaskSpec = Field(default_factory=TaskSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     budget: BudgetSpec
