@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from autoprune.groups import ROOT_TYPES, GroupInfo, PrunableModel, _PER_CHANNEL
 from autoprune.plan import PruningPlan
+from autoprune.task import batch_len, call_model, to_device
 
 try:  # the CPU flash-attention op is missing from torch's flop table
     _SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -77,7 +78,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
-            model(example)
+            call_model(model, example)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return int(fc.get_total_flops()) // 2
@@ -128,7 +129,7 @@ def measure_latency(
     CUDA is synchronised around every run; the CPU thread count is fixed while timing."""
     dev = torch.device(device)
     model = model.to(dev).eval()
-    x = example.to(dev)
+    x = to_device(example, dev)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -137,13 +138,13 @@ def measure_latency(
     try:
         with torch.inference_mode():
             for _ in range(warmup):
-                model(x)
+                call_model(model, x)
             sync()
             start = time.perf_counter()
             while True:
                 sync()
                 t0 = time.perf_counter()
-                model(x)
+                call_model(model, x)
                 sync()
                 times.append((time.perf_counter() - t0) * 1e3)
                 n = len(times)
@@ -159,7 +160,7 @@ def measure_latency(
         torch.set_num_threads(old_threads)
     s = sorted(times)
     q = lambda f: s[min(int(f * len(s)), len(s) - 1)]  # noqa: E731
-    return LatencyStats(statistics.median(s), q(0.1), q(0.9), len(s), str(dev), threads, int(example.shape[0]))
+    return LatencyStats(statistics.median(s), q(0.1), q(0.9), len(s), str(dev), threads, batch_len(example))
 
 
 @dataclass
@@ -215,7 +216,7 @@ class CostModel:
         torch.backends.mha.set_fastpath_enabled(False)
         try:
             with torch.no_grad():
-                model(example)
+                call_model(model, example)
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
             for h in hooks:

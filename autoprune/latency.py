@@ -41,6 +41,7 @@ import torch_pruning as tp
 
 from autoprune.costs import LatencyStats, measure_latency
 from autoprune.errors import AutopruneError, TrialFailed
+from autoprune.task import call_model, resize_batch, slice_batch
 from autoprune.plan import PruningPlan, channels_kept
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def _record_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, lis
         hooks.append(m.register_forward_hook(post))
     try:
         with torch.no_grad():
-            model.eval()(x)
+            call_model(model.eval(), x)
     finally:
         for h in hooks:
             h.remove()
@@ -325,8 +326,9 @@ class LatencyTable:
         return cls(**d)
 
 
-def _batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return example[:1].expand(batch_size, *example.shape[1:]).contiguous()
+def _batch(example, batch_size: int):
+    """`batch_size` copies of the example's first sample (a tensor, tuple or dict of inputs)."""
+    return resize_batch(slice_batch(example, 0, 1), batch_size)
 
 
 def _timer(device: str, threads: int | None, settings: dict) -> Callable[[nn.Module, torch.Tensor], LatencyStats]:
