@@ -20,6 +20,7 @@ from autoprune.errors import AutopruneError
 from autoprune.groups import PrunableModel
 from autoprune.plan import PruningPlan
 from autoprune.target import build_model
+from autoprune.task import to_device
 
 MANIFEST_VERSION = 1
 
@@ -34,22 +35,32 @@ def export_model(
     base_costs=None,
     metrics: dict[str, float] | None = None,
     onnx: bool = True,
+    example: Any = None,
+    task: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a pruned model and its manifest; returns the manifest."""
+    """Write a pruned model and its manifest; returns the manifest.
+
+    `example` is one batch of the model's inputs (a tensor, tuple or dict, from the data); it is saved as
+    `example.pt` (tensors only, loadable with weights_only=True) so `load_pruned` can trace the model again.
+    Without it the example is a random tensor of `model_spec["input_shape"]`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    example = torch.randn(1, *model_spec["input_shape"])
+    if example is None:
+        example = torch.randn(1, *model_spec["input_shape"])
+    example = to_device(example, "cpu")
     torch.save(model.state_dict(), out / "model.pt")
+    torch.save(example, out / "example.pt")
     costs = cost_report(model, example, base_costs).to_dict()
     manifest = {
         "version": MANIFEST_VERSION,
-        "model": {k: model_spec[k] for k in ("factory", "kwargs", "input_shape")},
+        "model": {k: model_spec.get(k) for k in ("factory", "kwargs", "input_shape")},
+        "task": task or {},
         "pruning": {k: pruning[k] for k in ("ignore", "round_to", "mode", "criterion")},
         "plan": plan.to_dict(),
         "costs": costs,
         "metrics": metrics or {},
-        "files": ["model.pt", "manifest.json", "costs.json"],
+        "files": ["model.pt", "example.pt", "manifest.json", "costs.json"],
     }
     (out / "costs.json").write_text(json.dumps(costs, indent=2))
     if onnx:
@@ -59,11 +70,19 @@ def export_model(
     return manifest
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """ONNX via the TorchScript exporter (dynamo=False needs no onnxscript); a clear error on unsupported ops."""
+def export_onnx(model: nn.Module, example: Any, path: str | Path) -> Path:
+    """ONNX via the TorchScript exporter (dynamo=False needs no onnxscript); a clear error on unsupported ops.
+    A dict example becomes named ONNX inputs (its keys), a tuple positional ones."""
     try:
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17)
+        if isinstance(example, torch.Tensor):
+            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17)
+        elif isinstance(example, dict):
+            names = list(example)
+            torch.onnx.export(model, (), str(path), kwargs=dict(example), dynamo=False, input_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in names}, opset_version=17)
+        else:
+            torch.onnx.export(model, tuple(example), str(path), dynamo=False, opset_version=17)
     except Exception as e:
         raise AutopruneError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                              "export without ONNX (--no-onnx) or replace the unsupported op") from None
@@ -79,7 +98,10 @@ def load_pruned(export_dir: str | Path) -> nn.Module:
         raise AutopruneError(f"{d} is not an autoprune export (no manifest.json)") from None
     m, p = manifest["model"], manifest["pruning"]
     base = build_model(m["factory"], m["kwargs"])
-    example = torch.randn(1, *m["input_shape"])
+    if (d / "example.pt").exists():
+        example = torch.load(d / "example.pt", map_location="cpu", weights_only=True)
+    else:  # exports from before example.pt
+        example = torch.randn(1, *m["input_shape"])
     plan = PruningPlan.from_dict(manifest["plan"])
     pm = PrunableModel(base, example, ignore=p["ignore"], criterion="l1", round_to=p["round_to"],
                        mode=p["mode"], check_groups=False, max_ratio=0.999)
