@@ -453,6 +453,10 @@ def make_device(spec) -> "LocalDevice | Any":
     if b.device.startswith("agent://"):
         from autoprune.agent import AgentClient
 
+        if spec.model.input_shape is None:
+            raise AutopruneError("budget.device agent://... rebuilds the model on the agent from model.input_shape: set it "
+                                 "(the agent takes single-tensor inputs; measure other models on device: cpu or cuda)")
+
         return AgentClient(b.device, model=spec.model.model_dump(), pruning=spec.pruning.model_dump(),
                            threads=b.threads, batch_size=b.batch_size)
     if b.device != "cpu" and not b.device.startswith("cuda"):
@@ -465,7 +469,8 @@ def make_device(spec) -> "LocalDevice | Any":
 
 def model_key(spec, groups: list[str]) -> dict[str, Any]:
     p = spec.pruning
-    return {"factory": spec.model.factory, "kwargs": spec.model.kwargs, "input_shape": list(spec.model.input_shape),
+    return {"factory": spec.model.factory, "kwargs": spec.model.kwargs, "input_shape": list(spec.model.input_shape or []),
+            "data": None if spec.model.input_shape else [spec.data.factory, spec.data.kwargs],
             "ignore": list(p.ignore), "round_to": p.round_to, "max_ratio": p.max_ratio, "groups": groups,
             "version": TABLE_VERSION}
 
