@@ -76,7 +76,8 @@ def export(
     metrics = {"val": metric_val, "test": s.evaluator.score(model, "test")}
     out = Path(out) if out else s.run_dir / "export"
     export_model(model, out, plan=plan, model_spec=s.spec.model.model_dump(), pruning=s.spec.pruning.model_dump(),
-                 base_costs=s.base_costs, metrics=metrics, onnx=onnx)
+                 base_costs=s.base_costs, metrics=metrics, onnx=onnx, example=s.target.example_input,
+                 task=s.spec.task.model_dump())
     return out
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from autoprune.task import call_model
+
 CRITERION_HELP: dict[str, str] = {
     "l1": "L1 norm of each channel's weights across the group (magnitude)",
     "l2": "L2 norm of each channel's weights across the group (magnitude, default)",
@@ -53,10 +55,23 @@ def needs_gradients(name: str) -> bool:
 
 
 def prepare_gradients(
-    name: str, model: nn.Module, imp: tp.importance.Importance, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    name: str, model: nn.Module, imp: tp.importance.Importance, batches: list[tuple], task=None, teacher: nn.Module | None = None,
 ) -> None:
-    """Accumulate the gradients a gradient-based criterion needs on calibration batches."""
-    loss_fn = nn.CrossEntropyLoss()
+    """Accumulate the gradients a gradient-based criterion needs on calibration batches of (inputs, target),
+    with the task's loss (cross-entropy by default; distillation compares with `teacher`)."""
+    from autoprune.task import Classification, batch_len, slice_batch
+
+    task = task or Classification()
+
+    def loss_fn(x, y):
+        t_out = None
+        if task.needs_teacher:
+            if teacher is None:
+                raise ValueError(f"criterion {name!r} with task {task.name!r} needs the teacher model")
+            with torch.no_grad():
+                t_out = task.forward(teacher, x)
+        return task.loss(task.forward(model, x), y, t_out)
+
     model.eval()
     model.zero_grad()
     with torch.enable_grad():
@@ -66,16 +81,16 @@ def prepare_gradients(
                 # Accumulated here rather than with imp.accumulate_grad: in Torch-Pruning 1.6.1 that method
                 # tests `name in` a dict keyed by parameters, so it keeps only the LAST sample's gradient.
                 accu, count = imp._accu_grad, imp._counter  # type: ignore[attr-defined]
-                for i in range(min(len(x), 16)):
+                for i in range(min(batch_len(x), 16)):
                     model.zero_grad()
-                    loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
+                    loss_fn(slice_batch(x, i, i + 1), slice_batch(y, i, i + 1)).backward()
                     for p in model.parameters():
                         if p.grad is not None:
                             g2 = p.grad.detach().pow(2)
                             accu[p] = accu[p] + g2 if p in accu else g2.clone()
                             count[p] = count.get(p, 0) + 1
             else:
-                loss_fn(model(x), y).backward()
+                loss_fn(x, y).backward()
 
 
 def apoz_scores(model: nn.Module, layers: dict[str, nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -101,7 +116,7 @@ def apoz_scores(model: nn.Module, layers: dict[str, nn.Module], batches: list[tu
         with torch.no_grad():
             model.eval()
             for x, _ in batches:
-                model(x)
+                call_model(model, x)
     finally:
         for h in hooks:
             h.remove()

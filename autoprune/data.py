@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["mnist1d", "digits", "input_shape_of", "default_cache_dir"]
+__all__ = ["mnist1d", "digits", "input_shape_of", "default_cache_dir", "make_loader", "first_batch"]
 
 _CACHE_VERSION = 1
 
@@ -145,3 +145,25 @@ def input_shape_of(dataset: Dataset) -> tuple[int, ...]:
         return tuple(dataset.tensors[0].shape[1:])
     x = dataset[0][0]
     return tuple(torch.as_tensor(x).shape)
+
+
+def make_loader(split, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
+    """Batches of one split: the user's own DataLoader (or any re-iterable of batches) as it is, or a
+    DataLoader over a Dataset (seeded shuffle; `drop_last` only when the split has more than one batch).
+    Items may be tensors, tuples or dicts: torch's default collation stacks each field."""
+    if isinstance(split, DataLoader) or not hasattr(split, "__getitem__"):
+        return split
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(split, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None,
+                      drop_last=drop_last and len(split) > batch_size)
+
+
+def first_batch(split, n: int = 1):
+    """The first `n` items of a split, collated as the loaders collate them (the example input comes from it)."""
+    from torch.utils.data import default_collate
+
+    if isinstance(split, DataLoader) or not hasattr(split, "__getitem__"):
+        from autoprune.task import slice_batch
+
+        return slice_batch(next(iter(split)), 0, n)
+    return default_collate([split[i] for i in range(min(n, len(split)))])

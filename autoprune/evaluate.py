@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from autoprune.data import make_loader
 from autoprune.errors import AutopruneError
 from autoprune.plan import PruningPlan
+from autoprune.task import Classification, Task, batch_len, call_model, make_task, to_device
 from autoprune.training import train_model
 
 if TYPE_CHECKING:
@@ -36,19 +38,20 @@ def resolve_metric(name: str) -> MetricFn:
     return import_object(name, "metric")
 
 
-def stack_batches(dataset: Dataset, batch_size: int, n_batches: int | None, seed: int, shuffle: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Materialise batches once so every evaluation sees exactly the same data."""
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g)
+def stack_batches(dataset: Dataset, batch_size: int, n_batches: int | None, seed: int, shuffle: bool = True,
+                  task: Task | None = None) -> list[tuple]:
+    """Draw `n_batches` batches once, as `(inputs, target)` pairs split by `task`, so that every evaluation
+    sees exactly the same data. Only for the few calibration batches: evaluation streams (`Evaluator.iter_batches`)."""
+    task = task or Classification()
     out = []
-    for i, (x, y) in enumerate(loader):
+    for i, batch in enumerate(make_loader(dataset, batch_size, shuffle=shuffle, seed=seed)):
         if n_batches is not None and i >= n_batches:
             break
-        out.append((x, y))
+        out.append(task.split(batch))
     return out
 
 
-def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str = "cpu") -> nn.Module:
+def recalibrate_bn(model: nn.Module, batches: list[tuple], device: str = "cpu") -> nn.Module:
     """Reset BatchNorm statistics and re-estimate them as an exact average over `batches`."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or not batches:
@@ -64,7 +67,7 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
             m.training = False
     with torch.no_grad():
         for x, _ in batches:
-            model(x.to(device))
+            call_model(model, to_device(x, device))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     return model.eval()
@@ -94,41 +97,76 @@ class Evaluator:
         device: str = "cpu",
         reconstruct: bool = False,
         pruner: PrunableModel | None = None,
+        task: Task | None = None,
+        teacher: nn.Module | None = None,
+        eval_batch_size: int = 512,
     ) -> None:
         self.datasets = datasets
         self.batch_size = batch_size
         self.calibration_batches = calibration_batches
         self.finetune_steps = finetune_steps
         self.finetune_lr = finetune_lr
-        self.metric_name = metric
-        self.metric = resolve_metric(metric)
+        self.task = task or make_task(None, metric)
+        self.metric_name = self.task.metric_name if task is not None else metric
+        self.teacher = teacher
+        if self.task.needs_teacher and teacher is None:
+            raise AutopruneError(f"task {self.task.name!r} needs the unpruned model as teacher: Evaluator(teacher=...)")
         self.seed = seed
         self.device = device
-        self.calibration = stack_batches(datasets["train"], batch_size, calibration_batches, seed)
-        self._eval: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.eval_batch_size = eval_batch_size
+        self.calibration = stack_batches(datasets["train"], batch_size, calibration_batches, seed, task=self.task)
+        self._teacher_out: dict[str, list[torch.Tensor]] = {}
         self.max_val_samples = max_val_samples
         self.reconstruct = reconstruct
         self.pruner = pruner
 
-    def batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if split not in self._eval:
-            ds = self.datasets[split]
-            n = None
-            if split == "val" and self.max_val_samples:
-                n = math.ceil(self.max_val_samples / 512)
-            self._eval[split] = stack_batches(ds, 512, n, self.seed, shuffle=False)
-        return self._eval[split]
+    def iter_batches(self, split: str):
+        """Stream `(inputs, target)` of `split` in a fixed order from the user's data (nothing is held in
+        memory); `val` stops after `max_val_samples` samples."""
+        limit = self.max_val_samples if split == "val" else None
+        seen = 0
+        for batch in make_loader(self.datasets[split], self.eval_batch_size, shuffle=False):
+            x, y = self.task.split(batch)
+            if limit is not None:
+                n = batch_len(x)
+                if seen + n > limit:
+                    from autoprune.task import slice_batch
+
+                    x, y = slice_batch(x, 0, limit - seen), slice_batch(y, 0, limit - seen)
+                seen += n
+            yield x, y
+            if limit is not None and seen >= limit:
+                break
+
+    def batches(self, split: str) -> list[tuple]:
+        """All batches of `split` as a list (small splits and tests only; evaluation streams)."""
+        return list(self.iter_batches(split))
+
+    # teacher outputs are kept (on the CPU) up to this many numbers per split, else recomputed every time
+    TEACHER_CACHE_NUMEL = 50_000_000
+
+    def _teacher_outputs(self, split: str, i: int, x) -> torch.Tensor:
+        cache = self._teacher_out.setdefault(split, [])
+        if i < len(cache):
+            return cache[i]
+        assert self.teacher is not None
+        self.teacher.to(self.device).eval()
+        out = self.task.forward(self.teacher, x).detach()
+        if i == len(cache) and sum(t.numel() for t in cache) + out.numel() <= self.TEACHER_CACHE_NUMEL:
+            cache.append(out.cpu())
+        return out
 
     @torch.no_grad()
     def score(self, model: nn.Module, split: str = "val") -> float:
-        """The metric of `model` as it is (no recalibration) on `split`."""
+        """The task's metric of `model` as it is (no recalibration) on `split`, streamed batch by batch."""
         model.eval()
-        outs, ys = [], []
-        for x, y in self.batches(split):
-            outs.append(model(x.to(self.device)).float().cpu())
-            ys.append(y)
-        value = float(self.metric(torch.cat(outs), torch.cat(ys)))
-        return value
+        state = self.task.metric_state()
+        for i, (x, y) in enumerate(self.iter_batches(split)):
+            x = to_device(x, self.device)
+            out = self.task.forward(model, x)
+            teacher = self._teacher_outputs(split, i, x) if self.task.needs_teacher else None
+            self.task.update(state, out, y, teacher)
+        return float(self.task.compute(state))
 
     def _plan_of(self, model: nn.Module, pruner: PrunableModel | None) -> PruningPlan | None:
         """The plan `pruner.apply` tagged `model` with, when the model's widths match it (else None)."""
@@ -162,7 +200,7 @@ class Evaluator:
             return model
         from autoprune.reconstruct import reconstruct_plan
 
-        batches = [(x.to(self.device), y) for x, y in self.calibration]
+        batches = [(to_device(x, self.device), y) for x, y in self.calibration]
         reconstruct_plan(pruner, plan, model, batches)
         return model
 
@@ -183,6 +221,8 @@ class Evaluator:
                 max_steps=self.finetune_steps,
                 device=self.device,
                 show_progress=False,
+                task=self.task,
+                teacher=self.teacher,
             )
             recalibrate_bn(model, self.calibration, self.device)
         return model

@@ -82,6 +82,7 @@ def prune_to(pm_base: PrunableModel, model: nn.Module, plan: PruningPlan, fracti
     cur = PrunableModel(model, pm_base.example, ignore=pm_base.ignored, criterion=plan.criterion,
                         round_to=1, max_ratio=0.999, calibration=pm_base.calibration, seed=pm_base.seed,
                         check_groups=False)
+    cur.task, cur.teacher = getattr(pm_base, "task", None), getattr(pm_base, "teacher", None)
     ratios = {}
     for g in cur.groups:
         if g.prunable and g.name in target and target[g.name] < g.channels:
@@ -106,10 +107,14 @@ def finetune(
     seed: int = 0,
     show_progress: bool = False,
     reconstruct_batches: list | None = None,
+    task=None,
 ) -> nn.Module:
-    """Prune `pm.base` to `plan` following `schedule` while fine-tuning; returns the final model."""
+    """Prune `pm.base` to `plan` following `schedule` while fine-tuning on the task's loss (by default `pm.task`,
+    else classification; a distillation task learns from the unpruned `pm.base`); returns the final model."""
     from autoprune.training import train_model
 
+    task = task or getattr(pm, "task", None)
+    teacher = pm.base if task is not None and task.needs_teacher else None
     pm.validate(plan)
     model = copy.deepcopy(pm.base)
     points = schedule.pruning_steps()
@@ -117,7 +122,7 @@ def finetune(
     for i, p in enumerate(points):
         if p > done:  # train up to the next pruning point
             train_model(model, datasets["train"], epochs=1, lr=lr, batch_size=batch_size, seed=seed + i,
-                        max_steps=p - done, show_progress=show_progress, desc="finetune")
+                        max_steps=p - done, show_progress=show_progress, desc="finetune", task=task, teacher=teacher)
             done = p
         model = prune_to(pm, model, plan, schedule.fraction(p))
         if schedule.kind == "oneshot" and reconstruct_batches and plan.mode == "structured":
@@ -126,7 +131,8 @@ def finetune(
             reconstruct_plan(pm, plan, model, reconstruct_batches)
     if schedule.steps > done:
         train_model(model, datasets["train"], epochs=1, lr=lr, batch_size=batch_size, seed=seed + len(points),
-                    max_steps=schedule.steps - done, show_progress=show_progress, desc="finetune")
+                    max_steps=schedule.steps - done, show_progress=show_progress, desc="finetune", task=task,
+                    teacher=teacher)
     if plan.mode == "unstructured":  # masks are not kept during training: re-apply the final sparsity
         model = prune_to(pm, model, plan, 1.0)
     return model.eval()
@@ -167,6 +173,7 @@ def finetune_run(
     metrics = {"val": s.evaluator.score(model, "val"), "test": s.evaluator.score(model, "test")}
     out = Path(out) if out else s.run_dir / "finetuned"
     manifest = export_model(model, out, plan=plan, model_spec=s.spec.model.model_dump(),
-                            pruning=s.spec.pruning.model_dump(), base_costs=s.base_costs, metrics=metrics, onnx=False)
+                            pruning=s.spec.pruning.model_dump(), base_costs=s.base_costs, metrics=metrics, onnx=False,
+                            example=s.target.example_input, task=s.spec.task.model_dump())
     return {"schedule": schedule, "steps": steps, "lr": lr, "metrics": metrics, "costs": manifest["costs"],
             "out": str(out)}

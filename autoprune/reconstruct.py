@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoprune.task import call_model
+
 _CONV = (nn.Conv1d, nn.Conv2d)
 
 
@@ -99,7 +101,7 @@ def _capture_many(model: nn.Module, names: list[str], batches: list[torch.Tensor
         with torch.no_grad():
             model.eval()
             for x in batches:
-                model(x)
+                call_model(model, x)
     finally:
         for h in hooks:
             h.remove()

@@ -49,6 +49,8 @@ class Session:
             seed=self.spec.search.seed,
             device=ev.device,
             reconstruct=ev.reconstruct,
+            task=self.target.task,
+            teacher=self.target.model if self.target.task is not None and self.target.task.needs_teacher else None,
         )  # its `pruner` is set by the `pruner` stage (which needs the evaluator's calibration batches first)
 
     @cached_property
@@ -65,6 +67,7 @@ class Session:
             calibration=self.evaluator.calibration[:4],
             seed=self.spec.search.seed,
         )
+        pm.task = self.target.task  # gradient criteria (taylor, obd) use the task's loss
         self.evaluator.pruner = pm  # candidates are reconstructed against this model (evaluation.reconstruct)
         return pm
 

@@ -16,11 +16,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from autoprune.data import first_batch
 from autoprune.errors import AutopruneError
 from autoprune.spec import Spec
-from autoprune.training import accuracy, train_model
+from autoprune.task import Task, call_model, describe, make_task
+from autoprune.training import train_model
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -57,8 +59,12 @@ def build_model(factory: str, kwargs: dict[str, Any] | None = None) -> nn.Module
     return model.eval()
 
 
-def load_datasets(factory: str, kwargs: dict[str, Any] | None = None) -> dict[str, Dataset]:
-    """Call a dataset factory and check it returned train/val/test datasets of (input, target) pairs."""
+def load_datasets(factory: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Call a dataset factory and check it returned train/val/test splits.
+
+    A split is a Dataset (indexable; items may be tensors, tuples or dicts) or the user's own DataLoader
+    (any re-iterable of batches). What an item holds is checked against the task and the model later
+    (`check_forward`), on a real batch."""
     fn = import_object(factory, "data factory")
     try:
         data = fn(**(kwargs or {}))
@@ -71,30 +77,79 @@ def load_datasets(factory: str, kwargs: dict[str, Any] | None = None) -> dict[st
         raise AutopruneError(f"data factory {factory!r} returned no {', '.join(repr(m) for m in missing)} split (needs {list(SPLITS)})")
     for s in SPLITS:
         ds = data[s]
+        if isinstance(ds, DataLoader) or (not hasattr(ds, "__getitem__") and hasattr(ds, "__iter__")):
+            try:
+                next(iter(ds))
+            except StopIteration:
+                raise AutopruneError(f"data factory {factory!r}: split {s!r} is empty") from None
+            except Exception as e:
+                raise AutopruneError(f"data factory {factory!r}: split {s!r} cannot be iterated ({type(e).__name__}: {e})") from None
+            continue
         try:
             n = len(ds)
-            item = ds[0]
+            ds[0]
         except Exception as e:
-            raise AutopruneError(f"data factory {factory!r}: split {s!r} is not an indexable dataset ({e})") from None
+            if "n" in locals() and n == 0:
+                raise AutopruneError(f"data factory {factory!r}: split {s!r} is empty") from None
+            raise AutopruneError(f"data factory {factory!r}: split {s!r} is not an indexable dataset or a DataLoader ({e})") from None
         if n == 0:
             raise AutopruneError(f"data factory {factory!r}: split {s!r} is empty")
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise AutopruneError(f"data factory {factory!r}: split {s!r} items must be (input, target) pairs")
     return {s: data[s] for s in SPLITS}
 
 
-def check_forward(model: nn.Module, example: torch.Tensor, where: str = "model") -> torch.Tensor:
-    """Run one forward pass; a failure becomes an error naming the input shape."""
+def check_forward(model: nn.Module, example: Any, where: str = "model", task: Task | None = None,
+                  batch: Any = None) -> Any:
+    """Run one forward pass on the example inputs, and the task on its output and the batch's target.
+
+    Each way this can fail (the model cannot consume the batch, a dict key it does not take, a task that cannot
+    read its output, a labelled task on data without labels, a metric that cannot read output and target) is
+    one error naming the problem. With `batch` (a real batch of the data) the task is checked on it too."""
+    shape_hint = f"an input of shape {list(example.shape)} (batch, *input_shape)" if isinstance(example, torch.Tensor) \
+        else f"the data's first batch {describe(example)}"
     try:
         with torch.no_grad():
-            out = model(example)
+            out = call_model(model, example)
     except Exception as e:
-        raise AutopruneError(
-            f"{where} forward failed on an input of shape {list(example.shape)} (batch, *input_shape): "
-            f"{type(e).__name__}: {e}. Check model.input_shape."
-        ) from None
-    if not isinstance(out, torch.Tensor):
-        raise AutopruneError(f"{where} must return a tensor, got {type(out).__name__}")
+        hint = "Check model.input_shape." if isinstance(example, torch.Tensor) else \
+            "Check that the data's items (or task.split) give what the model's forward takes."
+        raise AutopruneError(f"{where} forward failed on {shape_hint}: {type(e).__name__}: {e}. {hint}") from None
+    if task is None:
+        if not isinstance(out, torch.Tensor):
+            raise AutopruneError(f"{where} must return a tensor, got {type(out).__name__}")
+        return out
+    try:
+        scored = task.output(out, example)
+    except AutopruneError:
+        raise
+    except Exception as e:
+        raise AutopruneError(f"task {task.name!r} cannot read the output of {where} ({describe(out)}): {type(e).__name__}: {e}") from None
+    if not isinstance(scored, torch.Tensor):
+        raise AutopruneError(f"task {task.name!r}: output() must give a tensor, got {type(scored).__name__} from {describe(out)}")
+    if batch is not None:
+        inputs, target = task.split(batch)
+        try:
+            with torch.no_grad():
+                scored = task.output(call_model(model, inputs), inputs)
+        except Exception as e:
+            raise AutopruneError(f"{where} forward failed on the data's first batch {describe(inputs)}: {type(e).__name__}: {e}") from None
+        if task.needs_labels and target is None:
+            raise AutopruneError(
+                f"task {task.name!r} needs labels, but the data's batches have none ({describe(batch)}); "
+                "give (input, target) items or a 'labels' key, or use task: {kind: distillation} (label-free)")
+        try:
+            state = task.metric_state()
+            task.update(state, scored, target, scored if task.needs_teacher else None)
+            value = task.compute(state)
+            if task.needs_labels or not task.needs_teacher:
+                task.loss(scored, target, scored if task.needs_teacher else None)
+        except NotImplementedError as e:
+            raise AutopruneError(str(e)) from None
+        except Exception as e:
+            raise AutopruneError(
+                f"task {task.name!r}: its metric/loss cannot read the model's output {describe(scored)} with target "
+                f"{describe(target)}: {type(e).__name__}: {e}") from None
+        if not isinstance(value, (int, float)):
+            raise AutopruneError(f"task {task.name!r}: the metric must be a number, got {type(value).__name__}")
     return out
 
 
@@ -136,12 +191,13 @@ class Target:
     """The trained model and its data, ready for pruning."""
 
     model: nn.Module
-    datasets: dict[str, Dataset]
-    input_shape: tuple[int, ...]
-    example_input: torch.Tensor  # batch of 1
+    datasets: dict[str, Any]
+    input_shape: tuple[int, ...] | None
+    example_input: Any  # the inputs of one real sample (batch of 1): tensor, tuple or dict
     checkpoint: Path | None
     spec: Spec
     trained_now: bool = False
+    task: Task | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -159,6 +215,7 @@ def model_fingerprint(spec: Spec) -> dict[str, Any]:
         "kwargs": spec.model.kwargs,
         "data": spec.data.factory,
         "data_kwargs": spec.data.kwargs,
+        **({"task": spec.task.model_dump()} if spec.task.model_dump() != type(spec.task)().model_dump() else {}),
         "train": spec.train.model_dump(),
         "batch_size": spec.data.batch_size,
         "checkpoint": spec.model.checkpoint,
@@ -182,21 +239,37 @@ def check_output_dir(spec: Spec) -> Path:
 
 
 def load_target(spec: Spec, *, show_progress: bool = True) -> Target:
-    """Build the model and data of `spec`; load its checkpoint or train it (cached by settings hash)."""
+    """Build the model, data and task of `spec`; check them on a real batch; load the checkpoint, or train the
+    model (cached by settings hash), or, with `train.epochs: 0`, use the factory's weights as they are."""
     check_output_dir(spec)
+    task = make_task(spec.task, spec.evaluation.metric)
     datasets = load_datasets(spec.data.factory, spec.data.kwargs)
     model = build_model(spec.model.factory, spec.model.kwargs)
-    example = torch.zeros(1, *spec.model.input_shape)
-    sample = datasets["train"][0][0]
-    if isinstance(sample, torch.Tensor) and tuple(sample.shape) != tuple(spec.model.input_shape):
-        raise AutopruneError(
-            f"model.input_shape is {list(spec.model.input_shape)} but the data's inputs have shape {list(sample.shape)}"
-        )
-    check_forward(model, example, f"model {spec.model.factory!r}")
+    try:
+        batch = first_batch(datasets["train"], 2)
+        example, _ = task.split(first_batch(datasets["train"], 1))
+    except Exception as e:
+        raise AutopruneError(f"data factory {spec.data.factory!r}: cannot form a batch of the train split "
+                             f"({type(e).__name__}: {e}); items must be tensors, tuples or dicts of tensors") from None
+    if spec.model.input_shape is not None:
+        if not isinstance(example, torch.Tensor):
+            raise AutopruneError(f"model.input_shape is {list(spec.model.input_shape)} but the data's inputs are "
+                                 f"{describe(example)}; leave input_shape out (the example input comes from the data)")
+        if tuple(example.shape[1:]) != tuple(spec.model.input_shape):
+            raise AutopruneError(
+                f"model.input_shape is {list(spec.model.input_shape)} but the data's inputs have shape {list(example.shape[1:])}"
+            )
+    where = f"model {spec.model.factory!r}"
+    check_forward(model, example, where, task, batch)
     trained_now = False
     if spec.model.checkpoint:
-        ckpt = Path(spec.model.checkpoint)
+        ckpt: Path | None = Path(spec.model.checkpoint)
         load_checkpoint(model, ckpt)
+    elif spec.train.epochs == 0:
+        ckpt = None  # the factory returns a trained model (e.g. pretrained weights)
+    elif task.needs_teacher:
+        raise AutopruneError(f"task {task.name!r} learns from the unpruned model, so that model must be trained: "
+                             "give model.checkpoint, or train.epochs: 0 when the factory returns trained weights")
     else:
         ckpt = cache_dir_for(spec) / "checkpoints" / f"{_digest(model_fingerprint(spec))}.pt"
         if ckpt.exists():
@@ -215,12 +288,14 @@ def load_target(spec: Spec, *, show_progress: bool = True) -> Target:
                 sparsity_l1=spec.train.sparsity_l1,
                 desc=f"train {spec.model.factory}",
                 show_progress=show_progress,
+                task=task,
             )
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(f".tmp{os.getpid()}")
             torch.save(model.state_dict(), tmp)
             os.replace(tmp, ckpt)
             trained_now = True
-            log.info("trained %s: val accuracy %.4f -> %s", spec.model.factory, accuracy(model, datasets["val"]), ckpt)
+            log.info("trained %s -> %s", spec.model.factory, ckpt)
     model.eval()
-    return Target(model, datasets, tuple(spec.model.input_shape), example, ckpt, spec, trained_now)
+    shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else None
+    return Target(model, datasets, shape, example, ckpt, spec, trained_now, task)

@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from autoprune.progress import progress
+from autoprune.task import Classification, Task, call_model, to_device
 
 
 def _bn_l1(model: nn.Module) -> torch.Tensor:
@@ -32,14 +33,23 @@ def train_model(
     desc: str = "train",
     step_hook: Callable[[int, int], None] | None = None,
     show_progress: bool = True,
+    task: Task | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[float]:
-    """Adam with cosine decay; returns the mean loss per epoch. Deterministic for a fixed seed.
+    """Adam with cosine decay on the task's loss; returns the mean loss per epoch. Deterministic for a fixed seed.
 
+    `train_set` is a Dataset (batched and shuffled here) or the user's own DataLoader (used as it is).
     `max_steps` caps the number of optimiser steps (used by short fine-tunes); `step_hook(step, total)`
-    runs after every step. `sparsity_l1` adds an L1 penalty on BN scales (Network Slimming).
+    runs after every step. `sparsity_l1` adds an L1 penalty on BN scales (Network Slimming). `task` defaults
+    to classification (cross-entropy); a task that `needs_teacher` (distillation) compares with `teacher`'s
+    output on the same batch.
     """
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(train_set) > batch_size)
+    from autoprune.data import make_loader
+
+    task = task or Classification()
+    if task.needs_teacher and teacher is None:
+        raise ValueError(f"task {task.name!r} needs the teacher model")
+    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed, drop_last=True)
     steps_per_epoch = max(len(loader), 1)
     total = steps_per_epoch * epochs if max_steps is None else max_steps
     if total <= 0:
@@ -47,16 +57,21 @@ def train_model(
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    loss_fn = nn.CrossEntropyLoss()
+    if teacher is not None:
+        teacher.to(device).eval()
     losses: list[float] = []
     step = 0
     bar = progress(total=total, desc=desc, disable=not show_progress)
     with torch.enable_grad():
         while step < total:
             run, n = 0.0, 0
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                loss = loss_fn(model(x), y)
+            for batch in loader:
+                x, y = task.split(to_device(batch, device))
+                t_out = None
+                if task.needs_teacher:
+                    with torch.no_grad():
+                        t_out = task.forward(teacher, x)
+                loss = task.loss(task.forward(model, x), y, t_out)
                 if sparsity_l1 > 0:
                     loss = loss + sparsity_l1 * _bn_l1(model)
                 opt.zero_grad(set_to_none=True)
@@ -83,7 +98,7 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: 
     model.eval()
     correct = total = 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        pred = model(x.to(device)).argmax(1).cpu()
+        pred = call_model(model, to_device(x, device)).argmax(1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
     return correct / max(total, 1)
