@@ -112,7 +112,15 @@ def _plan_summary(plan_json: str | None, digits: int = 2) -> str:
 
 
 def _metric_name(res: RunResults) -> str:
-    m = ((res.spec or {}).get("evaluation") or {}).get("metric") or "metric"
+    spec = res.spec or {}
+    m = (spec.get("evaluation") or {}).get("metric") or "metric"
+    task = spec.get("task") or {}
+    if task.get("factory"):
+        m = "metric"
+    elif task.get("kind") == "regression":
+        m = "neg_mse"
+    elif task.get("kind") == "distillation":
+        m = task.get("metric") or ("agreement" if task.get("output") == "logits" else "cosine")
     return f"val {m}"
 
 

@@ -50,6 +50,9 @@ def _key(pm: PrunableModel, ev: Evaluator, ratios: Sequence[float], stop_drop: f
         "max_val_samples": ev.max_val_samples,
         "extra": extra or {},
     }
+    task = getattr(ev, "task", None)
+    if task is not None and task.name != "classification":  # only then, so zoo tables cached before tasks stay valid
+        settings["task"] = task.describe()
     if getattr(ev, "reconstruct", False):  # only when on, so tables cached before the setting existed stay valid
         settings["reconstruct"] = True
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
