@@ -240,6 +240,9 @@ class Classification(Task):
 
     def batch_metric(self, output, target, teacher=None):
         pred = output.argmax(-1)
+        if tuple(target.shape) != tuple(pred.shape) or target.is_floating_point():
+            raise ValueError(f"classification needs integer class targets of shape {list(pred.shape)} (the output "
+                             f"without its last, class dimension), got {describe(target)}")
         return float((pred == target.to(pred.device)).sum()), int(target.numel())
 
 

@@ -1,0 +1,154 @@
+"""Models, data and tasks that are not autoprune's own, for tests/test_tasks.py: dict batches, keyword inputs,
+integer token ids, dict outputs, regression targets, no labels, a custom task."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from autoprune.data import digits
+from autoprune.task import Task
+
+
+class DictDigits(Dataset):
+    """sklearn digits as dict items {"image": [1, 8, 8], "labels": int}, or without labels."""
+
+    def __init__(self, base, labels: bool = True, image_key: str = "image") -> None:
+        self.base, self.labels, self.key = base, labels, image_key
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return {self.key: x, "labels": y} if self.labels else {self.key: x}
+
+
+def dict_digits(labels: bool = True, image_key: str = "image"):
+    return {k: DictDigits(v, labels, image_key) for k, v in digits().items()}
+
+
+class KwargsCNN(nn.Module):
+    """Takes `image=` (a keyword), returns {"logits": ..., "features": ...} like a ModelOutput."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, image: torch.Tensor) -> dict:
+        f = self.features(image)
+        return {"logits": self.head(f), "features": f}
+
+
+def kwargs_cnn(width: int = 16) -> nn.Module:
+    return KwargsCNN(width)
+
+
+class TokenDataset(Dataset):
+    """Integer token sequences (no labels): item {"input_ids": LongTensor[seq], "attention_mask": LongTensor[seq]}."""
+
+    def __init__(self, n: int, seq: int = 12, vocab: int = 50, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, vocab, (n, seq), generator=g)
+        lengths = torch.randint(seq // 2, seq + 1, (n,), generator=g)
+        self.mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        self.ids = self.ids * self.mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def tokens(n_train: int = 256, n_val: int = 128, n_test: int = 128):
+    return {"train": TokenDataset(n_train, seed=0), "val": TokenDataset(n_val, seed=1), "test": TokenDataset(n_test, seed=2)}
+
+
+class TinyEncoder(nn.Module):
+    """An embedding + MLP encoder over token ids, returning {"last_hidden_state": [B, seq, dim]}; seeded init, so
+    it is 'trained' as built (train.epochs: 0)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, hidden: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        h = self.emb(input_ids)
+        h = h + self.out(F.gelu(self.fc2(F.gelu(self.fc1(h)))))
+        return {"last_hidden_state": h}
+
+
+def tiny_encoder() -> nn.Module:
+    return TinyEncoder()
+
+
+class RegressionSet(Dataset):
+    """x in R^8 -> y = sin(x0) + x1 * x2 (one target), as (x, y) pairs."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (torch.sin(self.x[:, 0]) + self.x[:, 1] * self.x[:, 2]).unsqueeze(1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def regression_data():
+    return {"train": RegressionSet(1024, 0), "val": RegressionSet(256, 1), "test": RegressionSet(256, 2)}
+
+
+def mlp(width: int = 64) -> nn.Module:
+    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+
+
+class Top2(Task):
+    """A custom task: classification scored by top-2 accuracy, reading the 'logits' of a dict output."""
+
+    name = "top2"
+    metric_name = "top2"
+
+    def loss(self, output, target, teacher=None):
+        return F.cross_entropy(output, target)
+
+    def batch_metric(self, output, target, teacher=None):
+        top = output.topk(2, dim=1).indices
+        return float((top == target[:, None]).any(1).sum()), len(target)
+
+
+def top2() -> Task:
+    return Top2(output="logits")
+
+
+class BadOutputTask(Task):
+    """Reads a field the model does not return."""
+
+    name = "bad-output"
+
+    def output(self, out, inputs=None):
+        return out["probabilities"]
+
+    def loss(self, output, target, teacher=None):
+        return output.sum()
+
+    def batch_metric(self, output, target, teacher=None):
+        return 0.0, 1
+
+
+def bad_output_task() -> Task:
+    return BadOutputTask()

@@ -1,0 +1,150 @@
+"""The task interface end to end: dict batches and dict outputs, regression, label-free distillation, a custom
+task; streamed evaluation bounded by max_val_samples; the user's own DataLoaders."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from autoprune import api
+from autoprune.evaluate import Evaluator
+from autoprune.export import load_pruned
+from autoprune.finetune import Schedule, finetune
+from autoprune.task import Classification, Distillation, Regression, call_model, make_task, resize_batch
+
+BASE = {"evaluation": {"calibration_batches": 4}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}}
+
+CASES = {
+    "classification-dict": dict(model={"factory": "task_fixtures:kwargs_cnn"},
+                                data={"factory": "task_fixtures:dict_digits", "batch_size": 64},
+                                train={"epochs": 6, "lr": 0.01}),
+    "regression": dict(model={"factory": "task_fixtures:mlp"}, data={"factory": "task_fixtures:regression_data", "batch_size": 64},
+                       task={"kind": "regression"}, train={"epochs": 15, "lr": 0.01}),
+    "distillation": dict(model={"factory": "task_fixtures:tiny_encoder"}, data={"factory": "task_fixtures:tokens", "batch_size": 32},
+                         task={"kind": "distillation", "output": "pooled"}, train={"epochs": 0}),
+    "custom": dict(model={"factory": "task_fixtures:kwargs_cnn"}, data={"factory": "task_fixtures:dict_digits", "batch_size": 64},
+                   task={"factory": "task_fixtures:top2"}, train={"epochs": 6, "lr": 0.01}),
+}
+
+
+def _spec(runs_root, case: str, **over) -> dict:
+    name = case
+    spec = {"name": f"task-{name}", "budget": {"macs": 0.5}, "search": {"n_trials": 5}, "output": str(runs_root), **BASE}
+    spec.update(CASES[case])
+    spec.update(over)
+    return spec
+
+
+def _tensor(out):
+    return out if isinstance(out, torch.Tensor) else (out.get("logits") if "logits" in out else out["last_hidden_state"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_builtin_and_a_custom_task_searches_meets_the_budget_and_exports(name, runs_root):
+    spec = _spec(runs_root, name)
+    s = api.session(spec, show_progress=False)
+    base = s.baseline_metric
+    result = api.search(s, show_progress=False)
+    best = result["best"]
+    assert best["macs_ratio"] <= 0.5 + 1e-9
+    assert math.isfinite(best["metric_val"])
+    if name == "classification-dict":
+        assert s.evaluator.metric_name == "accuracy"
+        assert base > 0.8 and best["metric_val"] > 0.3  # chance is 0.1
+    elif name == "regression":
+        assert s.evaluator.metric_name == "neg_mse"
+        assert -0.3 < base <= 0 and best["metric_val"] <= 0  # target variance ~1.4: a trained MLP is far below it
+    elif name == "distillation":
+        assert s.evaluator.metric_name == "cosine"
+        assert base == pytest.approx(1.0, abs=1e-6)  # the unpruned model is its own teacher
+        assert 0.5 < best["metric_val"] < 1.0
+    else:
+        assert s.evaluator.metric_name == "top2"
+        top1 = Evaluator(s.target.datasets, task=Classification(output="logits")).score(s.target.model)
+        assert base >= top1 and base > 0.9
+    # export and reload: same outputs on a real batch (dict inputs are saved as example.pt)
+    out = api.export(spec, show_progress=False, onnx=False)
+    small = load_pruned(out)
+    model = s.pruner.apply(api.plan_of(s.run_dir))
+    s.evaluator(model)  # the exported model is recalibrated the same way
+    x = resize_batch(s.target.example_input, 4)
+    with torch.no_grad():
+        a, b = _tensor(call_model(model.eval(), x)), _tensor(call_model(small, x))
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    assert (out / "example.pt").exists()
+
+
+def test_distillation_fine_tune_recovers_toward_the_teacher(runs_root):
+    s = api.session(_spec(runs_root, "distillation", name="task-distill-ft"), show_progress=False)
+    plan = s.pruner.uniform_plan(0.6)
+    before = s.evaluator.score(s.pruner.apply(plan))
+    tuned = finetune(s.pruner, plan, s.target.datasets, schedule=Schedule("oneshot", steps=60), lr=3e-3, batch_size=32)
+    after = s.evaluator.score(tuned)
+    assert isinstance(s.pruner.task, Distillation)
+    assert 1 - after < 0.5 * (1 - before), (before, after)  # the distance to the teacher at least halves
+
+
+class Counting(Dataset):
+    """Counts item reads, to check that evaluation reads no more than max_val_samples."""
+
+    def __init__(self, base) -> None:
+        self.base, self.reads = base, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.base[i]
+
+
+def test_evaluation_streams_and_stops_at_max_val_samples():
+    from task_fixtures import dict_digits, kwargs_cnn
+
+    data = dict_digits()
+    val = Counting(data["val"])
+    data["val"] = val
+    ev = Evaluator(data, batch_size=32, calibration_batches=1, max_val_samples=100, eval_batch_size=64)
+    ev.score(kwargs_cnn())
+    assert val.reads == 128  # two batches of 64 read, 100 samples scored
+    assert sum(len(b[1]) for b in ev.iter_batches("val")) == 100
+
+
+def test_user_dataloaders_are_used_as_they_are(runs_root):
+    """A data factory may return DataLoaders (its own batch size and collation): evaluation and search use them."""
+    spec = _spec(runs_root, "classification-dict", name="task-loaders",
+                 data={"factory": "test_tasks:digit_loaders", "batch_size": 64}, search={"n_trials": 3})
+    s = api.session(spec, show_progress=False)
+    assert isinstance(s.target.datasets["val"], DataLoader)
+    assert s.baseline_metric > 0.8
+    assert api.search(s, show_progress=False)["best"]["macs_ratio"] <= 0.5 + 1e-9
+
+
+def digit_loaders():
+    from task_fixtures import dict_digits
+
+    return {k: DataLoader(v, batch_size=50, shuffle=(k == "train"), generator=torch.Generator().manual_seed(0))
+            for k, v in dict_digits().items()}
+
+
+def test_task_units():
+    t = Distillation(output="pooled")
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    pooled = t.output({"last_hidden_state": hidden}, {"attention_mask": mask})
+    assert torch.allclose(pooled, torch.tensor([[0.5, 0.5]]))  # the padded token is left out
+    assert t.loss(pooled, None, pooled).item() == pytest.approx(0.0, abs=1e-6)
+    r = Regression()
+    st = r.metric_state()
+    r.update(st, torch.zeros(4, 1), torch.full((4, 1), 2.0))
+    assert r.compute(st) == pytest.approx(-4.0)
+    c = Classification()
+    st = c.metric_state()
+    c.update(st, torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+    assert c.compute(st) == 0.5
+    assert make_task(None).name == "classification"
+    kl = Distillation(output="logits")
+    assert (kl.loss_kind, kl.metric_kind) == ("kl", "agreement")
