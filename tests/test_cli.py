@@ -70,7 +70,7 @@ def test_search_report_export_through_the_cli(make_spec, tmp_path, capsys):
     code, out, err = _cli(["export", str(path), "--out", str(tmp_path / "exp"), "--no-onnx"], capsys)
     assert code == 0, err
     costs = json.loads((tmp_path / "exp" / "costs.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["costs.json", "manifest.json", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["costs.json", "example.pt", "manifest.json", "model.pt"]
     assert costs["macs_ratio"] <= 0.5 + 1e-9 and costs["macs"] < costs["macs"] / costs["macs_ratio"]
 
 
