@@ -16,7 +16,7 @@ from autoprune.data import make_loader
 from autoprune.errors import AutopruneError
 from autoprune.plan import PruningPlan
 from autoprune.task import Classification, Task, batch_len, call_model, make_task, to_device
-from autoprune.training import train_model
+from autoprune.training import on_device, train_model
 
 if TYPE_CHECKING:
     from autoprune.groups import PrunableModel
@@ -150,7 +150,7 @@ class Evaluator:
         if i < len(cache):
             return cache[i]
         assert self.teacher is not None
-        self.teacher.to(self.device).eval()
+        self.teacher = on_device(self.teacher, self.device).eval()
         out = self.task.forward(self.teacher, x).detach()
         if i == len(cache) and sum(t.numel() for t in cache) + out.numel() <= self.TEACHER_CACHE_NUMEL:
             cache.append(out.cpu())

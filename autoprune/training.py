@@ -13,6 +13,17 @@ from autoprune.progress import progress
 from autoprune.task import Classification, Task, call_model, to_device
 
 
+def on_device(model: nn.Module, device: str) -> nn.Module:
+    """`model` if it already lives on `device`, else a copy moved there (the unpruned model stays where it is:
+    the pruner copies it and the costs are counted on it)."""
+    p = next(model.parameters(), None)
+    if p is None or p.device == torch.device(device):
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device)
+
+
 def _bn_l1(model: nn.Module) -> torch.Tensor:
     terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
     return torch.stack(terms).sum() if terms else torch.zeros(())
@@ -58,7 +69,7 @@ def train_model(
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     if teacher is not None:
-        teacher.to(device).eval()
+        teacher = on_device(teacher, device).eval()
     losses: list[float] = []
     step = 0
     bar = progress(total=total, desc=desc, disable=not show_progress)
