@@ -159,7 +159,7 @@ class Evaluator:
     @torch.no_grad()
     def score(self, model: nn.Module, split: str = "val") -> float:
         """The task's metric of `model` as it is (no recalibration) on `split`, streamed batch by batch."""
-        model.eval()
+        model = on_device(model, self.device).eval()  # a model elsewhere (the unpruned one) is scored on a copy
         state = self.task.metric_state()
         for i, (x, y) in enumerate(self.iter_batches(split)):
             x = to_device(x, self.device)
