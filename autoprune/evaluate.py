@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -15,29 +15,13 @@ from torch.utils.data import Dataset
 from autoprune.data import make_loader
 from autoprune.errors import AutopruneError
 from autoprune.plan import PruningPlan
-from autoprune.task import Classification, Task, batch_len, call_model, make_task, to_device
+from autoprune.task import Classification, Task, batch_len, call_model, make_task, slice_batch, to_device
 from autoprune.training import on_device, train_model
 
 if TYPE_CHECKING:
     from autoprune.groups import PrunableModel
 
 log = logging.getLogger(__name__)
-MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
-
-
-def top1(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Top-1 accuracy in [0, 1]."""
-    return float((logits.argmax(1) == targets).float().mean())
-
-
-def resolve_metric(name: str) -> MetricFn:
-    if name in ("accuracy", "top1"):
-        return top1
-    from autoprune.target import import_object
-
-    return import_object(name, "metric")
-
-
 def stack_batches(dataset: Dataset, batch_size: int, n_batches: int | None, seed: int, shuffle: bool = True,
                   task: Task | None = None) -> list[tuple]:
     """Draw `n_batches` batches once, as `(inputs, target)` pairs split by `task`, so that every evaluation
@@ -130,8 +114,6 @@ class Evaluator:
             if limit is not None:
                 n = batch_len(x)
                 if seen + n > limit:
-                    from autoprune.task import slice_batch
-
                     x, y = slice_batch(x, 0, limit - seen), slice_batch(y, 0, limit - seen)
                 seen += n
             yield x, y

@@ -87,13 +87,14 @@ def load_datasets(factory: str, kwargs: dict[str, Any] | None = None) -> dict[st
             continue
         try:
             n = len(ds)
-            ds[0]
         except Exception as e:
-            if "n" in locals() and n == 0:
-                raise AutopruneError(f"data factory {factory!r}: split {s!r} is empty") from None
             raise AutopruneError(f"data factory {factory!r}: split {s!r} is not an indexable dataset or a DataLoader ({e})") from None
         if n == 0:
             raise AutopruneError(f"data factory {factory!r}: split {s!r} is empty")
+        try:
+            ds[0]
+        except Exception as e:
+            raise AutopruneError(f"data factory {factory!r}: split {s!r} is not an indexable dataset or a DataLoader ({e})") from None
     return {s: data[s] for s in SPLITS}
 
 
@@ -215,7 +216,8 @@ def model_fingerprint(spec: Spec) -> dict[str, Any]:
         "kwargs": spec.model.kwargs,
         "data": spec.data.factory,
         "data_kwargs": spec.data.kwargs,
-        **({"task": spec.task.model_dump()} if spec.task.model_dump() != type(spec.task)().model_dump() else {}),
+        # only a non-default task enters the hash, so checkpoints cached before tasks existed stay valid
+        **({"task": spec.task.model_dump()} if spec.task.model_dump(exclude_defaults=True) else {}),
         "train": spec.train.model_dump(),
         "batch_size": spec.data.batch_size,
         "checkpoint": spec.model.checkpoint,
