@@ -372,7 +372,8 @@ class PrunableModel:
         if criteria.needs_gradients(crit):
             if not self.calibration:
                 raise AutopruneError(f"criterion {crit!r} needs calibration batches with targets")
-            criteria.prepare_gradients(crit, work, imp, self.calibration[:2])
+            criteria.prepare_gradients(crit, work, imp, self.calibration[:2], getattr(self, "task", None),
+                                       self.base if getattr(getattr(self, "task", None), "needs_teacher", False) else None)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(self.seed)
         try:
