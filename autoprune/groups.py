@@ -85,6 +85,23 @@ def find_output_layers(model: nn.Module, example) -> list[str]:
     return order[-1:]
 
 
+def sync_attention_attributes(model: nn.Module) -> int:
+    """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
+    (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
+    Linear layers) from the pruned widths, so that the modules and their repr tell the truth; returns how many
+    modules were updated. Torch-Pruning prunes the weights but does not know these attributes."""
+    n = 0
+    for m in model.modules():
+        q = getattr(m, "query", None)
+        size = getattr(m, "attention_head_size", None)
+        if isinstance(q, nn.Linear) and isinstance(size, int) and size > 0 and hasattr(m, "num_attention_heads"):
+            if getattr(m, "all_head_size", None) != q.out_features:
+                m.all_head_size = q.out_features
+                m.num_attention_heads = q.out_features // size
+                n += 1
+    return n
+
+
 class PrunableModel:
     """The prunable groups of a model and the means to apply plans to copies of it."""
 
@@ -294,9 +311,19 @@ class PrunableModel:
                 continue
             key = (g.name, n, plan.criterion)
             if key not in self._selection:
-                self._selection[key] = self._select(g, n, self.order(plan.criterion)[g.name])
+                if g.multiple > 1 and not self._segments.get(g.name) and n % g.multiple == 0:
+                    self._selection[key] = self._select_blocks(g, n, plan.criterion)
+                else:
+                    self._selection[key] = self._select(g, n, self.order(plan.criterion)[g.name])
             out[g.name] = self._selection[key]
         return out
+
+    def _select_blocks(self, g: GroupInfo, n_prune: int, criterion: str) -> list[int]:
+        """Whole aligned blocks of `g.multiple` channels (attention heads: q/k/v widths must stay a multiple of the
+        head size), the blocks with the lowest summed channel score first."""
+        scores = self.scores(criterion)[g.name].reshape(-1, g.multiple).sum(1)
+        blocks = torch.argsort(scores, stable=True)[: n_prune // g.multiple].tolist()
+        return sorted(b * g.multiple + i for b in blocks for i in range(g.multiple))
 
     def _forward_shape(self, model: nn.Module) -> tuple:
         """Shapes of every tensor the model returns on the example (a tensor's shape for a plain model)."""
@@ -419,6 +446,7 @@ class PrunableModel:
             pg.prune()
         for p in work.parameters():
             p.requires_grad_(True)
+        sync_attention_attributes(work)
         work.eval()
         work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
         if check:

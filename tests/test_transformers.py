@@ -1,0 +1,54 @@
+"""Raw `transformers` models (no wrapper): dict inputs, ModelOutput, attention heads pruned whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from autoprune.costs import CostModel, cost_report  # noqa: E402
+from autoprune.groups import PrunableModel  # noqa: E402
+from autoprune.task import call_model  # noqa: E402
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def bert_inputs(batch: int = 1, seq: int = 16):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_bert_heads_are_a_search_dimension_and_go_whole():
+    model, x = tiny_bert(), bert_inputs()
+    pm = PrunableModel(model, x, ignore=["pooler.dense"])
+    heads = [g for g in pm.groups if g.name.endswith("attention.self.value")]
+    ffn = [g for g in pm.groups if g.name.endswith("intermediate.dense")]
+    assert len(heads) == 2 and len(ffn) == 2
+    assert all(g.prunable and g.multiple == 16 and g.channels == 64 for g in heads)  # 4 heads of 16
+    assert {m.module.rsplit(".", 1)[1] for m in heads[0].members if m.role == "out"} >= {"query", "key", "value"}
+    plan = pm.plan({heads[0].name: 0.5, ffn[1].name: 0.5})
+    idx = pm.pruned_indices(plan)[heads[0].name]
+    assert len(idx) == 32 and {i // 16 for i in idx} == {i // 16 for i in idx[:1]} | {i // 16 for i in idx[16:17]}
+    assert all(sorted(idx[k:k + 16]) == list(range(idx[k], idx[k] + 16)) for k in (0, 16))  # two whole heads
+    small = pm.apply(plan)
+    att = small.encoder.layer[0].attention.self
+    assert (att.num_attention_heads, att.all_head_size, att.query.out_features) == (2, 32, 32)
+    assert small.encoder.layer[1].attention.self.num_attention_heads == 4
+    assert small.encoder.layer[1].intermediate.dense.out_features == 64
+    with torch.no_grad():
+        out = call_model(small, bert_inputs(3))
+    assert out.last_hidden_state.shape == (3, 16, 64)
+    base = cost_report(model, x)
+    rep = cost_report(small, x, base)
+    cm = CostModel(pm, base.macs, base.params)
+    macs, params = cm.estimate(plan)
+    print("counted", rep.macs, rep.params, "estimated", macs, params)
+    assert params == rep.params
+    assert macs >= rep.macs and rep.macs_ratio < 0.9  # attention matmuls counted; the estimate is conservative
