@@ -54,6 +54,8 @@ def _sentences(limit: int) -> tuple[str, ...]:
     for name in TEXT_MODULES:
         mod = importlib.import_module(name)
         for _, obj in sorted(inspect.getmembers(mod), key=lambda kv: kv[0]):
+            if getattr(obj, "__module__", None) != mod.__name__:  # its own members only: other imports must
+                continue                                         # not change the data
             doc = inspect.getdoc(obj) if callable(obj) else None
             if not doc:
                 continue
