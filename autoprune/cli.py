@@ -252,11 +252,16 @@ def serve(
     port: int = typer.Option(8765, help="Port."),
     runs: Path = typer.Option(Path("runs"), help="Directory that holds every search's run directory."),
     token_file: Optional[Path] = typer.Option(None, help="Bearer token file (created 0600 if missing)."),
+    allow: Optional[List[str]] = typer.Option(
+        None, "--allow", metavar="PKG",
+        help="Also accept factories from this package and its submodules (repeatable; merged with "
+             "$AUTOPRUNE_ALLOWED_FACTORIES). autoprune's factory modules are always accepted; standard-library "
+             "modules never are."),
 ) -> None:
     """HTTP service to launch and watch searches (bearer token required)."""
     from autoprune.service import serve as _serve
 
-    _serve(host=host, port=port, runs_dir=runs, token_file=token_file)
+    _serve(host=host, port=port, runs_dir=runs, token_file=token_file, allowed_factories=tuple(allow or ()))
 
 
 @app.command()

@@ -14,13 +14,18 @@ Endpoints (every one, the OpenAPI schema included, needs ``Authorization: Bearer
 
 State lives only in the run directories and the study storage: ``RUNS/.service/<id>/`` holds the submitted
 spec, the worker's pid, its log and exit status, and progress is read from the Optuna storage. A restarted
-service therefore lists running and finished searches again, and workers outlive it.
+service therefore lists running and finished searches again, and workers outlive it; a search whose worker
+died with the service (a crash, a reboot: no exit status, or interrupted by a SIGTERM the service did not
+send) is restarted when the service starts again, and resumes from its storage (finished trials are kept).
 
 Security: loopback by default; a bearer token from ``AUTOPRUNE_TOKEN`` or a token file (created 0600, refused
 when others can read it), compared in constant time and never logged or passed to workers; a spec's
 ``output``, checkpoint and journal storage must stay inside the runs directory and SQL storage must be the
-service's own; model/data factories can be restricted to package prefixes (``AUTOPRUNE_ALLOWED_FACTORIES=
-autoprune,mypkg``); request bodies are limited (``AUTOPRUNE_MAX_BODY``, default 1 MiB); specs are parsed with
+service's own and a Ray cluster only the local one; every factory a spec names (model, data, task,
+evaluation.metric) must come from autoprune's factory modules or a package the operator allows at start
+(``--allow mypkg`` / ``AUTOPRUNE_ALLOWED_FACTORIES=mypkg``), never the standard library, with plain JSON
+kwargs, checked on the text before anything is imported and again where the worker imports it (see
+`autoprune.factories`); request bodies are limited (``AUTOPRUNE_MAX_BODY``, default 1 MiB); specs are parsed with
 ``yaml.safe_load``/JSON and nothing is ever unpickled.
 """
 
@@ -46,16 +51,18 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from autoprune.errors import AutopruneError
+from autoprune.factories import (ALLOW_ENV, FactoryRefused, allowed_from_env, allowed_modules,
+                                 check_spec_factories, normalize_allowed)
 from autoprune.search.objective import trial_attrs
 from autoprune.search.study import pid_alive
 
 log = logging.getLogger("autoprune.service")
 
 TOKEN_ENV = "AUTOPRUNE_TOKEN"
-ALLOW_ENV = "AUTOPRUNE_ALLOWED_FACTORIES"
 MAX_BODY_ENV = "AUTOPRUNE_MAX_BODY"
 STORAGE_ENV = "AUTOPRUNE_SERVICE_STORAGE"
 DEFAULT_MAX_BODY = 1 << 20
+MAX_RESTARTS = 5  # a search whose worker keeps dying is not restarted at every start for ever
 STATE_DIR = ".service"
 
 
@@ -65,7 +72,7 @@ class ServiceConfig:
     runs_dir: Path
     token: str
     storage: str | None = None  # SQL URL every search writes to; None: each run's own journal file
-    allowed_factories: tuple[str, ...] | None = None  # package prefixes; None: any importable factory
+    allowed_factories: tuple[str, ...] = ()  # the operator's packages, besides autoprune's factory modules
     max_body_bytes: int = DEFAULT_MAX_BODY
     python: str = field(default_factory=lambda: sys.executable)
 
@@ -73,6 +80,7 @@ class ServiceConfig:
         self.runs_dir = Path(self.runs_dir).resolve()
         if not self.token:
             raise AutopruneError("the service needs a non-empty bearer token")
+        self.allowed_factories = normalize_allowed(self.allowed_factories or ())
 
 
 def load_token(token_file: Path | None, runs_dir: Path) -> tuple[str, str]:
@@ -101,11 +109,6 @@ def load_token(token_file: Path | None, runs_dir: Path) -> tuple[str, str]:
     return token, str(path)
 
 
-def _allowed_from_env() -> tuple[str, ...] | None:
-    raw = os.environ.get(ALLOW_ENV, "").strip()
-    return tuple(p.strip().rstrip(".") for p in raw.split(",") if p.strip()) or None
-
-
 # ------------------------------------------------------------------ spec admission
 class Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -122,9 +125,11 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _module_allowed(factory: str, allowed: tuple[str, ...]) -> bool:
-    module = factory.split(":", 1)[0]
-    return any(module == p or module.startswith(p + ".") for p in allowed)
+def _check_factories(data: dict, cfg: ServiceConfig) -> None:
+    try:
+        check_spec_factories(data, cfg.allowed_factories)
+    except FactoryRefused as e:
+        raise Refused(e.status, str(e)) from None
 
 
 def admit_spec(body: bytes, content_type: str, cfg: ServiceConfig):
@@ -143,6 +148,8 @@ def admit_spec(body: bytes, content_type: str, cfg: ServiceConfig):
         raise Refused(422, f"the spec is not valid {'JSON' if 'json' in content_type else 'YAML'}: {e}") from None
     if not isinstance(data, dict):
         raise Refused(422, f"the spec must be a mapping of keys (name, model, budget, ...), got {type(data).__name__}")
+    # the factories first, on the raw text's values: nothing is imported or validated before this
+    _check_factories(data, cfg)
 
     root = cfg.runs_dir
     out = data.get("output")
@@ -179,20 +186,16 @@ def admit_spec(body: bytes, content_type: str, cfg: ServiceConfig):
         data.setdefault("search", {})
         if isinstance(data["search"], dict):
             data["search"]["storage"] = cfg.storage
+    if isinstance(search, dict) and search.get("ray_address") not in (None, "", "auto", "local"):
+        # a remote cluster would send results back to be unpickled here: only the operator's own
+        raise Refused(403, "search.ray_address: this service runs Ray on this host only; leave it unset or 'auto'")
     try:
         spec = load_spec(data)
     except AutopruneError as e:
         raise Refused(422, str(e)) from None
     if not _inside(spec.run_dir, root):  # belt and braces: the name pattern already forbids '/' and '..'
         raise Refused(422, f"name {spec.name!r} escapes the runs directory")
-    if cfg.allowed_factories:
-        named = {"model.factory": spec.model.factory, "data.factory": spec.data.factory}
-        if ":" in spec.evaluation.metric:
-            named["evaluation.metric"] = spec.evaluation.metric
-        for key, factory in named.items():
-            if not _module_allowed(factory, cfg.allowed_factories):
-                raise Refused(403, f"{key} {factory!r} is not allowed here; this service accepts factories from "
-                                   f"{', '.join(cfg.allowed_factories)}")
+    _check_factories(spec.model_dump(mode="json"), cfg)  # again on what the worker will run (defaults included)
     return spec
 
 
@@ -221,8 +224,8 @@ def _pid_alive(pid: int | None, marker: str) -> bool:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
         try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if marker not in text:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+            if marker not in args:
                 return False
             st = Path(f"/proc/{pid}/stat").read_text()
             if st.rsplit(")", 1)[1].split()[0] == "Z":  # a zombie (our own exited child) is not running
@@ -259,13 +262,29 @@ class Searches:
     def submit(self, spec) -> dict:
         sid = spec.name
         d = self.root / sid
-        if (d / "state.json").exists() and self.status(sid)["status"] == "running":
+        if (d / "state.json").exists() and self.status(sid)["status"] in ("running", "queued"):
             raise Refused(409, f"search {sid!r} is already running; cancel it first or use another name")
         d.mkdir(parents=True, exist_ok=True)
         (d / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         (d / "exit.json").unlink(missing_ok=True)
+        state = {  # written before the worker starts: a service killed in between restarts it (pid None: queued)
+            "id": sid, "name": spec.name, "pid": None, "submitted_at": _now(), "run_dir": str(spec.run_dir),
+            "strategy": spec.search.strategy, "n_trials": spec.search.n_trials, "backend": spec.search.backend,
+            "storage": spec.search.storage, "budget": {spec.budget.kind: spec.budget.value}, "cancelled_at": None,
+            "restarts": 0,
+        }
+        _write_json(d / "state.json", state)
+        self._launch(sid, state)
+        return self.status(sid)
+
+    def _launch(self, sid: str, state: dict) -> None:
+        """Start (or restart) the worker of a search and record its pid."""
+        d = self.root / sid
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}  # the token never reaches user code
-        env.update({"AUTOPRUNE_PROGRESS": "0", "PYTHONUNBUFFERED": "1"})
+        env.update({"AUTOPRUNE_PROGRESS": "0", "PYTHONUNBUFFERED": "1",
+                    ALLOW_ENV: ",".join(self.cfg.allowed_factories),  # the worker enforces the same allow-list
+                    # the working directory (the runs directory, whose names specs choose) is not an import path
+                    "PYTHONSAFEPATH": "1"})
         env.setdefault("RAY_AUTH_MODE", "disabled")
         with open(d / "worker.log", "ab") as logf:
             proc = subprocess.Popen(
@@ -274,13 +293,37 @@ class Searches:
                 start_new_session=True, cwd=str(self.cfg.runs_dir),
             )
         self._children[sid] = proc
-        state = {
-            "id": sid, "name": spec.name, "pid": proc.pid, "submitted_at": _now(), "run_dir": str(spec.run_dir),
-            "strategy": spec.search.strategy, "n_trials": spec.search.n_trials, "backend": spec.search.backend,
-            "storage": spec.search.storage, "budget": {spec.budget.kind: spec.budget.value}, "cancelled_at": None,
-        }
+        state["pid"] = proc.pid
         _write_json(d / "state.json", state)
-        return self.status(sid)
+
+    def resume_interrupted(self) -> list[str]:
+        """Restart every search that was queued or running when the service (and its workers) went away:
+        not cancelled, its worker gone, and no exit status (or one that says a SIGTERM the service did not
+        send interrupted it). The worker resumes from the study storage: finished trials are kept, trials
+        left RUNNING are marked failed, and it runs until `n_trials` have completed."""
+        resumed = []
+        for sid in self.ids():
+            d = self.root / sid
+            state = _read_json(d / "state.json")
+            if not state or state.get("cancelled_at") or self._alive(sid, state):
+                continue
+            exit_ = _read_json(d / "exit.json")
+            if exit_ is not None and not exit_.get("interrupted"):
+                continue
+            if not (d / "spec.yaml").exists():
+                continue
+            if state.get("restarts", 0) >= MAX_RESTARTS:
+                log.warning("search %s was restarted %d times already; not again", sid, state["restarts"])
+                continue
+            (d / "exit.json").unlink(missing_ok=True)
+            state["restarts"] = state.get("restarts", 0) + 1
+            state["resumed_at"] = _now()
+            with open(d / "worker.log", "ab") as logf:
+                logf.write(f"--- {_now()}: the service restarted; resuming this search\n".encode())
+            self._launch(sid, state)
+            resumed.append(sid)
+            log.info("search %s resumed (restart %d)", sid, state["restarts"])
+        return resumed
 
     def cancel(self, sid: str) -> dict:
         d = self.dir(sid)
@@ -318,13 +361,16 @@ class Searches:
         alive = self._alive(sid, state)
         if alive:
             status = "running"
+        elif not state.get("pid") and exit_ is None and not state.get("cancelled_at"):
+            status = "queued"
         elif state.get("cancelled_at"):
             status = "cancelled"
         elif exit_ is not None:
             status = "done" if exit_.get("rc") == 0 else "failed"
         else:
             status = "failed"  # the worker died without writing its exit status
-        out = {k: state.get(k) for k in ("id", "name", "submitted_at", "strategy", "backend", "budget", "cancelled_at")}
+        out = {k: state.get(k) for k in ("id", "name", "submitted_at", "strategy", "backend", "budget", "cancelled_at",
+                                         "restarts")}
         out["status"] = status
         out.update(self._progress(state))
         if exit_:
@@ -535,6 +581,9 @@ def serve(*, host: str = "127.0.0.1", port: int = 8765, runs_dir: Path | str = "
     """Run the service with uvicorn until interrupted (`autoprune serve`)."""
     import uvicorn
 
+    # the operator's packages: --allow plus AUTOPRUNE_ALLOWED_FACTORIES (read once, here); a standard-library
+    # module or a non-factory part of autoprune among them stops the start (AutopruneError: exit 2)
+    allowed = normalize_allowed(tuple(allowed_factories or ()) + allowed_from_env())
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     token, source = load_token(Path(token_file) if token_file else None, runs_dir)
@@ -547,22 +596,49 @@ def serve(*, host: str = "127.0.0.1", port: int = 8765, runs_dir: Path | str = "
         from autoprune.search.study import open_storage
 
         open_storage(storage)  # fail now, with a clear message, not in every worker
-    cfg = ServiceConfig(runs_dir, token, storage=storage, allowed_factories=allowed_factories or _allowed_from_env(),
-                        max_body_bytes=max_body)
+    cfg = ServiceConfig(runs_dir, token, storage=storage, allowed_factories=allowed, max_body_bytes=max_body)
+    lock = _lock_runs_dir(cfg.runs_dir)  # held until this process ends (a killed one releases it too)
     app = create_app(cfg)
+    resumed = app.state.searches.resume_interrupted()
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: anyone who can reach it and holds the token can run model code",
-              file=sys.stderr)
+        print(f"warning: listening on {host}: anyone who can reach it and holds the token can run searches "
+              "(with the allowed factories)", file=sys.stderr)
     print(f"autoprune service on http://{host}:{port} (runs: {cfg.runs_dir}; bearer token from {source}; "
-          f"OpenAPI: /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+          f"OpenAPI: /docs; factories from {', '.join(allowed_modules(cfg.allowed_factories))}"
+          + (f"; resumed {', '.join(resumed)}" if resumed else "") + ")", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+    finally:
+        lock.close()
+
+
+def _lock_runs_dir(runs_dir: Path):
+    """One service per runs directory: two would both restart the same interrupted searches."""
+    import fcntl
+
+    path = runs_dir / STATE_DIR / "service.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise AutopruneError(f"another autoprune service already serves {str(runs_dir)!r}; stop it first "
+                             "or give another --runs") from None
+    return f
 
 
 # ------------------------------------------------------------------ the worker process
 def _worker(state_dir: str) -> int:
-    """Run one submitted search (`autoprune search`), then record its exit status for the service."""
-    from autoprune.cli import main as cli_main
+    """Run one submitted search (`autoprune search`), then record its exit status for the service.
 
+    Every factory the search imports goes through the service's allow-list (AUTOPRUNE_ALLOWED_FACTORIES, as
+    the service resolved it) once more, here where the import happens."""
+    import autoprune.target
+    from autoprune.cli import main as cli_main
+    from autoprune.factories import checked_import_object
+
+    autoprune.target.import_object = checked_import_object(allowed_from_env())
     d = Path(state_dir)
     rc, error = 0, None
     cancelled = []
@@ -580,11 +656,15 @@ def _worker(state_dir: str) -> int:
         rc, error = 130, "cancelled"
     except BaseException as e:  # noqa: BLE001 - recorded for GET /searches/{id}
         rc, error = 1, f"{type(e).__name__}: {e}"
+    interrupted = False
     if cancelled:  # however the layers above handled the interrupt
         rc, error = 130, "cancelled"
+        if not (_read_json(d / "state.json") or {}).get("cancelled_at"):
+            # not the service's DELETE (it records cancelled_at first): a shutdown; resumed at the next start
+            interrupted, error = True, "interrupted by SIGTERM (not cancelled); the service resumes it when it starts"
     if rc and error is None:
         error = _tail(d / "worker.log", 3)
-    _write_json(d / "exit.json", {"rc": rc, "finished_at": _now(), "error": error})
+    _write_json(d / "exit.json", {"rc": rc, "finished_at": _now(), "error": error, "interrupted": interrupted})
     return rc
 
 

@@ -33,13 +33,13 @@ def _free_port() -> int:
 
 
 class Service:
-    def __init__(self, runs: Path, port: int, env: dict | None = None) -> None:
+    def __init__(self, runs: Path, port: int, env: dict | None = None, args: tuple[str, ...] = ()) -> None:
         self.runs, self.port = runs, port
-        e = {k: v for k, v in os.environ.items() if k != "AUTOPRUNE_TOKEN"}
+        e = {k: v for k, v in os.environ.items() if k not in ("AUTOPRUNE_TOKEN", "AUTOPRUNE_ALLOWED_FACTORIES")}
         e.update(env or {})
         self.log = open(runs.parent / f"service-{port}-{time.time_ns()}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "serve", "--port", str(port),
-                                      "--runs", str(runs)], stdout=self.log, stderr=subprocess.STDOUT, env=e)
+                                      "--runs", str(runs), *args], stdout=self.log, stderr=subprocess.STDOUT, env=e)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
@@ -190,7 +190,7 @@ def test_service_security(runs):
         r = post({**SMALL, "name": "../escape"})
         assert r.status_code == 422 and "name" in r.json()["detail"]
         assert not (runs.parent / "outside").exists()
-        assert sorted(p.name for p in (runs / ".service").iterdir()) == ["token"]  # nothing was launched
+        assert sorted(p.name for p in (runs / ".service").iterdir()) == ["service.lock", "token"]  # nothing launched
         # oversized bodies are refused, with and without Content-Length
         big = json.dumps({**SMALL, "name": "big", "data": {**SMALL["data"], "kwargs": {"pad": "x" * (2 << 20)}}})
         assert post(json.loads(big)).status_code == 413
@@ -204,3 +204,109 @@ def test_service_security(runs):
     finally:
         log = svc.stop()
     assert svc.token not in log
+
+
+# ------------------------------------------------------------------ factories: an allow-list, checked before any import
+def _post(c: httpx.Client, spec: dict) -> httpx.Response:
+    return c.post("/searches", content=json.dumps(spec), headers={"Content-Type": "application/json"})
+
+
+def _evil(target: Path, name: str = "evil") -> dict:
+    """The issue's spec: a valid token and `subprocess:run` as the model factory."""
+    return {**SMALL, "name": name, "model": {"factory": "subprocess:run", "kwargs": {"args": ["touch", str(target)]}}}
+
+
+def _refused_everywhere(c: httpx.Client, runs: Path, target: Path) -> None:
+    r = _post(c, _evil(target))
+    assert r.status_code == 403, r.text
+    assert "subprocess:run" in r.json()["detail"] and "not allowed" in r.json()["detail"]
+    # every place a spec names code, and the ways around a module prefix
+    for i, patch in enumerate((
+        {"data": {"factory": "os:system", "kwargs": {"command": f"touch {target}"}}},
+        {"task": {"factory": "builtins:exec", "kwargs": {"source": "open('x', 'w')"}}},
+        {"evaluation": {"metric": "pickle:loads"}},
+        {"evaluation": {"metric": "shutil:rmtree"}},
+        {"model": {"factory": "importlib:import_module", "kwargs": {"name": "antigravity"}}},
+        {"model": {"factory": "autoprune.cli:main", "kwargs": {"argv": ["--help"]}}},  # autoprune, but no factory
+        {"model": {"factory": "autoprune.zoo:torch.load", "kwargs": {"f": str(target)}}},  # through an import
+        {"model": {"factory": "autoprune.zoo:_Classifier"}},
+        {"model": {"factory": "os.path:exists"}},
+        {"search": {"n_trials": 4, "backend": "ray", "ray_address": "ray://203.0.113.1:10001"}},
+    )):
+        r = _post(c, {**SMALL, "name": f"evil{i}", **patch})
+        assert r.status_code == 403, (patch, r.text)
+    assert not target.exists()
+    assert not [p for p in (runs / ".service").iterdir() if p.is_dir()]  # nothing was launched
+    assert not list(runs.glob("evil*"))
+
+
+def test_factories_refused_by_default(runs, tmp_path):
+    target = tmp_path / "x"
+    svc = Service(runs, _free_port())
+    try:
+        c = svc.client
+        _refused_everywhere(c, runs, target)
+        # kwargs must be plain JSON: a YAML date, set or binary value is refused (422), nothing launched
+        for value in ("2024-01-01", "!!set {a, b}", "!!binary aGVsbG8=", "!!python/object/apply:os.system [id]"):
+            body = yaml.safe_dump({**SMALL, "name": "kw", "data": {**SMALL["data"], "kwargs": {"num_samples": 3000}}})
+            body = body.replace("num_samples: 3000", f"num_samples: {value}")
+            r = c.post("/searches", content=body, headers={"Content-Type": "application/yaml"})
+            assert r.status_code == 422, (value, r.text)
+        r = _post(c, {**SMALL, "name": "kw", "model": {**SMALL["model"], "kwargs": [1, 2]}})
+        assert r.status_code == 422, r.text
+        assert not (runs / ".service" / "kw").exists()
+        # autoprune's zoo is accepted, with JSON kwargs (cancelled at once: only admission is tested here)
+        r = _post(c, {**SMALL, "name": "zoo", "model": {**SMALL["model"], "kwargs": {"width": 16, "num_classes": 10}}})
+        assert r.status_code == 201, r.text
+        assert c.delete("/searches/zoo").json()["status"] == "cancelled"
+    finally:
+        svc.stop()
+    assert not target.exists()
+
+
+def test_factories_refused_with_allow(runs, tmp_path):
+    target = tmp_path / "x"
+    svc = Service(runs, _free_port(), args=("--allow", "mypkg", "--allow", "other.pkg"),
+                  env={"AUTOPRUNE_ALLOWED_FACTORIES": "third"})
+    try:
+        _refused_everywhere(svc.client, runs, target)
+        r = _post(svc.client, {**SMALL, "name": "mine", "model": {"factory": "mypkg.models:build"}})
+        assert r.status_code == 201, r.text  # admitted (the worker then fails: no such package here)
+        r = _post(svc.client, {**SMALL, "name": "third", "model": {"factory": "third:build"}})
+        assert r.status_code == 201, r.text  # the environment's packages are merged with --allow
+        r = _post(svc.client, {**SMALL, "name": "near", "model": {"factory": "mypkgx:build"}})
+        assert r.status_code == 403, r.text  # a prefix of a name is not the package
+        for sid in ("mine", "third"):  # the worker got that far: its import fails, nothing else ran
+            st = _wait(svc.client, sid, lambda s: s["status"] != "running", timeout=120)
+            assert st["status"] == "failed" and "cannot import" in str(st["error"]), st
+    finally:
+        svc.stop()
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("how", [("--allow", "subprocess"), ("--allow", "os"), ("--allow", "mypkg", "--allow", "os.path"),
+                                 ("--allow", "builtins"), ("--allow", "autoprune.cli"), "env"])
+def test_serve_refuses_stdlib_allow(runs, how):
+    env = {k: v for k, v in os.environ.items() if k not in ("AUTOPRUNE_TOKEN", "AUTOPRUNE_ALLOWED_FACTORIES")}
+    args = list(how) if how != "env" else []
+    if how == "env":
+        env["AUTOPRUNE_ALLOWED_FACTORIES"] = "mypkg,subprocess"
+    r = subprocess.run([sys.executable, "-m", "autoprune.cli", "serve", "--port", str(_free_port()), "--runs", str(runs),
+                        *args], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "error: --allow" in r.stderr and ("standard-library" in r.stderr or "factory modules" in r.stderr), r.stderr
+    assert not (runs / ".service" / "token").exists()  # refused before anything was set up
+
+
+def test_worker_import_is_checked_too():
+    """Where the worker imports a factory it is checked again, and must be defined in an allowed package."""
+    from autoprune.errors import AutopruneError
+    from autoprune.factories import FactoryRefused, checked_import_object
+
+    imp = checked_import_object(("mypkg",))
+    assert imp("autoprune.zoo:cnn1d").__name__ == "cnn1d"
+    for path in ("subprocess:run", "os:system", "autoprune.hfzoo:lru_cache", "autoprune.zoo:nn", "autoprune.target:import_object"):
+        with pytest.raises(FactoryRefused):
+            imp(path)
+    with pytest.raises(AutopruneError, match="cannot import"):
+        imp("mypkg.models:build")
