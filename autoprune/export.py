@@ -2,7 +2,8 @@
 
 An export directory holds ``model.pt`` (a state dict, loadable with ``weights_only=True``),
 ``manifest.json`` (factory, kwargs, input shape, pruning settings and the plan), ``costs.json`` and,
-optionally, ``model.onnx``. `load_pruned(dir)` rebuilds the base model from its factory, re-applies the
+optionally, ``model.onnx``; a `transformers` model also gets ``hf/``, a `save_pretrained` directory that
+`from_pretrained` reloads (see `autoprune.hfexport`). `load_pruned(dir)` rebuilds the base model from its factory, re-applies the
 plan's structure, and loads the weights: nothing is unpickled.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from autoprune import hfexport
 from autoprune.costs import cost_report
 from autoprune.errors import AutopruneError
 from autoprune.groups import PrunableModel
@@ -66,6 +68,9 @@ def export_model(
     if onnx:
         export_onnx(model, example, out / "model.onnx")
         manifest["files"].append("model.onnx")
+    if hfexport.is_hf(model):  # also a save_pretrained directory that from_pretrained reloads
+        hfexport.save_pretrained(model, out / "hf")
+        manifest["files"].append("hf/")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

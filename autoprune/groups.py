@@ -49,6 +49,7 @@ class GroupInfo:
     reason: str = ""
     multiple: int = 1  # kept channels are a multiple of this (e.g. attention heads), found by probing
     min_keep: int = 1  # channels that must stay: one per concatenated branch
+    conv_groups: int = 1  # conv groups of the grouped convolutions it touches: kept is a multiple, equal count per conv group
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -142,6 +143,7 @@ class PrunableModel:
         self._counts: dict[str, dict[tuple[str, str], list[int]]] = {}
         self._segments: dict[str, list[frozenset[int]]] = {}
         self._selection: dict[tuple[str, int, str], list[int]] = {}
+        self._conv_in: dict[str, bool] = {}
         self.groups: list[GroupInfo] = self._find_groups()
         if check_groups:
             self._check_groups()
@@ -175,7 +177,8 @@ class PrunableModel:
             channels = len(grp[0].idxs)
             members: dict[tuple[str, str], int] = {}
             per_root: dict[tuple[str, str], list[int]] = {}
-            grouped = []
+            grouped: dict[tuple[str, str], int] = {}  # grouped (not depthwise) conv member -> its conv groups
+            unaligned: list[str] = []  # grouped conv members whose channels are not the root's, one to one
             for item in grp:
                 dep, idxs = item.dep, item.idxs
                 m = dep.target.module
@@ -189,17 +192,26 @@ class PrunableModel:
                         counts[r] += 1
                     per_root[key] = counts
                 members[key] = max(members.get(key, 0), len(idxs))
-                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < m.groups < max(m.in_channels, m.out_channels) and not (
-                    m.groups == m.in_channels == m.out_channels
-                ):
-                    grouped.append(names[id(m)])
+                # grouped conv (Torch-Pruning's rule: depthwise when groups == out_channels, else a conv whose
+                # in/out channels are split into `groups` equal blocks)
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups > 1 and m.groups != m.out_channels:
+                    grouped[key] = m.groups
+                    width = m.out_channels if role == "out" else m.in_channels
+                    if not (width == channels == len(idxs) and list(idxs) == list(item.root_idxs) == list(range(channels))):
+                        unaligned.append(names[id(m)])
             mem = tuple(Member(n, r, c) for (n, r), c in sorted(members.items(), key=lambda kv: order.get(kv[0][0], 0)))
             layers = tuple(dict.fromkeys(m.module for m in mem if m.role == "out" and isinstance(dict(work.named_modules())[m.module], ROOT_TYPES)))
             prunable, reason = True, ""
+            conv_groups = math.lcm(*grouped.values()) if grouped else 1
+            grouped_names = list(dict.fromkeys(n for n, _ in grouped))
             if channels <= 1:
                 prunable, reason = False, "a single channel"
-            elif grouped:
-                prunable, reason = False, f"touches grouped convolution(s) {grouped} (only depthwise groups are supported)"
+            elif unaligned:
+                prunable, reason = False, (f"grouped convolution(s) {list(dict.fromkeys(unaligned))} see these channels through a "
+                                           "concatenation or reshape (not supported)")
+            elif conv_groups > 1 and (channels % conv_groups or channels <= conv_groups):
+                prunable, reason = False, (f"grouped convolution(s) {grouped_names} need a multiple of {conv_groups} channels "
+                                           f"and there are {channels}")
             # channels of a member that map to each root channel, where not uniform (concatenations)
             self._counts[root_name] = {k: c for k, c in per_root.items() if len(set(c)) > 1}
             # out-role conv/linear members fed by only part of the root channels (branches of a concat):
@@ -209,7 +221,12 @@ class PrunableModel:
             min_keep = max(1, len(self._segments[root_name]))
             if channels <= min_keep and prunable:
                 prunable, reason = False, "every channel is the last of its branch"
-            found.append(GroupInfo(root_name, 0, channels, mem, layers, prunable, reason, 1, min_keep))
+            if conv_groups > 1 and self._segments[root_name] and prunable:
+                prunable, reason = False, f"grouped convolution(s) {grouped_names} in a group with concatenated branches (not supported)"
+            # grouped convs reading these channels (their input) need the same offsets removed in every conv group
+            # (Torch-Pruning's ConvPruner.prune_in_channels keeps the first conv group's offsets for all of them)
+            self._conv_in[root_name] = any(r == "in" for _, r in grouped)
+            found.append(GroupInfo(root_name, 0, channels, mem, layers, prunable, reason, 1, min_keep, conv_groups))
         found.sort(key=lambda g: order.get(g.name, 0))
         return [replace(g, index=i) for i, g in enumerate(found)]
 
@@ -248,14 +265,15 @@ class PrunableModel:
                 log.warning("group %s cannot be pruned (%s); it is left intact", self.groups[i].name, changes.get("reason"))
 
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
+        # (a group touching grouped convs removes one channel from each conv group)
         idx = [i for i, g in enumerate(self.groups) if g.prunable]
-        if probe({self.groups[i].name: 1 for i in idx}) is not None:
+        if probe({self.groups[i].name: self.groups[i].conv_groups for i in idx}) is not None:
             for i in idx:
                 g = self.groups[i]
-                err = probe({g.name: 1})
+                err = probe({g.name: g.conv_groups})
                 if err is None:
                     continue
-                for d in (d for d in range(2, g.channels // 2 + 1) if g.channels % d == 0):
+                for d in (d for d in range(2, g.channels // 2 + 1) if g.channels % d == 0 and g.conv_groups == 1):
                     if g.channels - d >= g.min_keep and probe({g.name: d}) is None:
                         mark(i, multiple=d)
                         break
@@ -276,15 +294,23 @@ class PrunableModel:
             )
 
     def _kept_count(self, g: GroupInfo, ratio: float, round_to: int) -> int:
-        """Channels group `g` keeps at `ratio`: rounded up to lcm(round_to, its multiple), at least min_keep."""
-        step = math.lcm(max(1, round_to), g.multiple)
+        """Channels group `g` keeps at `ratio`: rounded up to lcm(round_to, its multiple, its conv groups), at
+        least min_keep (and, where the width must stay a multiple, at least one multiple)."""
+        step = math.lcm(max(1, round_to), g.multiple, g.conv_groups)
         keep = channels_kept(g.channels, ratio, step)
         if keep < g.min_keep:
             keep = min(g.channels, math.ceil(g.min_keep / step) * step)
+        if keep % step and math.lcm(g.multiple, g.conv_groups) > 1:  # channels_kept's one channel at ratio 1
+            keep = min(g.channels, math.ceil(keep / step) * step)
         return keep
 
     def _select(self, g: GroupInfo, n_prune: int, order: list[int]) -> list[int]:
-        """The first `n_prune` channels of `order`, skipping any that would empty a concatenated branch."""
+        """The first `n_prune` channels of `order`, skipping any that would empty a concatenated branch
+        (grouped convs: the same count from each conv group, ranked by position in `order`)."""
+        if g.conv_groups > 1:
+            rank = torch.empty(g.channels)
+            rank[torch.tensor(order[: g.channels], dtype=torch.long)] = torch.arange(g.channels, dtype=torch.float)
+            return self._select_conv_groups(g, n_prune, rank)
         segs = self._segments.get(g.name, [])
         if not segs:
             return sorted(order[:n_prune])
@@ -311,12 +337,32 @@ class PrunableModel:
                 continue
             key = (g.name, n, plan.criterion)
             if key not in self._selection:
-                if g.multiple > 1 and not self._segments.get(g.name) and n % g.multiple == 0:
+                if g.conv_groups > 1:
+                    self._selection[key] = self._select_conv_groups(g, n, self.scores(plan.criterion)[g.name])
+                elif g.multiple > 1 and not self._segments.get(g.name) and n % g.multiple == 0:
                     self._selection[key] = self._select_blocks(g, n, plan.criterion)
                 else:
                     self._selection[key] = self._select(g, n, self.order(plan.criterion)[g.name])
             out[g.name] = self._selection[key]
         return out
+
+    def _select_conv_groups(self, g: GroupInfo, n_prune: int, scores: torch.Tensor) -> list[int]:
+        """`n_prune` channels (rounded up to a multiple of the conv groups), the same count from each of the
+        `g.conv_groups` equal blocks a grouped convolution splits them into, lowest scores first.
+
+        Where a grouped conv reads these channels (its input), every conv group loses the same offsets, ranked
+        by the score averaged over the conv groups: that is what Torch-Pruning's MetaPruner does, and what its
+        `ConvPruner.prune_in_channels` assumes (it keeps the first conv group's kept offsets for every conv
+        group; other indices would run but silently mix up weights). Where grouped convs only produce these
+        channels (their output), each conv group loses its own least important channels."""
+        G = g.conv_groups
+        size = g.channels // G
+        per = min(-(-n_prune // G), size - 1)
+        s = scores.detach().float().reshape(G, size)
+        if self._conv_in.get(g.name, True):
+            offs = torch.argsort(s.mean(0), stable=True)[:per].tolist()
+            return sorted(k * size + o for k in range(G) for o in offs)
+        return sorted(k * size + o for k in range(G) for o in torch.argsort(s[k], stable=True)[:per].tolist())
 
     def _select_blocks(self, g: GroupInfo, n_prune: int, criterion: str) -> list[int]:
         """Whole aligned blocks of `g.multiple` channels (attention heads: q/k/v widths must stay a multiple of the
@@ -475,10 +521,26 @@ class PrunableModel:
         return work.eval()
 
     # ----------------------------------------------------------------- views
+    def kind(self, g: GroupInfo) -> str:
+        """What a group's channels are: attention heads, FFN neurons, grouped-conv or plain channels."""
+        mods = dict(self.base.named_modules())
+        layers = [mods[n] for n in g.layers if n in mods]
+        members = [mods[m.module] for m in g.members if m.module in mods]
+        if layers and all(isinstance(m, nn.Linear) for m in layers):
+            if g.multiple > 1 and len(layers) >= 3:
+                return f"attention heads ({g.channels // g.multiple} of {g.multiple})"
+            return "neurons"
+        if g.conv_groups > 1:
+            return f"channels, grouped conv ({g.conv_groups} conv groups)"
+        if any(isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.out_channels for m in members):
+            return "channels, depthwise conv"
+        return "channels"
+
     def table(self, costs: "Iterable[dict] | None" = None) -> pd.DataFrame:
         rows = [
             {
                 "group": g.name,
+                "kind": self.kind(g),
                 "channels": g.channels,
                 "layers": len(g.layers),
                 "members": ", ".join(g.layers),

@@ -138,7 +138,7 @@ def stdlib_text(n_train: int = 1024, n_val: int = 256, n_test: int = 256, seq_le
     """Disjoint train/val/test splits of standard-library docstring sentences, tokenized for MiniLM.
 
     Sentences come from `inspect.getdoc` over the callables that the modules of `TEXT_MODULES` define (about
-    3,400 on CPython 3.11), are shuffled with `seed` and tokenized (padded / truncated to `seq_len`); rows whose
+    3,250 on CPython 3.11), are shuffled with `seed` and tokenized (padded / truncated to `seq_len`); rows whose
     tokens are identical after truncation are kept once, so no input appears in two splits. Items are dicts of
     int64 tensors `{"input_ids": [seq_len], "attention_mask": [seq_len]}` with no labels: use a label-free task
     (`task: {kind: distillation, output: pooled}`). Nothing is cached on disk; it takes well under a second once

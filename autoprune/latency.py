@@ -196,6 +196,13 @@ def analyse_calls(pm, groups: list[str], batch_size: int = 1) -> tuple[list[Call
 # ------------------------------------------------------------------ timing one call at one shape
 def _resized(module: nn.Module, site: CallSite, cin: int, cout: int) -> nn.Module:
     """A copy of `module` with `cin` input / `cout` output channels (Torch-Pruning's layer functions)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups != module.out_channels:
+        # a grouped (not depthwise) conv: a fresh conv of the new widths, each a multiple of its conv groups
+        # (cutting the last channels off, as below, would leave unequal conv groups)
+        G = module.groups
+        cin, cout = (max(G, G * round(c / G)) for c in (cin, cout))
+        return type(module)(cin, cout, module.kernel_size, module.stride, module.padding, module.dilation, G,
+                            module.bias is not None, module.padding_mode).to(module.weight.device)
     m = copy.deepcopy(module)
     if not any(True for _ in m.parameters(recurse=False)):
         return m  # parameterless (ReLU, pooling, dropout): only its input changes
@@ -359,8 +366,10 @@ def build_table(pm, groups: list[str] | None = None, *, device: str = "cpu", thr
     sites, notes = analyse_calls(pm, groups, batch_size)
     mods = dict(pm.base.named_modules())
     time_entry = _timer(device, threads, ENTRY_TIMING)
-    step = {g: pm.round_to for g in groups}
-    kmin = {g: channels_kept(pm.group(g).channels, pm.max_ratio, pm.round_to) for g in groups}
+    # the group's reachable widths: multiples of its step (round_to, whole heads, conv groups), down to its
+    # width at max_ratio
+    step = {g: math.lcm(pm.round_to, pm.group(g).multiple, pm.group(g).conv_groups) for g in groups}
+    kmin = pm.kept(pm.uniform_plan(pm.max_ratio))
     chans = {g: pm.group(g).channels for g in groups}
     entries = []
     with torch.no_grad():
@@ -388,6 +397,13 @@ def build_table(pm, groups: list[str] | None = None, *, device: str = "cpu", thr
             st_in = min((c * step[h] for h, c in s.in_coef.items()), default=1)
             st_out = min((c * step[h] for h, c in s.out_coef.items()), default=1)
             xs = _grid(lo_in, cin0, st_in, points_2d) if s.in_coef else [cin0]
+            if s.in_coef == s.out_coef and cin0 == cout0:
+                # output width follows the input width (a BatchNorm or depthwise conv after a concatenation of
+                # several groups): one column, timed at cout == cin
+                ys = [cout0]
+                grid = [[time_entry(_resized(mod, s, ci, ci), _site_input(s, ci, device)).median_ms] for ci in xs]
+                entries.append(Entry(s.module, s.call, "grid", xs=xs, ys=ys, ms=grid))
+                continue
             ys = _grid(lo_out, cout0, st_out, points_2d) if s.out_coef else [cout0]
             grid = [[time_entry(_resized(mod, s, ci, co), _site_input(s, ci, device)).median_ms for co in ys] for ci in xs]
             entries.append(Entry(s.module, s.call, "grid", xs=xs, ys=ys, ms=grid))

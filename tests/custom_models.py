@@ -38,7 +38,7 @@ class ConcatResNet2d(nn.Module):
 
 
 class GroupedConvNet(nn.Module):
-    """A grouped (non-depthwise) convolution: the groups it touches are reported unprunable."""
+    """A grouped (non-depthwise) convolution with 4 conv groups between two plain convs."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -49,6 +49,58 @@ class GroupedConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv3(self.grouped(self.conv1(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _ResNeXtBlock(nn.Module):
+    """1x1 -> grouped 3x3 (`cardinality` conv groups) -> 1x1, with a residual add (a projection when the shape changes)."""
+
+    def __init__(self, cin: int, width: int, cout: int, cardinality: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _cbr2(cin, width, 1)
+        self.conv2 = _cbr2(width, width, 3, stride, groups=cardinality)
+        self.conv3 = nn.Sequential(nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                      if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.short(x) + self.conv3(self.conv2(self.conv1(x))))
+
+
+class ResNeXtNet(nn.Module):
+    """ResNeXt-style: bottleneck blocks whose 3x3 convs are grouped (4 conv groups, not depthwise), two stages."""
+
+    def __init__(self, num_classes: int = 10, cardinality: int = 4) -> None:
+        super().__init__()
+        self.stem = _cbr2(1, 16)
+        self.layer1 = nn.Sequential(_ResNeXtBlock(16, 16, 32, cardinality), _ResNeXtBlock(32, 16, 32, cardinality))
+        self.layer2 = nn.Sequential(_ResNeXtBlock(32, 32, 64, cardinality, stride=2), _ResNeXtBlock(64, 32, 64, cardinality))
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class DenseNetLike(nn.Module):
+    """DenseNet-style: each layer's BatchNorm sees the torch.cat of the stem and every earlier layer's channels."""
+
+    def __init__(self, num_classes: int = 10, growth: int = 6, layers: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 5, 3, padding=1, bias=False)
+        c = 5
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, growth, 3, padding=1, bias=False)))
+            c += growth
+        self.norm = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [self.stem(x)]
+        for block in self.blocks:
+            feats.append(block(torch.cat(feats, 1)))
+        x = F.relu(self.norm(torch.cat(feats, 1)))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
@@ -118,6 +170,8 @@ class SDPABlockNet(nn.Module):
 FACTORIES = {
     "concat_resnet2d": ConcatResNet2d,
     "grouped_conv": GroupedConvNet,
+    "resnext": ResNeXtNet,
+    "densenet": DenseNetLike,
     "concat_resnet1d": ConcatResNet1d,
     "mha_block": MHABlockNet,
     "sdpa_block": SDPABlockNet,
@@ -125,6 +179,8 @@ FACTORIES = {
 INPUT_SHAPES = {
     "concat_resnet2d": (1, 8, 8),
     "grouped_conv": (1, 8, 8),
+    "resnext": (1, 8, 8),
+    "densenet": (1, 8, 8),
     "concat_resnet1d": (1, 40),
     "mha_block": (1, 40),
     "sdpa_block": (1, 40),

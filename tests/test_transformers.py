@@ -52,3 +52,40 @@ def test_bert_heads_are_a_search_dimension_and_go_whole():
     print("counted", rep.macs, rep.params, "estimated", macs, params)
     assert params == rep.params
     assert macs >= rep.macs and rep.macs_ratio < 0.9  # attention matmuls counted; the estimate is conservative
+
+
+def test_groups_say_which_are_heads_and_which_are_ffn_neurons():
+    pm = PrunableModel(tiny_bert(), bert_inputs(), ignore=["pooler.dense"])
+    kinds = dict(zip(pm.table().group, pm.table().kind))
+    assert {kinds[g] for g in kinds if g.endswith("attention.self.value")} == {"attention heads (4 of 16)"}
+    assert {kinds[g] for g in kinds if g.endswith("intermediate.dense")} == {"neurons"}
+
+
+def test_a_pruned_bert_round_trips_through_save_pretrained_and_from_pretrained(tmp_path):
+    from autoprune import hfexport
+
+    model, x = tiny_bert(), bert_inputs()
+    pm = PrunableModel(model, x, ignore=["pooler.dense"])
+    heads = [g.name for g in pm.groups if g.name.endswith("attention.self.value")]
+    ffn = [g.name for g in pm.groups if g.name.endswith("intermediate.dense")]
+    small = pm.apply(pm.plan({heads[0]: 0.5, heads[1]: 0.25, ffn[1]: 0.5}))
+    hfexport.save_pretrained(small, tmp_path)
+    shapes = __import__("json").loads((tmp_path / "config.json").read_text())["autoprune_shapes"]
+    assert shapes["encoder.layer.0.attention.self"]["attributes"] == {"num_attention_heads": 2, "all_head_size": 32}
+    assert shapes["encoder.layer.1.intermediate.dense"]["sizes"]["out"] == 64
+    assert not hasattr(small.config, "autoprune_shapes")  # the live model's config is left as it was
+    # with transformers alone (remote code written beside the weights), and through autoprune without it
+    remote = transformers.AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    local = hfexport.from_pretrained(tmp_path)
+    assert type(remote).__name__ == "AutoprunedBertModel" and type(local) is transformers.BertModel
+    xs = bert_inputs(3)
+    with torch.no_grad():
+        want = call_model(small, xs).last_hidden_state
+        for m in (remote, local):
+            assert m.encoder.layer[1].attention.self.num_attention_heads == 3
+            assert torch.equal(call_model(m, xs).last_hidden_state, want)
+    # an unpruned model round-trips with nothing recorded, and a non-transformers model is refused by name
+    hfexport.save_pretrained(model, tmp_path / "full")
+    assert __import__("json").loads((tmp_path / "full" / "config.json").read_text())["autoprune_shapes"] == {}
+    with pytest.raises(Exception, match="not a transformers PreTrainedModel"):
+        hfexport.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")

@@ -1,0 +1,172 @@
+"""Networks the zoo does not have: grouped convolutions (ResNeXt-style, a transformers RegNet), a DenseNet-style
+model (BatchNorm after torch.cat), concatenations and attention blocks. Plans keep the output shape, the analytic
+costs are the pruned model's counted costs, pruning a grouped conv's channels computes exactly what zeroing them
+does, and the latency table and a latency-budget search work after concatenations."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+from custom_models import FACTORIES, INPUT_SHAPES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autoprune import api
+from autoprune.costs import CostModel, count_macs, count_params
+from autoprune.groups import PrunableModel
+from autoprune.latency import build_table
+
+SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_CACHE: dict = {}
+
+
+def build(name: str) -> tuple[PrunableModel, CostModel]:
+    if name not in _CACHE:
+        torch.manual_seed(0)
+        model = FACTORIES[name]().eval()
+        for m in model.modules():  # BatchNorm statistics that are not the identity, so that zeros are not free
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+        pm = PrunableModel(model, torch.randn(1, *INPUT_SHAPES[name]))
+        _CACHE[name] = pm, CostModel(pm)
+    return _CACHE[name]
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_random_plans_keep_the_shape_and_costs_are_counted(name: str) -> None:
+    pm, cm = build(name)
+    assert pm.prunable_names
+    x = torch.randn(3, *INPUT_SHAPES[name])
+    with torch.no_grad():
+        want = pm.base(x).shape
+    rng = random.Random(0)
+    for _ in range(3):
+        plan = pm.plan({g: rng.uniform(0, pm.max_ratio) for g in pm.prunable_names})
+        small = pm.apply(plan)
+        with torch.no_grad():
+            assert small(x).shape == want
+        counted = (count_macs(small, pm.example), count_params(small))
+        assert counted[0] < cm.base_macs and counted[1] < cm.base_params
+        if cm.exact:
+            assert cm.estimate(plan) == counted
+        else:  # F.scaled_dot_product_attention is not a module: the estimate keeps its unpruned MACs
+            assert cm.estimate(plan)[0] >= counted[0] and cm.estimate(plan)[1] == counted[1]
+
+
+def test_grouped_convolutions_are_prunable_in_whole_conv_groups() -> None:
+    pm, _ = build("resnext")
+    assert len(pm.groups) == 11 and pm.prunable_names == pm.names  # nothing locked by the grouped 3x3 convs
+    grouped = [g for g in pm.groups if g.conv_groups > 1]
+    assert len(grouped) == 8 and all(g.conv_groups == 4 for g in grouped)
+    plan = pm.uniform_plan(0.6)
+    small = pm.apply(plan)
+    mods = dict(small.named_modules())
+    for block in ("layer1.0", "layer1.1", "layer2.0", "layer2.1"):
+        conv = mods[f"{block}.conv2.0"]
+        assert conv.groups == 4 and conv.in_channels % 4 == 0 and conv.out_channels % 4 == 0
+        assert conv.in_channels < pm.base.get_submodule(f"{block}.conv2.0").in_channels
+    # ratios between the conv-group steps round to whole steps: 16 channels in 4 conv groups keep 4, 8, 12 or 16
+    g = next(g for g in grouped if g.channels == 16)
+    assert sorted({pm.kept(pm.plan({g.name: r / 20}))[g.name] for r in range(19)}) == [4, 8, 12, 16]
+
+
+@pytest.mark.parametrize("name", ["grouped_conv", "resnext"])
+def test_pruning_a_grouped_conv_computes_what_zeroing_its_channels_computes(name: str) -> None:
+    # the channels a plan removes, zeroed in the unpruned model at the BatchNorms that produce them, give the
+    # pruned model's output: the grouped convs kept the right weights in every conv group
+    pm, _ = build(name)
+    x = torch.randn(4, *INPUT_SHAPES[name])
+    mods = dict(pm.base.named_modules())
+    checked = 0
+    for g in pm.groups:
+        plan = pm.plan({g.name: 0.5})
+        idx = torch.tensor(pm.pruned_indices(plan)[g.name])
+        assert len(idx) and len(idx) % g.conv_groups == 0
+        bns = [m.module for m in g.members if isinstance(mods[m.module], nn.BatchNorm2d)]
+        hooks = [mods[b].register_forward_hook(lambda _m, _i, out: out.index_fill(1, idx, 0.0)) for b in bns]
+        try:
+            with torch.no_grad():
+                want = pm.base(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            got = pm.apply(plan)(x)
+        assert torch.allclose(got, want, atol=1e-5), g.name
+        checked += g.conv_groups > 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("name", ["resnext", "densenet"])
+def test_properties_on_grouped_and_concatenating_nets(name: str) -> None:
+    pm, cm = build(name)
+    want = tuple(pm.base(pm.example).shape)
+
+    @SETTINGS
+    @given(data=st.data())
+    def check(data) -> None:
+        ratios = {n: data.draw(st.floats(0.0, pm.max_ratio)) for n in pm.prunable_names}
+        plan = pm.plan(ratios)
+        model = pm.apply(plan, check=False)
+        with torch.no_grad():
+            assert tuple(model(pm.example).shape) == want
+        assert cm.estimate(plan) == (count_macs(model, pm.example), count_params(model))
+        group = data.draw(st.sampled_from(pm.prunable_names))
+        bigger = pm.plan({**ratios, group: data.draw(st.floats(ratios[group], pm.max_ratio))})
+        assert all(a <= b for a, b in zip(cm.estimate(bigger), cm.estimate(plan)))
+
+    check()
+
+
+def test_regnet_from_transformers_has_its_grouped_conv_groups_prunable() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.RegNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 2],
+                                    groups_width=8, num_labels=10, layer_type="y")
+    model = transformers.RegNetForImageClassification(cfg).eval()
+    x = torch.randn(2, 1, 16, 16)
+    pm = PrunableModel(model, x[:1])
+    cm = CostModel(pm)
+    assert len(pm.groups) == 16 and pm.prunable_names == pm.names
+    assert sum(g.conv_groups > 1 for g in pm.groups) == 8
+    plan = pm.uniform_plan(0.5)
+    small = pm.apply(plan)
+    with torch.no_grad():
+        assert small(x).logits.shape == (2, 10)
+    assert cm.estimate(plan) == (count_macs(small, pm.example), count_params(small))
+    assert count_macs(small, pm.example) < 0.6 * cm.base_macs
+    convs = [m for m in small.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert convs and all(m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0 for m in convs)
+
+
+@pytest.mark.parametrize("name", ["densenet", "resnext"])
+def test_latency_table_after_concatenations_and_grouped_convs(name: str) -> None:
+    pm, _ = build(name)
+    table = build_table(pm, calib_plans=3, valid_plans=3)
+    # a BatchNorm after a concatenation is timed along its input width, which several groups set
+    mods = dict(pm.base.named_modules())
+    kinds = {(s.module, e.shape) for s, e in zip(table.sites, table.entries) if isinstance(mods[s.module], nn.BatchNorm2d)}
+    if name == "densenet":
+        assert ("norm", "grid") in kinds
+    full = table.predict(pm.kept(pm.plan({})))
+    small = table.predict(pm.kept(pm.uniform_plan(pm.max_ratio)))
+    assert 0 < small < full
+    assert len(table.validation) == 3 and all(v["measured"] > 0 for v in table.validation)
+
+
+def test_a_densenet_style_model_takes_a_latency_budget(make_spec) -> None:
+    spec = make_spec("digits_cnn", budget={"latency": 0.8, "device": "cpu", "batch_size": 32, "threads": 1},
+                     train={"epochs": 2, "lr": 0.01}, search={"n_trials": 4, "priors": "none"})
+    spec["model"] = {"factory": "custom_models:DenseNetLike", "input_shape": [1, 8, 8]}
+    result = api.search(api.session(spec, show_progress=False), show_progress=False, test=False)
+    assert result["budget"]["kind"] == "latency_ms" and result["n_trials_complete"] == 4
+    best = result["best"]
+    assert best is not None, result["rejected_by_remeasure"]
+    assert best["latency_ms"] <= result["budget"]["limit"]  # re-measured on the device
