@@ -189,6 +189,10 @@ def admit_spec(body: bytes, content_type: str, cfg: ServiceConfig):
     if isinstance(search, dict) and search.get("ray_address") not in (None, "", "auto", "local"):
         # a remote cluster would send results back to be unpickled here: only the operator's own
         raise Refused(403, "search.ray_address: this service runs Ray on this host only; leave it unset or 'auto'")
+    if isinstance(search, dict) and search.get("ray_runtime_env"):
+        # pip installs, py_modules, env_vars, working_dir: code and settings of the submitter's choosing
+        raise Refused(403, "search.ray_runtime_env is not accepted by the service (it could install and run any "
+                           "code); leave it unset")
     try:
         spec = load_spec(data)
     except AutopruneError as e:

@@ -232,6 +232,7 @@ def _refused_everywhere(c: httpx.Client, runs: Path, target: Path) -> None:
         {"model": {"factory": "autoprune.zoo:_Classifier"}},
         {"model": {"factory": "os.path:exists"}},
         {"search": {"n_trials": 4, "backend": "ray", "ray_address": "ray://203.0.113.1:10001"}},
+        {"search": {"n_trials": 4, "backend": "ray", "ray_runtime_env": {"pip": ["evil-package"]}}},
     )):
         r = _post(c, {**SMALL, "name": f"evil{i}", **patch})
         assert r.status_code == 403, (patch, r.text)
