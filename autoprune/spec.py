@@ -146,6 +146,9 @@ class SearchSpec(_Section):
     gpus_per_trial: float = Field(0, ge=0)
     max_concurrent_trials: int = Field(1, gt=0)
     ray_address: str | None = None
+    ray_runtime_env: dict[str, Any] | None = Field(
+        None, description="Ray runtime_env for the trials, e.g. {working_dir: ., pip: [...]}; merged over the "
+        "py_modules autoprune ships itself on a cluster (the user's keys win)")
     netadapt_step: float = Field(0.1, gt=0, lt=1, description="cost cut per NetAdapt step, fraction of the unpruned cost")
     rerank_top_k: int = Field(0, ge=0, description="re-rank the k best trials, plus the uniform, global and LAMP "
                               "plans (enqueued as warm starts), by val after a short fine-tune before picking the best; 0: off")

@@ -1,0 +1,230 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`), with the user's model
+module on the driver's sys.path only: the module is shipped to the nodes (runtime_env py_modules), trials run on
+both nodes and say where; without shipping, the search stops at once naming the missing module.
+
+The cluster is started with its own --temp-dir and torn down by killing exactly the processes whose command line
+names that directory or the cluster's GCS port: `ray stop` would stop every Ray runtime on the machine, including
+other processes' local ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoprune import api
+from autoprune.errors import AutopruneError
+from autoprune.search.objective import trial_attrs
+from autoprune.search.study import open_storage, storage_url, study_name
+from autoprune.spec import load_spec
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+# Tune reuses a finished trial's actor for the next pending trial: with ~0.1 s trials the first actor runs them all
+# before the second node's actor is up (~7 s to start a worker and import torch on 2 cores). The barrier holds each
+# trial actor's first forward until two actors have reached it, so that both nodes run trials, by construction.
+USER_MODULE = """
+import os
+import time
+
+import torch.nn as nn
+
+BARRIER = {barrier!r}
+_passed = False
+
+
+def _two_actors_up():
+    global _passed
+    if _passed:
+        return
+    import ray
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return  # the driver, or a sensitivity task: only the trial actors wait
+    _passed = True
+    open(os.path.join(BARRIER, str(os.getpid())), "w").close()
+    deadline = time.time() + 90
+    while len(os.listdir(BARRIER)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+
+
+class TinyNet(nn.Module):
+    \"\"\"A user's model class: pickled by reference, so a worker must be able to import this module.\"\"\"
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        _two_actors_up()
+        return self.head(self.features(x))
+
+
+def make():
+    return TinyNet()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("ray")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+
+
+def _cluster_pids(temp_dir: str, port: int) -> list[int]:
+    """Processes of this cluster only: their command line names its temp dir or its GCS port."""
+    marks = (temp_dir, f"gcs_server_port={port}", f":{port} ", f":{port}\0")
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().decode(errors="replace") + "\0"
+        except OSError:
+            continue
+        if any(m in cmd for m in marks):
+            pids.append(int(p.name))
+    return pids
+
+
+def _kill(pids: list[int], grace: float = 3.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.port = _free_port()
+        # short: Ray's Unix socket paths live under it (108-byte limit)
+        self.temp_dir = tempfile.mkdtemp(prefix="aprc", dir="/tmp")
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        self.env.pop("PYTHONPATH", None)  # the nodes must not see the driver's extra paths
+        self.address = f"127.0.0.1:{self.port}"
+        self.node_pids: dict[str, list[int]] = {}
+
+    def _start(self, args: list[str]) -> None:
+        out = subprocess.run(_ray_cli() + ["start", *args], env=self.env, cwd=self.temp_dir, capture_output=True,
+                             text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray start {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+
+    def start(self) -> None:
+        self._start(["--head", f"--port={self.port}", "--num-cpus=1", "--include-dashboard=false",
+                     f"--temp-dir={self.temp_dir}", "--disable-usage-stats"])
+        before = set(_cluster_pids(self.temp_dir, self.port))
+        self._start([f"--address={self.address}", "--num-cpus=1", "--disable-usage-stats"])
+        self.worker_node_pids = sorted(set(_cluster_pids(self.temp_dir, self.port)) - before)
+
+    def stop(self) -> None:
+        _kill(_cluster_pids(self.temp_dir, self.port))
+
+
+@pytest.fixture
+def cluster():
+    if ray.is_initialized():  # another test module's local runtime: this driver must join the cluster instead
+        ray.shutdown()
+    c = Cluster()
+    try:
+        c.start()
+    except Exception:
+        c.stop()
+        raise
+    yield c
+    ray.shutdown()
+    c.stop()
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A model module on the driver's sys.path only (unique name: no other process can import it)."""
+    name = f"apr_user_model_{os.getpid()}_{time.time_ns() % 10**9}"
+    d = tmp_path / "usercode"
+    d.mkdir()
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    (d / f"{name}.py").write_text(USER_MODULE.format(barrier=str(barrier)))
+    monkeypatch.syspath_prepend(str(d))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _study(spec_dict) -> optuna.Study:
+    spec = load_spec(spec_dict)
+    return optuna.load_study(study_name=study_name(spec, "optuna"), storage=open_storage(storage_url(spec)))
+
+
+def _spec(make_spec, cluster, module: str, **search) -> dict:
+    spec = make_spec("digits_cnn", budget={"macs": 0.5}, train={"epochs": 2}, sensitivity={"ratios": [0.3, 0.6]},
+                     search={"backend": "ray", "ray_address": cluster.address, "n_trials": 6,
+                             "max_concurrent_trials": 2, "cpus_per_trial": 1, **search})
+    spec["model"] = {"factory": f"{module}:make", "input_shape": [1, 8, 8]}
+    return spec
+
+
+def test_trials_run_on_both_nodes_with_the_user_module_shipped(make_spec, cluster, user_module):
+    from autoprune.search.ray_backend import WHERE_ATTR
+
+    spec = _spec(make_spec, cluster, user_module)
+    t0 = time.perf_counter()
+    result = api.search(spec, show_progress=False)
+    elapsed = time.perf_counter() - t0
+    assert result["n_trials_complete"] == 6, result
+    assert result["best"]["macs_ratio"] <= 0.5 + 1e-9
+    study = _study(spec)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 6
+    where = [trial_attrs(t)[WHERE_ATTR] for t in done]
+    nodes = {w["node_id"] for w in where}
+    assert len(nodes) == 2, f"trials ran on {nodes}"  # one CPU per node, one CPU per trial, two at a time
+    assert all(w["pid"] != os.getpid() for w in where)
+    assert all(trial_attrs(t)["worker"].endswith(f":{os.getpid()}") for t in done)  # the driver owns the trial
+    print(f"two-node search: 6 trials in {elapsed:.1f} s on nodes {sorted(n[:8] for n in nodes)}")
+
+
+def test_an_unshipped_module_fails_fast_naming_it(make_spec, cluster, user_module):
+    # py_modules: [] turns shipping off: the nodes cannot import the user's module
+    spec = _spec(make_spec, cluster, user_module, priors="none", ray_runtime_env={"py_modules": []})
+    t0 = time.perf_counter()
+    with pytest.raises(AutopruneError) as info:
+        api.search(spec, show_progress=False)
+    elapsed = time.perf_counter() - t0
+    msg = str(info.value)
+    assert f"ModuleNotFoundError: No module named '{user_module}'" in msg
+    assert "first 3 trials all failed" in msg and "on node" in msg and "ray_runtime_env" in msg
+    assert elapsed < 60, elapsed
+    study = _study(spec)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) >= 3 and not study.get_trials(states=(TrialState.COMPLETE,))
+    assert all(f"No module named '{user_module}'" in t.user_attrs["fail_reason"] for t in failed)
+    print(f"fast fail after {elapsed:.1f} s: {msg[:200]}")
