@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import optuna
 import pytest
@@ -64,7 +65,9 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monk
         assert {"plan", "macs_ratio", "feasible", "cost"} <= set(trial_attrs(t))
         assert trial_attrs(t)["macs_ratio"] <= 0.5 + 1e-9  # projection mode: every trial is on budget
         assert t.constraints["budget"] <= 1e-9
-        assert trial_attrs(t)["worker"].endswith(f":{os.getpid()}")
+        assert trial_attrs(t)["worker"].endswith(f":{os.getpid()}")  # the driver owns the Optuna trial
+        ran = trial_attrs(t)["ray_worker"]  # the Ray worker that ran it
+        assert ran["pid"] != os.getpid() and ran["node_id"] == ray.get_runtime_context().get_node_id()
     labels = sorted(trial_attrs(t).get("warm_start") or "" for t in done)
     assert labels[-2:] == ["sensitivity-greedy", "uniform"]  # warm starts went in as points_to_evaluate
     # report/load read a Ray run like a local one
@@ -136,4 +139,133 @@ def test_failed_evaluations_are_recorded_as_failed_trials_with_their_reason(make
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert result["n_trials_complete"] == 2
     assert len(failed) == 1 and all("planted failure" in trial_attrs(t)["fail_reason"] for t in failed)
+    assert all(trial_attrs(t)["fail_reason"].startswith("RuntimeError: planted failure (on node ") for t in failed)
     assert all("plan" in trial_attrs(t) for t in failed)
+
+
+# ------------------------------------------------------------------ code to the workers, failures that say why
+USER_MODULE = """
+import torch.nn as nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(16, num_classes)  # two prunable groups: sensitivity fans out as two Ray tasks
+
+    def forward(self, x):
+        return self.head(self.conv(x))
+
+
+def make():
+    return TinyNet()
+"""
+
+
+@pytest.fixture
+def driver_only_module(tmp_path, monkeypatch):
+    """A user's model module on this process's sys.path only: the running Ray workers cannot import it."""
+    import sys
+    import time
+
+    name = f"apr_driver_only_{os.getpid()}_{time.time_ns() % 10**9}"
+    d = tmp_path / "usercode"
+    d.mkdir()
+    (d / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(d))
+    yield name, d / f"{name}.py"
+    sys.modules.pop(name, None)
+
+
+def test_runtime_env_ships_local_modules_on_a_cluster_and_the_users_keys_win(make_spec, driver_only_module):
+    import importlib
+
+    import cloudpickle
+
+    from autoprune.search.ray_backend import code_modules, pickled_modules, runtime_env_for
+
+    name, path = driver_only_module
+    spec = make_spec("digits_cnn")
+    spec["model"] = {"factory": f"{name}:make", "input_shape": [1, 8, 8]}
+    assert runtime_env_for(load_spec(spec)) is None  # local Ray: nothing to ship
+    spec["search"]["ray_address"] = "127.0.0.1:6379"
+    env = runtime_env_for(load_spec(spec))
+    mods = env["py_modules"]
+    assert str(path.resolve()) in mods  # a single-file module on the driver's path only
+    assert not any("site-packages" in m for m in mods)  # torch, optuna, ... are installed on the nodes
+    import autoprune
+    shipped_autoprune = str(Path(autoprune.__file__).parent.resolve()) in mods
+    assert shipped_autoprune == ("site-packages" not in autoprune.__file__)  # a checkout is shipped, a wheel not
+    # the user's runtime_env wins on conflicts: py_modules [] turns shipping off, other keys pass through
+    spec["search"]["ray_runtime_env"] = {"py_modules": [], "env_vars": {"OMP_NUM_THREADS": "1"}}
+    assert runtime_env_for(load_spec(spec)) == {"env_vars": {"OMP_NUM_THREADS": "1"}}
+    spec["search"]["ray_runtime_env"] = {"working_dir": "."}
+    assert runtime_env_for(load_spec(spec)) == {"py_modules": mods, "working_dir": "."}
+
+    # a model whose class lives in another local module than the factory's: found through the pickle
+    model = importlib.import_module(name).make()
+    assert name in {m.split(".")[0] for m in pickled_modules(cloudpickle.dumps(model))}
+    spec["model"]["factory"] = "autoprune.zoo:digits_cnn"
+    assert str(path.resolve()) in code_modules(load_spec(spec), [model])
+    assert str(path.resolve()) not in code_modules(load_spec(spec))
+
+
+def test_describe_error_and_fast_fail_bookkeeping():
+    from autoprune.search.ray_backend import FailWatch, describe_error
+
+    text = ("Failure # 1\nray::ImplicitFunc.__init__() (pid=1, ip=10.0.0.2)\n  File \"x.py\", line 3\n"
+            "ModuleNotFoundError: No module named 'mymod'\n")
+    assert describe_error(None, text) == ("ModuleNotFoundError: No module named 'mymod'",
+                                          {"node_ip": "10.0.0.2", "node_id": "", "pid": 1})
+    assert describe_error(RuntimeError("boom\nmore"))[0] == "RuntimeError: boom more"
+
+    w = FailWatch(3)
+    w.note("E: x", "E: x (on node a, pid 1)")
+    w.note("E: x", "E: x (on node b, pid 2)")
+    assert w.reason is None
+    w.note("E: x", "E: x (on node a, pid 1)")
+    assert w.reason == "E: x (on node a, pid 1)" and "first 3 trials all failed" in w.message()
+    for outcomes in (["E: x", None, "E: x"], ["E: x", "E: y", "E: x"], [None, "E: x", "E: x", "E: x"]):
+        w = FailWatch(3)
+        for o in outcomes:
+            w.note(o)
+        assert w.reason is None, outcomes  # a success or two different errors among the first three: go on
+
+
+@pytest.mark.parametrize("priors", ["none", "sensitivity"])
+def test_a_module_the_workers_cannot_import_stops_the_search_at_once_with_exit_2(make_spec, driver_only_module,
+                                                                                 tmp_path, capsys, priors):
+    import time
+
+    import yaml
+
+    from autoprune.cli import main
+
+    name, _ = driver_only_module
+    spec = make_spec("digits_cnn", train={"epochs": 1},
+                     search={"backend": "ray", "n_trials": 6, "max_concurrent_trials": 2, "priors": priors})
+    spec["model"] = {"factory": f"{name}:make", "input_shape": [1, 8, 8]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        main(["search", str(path)])
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert f"ModuleNotFoundError: No module named '{name}'" in err and "ray_runtime_env" in err
+    assert "on node" in err and "pid" in err
+    assert elapsed < 60, elapsed
+    if priors == "none":  # the trials failed: three of them, recorded with their reason, then the search stopped
+        assert "first 3 trials all failed with the same error" in err
+        study = _study(spec)
+        failed = study.get_trials(states=(TrialState.FAIL,))
+        assert 3 <= len(failed) <= 4 and not study.get_trials(states=(TrialState.COMPLETE,))
+        for t in failed:
+            assert f"No module named '{name}'" in t.user_attrs["fail_reason"]
+            assert t.user_attrs["ray_worker"]["pid"] != os.getpid()
+    else:  # the sensitivity tasks fail first, with the same clear message
+        assert "a Ray task failed" in err

@@ -422,6 +422,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
 _EXC_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Failed|Warning))"
                        r"(?:\([^)]*\))?: (.+)$")
 
+_PID_IP = re.compile(r"\(pid=(\d+), ip=([\w.:\-]+)")
+
 
 def _is_import_error(reason: str) -> bool:
     return reason.startswith(("ModuleNotFoundError:", "ImportError:"))
@@ -433,14 +435,19 @@ def describe_error(exc: BaseException | None, text: str = "") -> tuple[str, dict
     if exc is None and not text:
         return "the Ray trial failed (no error recorded; see the Ray logs)", None
     where = None
+    outer = str(exc) if exc is not None else ""
     if isinstance(exc, ray.exceptions.RayTaskError):
-        where = {"node_ip": exc.ip, "node_id": "", "pid": exc.pid}
-        cause = exc.cause
+        if getattr(exc, "ip", None) or getattr(exc, "pid", None):
+            where = {"node_ip": getattr(exc, "ip", None) or "?", "node_id": "", "pid": getattr(exc, "pid", "?")}
+        cause = getattr(exc, "cause", None)
         if cause is not None and not isinstance(cause, ray.exceptions.RayError):
             return f"{type(cause).__name__}: {cause}", where
         if cause is not None:
             exc = cause
     body = text or (str(exc) if exc is not None else "")
+    if where is None:  # Ray's notices name the worker as "ray::fn() (pid=123, ip=10.0.0.2)"
+        m = _PID_IP.search(body) or _PID_IP.search(outer)
+        where = {"node_ip": m.group(2), "node_id": "", "pid": int(m.group(1))} if m else None
     lines = [ln for ln in body.splitlines() if ln.strip()]
     for ln in reversed(lines):
         m = _EXC_LINE.match(ln)
