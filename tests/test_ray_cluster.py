@@ -10,11 +10,13 @@ other processes' local ones.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +61,27 @@ def _two_actors_up():
         time.sleep(0.05)
 
 
+HOLD = {hold!r}
+_held = False
+
+
+def _hold_first_trial():
+    # node-loss test: each trial actor's first forward waits for release-<pid> (the test kills the worker node
+    # while its actor waits here, and releases the head node's actor after that)
+    global _held
+    if _held or not HOLD:
+        return
+    import ray
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    _held = True
+    pid = os.getpid()
+    open(os.path.join(HOLD, "blocked-%d" % pid), "w").close()
+    deadline = time.time() + 90
+    while not os.path.exists(os.path.join(HOLD, "release-%d" % pid)) and time.time() < deadline:
+        time.sleep(0.05)
+
+
 class TinyNet(nn.Module):
     \"\"\"A user's model class: pickled by reference, so a worker must be able to import this module.\"\"\"
 
@@ -71,7 +94,10 @@ class TinyNet(nn.Module):
         self.head = nn.Linear(16, num_classes)
 
     def forward(self, x):
-        _two_actors_up()
+        if HOLD:
+            _hold_first_trial()
+        else:
+            _two_actors_up()
         return self.head(self.features(x))
 
 
@@ -105,6 +131,43 @@ def _cluster_pids(temp_dir: str, port: int) -> list[int]:
         if any(m in cmd for m in marks):
             pids.append(int(p.name))
     return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            parent = _ppid(int(p.name))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(p.name))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _ancestors(pid: int) -> set[int]:
+    out = set()
+    while (pid := _ppid(pid)) not in (None, 0, 1) and pid not in out:
+        out.add(pid)
+    return out
 
 
 def _kill(pids: list[int], grace: float = 3.0) -> None:
@@ -145,9 +208,15 @@ class Cluster:
         before = set(_cluster_pids(self.temp_dir, self.port))
         self._start([f"--address={self.address}", "--num-cpus=1", "--disable-usage-stats"])
         self.worker_node_pids = sorted(set(_cluster_pids(self.temp_dir, self.port)) - before)
+        self.worker_raylet = next(p for p in self.worker_node_pids if _cmdline(p).split("\0")[0].endswith("/raylet"))
+
+    def kill_worker_node(self) -> None:
+        """Lose the worker node: SIGKILL its raylet, its other daemons and every process the raylet started."""
+        _kill(sorted(set(self.worker_node_pids) | _descendants(self.worker_raylet)), grace=0)
 
     def stop(self) -> None:
         _kill(_cluster_pids(self.temp_dir, self.port))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # the session's logs and sockets
 
 
 @pytest.fixture
@@ -166,16 +235,19 @@ def cluster():
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch):
+def user_module(request, tmp_path, monkeypatch):
     """A model module on the driver's sys.path only (unique name: no other process can import it)."""
     name = f"apr_user_model_{os.getpid()}_{time.time_ns() % 10**9}"
     d = tmp_path / "usercode"
     d.mkdir()
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    (d / f"{name}.py").write_text(USER_MODULE.format(barrier=str(barrier)))
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    held = getattr(request, "param", False)
+    (d / f"{name}.py").write_text(USER_MODULE.format(barrier=str(barrier), hold=str(hold) if held else ""))
     monkeypatch.syspath_prepend(str(d))
-    yield name
+    yield (name, hold) if held else name
     sys.modules.pop(name, None)
 
 
@@ -228,3 +300,59 @@ def test_an_unshipped_module_fails_fast_naming_it(make_spec, cluster, user_modul
     assert len(failed) >= 3 and not study.get_trials(states=(TrialState.COMPLETE,))
     assert all(f"No module named '{user_module}'" in t.user_attrs["fail_reason"] for t in failed)
     print(f"fast fail after {elapsed:.1f} s: {msg[:200]}")
+
+
+@pytest.mark.parametrize("user_module", [True], indirect=True)
+def test_losing_a_node_mid_search_fails_its_trial_and_reruns_it(make_spec, cluster, user_module):
+    """The worker node dies while its actor runs a trial: that trial is recorded FAIL with Ray's reason, the search
+    goes on on the head node, and exactly n_trials complete (none lost, none counted twice)."""
+    from autoprune.search.ray_backend import WHERE_ATTR
+
+    name, hold = user_module
+    spec = _spec(make_spec, cluster, name, priors="none")
+    events: list[str] = []
+    stop = threading.Event()
+
+    def referee() -> None:  # kill the worker node under its first trial; then let the head node's trial go on
+        handled: set[int] = set()
+        head_waiting: list[int] = []
+        killed = False
+        while not stop.is_set():
+            for f in hold.glob("blocked-*"):
+                pid = int(f.name.split("-")[1])
+                if pid in handled:
+                    continue
+                handled.add(pid)
+                if not killed and cluster.worker_raylet in {_ppid(pid), pid} | _ancestors(pid):
+                    cluster.kill_worker_node()
+                    killed = True
+                    events.append(f"killed the worker node under pid {pid}")
+                else:
+                    head_waiting.append(pid)
+            if killed:
+                for pid in head_waiting:
+                    (hold / f"release-{pid}").touch()
+                head_waiting.clear()
+            time.sleep(0.05)
+
+    t = threading.Thread(target=referee, daemon=True)
+    t.start()
+    try:
+        t0 = time.perf_counter()
+        result = api.search(spec, show_progress=False)
+        elapsed = time.perf_counter() - t0
+    finally:
+        stop.set()
+        t.join(5)
+    assert events, "no trial ran on the worker node"
+    study = _study(spec)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert result["n_trials_complete"] == 6 == len(done)  # the lost trial was replaced, nothing counted twice
+    assert len({t.number for t in done}) == 6 and not study.get_trials(states=(TrialState.RUNNING,))
+    assert len(study.trials) == len(done) + len(failed) and 1 <= len(failed) <= 2
+    for t in failed:
+        assert t.user_attrs.get("fail_reason"), t.user_attrs
+    heads = {trial_attrs(t)[WHERE_ATTR]["node_id"] for t in done[1:]}
+    print(f"node loss: {events[0]}; {len(failed)} failed ({failed[0].user_attrs['fail_reason'][:160]}), "
+          f"6 completed in {elapsed:.1f} s on {sorted(n[:8] for n in heads)}")
