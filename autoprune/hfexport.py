@@ -69,6 +69,11 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
         sizes = _module_sizes(m)
         if sizes is not None and sizes != _module_sizes(r):
             entry["sizes"] = sizes
+        if sizes is None:  # parameters a module owns directly (a ViT's cls_token, position_embeddings)
+            own = {k: list(v.shape) for k, v in m.named_parameters(recurse=False)}
+            ref_own = {k: list(v.shape) for k, v in r.named_parameters(recurse=False)}
+            if own != ref_own:
+                entry["parameters"] = {k: v for k, v in own.items() if ref_own.get(k) != v}
         attrs = {a: getattr(m, a) for a in ATTRIBUTES
                  if isinstance(getattr(m, a, None), int) and getattr(m, a) != getattr(r, a, None)}
         if attrs:
@@ -80,7 +85,8 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
     """Resize `model`'s modules to `shapes` (written by autoprune's `pruned_shapes`): new layers of the pruned
-    sizes (weights come from the checkpoint) and the attention attributes. Copied into modeling_autoprune.py."""
+    sizes, directly owned parameters of the pruned shapes (values come from the checkpoint) and the attention
+    attributes. Copied into modeling_autoprune.py."""
     import torch.nn as nn  # the copy in modeling_autoprune.py runs without autoprune
 
     for name, entry in shapes.items():
@@ -107,6 +113,9 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
             new = new.to(device=old.weight.device, dtype=old.weight.dtype)
             setattr(owner, leaf, new)
         target = model.get_submodule(name) if name else model
+        for pname, shape in entry.get("parameters", {}).items():
+            old_p = getattr(target, pname)
+            setattr(target, pname, nn.Parameter(old_p.new_empty(shape), requires_grad=old_p.requires_grad))
         for attr, value in entry.get("attributes", {}).items():
             setattr(target, attr, value)
     return model

@@ -46,7 +46,7 @@ from autoprune.plan import PruningPlan, channels_kept
 
 log = logging.getLogger(__name__)
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: grouped convs, BatchNorm after concatenations, integer inputs
 # how each table entry (one module, one shape) and each whole model is timed
 ENTRY_TIMING = dict(warmup=3, runs=20, max_runs=200, rel_ci=0.03, time_budget_s=0.3)
 MODEL_TIMING = dict(warmup=10, runs=50, max_runs=1000, rel_ci=0.015, time_budget_s=1.5)
@@ -103,6 +103,7 @@ class CallSite:
     in_coef: dict[str, float]  # group -> size lost per root channel removed
     out_coef: dict[str, float]
     resizable: bool = True  # False: timed at its unpruned shape only (its change is left to the correction)
+    in_dtype: str = "float32"  # the input's dtype (int64 for an Embedding's token ids)
 
     def sizes(self, removed: dict[str, int]) -> tuple[int, int]:
         cin = self.in_shape[self.in_dim] if self.in_dim is not None else 0
@@ -128,7 +129,8 @@ def _record_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, lis
 
         def pre(mod, args, name=name):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            calls.append([name, type(mod).__name__, list(tensors[0].shape) if tensors else None, None, len(tensors)])
+            calls.append([name, type(mod).__name__, list(tensors[0].shape) if tensors else None, None, len(tensors),
+                          str(tensors[0].dtype).removeprefix("torch.") if tensors else "float32"])
 
         def post(mod, args, out, name=name):
             for c in reversed(calls):
@@ -167,7 +169,7 @@ def analyse_calls(pm, groups: list[str], batch_size: int = 1) -> tuple[list[Call
             raise AutopruneError(f"pruning group {g!r} changes which modules run; the latency table cannot follow it")
         deltas[g] = (removed, pruned)
     sites = []
-    for i, (name, kind, ish, osh, n_t) in enumerate(base):
+    for i, (name, kind, ish, osh, n_t, dtype) in enumerate(base):
         if ish is None or osh is None:
             continue
         in_coef: dict[str, float] = {}
@@ -175,7 +177,7 @@ def analyse_calls(pm, groups: list[str], batch_size: int = 1) -> tuple[list[Call
         in_dims: set[int] = set()
         out_dims: set[int] = set()
         for g, (removed, pruned) in deltas.items():
-            _, _, pish, posh, _ = pruned[i]
+            _, _, pish, posh, _, _ = pruned[i]
             for d, (a, b) in enumerate(zip(ish, pish or ish)):
                 if a != b:
                     in_dims.add(d)
@@ -189,7 +191,7 @@ def analyse_calls(pm, groups: list[str], batch_size: int = 1) -> tuple[list[Call
             notes.append(f"{name}: {n_t} tensor inputs / several changing dimensions; timed at its unpruned shape")
             in_dims, out_dims, in_coef, out_coef = set(), set(), {}, {}
         sites.append(CallSite(name, i, kind, ish, osh, next(iter(in_dims), None), next(iter(out_dims), None),
-                              in_coef, out_coef, resizable))
+                              in_coef, out_coef, resizable, dtype))
     return sites, notes
 
 
@@ -219,11 +221,14 @@ def _resized(module: nn.Module, site: CallSite, cin: int, cout: int) -> nn.Modul
     return m
 
 
-def _site_input(site: CallSite, cin: int, device: str) -> torch.Tensor:
+def _site_input(site: CallSite, cin: int, device: str, module: nn.Module | None = None) -> torch.Tensor:
     shape = list(site.in_shape)
     if site.in_dim is not None:
         shape[site.in_dim] = cin
-    return torch.randn(*shape, device=device)
+    dtype = getattr(torch, site.in_dtype, torch.float32)
+    if not dtype.is_floating_point:  # token ids: valid indices of the embedding that reads them
+        return torch.randint(0, max(1, getattr(module, "num_embeddings", 2)), shape, dtype=dtype, device=device)
+    return torch.randn(*shape, device=device, dtype=dtype)
 
 
 def _grid(lo: int, hi: int, step: float, points: int) -> list[int]:
@@ -378,7 +383,7 @@ def build_table(pm, groups: list[str] | None = None, *, device: str = "cpu", thr
             cin0 = s.in_shape[s.in_dim] if s.in_dim is not None else 0
             cout0 = s.out_shape[s.out_dim] if s.out_dim is not None else 0
             if not (s.in_coef or s.out_coef):
-                ms = time_entry(mod, _site_input(s, cin0, device)).median_ms
+                ms = time_entry(mod, _site_input(s, cin0, device, mod)).median_ms
                 entries.append(Entry(s.module, s.call, "point", ms=[[ms]]))
                 continue
             g = s.line
@@ -389,7 +394,7 @@ def build_table(pm, groups: list[str] | None = None, *, device: str = "cpu", thr
                 row = []
                 for r in xs:
                     cin, cout = s.sizes({g: r})
-                    row.append(time_entry(_resized(mod, s, cin, cout), _site_input(s, cin, device)).median_ms)
+                    row.append(time_entry(_resized(mod, s, cin, cout), _site_input(s, cin, device, mod)).median_ms)
                 entries.append(Entry(s.module, s.call, "line", xs=xs, ms=[row], group=g))
                 continue
             lo_in, _ = s.sizes({h: chans[h] - kmin[h] for h in s.in_coef})
@@ -401,11 +406,11 @@ def build_table(pm, groups: list[str] | None = None, *, device: str = "cpu", thr
                 # output width follows the input width (a BatchNorm or depthwise conv after a concatenation of
                 # several groups): one column, timed at cout == cin
                 ys = [cout0]
-                grid = [[time_entry(_resized(mod, s, ci, ci), _site_input(s, ci, device)).median_ms] for ci in xs]
+                grid = [[time_entry(_resized(mod, s, ci, ci), _site_input(s, ci, device, mod)).median_ms] for ci in xs]
                 entries.append(Entry(s.module, s.call, "grid", xs=xs, ys=ys, ms=grid))
                 continue
             ys = _grid(lo_out, cout0, st_out, points_2d) if s.out_coef else [cout0]
-            grid = [[time_entry(_resized(mod, s, ci, co), _site_input(s, ci, device)).median_ms for co in ys] for ci in xs]
+            grid = [[time_entry(_resized(mod, s, ci, co), _site_input(s, ci, device, mod)).median_ms for co in ys] for ci in xs]
             entries.append(Entry(s.module, s.call, "grid", xs=xs, ys=ys, ms=grid))
     table = LatencyTable(fp, model_key or {}, sites, entries, {g: chans[g] for g in groups}, notes=notes)
 

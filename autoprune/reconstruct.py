@@ -195,7 +195,7 @@ def reconstruct(pruned: nn.Module, base: nn.Module, batches: list, out_kept: dic
         layer = pruned.get_submodule(name)
         # sequential: inputs as produced by the layers refit so far (one forward per layer: slower, tighter)
         x_in = _capture(pruned, name, xs, "in") if sequential else x_all[name]
-        y_base = _select(y_all[name], out_kept.get(name))
+        y_base = _select(y_all[name], out_kept.get(name), layer)
         try:
             report.layers[name] = refit_layer(layer, x_in, y_base, ridge=ridge, max_rows=max_rows)
         except FloatingPointError as e:  # keep the pruned weights when the refit would not help
@@ -204,14 +204,17 @@ def reconstruct(pruned: nn.Module, base: nn.Module, batches: list, out_kept: dic
     return report
 
 
-def _select(y: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    return y if idx is None else y.index_select(1 if y.dim() > 2 else -1, idx)
+def _select(y: torch.Tensor, idx: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
+    """The kept output channels of `layer`'s output `y`: the last dimension of a Linear ([B, ..., C], tokens
+    included), dimension 1 of a convolution ([B, C, ...])."""
+    return y if idx is None else y.index_select(-1 if isinstance(layer, nn.Linear) else 1, idx)
 
 
 def layer_error(pruned: nn.Module, base: nn.Module, name: str, batches: list, out_kept: dict[str, torch.Tensor]) -> float:
     """MSE between `name`'s output in `pruned` and the kept channels of it in `base` (the held-out check)."""
     xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
-    return float(F.mse_loss(_capture(pruned, name, xs, "out"), _select(_capture(base, name, xs, "out"), out_kept.get(name))))
+    return float(F.mse_loss(_capture(pruned, name, xs, "out"),
+                            _select(_capture(base, name, xs, "out"), out_kept.get(name), pruned.get_submodule(name))))
 
 
 def reconstruct_plan(pm, plan, model: nn.Module, batches: list, **kw) -> ReconstructionReport:

