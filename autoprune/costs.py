@@ -253,7 +253,38 @@ class CostModel:
         self.base_macs = base_macs if base_macs is not None else count_macs(model, example)
         self.base_params = base_params if base_params is not None else self.total_params
         self.macs_offset = self.base_macs - self.base_macs_est
+        self.slopes: dict[str, float] = {}  # group -> unmodelled MACs lost per root channel removed
         self.exact = self.macs_offset == 0
+        if not self.exact:
+            self._fit_offset()
+
+    def _fit_offset(self) -> None:
+        """Attribute the unmodelled MACs (attention matmuls that are not modules: F.scaled_dot_product_attention,
+        a transformers attention's matmuls) to the groups that shrink them: prune each group alone, count, and
+        keep the MACs lost per root channel. They are linear in the kept heads, so the estimate becomes exact;
+        it is kept only if one plan pruning every group at once is then counted exactly, else the offset stays
+        constant at its unpruned size (conservative)."""
+        pm = self.pm
+        names = pm.prunable_names
+        if not names:
+            return
+        slopes: dict[str, float] = {}
+        for name in names:
+            plan = pm.plan({name: min(0.5, pm.max_ratio)})
+            lost = pm.pruned_indices(plan).get(name) or []
+            if not lost:
+                continue
+            macs, _ = self._estimate({name: lost})
+            counted = count_macs(pm.apply(plan, check=False), pm.example)
+            slope = (self.macs_offset - (counted - macs)) / len(lost)
+            if slope:
+                slopes[name] = slope
+        check = pm.uniform_plan(min(0.5, pm.max_ratio))
+        self.slopes = slopes
+        if self.estimate(check)[0] == count_macs(pm.apply(check, check=False), pm.example):
+            self.exact = True
+        else:
+            self.slopes = {}
 
     def _estimate(self, pruned: dict[str, list[int] | int]) -> tuple[int, int]:
         """(MACs, params change) when each group loses the given root channels (or that many, evenly)."""
@@ -303,8 +334,9 @@ class CostModel:
 
         An unstructured plan keeps dense shapes: it returns the dense MACs and the parameters left
         non-zero (torch.nn.utils.prune zeroes round(ratio * n) weights of each layer of a group).
-        When `exact` is False some MACs are not modelled (e.g. a hand-written
-        F.scaled_dot_product_attention); they are carried as a constant offset at their unpruned size,
+        MACs the layers do not model (attention matmuls outside modules) are attributed to the groups that
+        shrink them when that reproduces a counted plan (`exact`); when `exact` is False they are carried
+        as a constant offset at their unpruned size,
         so the estimate never falls below the counted MACs when pruning shrinks them: a budget met by the
         estimate is met by the model (conservatively), and the counter measures the final model.
         """
@@ -318,7 +350,9 @@ class CostModel:
             if any(self.pm._counts.get(n) for n in pruned):  # uneven branches: which channels matters
                 pruned = dict(self.pm.pruned_indices(self.pm.plan_from_kept(kept)))
         macs, dparams = self._estimate(pruned)
-        return macs + self.macs_offset, self.total_params + dparams - self.base_params_est
+        unmodelled = self.macs_offset - sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
+                                            if (s := self.slopes.get(g)))
+        return macs + round(unmodelled), self.total_params + dparams - self.base_params_est
 
     def _unstructured_nonzero(self, plan: PruningPlan) -> int:
         mods = dict(self.pm.base.named_modules())

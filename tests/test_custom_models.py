@@ -54,10 +54,8 @@ def test_random_plans_keep_the_shape_and_costs_are_counted(name: str) -> None:
             assert small(x).shape == want
         counted = (count_macs(small, pm.example), count_params(small))
         assert counted[0] < cm.base_macs and counted[1] < cm.base_params
-        if cm.exact:
-            assert cm.estimate(plan) == counted
-        else:  # F.scaled_dot_product_attention is not a module: the estimate keeps its unpruned MACs
-            assert cm.estimate(plan)[0] >= counted[0] and cm.estimate(plan)[1] == counted[1]
+        # exact everywhere, F.scaled_dot_product_attention (not a module) included: its MACs follow the heads
+        assert cm.exact and cm.estimate(plan) == counted
 
 
 def test_grouped_convolutions_are_prunable_in_whole_conv_groups() -> None:
@@ -170,3 +168,21 @@ def test_a_densenet_style_model_takes_a_latency_budget(make_spec) -> None:
     best = result["best"]
     assert best is not None, result["rejected_by_remeasure"]
     assert best["latency_ms"] <= result["budget"]["limit"]  # re-measured on the device
+
+
+def test_autoprune_groups_shows_the_grouped_conv_groups_prunable(tmp_path, capsys):
+    from autoprune.cli import main
+
+    (tmp_path / "resnext.yaml").write_text(
+        "name: resnext-groups\n"
+        "model: {factory: 'custom_models:ResNeXtNet', input_shape: [1, 8, 8]}\n"
+        "data: {factory: 'autoprune.data:digits', batch_size: 64}\n"
+        "train: {epochs: 0}\nbudget: {macs: 0.5}\n"
+        f"output: {tmp_path / 'runs'}\n")
+    try:
+        main(["groups", str(tmp_path / "resnext.yaml"), "--json"])
+    except SystemExit as e:
+        assert not e.code
+    rows = __import__("json").loads(capsys.readouterr().out)
+    grouped = [r for r in rows if r["kind"] == "channels, grouped conv (4 conv groups)"]
+    assert len(rows) == 11 and len(grouped) == 8 and all(r["prunable"] for r in rows)
