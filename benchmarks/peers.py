@@ -1,0 +1,378 @@
+"""Peer benchmark: autoprune's default search against the heuristic plans it ships and NVIDIA ModelOpt FastNAS.
+
+One command, one run. Every method gets the same model (the spec's trained weights), the same budget, the same
+score function (val metric after BatchNorm recalibration on the same calibration batches: autoprune's proxy),
+the same recovery (a fixed fine-tune written here in plain torch, identical for every method) and the same
+seeds; every final model is counted by one counter (torch.utils.flop_counter.FlopCounterMode, MACs = FLOPs / 2).
+
+    python benchmarks/peers.py                                   # ResNet-20 / digits, 50 % and 30 % MACs, seeds 0,1,2
+    python benchmarks/peers.py --quick                           # smoke test: 50 %, seed 0, short fine-tunes
+
+Methods (--methods):
+  autoprune    `api.search(session)` with the spec's (default) search section: TPE, sensitivity priors, 60 trials
+  uniform, global, lamp, netadapt, random
+               `api.search(session, strategy=...)`, the heuristics `autoprune search --strategy` selects
+  fastnas      ModelOpt `mtp.prune(mode="fastnas")`, channel divisor 4 on every Conv2d/BatchNorm2d/Linear
+  fastnas-d1   the same with channel divisor 1 (autoprune's granularity, `pruning.round_to: 1`)
+
+It imports autoprune only through `import autoprune` and `from autoprune import api`. ModelOpt needs
+`pip install nvidia-modelopt huggingface_hub torchprofile==0.0.4` (pin torch first: see the results file).
+Outputs: <out>/runs.csv (one row per setting/seed/method, written as it goes), the markdown results file
+(--md) and a plotly plot of metric against search wall time (--html).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("AUTOPRUNE_PROGRESS", "0")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import autoprune  # noqa: E402
+from autoprune import api  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG_ROOT = Path(autoprune.__file__).resolve().parents[1]  # the checkout whose autoprune is imported
+AUTOPRUNE_METHODS = {"autoprune": None, "uniform": "uniform", "global": "global", "lamp": "lamp",
+                     "netadapt": "netadapt", "random": "random"}
+FASTNAS_METHODS = {"fastnas": 4, "fastnas-d1": 1}  # label -> channel divisor
+ALL_METHODS = [*AUTOPRUNE_METHODS, *FASTNAS_METHODS]
+# FastNAS width choices: ratios 0.10 .. 1.00 in steps of 0.05 of each layer's width (keep >= 10 %, as autoprune's
+# pruning.max_ratio 0.9), rounded to the divisor
+FASTNAS_RATIOS = tuple(round(0.05 * i, 2) for i in range(2, 21))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+# ------------------------------------------------------------------ the common pieces, identical for every method
+def count_macs(model: torch.nn.Module, example: torch.Tensor) -> float:
+    """MACs of one forward pass of `example`, counted by torch's FlopCounterMode (conv/matmul only) / 2."""
+    m = copy.deepcopy(model).eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(example)
+    return fc.get_total_flops() / 2
+
+
+def recover(model: torch.nn.Module, train_ds, *, steps: int, lr: float, batch_size: int, seed: int) -> torch.nn.Module:
+    """The common recovery: `steps` Adam steps (cosine lr from `lr`), cross-entropy, batches of the train split
+    shuffled by `seed`; the same for every method. In place."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    model.train()
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step >= steps:
+                break
+    return model.eval()
+
+
+# ------------------------------------------------------------------ the methods
+def session_for(args, budget: float, seed: int, method: str):
+    spec = yaml.safe_load(Path(args.spec).read_text())
+    spec["budget"] = {"macs": budget}  # replaced: exactly one budget kind
+    spec = _merge(spec, {"search": {"seed": seed}})
+    if args.quick:
+        spec = _merge(spec, {"search": {"n_trials": 12}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}})
+    spec["name"] = f"peers-macs{round(budget * 100)}-s{seed}-{method}"
+    # one output root per budget: the base model is trained once per root and a sensitivity table is never
+    # served from another budget's cache, so every search's wall time includes all of its own work
+    spec["output"] = str(Path(args.out) / f"runs-macs{round(budget * 100)}")
+    s = api.session(spec, show_progress=False)
+    s.target, s.evaluator  # the trained model, data and calibration batches: shared setup, outside every timer
+    return s
+
+
+def run_autoprune(s, strategy: str | None) -> dict:
+    t0 = time.perf_counter()
+    if strategy is None:  # the default search: whatever the spec's search section says
+        res = api.search(s, show_progress=False, test=False)
+    else:
+        res = api.search(s, strategy=strategy, show_progress=False, test=False)
+    wall = time.perf_counter() - t0
+    best = res["best"]
+    if best is None:
+        return {"model": None, "wall_s": wall, "evals": res["evaluations"], "note": "no plan met the budget"}
+    plan = autoprune.PruningPlan.from_dict(best["plan"])
+    return {"model": s.pruner.apply(plan), "wall_s": wall, "evals": res["evaluations"],
+            "evals_sensitivity": res["sensitivity_evaluations"], "own_macs_ratio": best["macs_ratio"],
+            "searched": f"{res['strategy']}" + (f"/{res['sampler']}/priors={res['priors']}" if res["sampler"] else "")}
+
+
+def run_fastnas(s, budget: float, divisor: int, ckpt: Path) -> dict:
+    import modelopt.torch.prune as mtp
+
+    rules = {
+        "nn.Conv2d": {"*": {"channels_ratio": FASTNAS_RATIOS, "kernel_size": (), "channel_divisor": divisor}},
+        # without a BatchNorm rule the coupled widths stay on the default divisor (32)
+        "nn.BatchNorm2d": {"*": {"features_ratio": FASTNAS_RATIOS, "feature_divisor": divisor}},
+        "nn.Linear": {"*": {"features_ratio": FASTNAS_RATIOS, "feature_divisor": divisor}},
+    }
+    n_evals = [0]
+
+    def score(m: torch.nn.Module) -> float:  # the same score function as autoprune's proxy
+        n_evals[0] += 1
+        return float(s.evaluator(m, "val"))  # BN recalibration on the calibration batches, then val metric
+
+    ckpt.unlink(missing_ok=True)  # never resume another run's sensitivity map
+    model = copy.deepcopy(s.target.model)
+    t0 = time.perf_counter()
+    pruned, _ = mtp.prune(model, mode=[("fastnas", rules)], constraints={"flops": f"{budget * 100:g}%"},
+                          dummy_input=s.target.example_input,
+                          config={"data_loader": [x for x, _ in s.evaluator.calibration], "collect_func": lambda b: b,
+                                  "score_func": score, "checkpoint": str(ckpt), "verbose": False})
+    wall = time.perf_counter() - t0
+    return {"model": pruned, "wall_s": wall, "evals": n_evals[0], "evals_sensitivity": None,
+            "searched": f"fastnas (divisor {divisor})"}
+
+
+def run_one(args, budget: float, seed: int, method: str, base_macs: dict, log) -> dict:
+    s = session_for(args, budget, seed, method)
+    ex = s.target.example_input
+    key = (budget,)
+    if key not in base_macs:
+        base_macs[key] = count_macs(s.target.model, ex)
+    if method in AUTOPRUNE_METHODS:
+        out = run_autoprune(s, AUTOPRUNE_METHODS[method])
+    else:
+        out = run_fastnas(s, budget, FASTNAS_METHODS[method], Path(args.out) / f"fastnas-{method}-{seed}.pth")
+    row = {"setting": f"macs{round(budget * 100)}", "budget": budget, "seed": seed, "method": method,
+           "searched": out.get("searched"), "search_wall_s": round(out["wall_s"], 2), "evals": out["evals"],
+           "evals_sensitivity": out.get("evals_sensitivity"), "own_macs_ratio": out.get("own_macs_ratio"),
+           "note": out.get("note", "")}
+    model = out["model"]
+    if model is None:
+        log(f"{row['setting']} s{seed} {method}: {row['note']}")
+        return row
+    macs = count_macs(model, ex)
+    row["macs_ratio"] = macs / base_macs[key]
+    row["budget_met"] = bool(row["macs_ratio"] <= budget + 1e-9)
+    row["params_ratio"] = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in s.target.model.parameters())
+    row["widths"] = json.dumps([m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
+    row["val_proxy"] = float(s.evaluator(copy.deepcopy(model), "val"))  # before recovery, the common score
+    row["test_before"] = float(s.evaluator.score(copy.deepcopy(model), "test"))  # raw, no recalibration
+    bs = s.spec.data.batch_size
+    for label, steps in (("ft", args.ft_steps), ("ft_short", args.ft_short_steps)):
+        if steps <= 0:
+            continue
+        t0 = time.perf_counter()
+        m = recover(copy.deepcopy(model), s.target.datasets["train"], steps=steps, lr=args.ft_lr, batch_size=bs, seed=seed)
+        row[f"{label}_s"] = round(time.perf_counter() - t0, 2)
+        row[f"val_{label}"] = float(s.evaluator.score(m, "val"))
+        row[f"test_{label}"] = float(s.evaluator.score(m, "test"))
+    row["baseline_test"] = float(s.evaluator.score(s.target.model, "test"))
+    log(f"{row['setting']} s{seed} {method:10s}: proxy {row['val_proxy']:.4f} -> test {row.get('test_ft', float('nan')):.4f} "
+        f"(short {row.get('test_ft_short', float('nan')):.4f}), MACs {row['macs_ratio']:.3f}, {row['evals']} evals, "
+        f"{row['search_wall_s']} s")
+    return row
+
+
+# ------------------------------------------------------------------ report
+def _pm(x: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
+    x = x.dropna().astype(float) * scale
+    if x.empty:
+        return "–"
+    if len(x) == 1:
+        return f"{x.iloc[0]:.{digits}f}"
+    return f"{x.mean():.{digits}f} ± {x.std(ddof=1):.{digits}f}"
+
+
+def _md(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def table(runs: pd.DataFrame, args) -> str:
+    out = []
+    for setting, g in runs.groupby("setting", sort=False):
+        rows = []
+        for method in ALL_METHODS:
+            r = g[g.method == method]
+            if r.empty:
+                continue
+            ok = r[r.macs_ratio.notna()] if "macs_ratio" in r else r.iloc[:0]
+            rows.append({
+                "method": method,
+                f"test % after {args.ft_steps}-step FT": _pm(ok.get("test_ft", pd.Series(dtype=float)), 100),
+                f"test % after {args.ft_short_steps}-step FT": _pm(ok.get("test_ft_short", pd.Series(dtype=float)), 100),
+                "val % proxy before FT": _pm(ok.val_proxy, 100) if len(ok) else "–",
+                "MACs ratio (FlopCounterMode)": _pm(ok.macs_ratio, 1, 3) if len(ok) else "–",
+                "budget met": f"{int(ok.budget_met.sum()) if len(ok) else 0}/{len(r)}",
+                "search wall s": _pm(r.search_wall_s, 1, 1),
+                "evaluations": _pm(r.evals.astype(float), 1, 0),
+            })
+        base = g.baseline_test.dropna()
+        out.append(f"### ResNet-20 / digits, {setting[4:]} % MACs, seeds {','.join(map(str, sorted(g.seed.unique())))}"
+                   + (f" (unpruned test {100 * base.iloc[0]:.2f} %)" if len(base) else "") + "\n\n" + _md(pd.DataFrame(rows)))
+    return "\n\n".join(out)
+
+
+def plot(runs: pd.DataFrame, path: Path, args) -> bool:
+    try:
+        import plotly.express as px
+    except ImportError:
+        return False
+    d = runs[runs.get("test_ft", pd.Series(dtype=float)).notna()].copy()
+    if d.empty:
+        return False
+    d["test % after FT"] = 100 * d.test_ft
+    fig = px.scatter(d, x="search_wall_s", y="test % after FT", color="method", symbol="method", facet_col="setting",
+                     hover_data=["seed", "evals", "macs_ratio", "val_proxy"], log_x=True,
+                     title=f"ResNet-20 / digits: test accuracy after the common {args.ft_steps}-step fine-tune "
+                           "against search wall time (one point per seed)")
+    fig.update_xaxes(title="search wall time, s (log)")
+    fig.write_html(str(path), include_plotlyjs="cdn")
+    return True
+
+
+def machine() -> str:
+    try:
+        load = f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        load = "?"
+    vers = [f"torch {torch.__version__}"]
+    try:
+        import modelopt
+
+        vers.append(f"nvidia-modelopt {modelopt.__version__}")
+    except ImportError:
+        vers.append("nvidia-modelopt not installed")
+    for pkg in ("optuna", "torch_pruning", "torchprofile"):
+        try:
+            vers.append(f"{pkg} {__import__(pkg).__version__}")
+        except Exception:
+            pass
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {torch.get_num_threads()}, "
+            f"Python {platform.python_version()}, {', '.join(vers)}; load average at start {load}")
+
+
+def git_rev(path: Path) -> str:
+    """The checkout's commit; for an exported snapshot (`git archive HEAD autoprune search_spaces`), the commit
+    written into its GIT_COMMIT file."""
+    if (path / "GIT_COMMIT").exists():
+        return (path / "GIT_COMMIT").read_text().strip() + " (snapshot)"
+    try:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return "?"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default=None, help="the spec to start from (default: search_spaces/digits-resnet20-macs50.yaml "
+                                                 "of the checkout whose autoprune is imported); its budget is overridden")
+    p.add_argument("--budgets", default="0.5,0.3", help="MACs fractions of the unpruned model")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--ft-steps", type=int, default=300, help="the common recovery: Adam steps")
+    p.add_argument("--ft-short-steps", type=int, default=50, help="a second, short recovery (0: skip)")
+    p.add_argument("--ft-lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/out/peers"), help="work dir (wiped at start)")
+    p.add_argument("--md", default=None, help="results file (default: <out>/peers.md)")
+    p.add_argument("--html", default=None, help="plot file (default: <out>/peers.html)")
+    a = p.parse_args(argv)
+    a.spec = a.spec or str(PKG_ROOT / "search_spaces/digits-resnet20-macs50.yaml")
+    if a.quick:
+        a.budgets, a.seeds, a.ft_steps, a.ft_short_steps = "0.5", "0", 20, 5
+    return a
+
+
+def main(argv=None) -> Path:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    md_path, html_path = Path(args.md or out / "peers.md"), Path(args.html or out / "peers.html")
+    logf = (out / "log.txt").open("a")
+
+    def log(msg: str) -> None:
+        line = f"[{datetime.now(timezone.utc):%H:%M:%S}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise SystemExit(f"unknown methods {bad}; choose from {ALL_METHODS}")
+    cmd = "python benchmarks/peers.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    started = datetime.now(timezone.utc)
+    mach = machine()
+    log(f"start: {cmd} on {mach}; autoprune from {PKG_ROOT} (git {git_rev(PKG_ROOT)}), spec {args.spec}")
+    rows, base_macs = [], {}
+    for budget in budgets:
+        for seed in seeds:
+            for method in methods:
+                t0 = time.perf_counter()
+                row = run_one(args, budget, seed, method, base_macs, log)
+                row["total_s"] = round(time.perf_counter() - t0, 2)
+                rows.append(row)
+                pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)
+    runs = pd.DataFrame(rows)
+    finished = datetime.now(timezone.utc)
+    tbl = table(runs, args)
+    print(tbl)
+    header = [
+        f"- command: `{cmd}`",
+        f"- machine: {mach}",
+        f"- autoprune: {PKG_ROOT} at git {git_rev(PKG_ROOT)}; spec `{Path(args.spec).name}` with `budget.macs` overridden",
+        f"- started {started:%Y-%m-%d %H:%M} UTC, finished {finished:%H:%M} UTC ({(finished - started).total_seconds() / 60:.1f} min)",
+        f"- recovery (every method): {args.ft_steps} Adam steps, lr {args.ft_lr} cosine, batch {yaml.safe_load(Path(args.spec).read_text())['data']['batch_size']}, "
+        f"cross-entropy on train, seed = run seed (plain torch in peers.py); short recovery: {args.ft_short_steps} steps",
+    ]
+    md = [f"# Peer benchmark: autoprune vs shipped heuristics vs ModelOpt FastNAS ({started:%Y-%m-%d})", "", *header, "",
+          tbl, ""]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(md))
+    runs.to_csv(md_path.with_suffix(".csv"), index=False)
+    if plot(runs, html_path, args):
+        log(f"plot: {html_path}")
+    log(f"done: {md_path}, {out / 'runs.csv'}")
+    return md_path
+
+
+if __name__ == "__main__":
+    main()
