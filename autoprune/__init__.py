@@ -13,7 +13,7 @@ The public API fits on one screen:
 `search`, `load` and `export` import the pipeline on first use, so `import autoprune` stays light.
 
     >>> import autoprune
-    >>> spec = autoprune.load_spec({"name": "demo", "model": {"factory": "autoprune.zoo:cnn1d"}, "budget": {"macs": 0.5}})
+    >>> spec = autoprune.load_spec({"name": "demo", "model": {"factory": "autoprune.model.zoo:cnn1d"}, "budget": {"macs": 0.5}})
     >>> spec.task.kind, spec.budget.kind, spec.budget.value
     ('classification', 'macs', 0.5)
 """
@@ -23,28 +23,28 @@ from __future__ import annotations
 from typing import Any
 
 from autoprune.errors import AutopruneError
-from autoprune.plan import PruningPlan
+from autoprune.pruning.plan import PruningPlan
 from autoprune.spec import Spec, load_spec
-from autoprune.task import Task
+from autoprune.model.task import Task
 
 
 def search(spec: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run (or resume) the search a spec describes; see `autoprune.api.search`."""
-    from autoprune import api
+    """Run (or resume) the search a spec describes; see `autoprune.app.api.search`."""
+    from autoprune.app import api
 
     return api.search(spec, **kwargs)
 
 
 def load(run_dir: Any, **kwargs: Any) -> Any:
-    """A run directory's trials, results and sensitivity as DataFrames; see `autoprune.results.load`."""
-    from autoprune.results import load as _load
+    """A run directory's trials, results and sensitivity as DataFrames; see `autoprune.results.tables.load`."""
+    from autoprune.results.tables import load as _load
 
     return _load(run_dir, **kwargs)
 
 
 def export(spec: Any, **kwargs: Any) -> Any:
-    """Apply the best (or a given) plan and write the smaller model; see `autoprune.api.export`."""
-    from autoprune import api
+    """Apply the best (or a given) plan and write the smaller model; see `autoprune.app.api.export`."""
+    from autoprune.app import api
 
     return api.export(spec, **kwargs)
 

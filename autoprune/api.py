@@ -1,84 +1,11 @@
-"""The typed Python API: what the CLI, the service and the notebooks call.
+"""Deprecated: `autoprune.api` moved to `autoprune.app.api` (and the one-screen API is `import autoprune`).
 
-    >>> from autoprune import api
-    >>> result = api.search("search_spaces/mnist1d-cnn-macs50.yaml", n_trials=20)
-    >>> result["best"]["macs_ratio"] <= 0.5
-    True
-"""
+It keeps working for one release, with a DeprecationWarning."""
 
-from __future__ import annotations
+import warnings
 
-import json
-from pathlib import Path
-from typing import Any
+from autoprune.app.api import *  # noqa: F401,F403
+from autoprune.app.api import export, load, plan_of, result_path, search, session, summarize  # noqa: F401
 
-from autoprune.errors import AutopruneError
-from autoprune.export import export_model
-from autoprune.plan import PruningPlan
-from autoprune.results import load, result_path, summarize
-from autoprune.search import run_search
-from autoprune.session import Session
-from autoprune.spec import Spec, load_spec
-
-
-def session(spec: Spec | str | Path | dict, overrides: dict[str, Any] | None = None, *, show_progress: bool = True) -> Session:
-    return Session(load_spec(spec, overrides) if not isinstance(spec, Spec) else spec, show_progress=show_progress)
-
-
-def search(
-    spec: Spec | str | Path | dict | Session,
-    *,
-    strategy: str | None = None,
-    n_trials: int | None = None,
-    storage: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    show_progress: bool = True,
-    test: bool = True,
-) -> dict[str, Any]:
-    """Run (or resume) a search and return its result (also written to the run directory)."""
-    s = spec if isinstance(spec, Session) else session(spec, overrides, show_progress=show_progress)
-    run = run_search(s, strategy=strategy, n_trials=n_trials, storage=storage, show_progress=show_progress)
-    return summarize(run, test=test)
-
-
-def plan_of(run_dir: str | Path, *, strategy: str = "optuna", trial: int | None = None) -> PruningPlan:
-    """The best plan of a run (or a given trial's plan)."""
-    res = load(run_dir)
-    if trial is None:
-        r = res.results.get(strategy)
-        if r is None:
-            raise AutopruneError(f"no result for strategy {strategy!r} in {run_dir}; have {sorted(res.results)}")
-        if not r.get("best"):
-            raise AutopruneError(f"strategy {strategy!r} in {run_dir} has no plan that meets the budget")
-        return PruningPlan.from_dict(r["best"]["plan"])
-    rows = res.trials[(res.trials.strategy == strategy) & (res.trials.number == trial)]
-    if rows.empty or rows.iloc[0].plan is None:
-        raise AutopruneError(f"trial {trial} of strategy {strategy!r} not found in {run_dir}")
-    return PruningPlan.from_dict(json.loads(rows.iloc[0].plan))
-
-
-def export(
-    spec: Spec | str | Path | dict,
-    *,
-    out: str | Path | None = None,
-    plan: PruningPlan | None = None,
-    strategy: str = "optuna",
-    trial: int | None = None,
-    onnx: bool = True,
-    show_progress: bool = True,
-) -> Path:
-    """Apply the best (or a given) plan, recalibrate BN, and write the smaller model to `out`."""
-    s = session(spec, show_progress=show_progress)
-    plan = plan or plan_of(s.run_dir, strategy=strategy, trial=trial)
-    s.pruner.validate(plan)
-    model = s.pruner.apply(plan)
-    metric_val = s.evaluator(model, "val")
-    metrics = {"val": metric_val, "test": s.evaluator.score(model, "test")}
-    out = Path(out) if out else s.run_dir / "export"
-    export_model(model, out, plan=plan, model_spec=s.spec.model.model_dump(), pruning=s.spec.pruning.model_dump(),
-                 base_costs=s.base_costs, metrics=metrics, onnx=onnx, example=s.target.example_input,
-                 task=s.spec.task.model_dump())
-    return out
-
-
-__all__ = ["session", "search", "export", "plan_of", "load", "result_path", "Session"]
+warnings.warn("autoprune.api is deprecated: use `import autoprune` (autoprune.search/load/export) or "
+              "autoprune.app.api", DeprecationWarning, stacklevel=2)

@@ -48,7 +48,7 @@ class ModelSpec(_Section):
 
 
 class DataSpec(_Section):
-    factory: str = "autoprune.data:mnist1d"
+    factory: str = "autoprune.model.data:mnist1d"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(128, gt=0)
 
@@ -59,10 +59,10 @@ TASK_KINDS = ("classification", "regression", "distillation")
 
 
 class TaskSpec(_Section):
-    """What is scored and what fine-tuning minimises (see autoprune.task)."""
+    """What is scored and what fine-tuning minimises (see autoprune.model.task)."""
 
     kind: Literal[TASK_KINDS] = "classification"  # type: ignore[valid-type]
-    factory: str | None = Field(None, description="package.module:callable returning an autoprune.task.Task (custom task)")
+    factory: str | None = Field(None, description="package.module:callable returning an autoprune.model.task.Task (custom task)")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     output: str = Field("auto", description="the output field to score: auto | logits | last_hidden_state | "
                         "pooler_output | pooled (mean over attention_mask; distillation) | a dict key")

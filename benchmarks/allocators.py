@@ -40,11 +40,11 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoprune import api  # noqa: E402
-from autoprune.costs import measure_latency  # noqa: E402
+from autoprune.app import api  # noqa: E402
+from autoprune.costs.counting import measure_latency  # noqa: E402
 from autoprune.errors import AutopruneError  # noqa: E402
-from autoprune.plan import PruningPlan  # noqa: E402
-from autoprune.training import train_model  # noqa: E402
+from autoprune.pruning.plan import PruningPlan  # noqa: E402
+from autoprune.model.training import train_model  # noqa: E402
 
 # model label -> the spec it starts from (its 50 % MACs spec; the budget is overridden)
 MODELS = {
@@ -106,7 +106,7 @@ def latency_budget(spec: dict, fraction: float) -> dict | None:
     search process when it starts (`budget: {latency: f}`): an absolute limit measured once drifted 1.8x on this
     shared machine between processes and became unreachable. None if this checkout has no latency stage."""
     try:
-        import autoprune.latency  # noqa: F401
+        import autoprune.costs.latency  # noqa: F401
     except ImportError:
         return None
     return {"latency": fraction, "device": "cpu", "batch_size": 1, "threads": 1}
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> Path:
             if isinstance(BUDGETS[bl], tuple):
                 b = latency_budget(base_spec(model, args), BUDGETS[bl][1])
                 if b is None:
-                    notes.append(f"{model} {bl}: skipped, autoprune.latency is not available in this checkout")
+                    notes.append(f"{model} {bl}: skipped, autoprune.costs.latency is not available in this checkout")
                     log(notes[-1])
                     continue
             else:
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> Path:
             mb_trials = []
             try:
                 Session = api.session({**base_spec(model, args, b), "name": f"{model}-{bl}-check"}, show_progress=False)
-                from autoprune.search.study import build_space
+                from autoprune.searching.studies import build_space
 
                 build_space(Session, "uniform")  # an unreachable budget is reported and skipped, not fatal
             except AutopruneError as e:

@@ -16,17 +16,17 @@ import time
 
 os.environ.setdefault("AUTOPRUNE_PROGRESS", "0")
 
-from autoprune import api  # noqa: E402
-from autoprune.search.study import run_search  # noqa: E402
-from autoprune.session import Session  # noqa: E402
+from autoprune.app import api  # noqa: E402
+from autoprune.searching.study import run_search  # noqa: E402
+from autoprune.app.session import Session  # noqa: E402
 from autoprune.spec import load_spec  # noqa: E402
 
 MODELS = {
-    "cnn1d": {"model": {"factory": "autoprune.zoo:cnn1d", "input_shape": [1, 40]},
-              "data": {"factory": "autoprune.data:mnist1d", "kwargs": {"num_samples": 4000}, "batch_size": 128},
+    "cnn1d": {"model": {"factory": "autoprune.model.zoo:cnn1d", "input_shape": [1, 40]},
+              "data": {"factory": "autoprune.model.data:mnist1d", "kwargs": {"num_samples": 4000}, "batch_size": 128},
               "train": {"epochs": 10, "lr": 0.01}},
-    "resnet20": {"model": {"factory": "autoprune.zoo:resnet20", "input_shape": [1, 8, 8]},
-                 "data": {"factory": "autoprune.data:digits", "batch_size": 64},
+    "resnet20": {"model": {"factory": "autoprune.model.zoo:resnet20", "input_shape": [1, 8, 8]},
+                 "data": {"factory": "autoprune.model.data:digits", "batch_size": 64},
                  "train": {"epochs": 15, "lr": 0.01}},
 }
 
@@ -51,7 +51,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 run = run_search(s, show_progress=False)
                 df = api.load(s.run_dir).trials if False else None  # noqa: F841
-                from autoprune.results import trials_frame
+                from autoprune.results.tables import trials_frame
 
                 tf = trials_frame(run.study)
                 ok = tf[(tf.state == "COMPLETE") & tf.feasible]

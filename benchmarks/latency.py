@@ -10,10 +10,10 @@ import argparse
 
 import torch
 
-from autoprune import zoo
-from autoprune.costs import CostModel
-from autoprune.groups import PrunableModel
-from autoprune.latency import build_table, measure_model
+from autoprune.model import zoo
+from autoprune.costs.counting import CostModel
+from autoprune.pruning.groups import PrunableModel
+from autoprune.costs.latency import build_table, measure_model
 
 SHAPES = {"cnn1d": [1, 40], "resnet1d": [1, 40], "digits_cnn": [1, 8, 8], "resnet20": [1, 8, 8], "mobilenetv2": [1, 8, 8]}
 

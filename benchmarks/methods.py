@@ -1,13 +1,13 @@
 """Methods benchmark: pruning schedules, channel criteria and the evaluation proxy (with/without reconstruction).
 
 At one budget (30 % MACs by default) and with ONE fixed plan per model -- the uniform plan
-(`autoprune.search.strategies.uniform_plan`: the same ratio in every group, bisected onto the budget) -- and the
+(`autoprune.searching.strategies.uniform_plan`: the same ratio in every group, bisected onto the budget) -- and the
 same fine-tune for everything (Adam, `--ft-steps` steps, `--ft-lr`, cosine decay, seeded), it reports the test
 metric after the fine-tune, mean ± std over seeds (the seed of the fine-tune, and of the scores for `random`):
 
 (a) schedules: one-shot, polynomial (linear ramp, power 1: with the default power 3 and initial 0 it is exactly
     AGP), AGP (cubic, Zhu & Gupta), and one-shot after least-squares reconstruction; gradual schedules prune
-    every 25 steps up to 2/3 of the steps, then recover for the rest (`autoprune.finetune.Schedule` defaults);
+    every 25 steps up to 2/3 of the steps, then recover for the rest (`autoprune.pruning.schedules.Schedule` defaults);
 (b) criteria, one-shot: l2, bn_scale, bn_scale on a model trained with an L1 penalty on BN scales
     (`train.sparsity_l1`, Network Slimming), obd, apoz, fpgm, random -- the same per-group ratios, only the
     channels chosen differ;
@@ -45,11 +45,11 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoprune import api  # noqa: E402
-from autoprune.finetune import Schedule, finetune, widths  # noqa: E402
-from autoprune.groups import PrunableModel  # noqa: E402
-from autoprune.search import strategies  # noqa: E402
-from autoprune.search.space import Budget, SearchSpace  # noqa: E402
+from autoprune.app import api  # noqa: E402
+from autoprune.pruning.schedules import Schedule, finetune, widths  # noqa: E402
+from autoprune.pruning.groups import PrunableModel  # noqa: E402
+from autoprune.searching import strategies  # noqa: E402
+from autoprune.searching.space import Budget, SearchSpace  # noqa: E402
 
 MODELS = {
     "mnist1d-cnn": "search_spaces/mnist1d-cnn-macs50.yaml",

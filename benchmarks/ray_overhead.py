@@ -27,12 +27,12 @@ import time
 os.environ.setdefault("AUTOPRUNE_PROGRESS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from autoprune import api  # noqa: E402
-from autoprune.search import run_search  # noqa: E402
+from autoprune.app import api  # noqa: E402
+from autoprune.searching.study import run_search  # noqa: E402
 
 BASE = {
-    "model": {"factory": "autoprune.zoo:cnn1d", "input_shape": [1, 40]},
-    "data": {"factory": "autoprune.data:mnist1d", "kwargs": {"num_samples": 3000}, "batch_size": 128},
+    "model": {"factory": "autoprune.model.zoo:cnn1d", "input_shape": [1, 40]},
+    "data": {"factory": "autoprune.model.data:mnist1d", "kwargs": {"num_samples": 3000}, "batch_size": 128},
     "train": {"epochs": 6, "lr": 0.01},
     "budget": {"macs": 0.5},
     "evaluation": {"calibration_batches": 4},
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the numbers as JSON here too")
     args = ap.parse_args()
 
-    from autoprune.search.ray_backend import init_ray
+    from autoprune.searching.ray_backend import init_ray
 
     root = tempfile.mkdtemp(prefix="ray-overhead-")
     session(root, "optuna").target  # train (cached) once

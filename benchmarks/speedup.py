@@ -12,10 +12,10 @@ import argparse
 
 import torch
 
-from autoprune.costs import CostModel, count_macs, measure_latency
-from autoprune.groups import PrunableModel
-from autoprune.search.space import Budget, SearchSpace
-from autoprune.zoo import ZOO
+from autoprune.costs.counting import CostModel, count_macs, measure_latency
+from autoprune.pruning.groups import PrunableModel
+from autoprune.searching.space import Budget, SearchSpace
+from autoprune.model.zoo import ZOO
 
 SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 32, 32), "mobilenetv2": (1, 32, 32)}
 

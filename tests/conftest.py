@@ -14,20 +14,20 @@ os.environ.setdefault("AUTOPRUNE_PROGRESS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ZOO_SPECS = {
-    "cnn1d": {"model": {"factory": "autoprune.zoo:cnn1d", "input_shape": [1, 40]},
-              "data": {"factory": "autoprune.data:mnist1d", "kwargs": {"num_samples": 3000}, "batch_size": 128},
+    "cnn1d": {"model": {"factory": "autoprune.model.zoo:cnn1d", "input_shape": [1, 40]},
+              "data": {"factory": "autoprune.model.data:mnist1d", "kwargs": {"num_samples": 3000}, "batch_size": 128},
               "train": {"epochs": 6, "lr": 0.01}},
-    "resnet1d": {"model": {"factory": "autoprune.zoo:resnet1d", "input_shape": [1, 40]},
-                 "data": {"factory": "autoprune.data:mnist1d", "kwargs": {"num_samples": 3000}, "batch_size": 128},
+    "resnet1d": {"model": {"factory": "autoprune.model.zoo:resnet1d", "input_shape": [1, 40]},
+                 "data": {"factory": "autoprune.model.data:mnist1d", "kwargs": {"num_samples": 3000}, "batch_size": 128},
                  "train": {"epochs": 6, "lr": 0.01}},
-    "digits_cnn": {"model": {"factory": "autoprune.zoo:digits_cnn", "input_shape": [1, 8, 8]},
-                   "data": {"factory": "autoprune.data:digits", "batch_size": 64},
+    "digits_cnn": {"model": {"factory": "autoprune.model.zoo:digits_cnn", "input_shape": [1, 8, 8]},
+                   "data": {"factory": "autoprune.model.data:digits", "batch_size": 64},
                    "train": {"epochs": 10, "lr": 0.01}},
-    "resnet20": {"model": {"factory": "autoprune.zoo:resnet20", "input_shape": [1, 8, 8]},
-                 "data": {"factory": "autoprune.data:digits", "batch_size": 64},
+    "resnet20": {"model": {"factory": "autoprune.model.zoo:resnet20", "input_shape": [1, 8, 8]},
+                 "data": {"factory": "autoprune.model.data:digits", "batch_size": 64},
                  "train": {"epochs": 8, "lr": 0.01}},
-    "mobilenetv2": {"model": {"factory": "autoprune.zoo:mobilenetv2", "input_shape": [1, 8, 8]},
-                    "data": {"factory": "autoprune.data:digits", "batch_size": 64},
+    "mobilenetv2": {"model": {"factory": "autoprune.model.zoo:mobilenetv2", "input_shape": [1, 8, 8]},
+                    "data": {"factory": "autoprune.model.data:digits", "batch_size": 64},
                     "train": {"epochs": 8, "lr": 0.01}},
 }
 _counter = itertools.count()

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from autoprune.data import digits
-from autoprune.task import Task
+from autoprune.model.data import digits
+from autoprune.model.task import Task
 
 
 class DictDigits(Dataset):

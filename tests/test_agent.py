@@ -10,9 +10,9 @@ import urllib.request
 
 import pytest
 
-from autoprune.agent import AgentClient, make_server
-from autoprune.latency import _guard
-from autoprune.search.objective import TrialFailed
+from autoprune.costs.agent import AgentClient, make_server
+from autoprune.costs.budgets import _guard
+from autoprune.searching.objective import TrialFailed
 
 TOKEN = "t" * 32
 
@@ -47,7 +47,7 @@ def _post(url, body: bytes, token: str | None = TOKEN, ctype="application/json")
         return e.code, json.loads(e.read() or b"{}")
 
 
-MEASURE = {"model": {"factory": "autoprune.zoo:cnn1d", "kwargs": {}, "input_shape": [1, 40]},
+MEASURE = {"model": {"factory": "autoprune.model.zoo:cnn1d", "kwargs": {}, "input_shape": [1, 40]},
            "pruning": {"ignore": [], "round_to": 8, "max_ratio": 0.9}, "plan": {"ratios": {}}, "batch_size": 1, "threads": 1}
 
 
@@ -84,8 +84,8 @@ def test_onnx_endpoint_times_an_exported_model(big_agent_url):
     """(b) an ONNX file, timed with onnxruntime on the agent; anything that is not ONNX is a 400."""
     import torch
 
-    from autoprune import zoo
-    from autoprune.groups import PrunableModel
+    from autoprune.model import zoo
+    from autoprune.pruning.groups import PrunableModel
 
     agent_url = big_agent_url
     client = AgentClient("agent://" + agent_url.removeprefix("http://"), model=MEASURE["model"],
@@ -119,7 +119,7 @@ def test_search_through_an_agent_meets_the_remeasured_budget(make_spec, monkeypa
     monkeypatch.setenv("AUTOPRUNE_AGENT_TOKEN", TOKEN)
     url = f"agent://127.0.0.1:{server.server_address[1]}"
     try:
-        from autoprune import api
+        from autoprune.app import api
 
         spec = make_spec("cnn1d", budget={"latency": 0.8, "device": url, "batch_size": 64, "threads": 1},
                          pruning={"round_to": 8}, search={"n_trials": 4, "priors": "none"})

@@ -1,7 +1,7 @@
 """Bad input: every malformed input gives one clear message naming the problem, exit code 2, no traceback.
 
 Table-driven: each case builds a spec (or a file) from a small valid one, runs the CLI in-process through
-`autoprune.cli.main`, and checks the exit code, the exact message fragment and that no traceback is printed.
+`autoprune.app.cli.main`, and checks the exit code, the exact message fragment and that no traceback is printed.
 Factories used by the cases live in this module (`test_bad_input:...`), importable because pytest puts
 tests/ on sys.path (subprocess runs set PYTHONPATH=tests).
 """
@@ -22,7 +22,7 @@ import torch.nn as nn
 import yaml
 from torch.utils.data import TensorDataset
 
-from autoprune.cli import main
+from autoprune.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def _tiny(spec: dict, model: str, shape=(1, 40)) -> None:
 
 
 def _other_arch_checkpoint(tmp: Path, spec: dict) -> None:
-    from autoprune.zoo import resnet1d
+    from autoprune.model.zoo import resnet1d
 
     path = tmp / "resnet1d.pt"
     torch.save(resnet1d().state_dict(), path)
@@ -231,12 +231,12 @@ CASES = [
          edit={"sensitivity.ratios": [0.5, 1.5]}),
     Case("first-objective-not-metric", "the first objective must be 'accuracy'", edit={"search.objectives": ["macs"]}),
     # --- factories, data, model
-    Case("factory-no-colon", "model.factory: Value error, 'autoprune.zoo.cnn1d' is not of the form 'package.module:callable'",
-         edit={"model.factory": "autoprune.zoo.cnn1d"}),
+    Case("factory-no-colon", "model.factory: Value error, 'autoprune.model.zoo.cnn1d' is not of the form 'package.module:callable'",
+         edit={"model.factory": "autoprune.model.zoo.cnn1d"}),
     Case("factory-module-missing", "model factory 'no_such_pkg.models:net': cannot import module 'no_such_pkg.models'",
          edit={"model.factory": "no_such_pkg.models:net"}),
-    Case("factory-attr-missing", "model factory 'autoprune.zoo:resnet999': module 'autoprune.zoo' has no attribute 'resnet999'",
-         edit={"model.factory": "autoprune.zoo:resnet999"}),
+    Case("factory-attr-missing", "model factory 'autoprune.model.zoo:resnet999': module 'autoprune.model.zoo' has no attribute 'resnet999'",
+         edit={"model.factory": "autoprune.model.zoo:resnet999"}),
     Case("factory-wrong-type", "returned dict, not a torch.nn.Module", edit={"model.factory": "test_bad_input:not_a_model",
                                                                            "data": {"factory": TINY}}),
     Case("factory-raises", "failed with kwargs {}: ValueError: width must be even",
@@ -278,7 +278,7 @@ CASES = [
          edit={"model": {"factory": "task_fixtures:kwargs_cnn"},
                "data": {"factory": "task_fixtures:dict_digits", "kwargs": {"image_key": "pixels"}}}, cmd="groups"),
     Case("task-batch-not-consumable", "forward failed on the data's first batch {'input_ids': tensor[1, 12] int64, "
-         "'attention_mask': tensor[1, 12] int64}", edit={"model": {"factory": "autoprune.zoo:cnn1d"},
+         "'attention_mask': tensor[1, 12] int64}", edit={"model": {"factory": "autoprune.model.zoo:cnn1d"},
                                                      "data": {"factory": "task_fixtures:tokens"}}, cmd="groups"),
     Case("task-labels-missing", "task 'classification' needs labels, but the data's batches have none",
          edit={"model": {"factory": "task_fixtures:kwargs_cnn"},
@@ -287,7 +287,7 @@ CASES = [
          edit={"task": {"kind": "distillation", "metric": "accuracy"}}, cmd="groups"),
     Case("task-distill-untrained", "task 'distillation' learns from the unpruned model, so that model must be trained",
          edit={"task": {"kind": "distillation"}}, cmd="groups"),
-    Case("task-factory-not-a-task", "task factory 'task_fixtures:mlp' returned Sequential, not an autoprune.task.Task",
+    Case("task-factory-not-a-task", "task factory 'task_fixtures:mlp' returned Sequential, not an autoprune.model.task.Task",
          edit={"task": {"factory": "task_fixtures:mlp"}}, cmd="groups"),
     Case("task-metric-wrong-target", "task 'classification': its metric/loss cannot read the model's output",
          edit={"model": {"factory": "task_fixtures:mlp"}, "data": {"factory": "task_fixtures:regression_data"}},
@@ -343,7 +343,7 @@ def test_debug_shows_the_traceback(tmp_path, make_spec):
     spec["model"]["factory"] = "no_such_pkg.models:net"
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    cmd = [sys.executable, "-m", "autoprune.cli", "groups", str(path)]
+    cmd = [sys.executable, "-m", "autoprune.app.cli", "groups", str(path)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     plain = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     debug = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], capture_output=True, text=True, env=env, cwd=tmp_path,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autoprune.cli import main
+from autoprune.app.cli import main
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:

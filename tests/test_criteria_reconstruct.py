@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from autoprune.criteria import CRITERION_HELP
-from autoprune.evaluate import stack_batches
-from autoprune.groups import PrunableModel
-from autoprune.reconstruct import kept_outputs, layer_error, reconstruct_plan
-from autoprune.zoo import ZOO
+from autoprune.pruning.criteria import CRITERION_HELP
+from autoprune.sensitivity.evaluate import stack_batches
+from autoprune.pruning.groups import PrunableModel
+from autoprune.pruning.reconstruct import kept_outputs, layer_error, reconstruct_plan
+from autoprune.model.zoo import ZOO
 
 SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 8, 8), "mobilenetv2": (1, 8, 8)}
 
@@ -36,7 +36,7 @@ def test_every_criterion_prunes_every_zoo_model(model_name):
 
 
 def test_reconstruction_lowers_held_out_error(make_spec):
-    from autoprune import api
+    from autoprune.app import api
 
     s = api.session(make_spec("resnet1d"), show_progress=False)
     pm = s.pruner

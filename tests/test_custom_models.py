@@ -14,10 +14,10 @@ from custom_models import FACTORIES, INPUT_SHAPES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autoprune import api
-from autoprune.costs import CostModel, count_macs, count_params
-from autoprune.groups import PrunableModel
-from autoprune.latency import build_table
+from autoprune.app import api
+from autoprune.costs.counting import CostModel, count_macs, count_params
+from autoprune.pruning.groups import PrunableModel
+from autoprune.costs.latency import build_table
 
 SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -147,7 +147,7 @@ def test_regnet_from_transformers_has_its_grouped_conv_groups_prunable() -> None
 @pytest.mark.parametrize("name", ["densenet", "resnext"])
 def test_latency_table_after_concatenations_and_grouped_convs(name: str) -> None:
     pm, _ = build(name)
-    table = build_table(pm, calib_plans=3, valid_plans=3)
+    table = build_table(pm, batch_size=32, calib_plans=3, valid_plans=3)  # batch 32: compute, not call overhead
     # a BatchNorm after a concatenation is timed along its input width, which several groups set
     mods = dict(pm.base.named_modules())
     kinds = {(s.module, e.shape) for s, e in zip(table.sites, table.entries) if isinstance(mods[s.module], nn.BatchNorm2d)}
@@ -171,12 +171,12 @@ def test_a_densenet_style_model_takes_a_latency_budget(make_spec) -> None:
 
 
 def test_autoprune_groups_shows_the_grouped_conv_groups_prunable(tmp_path, capsys):
-    from autoprune.cli import main
+    from autoprune.app.cli import main
 
     (tmp_path / "resnext.yaml").write_text(
         "name: resnext-groups\n"
         "model: {factory: 'custom_models:ResNeXtNet', input_shape: [1, 8, 8]}\n"
-        "data: {factory: 'autoprune.data:digits', batch_size: 64}\n"
+        "data: {factory: 'autoprune.model.data:digits', batch_size: 64}\n"
         "train: {epochs: 0}\nbudget: {macs: 0.5}\n"
         f"output: {tmp_path / 'runs'}\n")
     try:

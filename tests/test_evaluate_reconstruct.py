@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from autoprune import api
-from autoprune.search.objective import evaluate_plan
-from autoprune.search.space import Budget, SearchSpace
-from autoprune.sensitivity import _key, run_sensitivity
+from autoprune.app import api
+from autoprune.searching.objective import evaluate_plan
+from autoprune.searching.space import Budget, SearchSpace
+from autoprune.sensitivity.sweep import _key, run_sensitivity
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ import torch.nn as nn
 import yaml
 from optuna.trial import TrialState
 
-from autoprune import api
-from autoprune.cli import main
-from autoprune.search.objective import trial_attrs
-from autoprune.search.study import STALE_LOCK_S, open_storage, study_name
+from autoprune.app import api
+from autoprune.app.cli import main
+from autoprune.searching.objective import trial_attrs
+from autoprune.searching.studies import STALE_LOCK_S, open_storage, study_name
 from autoprune.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _snapshot(spec: dict) -> dict[int, tuple[str, tuple | None, dict]]:
 
 
 def _spawn(spec_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", str(spec_path), *extra], env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "autoprune.app.cli", "search", str(spec_path), *extra], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=spec_path.parent)
 
 

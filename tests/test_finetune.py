@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from autoprune import api
-from autoprune.finetune import Schedule, finetune, widths
-from autoprune.training import train_model
-from autoprune.zoo import resnet1d
+from autoprune.app import api
+from autoprune.pruning.schedules import Schedule, finetune, widths
+from autoprune.model.training import train_model
+from autoprune.model.zoo import resnet1d
 
 
 def test_schedule_fractions():
@@ -75,8 +75,8 @@ def test_finetune_cli_polynomial_reaches_the_best_plan(make_spec, tmp_path, caps
 
     import yaml
 
-    from autoprune.cli import main
-    from autoprune.export import load_pruned
+    from autoprune.app.cli import main
+    from autoprune.exporting.files import load_pruned
 
     spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 4, "priors": "none"})
     path = tmp_path / "spec.yaml"

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprune.costs import CostModel, cost_report, count_macs, count_nonzero, count_params
+from autoprune.costs.counting import CostModel, cost_report, count_macs, count_nonzero, count_params
 from autoprune.errors import AutopruneError
-from autoprune.groups import PrunableModel
-from autoprune.plan import PruningPlan
-from autoprune.zoo import ZOO
+from autoprune.pruning.groups import PrunableModel
+from autoprune.pruning.plan import PruningPlan
+from autoprune.model.zoo import ZOO
 
 SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 8, 8), "mobilenetv2": (1, 8, 8)}
 _CACHE: dict = {}

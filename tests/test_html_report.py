@@ -7,8 +7,8 @@ import re
 import shutil
 import subprocess
 
-from autoprune import plots
-from autoprune.results import load
+from autoprune.results import plots, report
+from autoprune.results.tables import load
 
 from conftest import require_service
 from test_plots import plot_run  # noqa: F401  (the session's real small run)
@@ -27,7 +27,7 @@ def test_report_renders_in_headless_chromium(plot_run, tmp_path):  # noqa: F811
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     require_service("chromium", exe is not None, "install the Debian package `chromium`")
     res = load(plot_run)
-    page = plots.html_report(res, tmp_path / "report.html").read_text()
+    page = report.html_report(res, tmp_path / "report.html").read_text()
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("<head>", CATCH, 1).replace("</body>", PROBE, 1))
     out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

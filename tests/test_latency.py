@@ -9,10 +9,13 @@ import pytest
 
 import torch
 
-from autoprune import api, zoo
-from autoprune.costs import measure_latency
-from autoprune.groups import PrunableModel
-from autoprune.latency import LatencyTable, analyse_calls, latency_budget, model_key, table_path
+from autoprune.app import api
+
+from autoprune.model import zoo
+from autoprune.costs.counting import measure_latency
+from autoprune.pruning.groups import PrunableModel
+from autoprune.costs.budgets import latency_budget, model_key, table_path
+from autoprune.costs.latency import LatencyTable, analyse_calls
 
 LAT64 = {"device": "cpu", "batch_size": 64, "threads": 1}
 
@@ -87,7 +90,7 @@ def test_latency_search_meets_remeasured_budget(make_spec):
     runs = api.load(session.run_dir)
     assert runs.trials.latency_ms.notna().sum() == 8
     # the latency-axis Pareto plot: every trial drawn, the budget line at the limit in ms
-    from autoprune import plots
+    from autoprune.results import plots
 
     fig = plots.pareto_figure(runs, x="latency")
     assert sum(len(t.x) for t in fig.data if t.name in ("Pareto front", "dominated", "infeasible")) == 8

@@ -12,11 +12,13 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autoprune import api, plots
+from autoprune.app import api
+
+from autoprune.results import plots
 from autoprune.errors import AutopruneError
-from autoprune.results import load
-from autoprune.search.space import pareto_mask
-from autoprune.search.study import open_storage
+from autoprune.results.tables import load
+from autoprune.searching.space import pareto_mask
+from autoprune.searching.studies import open_storage
 
 from conftest import ZOO_SPECS
 
@@ -182,7 +184,7 @@ def test_search_progress_best_so_far(res):
 def test_html_report_from_the_cli(plot_run, tmp_path):
     from typer.testing import CliRunner
 
-    from autoprune.cli import app
+    from autoprune.app.cli import app
 
     out = tmp_path / "r" / "report.html"
     r = CliRunner().invoke(app, ["report", str(plot_run), "--html", str(out)])
@@ -194,5 +196,5 @@ def test_html_report_from_the_cli(plot_run, tmp_path):
     assert "<script src=" not in page and len(page) > 3_000_000  # plotly.js inlined: works offline
     assert "Best plan per strategy" in page and "global" in page
     r = CliRunner().invoke(app, ["report", str(plot_run), "--html", str(tmp_path)])
-    # the app raises AutopruneError (autoprune.cli.main turns it into exit code 2)
+    # the app raises AutopruneError (autoprune.app.cli.main turns it into exit code 2)
     assert isinstance(r.exception, AutopruneError) and "is a directory" in str(r.exception)

@@ -15,10 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autoprune import zoo
-from autoprune.costs import CostModel, count_macs, count_params, cost_report
-from autoprune.groups import PrunableModel
-from autoprune.plan import PruningPlan, channels_kept
+from autoprune.model import zoo
+from autoprune.costs.counting import CostModel, count_macs, count_params, cost_report
+from autoprune.pruning.groups import PrunableModel
+from autoprune.pruning.plan import PruningPlan, channels_kept
 
 MODELS = {
     "cnn1d": (zoo.cnn1d, (1, 40)),

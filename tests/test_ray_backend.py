@@ -9,10 +9,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoprune import api
-from autoprune.results import load
-from autoprune.search.objective import trial_attrs
-from autoprune.search.study import open_storage, storage_url, study_name
+from autoprune.app import api
+from autoprune.results.tables import load
+from autoprune.searching.objective import trial_attrs
+from autoprune.searching.studies import open_storage, storage_url, study_name
 from autoprune.spec import load_spec
 
 ray = pytest.importorskip("ray")
@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module", autouse=True)
 def ray_runtime():
     """One local Ray runtime for the module (2-4 s and ~700 MB each time it starts)."""
-    from autoprune.search.ray_backend import init_ray
+    from autoprune.searching.ray_backend import init_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray(num_cpus=2)
@@ -35,7 +35,7 @@ def _study(spec_dict, strategy="optuna") -> optuna.Study:
 
 
 def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monkeypatch):
-    from autoprune.search import ray_backend
+    from autoprune.searching import ray_backend
 
     fanned: list[int] = []
     real_map = ray_backend.ray_map
@@ -105,7 +105,7 @@ def test_constraint_reaches_optuna_and_infeasible_trials_stay_off_the_front(make
 
 
 def test_ray_map_fans_out_in_order_on_other_processes():
-    from autoprune.search.ray_backend import ray_map
+    from autoprune.searching.ray_backend import ray_map
 
     out = ray_map(lambda x: (x * x, os.getpid()), range(6), num_cpus=1)
     assert [v for v, _ in out] == [0, 1, 4, 9, 16, 25]
@@ -113,7 +113,7 @@ def test_ray_map_fans_out_in_order_on_other_processes():
 
 
 def test_failed_evaluations_are_recorded_as_failed_trials_with_their_reason(make_spec, tmp_path):
-    from autoprune.session import Session
+    from autoprune.app.session import Session
 
     spec = make_spec("cnn1d", budget={"macs": 0.5},
                      search={"backend": "ray", "n_trials": 2, "priors": "none", "max_concurrent_trials": 2})
@@ -185,7 +185,7 @@ def test_runtime_env_ships_local_modules_on_a_cluster_and_the_users_keys_win(mak
 
     import cloudpickle
 
-    from autoprune.search.ray_backend import code_modules, pickled_modules, runtime_env_for
+    from autoprune.searching.ray_backend import code_modules, pickled_modules, runtime_env_for
 
     name, path = driver_only_module
     spec = make_spec("digits_cnn")
@@ -208,13 +208,13 @@ def test_runtime_env_ships_local_modules_on_a_cluster_and_the_users_keys_win(mak
     # a model whose class lives in another local module than the factory's: found through the pickle
     model = importlib.import_module(name).make()
     assert name in {m.split(".")[0] for m in pickled_modules(cloudpickle.dumps(model))}
-    spec["model"]["factory"] = "autoprune.zoo:digits_cnn"
+    spec["model"]["factory"] = "autoprune.model.zoo:digits_cnn"
     assert str(path.resolve()) in code_modules(load_spec(spec), [model])
     assert str(path.resolve()) not in code_modules(load_spec(spec))
 
 
 def test_describe_error_and_fast_fail_bookkeeping():
-    from autoprune.search.ray_backend import FailWatch, describe_error
+    from autoprune.searching.ray_backend import FailWatch, describe_error
 
     text = ("Failure # 1\nray::ImplicitFunc.__init__() (pid=1, ip=10.0.0.2)\n  File \"x.py\", line 3\n"
             "ModuleNotFoundError: No module named 'mymod'\n")
@@ -242,7 +242,7 @@ def test_a_module_the_workers_cannot_import_stops_the_search_at_once_with_exit_2
 
     import yaml
 
-    from autoprune.cli import main
+    from autoprune.app.cli import main
 
     name, _ = driver_only_module
     spec = make_spec("digits_cnn", train={"epochs": 1},

@@ -24,10 +24,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoprune import api
+from autoprune.app import api
 from autoprune.errors import AutopruneError
-from autoprune.search.objective import trial_attrs
-from autoprune.search.study import open_storage, storage_url, study_name
+from autoprune.searching.objective import trial_attrs
+from autoprune.searching.studies import open_storage, storage_url, study_name
 from autoprune.spec import load_spec
 
 ray = pytest.importorskip("ray")
@@ -265,7 +265,7 @@ def _spec(make_spec, cluster, module: str, **search) -> dict:
 
 
 def test_trials_run_on_both_nodes_with_the_user_module_shipped(make_spec, cluster, user_module):
-    from autoprune.search.ray_backend import WHERE_ATTR
+    from autoprune.searching.ray_backend import WHERE_ATTR
 
     spec = _spec(make_spec, cluster, user_module)
     t0 = time.perf_counter()
@@ -306,7 +306,7 @@ def test_an_unshipped_module_fails_fast_naming_it(make_spec, cluster, user_modul
 def test_losing_a_node_mid_search_fails_its_trial_and_reruns_it(make_spec, cluster, user_module):
     """The worker node dies while its actor runs a trial: that trial is recorded FAIL with Ray's reason, the search
     goes on on the head node, and exactly n_trials complete (none lost, none counted twice)."""
-    from autoprune.search.ray_backend import WHERE_ATTR
+    from autoprune.searching.ray_backend import WHERE_ATTR
 
     name, hold = user_module
     spec = _spec(make_spec, cluster, name, priors="none")

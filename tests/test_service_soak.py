@@ -34,7 +34,7 @@ def test_service_killed_and_restarted_mid_run(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from autoprune.search.study import open_storage
+    from autoprune.searching.studies import open_storage
 
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from autoprune import api
-from autoprune.export import load_pruned
+from autoprune.app import api
+from autoprune.exporting.files import load_pruned
 
 
 def test_search_meets_budget_and_exports(make_spec, tmp_path):

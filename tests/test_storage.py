@@ -16,9 +16,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoprune import api
-from autoprune.search.objective import trial_attrs
-from autoprune.search.study import open_storage, study_name
+from autoprune.app import api
+from autoprune.searching.objective import trial_attrs
+from autoprune.searching.studies import open_storage, study_name
 from autoprune.spec import load_spec
 from conftest import require_service
 
@@ -118,7 +118,7 @@ def test_search_resumes_on_the_storage(storage, make_spec):
 
 def _search_worker(spec: dict, n_trials: int, out: str) -> None:
     os.environ["AUTOPRUNE_PROGRESS"] = "0"
-    from autoprune.search import run_search
+    from autoprune.searching.study import run_search
 
     run = run_search(api.session(spec, show_progress=False), n_trials=n_trials, show_progress=False)
     Path(out).write_text(json.dumps(sorted(t.number for t in run.study.trials

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from optuna.trial import TrialState
 
-from autoprune.results import summarize
-from autoprune.search.study import run_search
-from autoprune.session import Session
+from autoprune.results.tables import summarize
+from autoprune.searching.study import run_search
+from autoprune.app.session import Session
 from autoprune.spec import load_spec
 
 
@@ -57,10 +57,10 @@ def test_uniform_plan_never_overshoots(name):
     """The bisected ratio used to be rounded down, keeping one channel too many (resnet1d at 30 %: 0.3028)."""
     import torch
 
-    from autoprune.costs import CostModel
-    from autoprune.groups import PrunableModel
-    from autoprune.search.space import Budget, SearchSpace
-    from autoprune.zoo import ZOO
+    from autoprune.costs.counting import CostModel
+    from autoprune.pruning.groups import PrunableModel
+    from autoprune.searching.space import Budget, SearchSpace
+    from autoprune.model.zoo import ZOO
     from tests.test_search import SHAPES
 
     pm = PrunableModel(ZOO[name](), torch.randn(1, *SHAPES[name]))

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from autoprune import api
-from autoprune.evaluate import Evaluator
-from autoprune.export import load_pruned
-from autoprune.finetune import Schedule, finetune
-from autoprune.task import Classification, Distillation, Regression, call_model, make_task, resize_batch
+from autoprune.app import api
+from autoprune.sensitivity.evaluate import Evaluator
+from autoprune.exporting.files import load_pruned
+from autoprune.pruning.schedules import Schedule, finetune
+from autoprune.model.task import Classification, Distillation, Regression, call_model, make_task, resize_batch
 
 BASE = {"evaluation": {"calibration_batches": 4}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}}
 

@@ -1,4 +1,4 @@
-"""Tests for autoprune.zoo (model zoo) and autoprune.data (offline datasets)."""
+"""Tests for autoprune.model.zoo (model zoo) and autoprune.model.data (offline datasets)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from autoprune import data as apdata
-from autoprune.data import digits, input_shape_of, mnist1d
-from autoprune.zoo import ZOO
+from autoprune.model import data as apdata
+from autoprune.model.data import digits, input_shape_of, mnist1d
+from autoprune.model.zoo import ZOO
 
 INPUT_SHAPES = {
     "cnn1d": (1, 40),

@@ -1,0 +1,388 @@
+"""Costs: MACs and parameters counted on the pruned model, latency measured on the device.
+
+Counter choice: `torch.utils.flop_counter.FlopCounterMode` (MACs = FLOPs / 2 of conv, matmul and
+attention). It sees functional ops that hook-based counters (Torch-Pruning's, thop) miss, and it
+does not write buffers into the model. A search loop needs thousands of cost queries, so
+`CostModel` also predicts MACs/params analytically from the kept channel counts (~µs per call,
+exact on conv/linear nets); it is checked against the counter and the counter has the last word.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from autoprune.pruning.groups import ROOT_TYPES, GroupInfo, PrunableModel, _PER_CHANNEL
+from autoprune.pruning.plan import PruningPlan
+from autoprune.model.task import batch_len, call_model, to_device
+
+try:  # the CPU flash-attention op is missing from torch's flop table
+    _SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def _sdpa_cpu_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape if hasattr(query, "shape") else query, key.shape if hasattr(key, "shape") else key, value.shape if hasattr(value, "shape") else value)
+
+    _CUSTOM = {_SDPA_CPU: _sdpa_cpu_flop}
+except AttributeError:  # pragma: no cover
+    _CUSTOM = {}
+
+
+@dataclass
+class LatencyStats:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    device: str
+    threads: int | None
+    batch_size: int
+
+    @property
+    def spread_ms(self) -> float:
+        return self.p90_ms - self.p10_ms
+
+
+@dataclass
+class CostReport:
+    """Costs of one (pruned) model, with ratios against the unpruned one when known."""
+
+    macs: int
+    params: int
+    macs_ratio: float | None = None
+    params_ratio: float | None = None
+    nonzero_params: int | None = None
+    sparsity: float | None = None
+    latency_ms: float | None = None
+    latency_spread_ms: float | None = None
+    latency_runs: int | None = None
+    counter: str = "torch.utils.flop_counter"
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """MACs of one forward pass on `example` (conv, matmul, attention), counted by FlopCounterMode."""
+    model.eval()
+    # nn.MultiheadAttention's inference fast path is one fused op the counter does not know; without it
+    # the module runs linear + scaled_dot_product_attention, which are counted
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
+            call_model(model, example)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    return int(fc.get_total_flops()) // 2
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+def cost_report(model: nn.Module, example: torch.Tensor, base: "CostReport | None" = None, *, dense_note: bool | None = None) -> CostReport:
+    """Count MACs and parameters of `model`; ratios against `base` when given.
+
+    For a model pruned by an unstructured plan (or with `dense_note=True`) the report notes that MACs
+    and latency stay dense, and `params_ratio` is the fraction of non-zero parameters."""
+    if dense_note is None:
+        dense_note = (getattr(model, "_autoprune_plan", None) or {}).get("mode") == "unstructured"
+    macs, params = count_macs(model, example), count_params(model)
+    nz = count_nonzero(model)
+    rep = CostReport(macs, params, nonzero_params=nz, sparsity=1 - nz / max(params, 1))
+    if base is not None:
+        rep.macs_ratio = macs / max(base.macs, 1)
+        rep.params_ratio = params / max(base.params, 1)
+    if dense_note:
+        rep.notes.append("unstructured pruning: MACs and latency stay dense; nonzero_params is the compressed size")
+        if base is not None:
+            rep.params_ratio = nz / max(base.params, 1)
+    return rep
+
+
+def measure_latency(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    device: str = "cpu",
+    threads: int | None = 1,
+    warmup: int = 10,
+    runs: int = 50,
+    max_runs: int = 500,
+    rel_ci: float = 0.02,
+    time_budget_s: float = 10.0,
+) -> LatencyStats:
+    """Median latency of `model(example)` in ms: warm-up, then timed runs until the median's 95 %
+    confidence interval is within `rel_ci` of it (or `max_runs` / `time_budget_s` is hit).
+    CUDA is synchronised around every run; the CPU thread count is fixed while timing."""
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    x = to_device(example, dev)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                call_model(model, x)
+            sync()
+            start = time.perf_counter()
+            while True:
+                sync()
+                t0 = time.perf_counter()
+                call_model(model, x)
+                sync()
+                times.append((time.perf_counter() - t0) * 1e3)
+                n = len(times)
+                if n >= runs and n % 10 == 0:
+                    s = sorted(times)
+                    # distribution-free CI of the median: order statistics n/2 ± 1.96 sqrt(n)/2
+                    half = int(math.ceil(1.96 * math.sqrt(n) / 2))
+                    lo, hi = s[max(n // 2 - half, 0)], s[min(n // 2 + half, n - 1)]
+                    med = statistics.median(s)
+                    if (hi - lo) / 2 <= rel_ci * med or n >= max_runs or time.perf_counter() - start > time_budget_s:
+                        break
+    finally:
+        torch.set_num_threads(old_threads)
+    s = sorted(times)
+    q = lambda f: s[min(int(f * len(s)), len(s) - 1)]  # noqa: E731
+    return LatencyStats(statistics.median(s), q(0.1), q(0.9), len(s), str(dev), threads, batch_len(example))
+
+
+@dataclass
+class _Layer:
+    name: str
+    kind: str  # conv | dwconv | linear | mha | perchannel
+    cin: int
+    cout: int
+    groups: int
+    kprod: int  # kernel size product (mha: query x key pairs)
+    rows: int  # output positions per sample (spatial size for conv, leading dims for linear)
+    bias: bool
+    params: int
+
+
+class CostModel:
+    """Analytic MACs/params of a plan from kept channel counts (no pruning, no forward).
+
+    Written by hand because no counter predicts costs without building the pruned model, and a
+    budget bisection needs ~20 cost queries per trial. One hook pass records every layer's shape;
+    a group's members say which layers lose input or output channels, and how many per root
+    channel (flatten and concat mappings included). `exact` tells whether it reproduced the
+    counted costs of the unpruned model (models with attention matmuls are not modelled exactly).
+    """
+
+    def __init__(self, pm: PrunableModel, base_macs: int | None = None, base_params: int | None = None) -> None:
+        self.pm = pm
+        model, example = pm.base, pm.example
+        mods = dict(model.named_modules())
+        rows: dict[str, int] = {}
+        attn: dict[str, tuple[int, int, int]] = {}  # MHA: (query tokens, key tokens, query x key pairs)
+        hooks = []
+        for name, m in mods.items():
+            if isinstance(m, ROOT_TYPES):
+                def hook(mod, _i, out, name=name):
+                    c = mod.out_channels if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else mod.out_features
+                    rows[name] = rows.get(name, 0) + out.numel() // c  # output positions in the whole example batch
+                hooks.append(m.register_forward_hook(hook))
+            elif isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim:
+                def mha_hook(mod, args, kwargs, _out, name=name):
+                    q = args[0] if args else kwargs["query"]
+                    k = args[1] if len(args) > 1 else kwargs["key"]
+                    e = mod.embed_dim
+                    if q.dim() == 2:
+                        n, lq, lk = 1, q.shape[0], k.shape[0]
+                    else:
+                        n = q.shape[0] if mod.batch_first else q.shape[1]
+                        lq, lk = q.numel() // (n * e), k.numel() // (n * e)
+                    old = attn.get(name, (0, 0, 0))
+                    attn[name] = (old[0] + n * lq, old[1] + n * lk, old[2] + n * lq * lk)
+                hooks.append(m.register_forward_hook(mha_hook, with_kwargs=True))
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                call_model(model, example)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+            for h in hooks:
+                h.remove()
+        self.layers: dict[str, _Layer] = {}
+        self._mha_keys: dict[str, int] = {}
+        for name, m in mods.items():
+            own = sum(p.numel() for p in m.parameters(recurse=False))
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and name in rows:
+                dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
+                self.layers[name] = _Layer(name, "dwconv" if dw else "conv", m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), rows[name], m.bias is not None, own)
+            elif isinstance(m, nn.Linear) and name in rows:
+                self.layers[name] = _Layer(name, "linear", m.in_features, m.out_features, 1, 1, rows[name], m.bias is not None, own)
+            elif isinstance(m, nn.MultiheadAttention) and name in attn:
+                e = m.embed_dim
+                self.layers[name] = _Layer(name, "mha", e, e, m.num_heads, attn[name][2], attn[name][0], m.in_proj_bias is not None,
+                                           sum(p.numel() for p in m.parameters()))
+                self._mha_keys[name] = attn[name][1]
+            elif isinstance(m, _PER_CHANNEL) and own > 0:
+                c = _channels_of(m)
+                if c:
+                    self.layers[name] = _Layer(name, "perchannel", c, c, 1, 1, 0, False, own)
+        # per layer: list of (group, role, per-root-channel multiplier, per-root-channel counts or None);
+        # the counts are set where root channels map unevenly onto a member (branches of a concatenation)
+        self.effects: dict[str, list[tuple[str, str, float, list[int] | None]]] = {}
+        for g in pm.groups:
+            counts = pm._counts.get(g.name, {})
+            for mem in g.members:
+                if mem.module in self.layers:
+                    self.effects.setdefault(mem.module, []).append(
+                        (g.name, mem.role, mem.count / g.channels, counts.get((mem.module, mem.role))))
+        self.base_macs_est, self.base_params_est = self._estimate({})
+        self.total_params = sum(p.numel() for p in model.parameters())
+        self.base_macs = base_macs if base_macs is not None else count_macs(model, example)
+        self.base_params = base_params if base_params is not None else self.total_params
+        self.macs_offset = self.base_macs - self.base_macs_est
+        self.slopes: dict[str, float] = {}  # group -> unmodelled MACs lost per root channel removed
+        self.exact = self.macs_offset == 0
+        if not self.exact:
+            self._fit_offset()
+
+    def _fit_offset(self) -> None:
+        """Attribute the unmodelled MACs (attention matmuls that are not modules: F.scaled_dot_product_attention,
+        a transformers attention's matmuls) to the groups that shrink them: prune each group alone, count, and
+        keep the MACs lost per root channel. They are linear in the kept heads, so the estimate becomes exact;
+        it is kept only if one plan pruning every group at once is then counted exactly, else the offset stays
+        constant at its unpruned size (conservative)."""
+        pm = self.pm
+        names = pm.prunable_names
+        if not names:
+            return
+        slopes: dict[str, float] = {}
+        for name in names:
+            plan = pm.plan({name: min(0.5, pm.max_ratio)})
+            lost = pm.pruned_indices(plan).get(name) or []
+            if not lost:
+                continue
+            macs, _ = self._estimate({name: lost})
+            counted = count_macs(pm.apply(plan, check=False), pm.example)
+            slope = (self.macs_offset - (counted - macs)) / len(lost)
+            if slope:
+                slopes[name] = slope
+        check = pm.uniform_plan(min(0.5, pm.max_ratio))
+        self.slopes = slopes
+        if self.estimate(check)[0] == count_macs(pm.apply(check, check=False), pm.example):
+            self.exact = True
+        else:
+            self.slopes = {}
+
+    def _estimate(self, pruned: dict[str, list[int] | int]) -> tuple[int, int]:
+        """(MACs, params change) when each group loses the given root channels (or that many, evenly)."""
+        macs = 0
+        removed_params = 0
+        for name, L in self.layers.items():
+            cin, cout = L.cin, L.cout
+            for gname, role, mult, counts in self.effects.get(name, ()):
+                lost = pruned.get(gname)
+                if not lost:
+                    continue
+                if isinstance(lost, int):
+                    r = lost * mult
+                elif counts is not None:
+                    r = sum(counts[i] for i in lost)
+                else:
+                    r = len(lost) * mult
+                if L.kind in ("dwconv", "perchannel", "mha"):
+                    cin -= r
+                    cout -= r
+                elif role == "out":
+                    cout -= r
+                else:
+                    cin -= r
+            cin, cout = round(cin), round(cout)
+            if L.kind == "conv":
+                per = cin // L.groups * L.kprod
+                macs += L.rows * per * cout
+                new = per * cout + (cout if L.bias else 0)
+            elif L.kind == "dwconv":
+                macs += L.rows * L.kprod * cout
+                new = L.kprod * cout + (cout if L.bias else 0)
+            elif L.kind == "linear":
+                macs += L.rows * cin * cout
+                new = cin * cout + (cout if L.bias else 0)
+            elif L.kind == "mha":  # in-projections of q (rows) and k, v (key tokens), attention, out-projection
+                e = cout
+                macs += (2 * L.rows + 2 * self._mha_keys[name]) * e * e + 2 * L.kprod * e
+                new = 4 * e * e + (4 * e if L.bias else 0)
+            else:
+                new = L.params * cout // max(L.cout, 1)
+            removed_params += L.params - new
+        return macs, -removed_params
+
+    def estimate(self, plan: PruningPlan | dict[str, int]) -> tuple[int, int]:
+        """(MACs, params) of the model after `plan` (or after keeping the given channel counts).
+
+        An unstructured plan keeps dense shapes: it returns the dense MACs and the parameters left
+        non-zero (torch.nn.utils.prune zeroes round(ratio * n) weights of each layer of a group).
+        MACs the layers do not model (attention matmuls outside modules) are attributed to the groups that
+        shrink them when that reproduces a counted plan (`exact`); when `exact` is False they are carried
+        as a constant offset at their unpruned size,
+        so the estimate never falls below the counted MACs when pruning shrinks them: a budget met by the
+        estimate is met by the model (conservatively), and the counter measures the final model.
+        """
+        if isinstance(plan, PruningPlan) and plan.mode == "unstructured":
+            return self.base_macs, self._unstructured_nonzero(plan)
+        if isinstance(plan, PruningPlan):
+            pruned: dict[str, list[int] | int] = dict(self.pm.pruned_indices(plan))
+        else:
+            kept = {**{g.name: g.channels for g in self.pm.groups}, **plan}
+            pruned = {g.name: g.channels - kept[g.name] for g in self.pm.groups if kept[g.name] < g.channels}
+            if any(self.pm._counts.get(n) for n in pruned):  # uneven branches: which channels matters
+                pruned = dict(self.pm.pruned_indices(self.pm.plan_from_kept(kept)))
+        macs, dparams = self._estimate(pruned)
+        unmodelled = self.macs_offset - sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
+                                            if (s := self.slopes.get(g)))
+        return macs + round(unmodelled), self.total_params + dparams - self.base_params_est
+
+    def _unstructured_nonzero(self, plan: PruningPlan) -> int:
+        mods = dict(self.pm.base.named_modules())
+        if not hasattr(self, "_base_nonzero"):
+            self._base_nonzero = count_nonzero(self.pm.base)
+        total = self._base_nonzero  # BatchNorm shifts start at zero
+        for g in self.pm.groups:
+            r = plan.ratios.get(g.name, 0.0)
+            if r > 0:
+                for layer in g.layers:
+                    total -= round(float(r) * mods[layer].weight.numel())
+        return total
+
+    def macs_shares(self) -> dict[str, float]:
+        """Each group's share of the model's MACs: the MACs that scale with its channels, over the total."""
+        base, _ = self._estimate({})
+        out = {}
+        for g in self.pm.groups:
+            macs, _ = self._estimate({g.name: list(range(g.channels))})
+            out[g.name] = (base - macs) / self.base_macs
+        return out
+
+
+def _channels_of(m: nn.Module) -> int | None:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        return m.num_features
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    if isinstance(m, nn.LayerNorm):
+        return int(m.normalized_shape[-1])
+    if isinstance(m, nn.PReLU):
+        return m.num_parameters if m.num_parameters > 1 else None
+    return None

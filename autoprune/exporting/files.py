@@ -1,0 +1,102 @@
+"""Export stage: a physically smaller model as safe files, and loading it back.
+
+An export directory holds ``model.pt`` (a state dict, loadable with ``weights_only=True``),
+``manifest.json`` (factory, kwargs, input shape, pruning settings and the plan), ``costs.json`` and,
+optionally, ``model.onnx``; a `transformers` model also gets ``hf/``, a `save_pretrained` directory that
+`from_pretrained` reloads (see `autoprune.exporting.hf`). `load_pruned(dir)` rebuilds the base model from its factory, re-applies the
+plan's structure, and loads the weights: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from autoprune.exporting import hf as hfexport
+from autoprune.costs.counting import cost_report
+from autoprune.model.onnx import export_onnx
+from autoprune.errors import AutopruneError
+from autoprune.pruning.groups import PrunableModel
+from autoprune.pruning.plan import PruningPlan
+from autoprune.model.loading import build_model
+from autoprune.model.task import to_device
+
+MANIFEST_VERSION = 1
+
+
+def export_model(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    plan: PruningPlan,
+    model_spec: dict[str, Any],
+    pruning: dict[str, Any],
+    base_costs=None,
+    metrics: dict[str, float] | None = None,
+    onnx: bool = True,
+    example: Any = None,
+    task: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a pruned model and its manifest; returns the manifest.
+
+    `example` is one batch of the model's inputs (a tensor, tuple or dict, from the data); it is saved as
+    `example.pt` (tensors only, loadable with weights_only=True) so `load_pruned` can trace the model again.
+    Without it the example is a random tensor of `model_spec["input_shape"]`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    if example is None:
+        example = torch.randn(1, *model_spec["input_shape"])
+    example = to_device(example, "cpu")
+    torch.save(model.state_dict(), out / "model.pt")
+    torch.save(example, out / "example.pt")
+    costs = cost_report(model, example, base_costs).to_dict()
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "model": {k: model_spec.get(k) for k in ("factory", "kwargs", "input_shape")},
+        "task": task or {},
+        "pruning": {k: pruning[k] for k in ("ignore", "round_to", "mode", "criterion")},
+        "plan": plan.to_dict(),
+        "costs": costs,
+        "metrics": metrics or {},
+        "files": ["model.pt", "example.pt", "manifest.json", "costs.json"],
+    }
+    (out / "costs.json").write_text(json.dumps(costs, indent=2))
+    if onnx:
+        export_onnx(model, example, out / "model.onnx")
+        manifest["files"].append("model.onnx")
+    if hfexport.is_hf(model):  # also a save_pretrained directory that from_pretrained reloads
+        hfexport.save_pretrained(model, out / "hf")
+        manifest["files"].append("hf/")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_pruned(export_dir: str | Path) -> nn.Module:
+    """Rebuild a pruned model from an export directory (factory + plan structure + state dict)."""
+    d = Path(export_dir)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise AutopruneError(f"{d} is not an autoprune export (no manifest.json)") from None
+    m, p = manifest["model"], manifest["pruning"]
+    base = build_model(m["factory"], m["kwargs"])
+    if (d / "example.pt").exists():
+        example = torch.load(d / "example.pt", map_location="cpu", weights_only=True)
+    else:  # exports from before example.pt
+        example = torch.randn(1, *m["input_shape"])
+    plan = PruningPlan.from_dict(manifest["plan"])
+    pm = PrunableModel(base, example, ignore=p["ignore"], criterion="l1", round_to=p["round_to"],
+                       mode=p["mode"], check_groups=False, max_ratio=0.999)
+    # which channels go does not matter here: the saved weights replace them; only the widths must match
+    model = pm.apply(PruningPlan(plan.ratios, plan.mode, "l1", plan.round_to), check=False)
+    state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise AutopruneError(f"weights in {d / 'model.pt'} do not fit the plan's architecture: {str(e).splitlines()[0]}") from None
+    return model.eval()

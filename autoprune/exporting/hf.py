@@ -1,0 +1,215 @@
+"""Export stage, Hugging Face side: a pruned `transformers` model that `save_pretrained` / `from_pretrained`
+round-trip.
+
+Transformers 5 has no per-layer head counts or widths in its configs (`prune_heads` and `config.pruned_heads`
+are gone), so a pruned model's weights no longer fit the stock class. `save_pretrained(model, dir)` writes the
+usual files plus the pruned widths in `config.json` (`autoprune_shapes`: module -> constructor sizes, and
+attention attributes such as `num_attention_heads`) and a small `modeling_autoprune.py` whose class is the stock
+class that resizes those modules after building; `auto_map` points the Auto classes at it. So
+
+    AutoModel.from_pretrained(dir, trust_remote_code=True)      # any transformers install, no autoprune
+    autoprune.exporting.hf.from_pretrained(dir)                      # no remote code: autoprune resizes the stock class
+
+both give the pruned model with its weights. This is the `trust_remote_code` mechanism transformers documents
+for custom architectures; nothing is pickled. Written by hand because neither transformers nor Torch-Pruning
+record per-layer widths (Torch-Pruning's HF examples save whole pickled models).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from autoprune.errors import AutopruneError
+
+SHAPES_KEY = "autoprune_shapes"
+CODE_FILE = "modeling_autoprune.py"
+# integer attributes of attention (and similar) modules that follow the pruned widths
+ATTRIBUTES = ("num_attention_heads", "all_head_size", "attention_head_size", "num_heads", "head_dim", "embed_dim",
+              "num_key_value_heads", "num_key_value_groups", "hidden_size", "intermediate_size", "inner_dim")
+
+
+def is_hf(model: nn.Module) -> bool:
+    """Whether `model` is a `transformers.PreTrainedModel` (without importing transformers when absent)."""
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def _module_sizes(m: nn.Module) -> dict[str, Any] | None:
+    """The constructor sizes of a resizable layer, or None for anything else."""
+    if isinstance(m, nn.Linear):
+        return {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return {"type": type(m).__name__, "in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return {"type": type(m).__name__, "num": m.num_features}
+    if isinstance(m, nn.LayerNorm):
+        return {"type": "LayerNorm", "shape": list(m.normalized_shape)}
+    if isinstance(m, nn.Embedding):
+        return {"type": "Embedding", "num": m.num_embeddings, "dim": m.embedding_dim}
+    return None
+
+
+def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module whose sizes or attention attributes differ from the stock model its config builds."""
+    with torch.device("meta"):
+        stock = type(model)(model.config)
+    ref = dict(stock.named_modules())
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        r = ref.get(name)
+        if r is None:
+            raise AutopruneError(f"module {name!r} of the pruned model is not in a stock {type(model).__name__}; "
+                                 "the pruned model cannot be described by its config")
+        entry: dict[str, Any] = {}
+        sizes = _module_sizes(m)
+        if sizes is not None and sizes != _module_sizes(r):
+            entry["sizes"] = sizes
+        if sizes is None:  # parameters a module owns directly (a ViT's cls_token, position_embeddings)
+            own = {k: list(v.shape) for k, v in m.named_parameters(recurse=False)}
+            ref_own = {k: list(v.shape) for k, v in r.named_parameters(recurse=False)}
+            if own != ref_own:
+                entry["parameters"] = {k: v for k, v in own.items() if ref_own.get(k) != v}
+        attrs = {a: getattr(m, a) for a in ATTRIBUTES
+                 if isinstance(getattr(m, a, None), int) and getattr(m, a) != getattr(r, a, None)}
+        if attrs:
+            entry["attributes"] = attrs
+        if entry:
+            out[name] = entry
+    return out
+
+
+def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
+    """Resize `model`'s modules to `shapes` (written by autoprune's `pruned_shapes`): new layers of the pruned
+    sizes, directly owned parameters of the pruned shapes (values come from the checkpoint) and the attention
+    attributes. Copied into modeling_autoprune.py."""
+    import torch.nn as nn  # the copy in modeling_autoprune.py runs without autoprune
+
+    for name, entry in shapes.items():
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = getattr(owner, leaf) if leaf else model
+        s = entry.get("sizes")
+        if s:
+            kind = s["type"]
+            if kind == "Linear":
+                new = nn.Linear(s["in"], s["out"], bias=s["bias"])
+            elif kind.startswith("Conv"):
+                new = type(old)(s["in"], s["out"], old.kernel_size, old.stride, old.padding, old.dilation, s["groups"],
+                                old.bias is not None, old.padding_mode)
+            elif "BatchNorm" in kind:
+                new = type(old)(s["num"], old.eps, old.momentum, old.affine, old.track_running_stats)
+            elif kind == "LayerNorm":
+                new = nn.LayerNorm(s["shape"], eps=old.eps, elementwise_affine=old.elementwise_affine,
+                                   bias=old.bias is not None)
+            elif kind == "Embedding":
+                new = nn.Embedding(s["num"], s["dim"], padding_idx=old.padding_idx)
+            else:
+                raise ValueError(f"cannot resize {name} ({kind})")
+            new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+            setattr(owner, leaf, new)
+        target = model.get_submodule(name) if name else model
+        for pname, shape in entry.get("parameters", {}).items():
+            old_p = getattr(target, pname)
+            setattr(target, pname, nn.Parameter(old_p.new_empty(shape), requires_grad=old_p.requires_grad))
+        for attr, value in entry.get("attributes", {}).items():
+            setattr(target, attr, value)
+    return model
+
+
+_TEMPLATE = '''"""A pruned {base} written by autoprune: the stock class with the per-layer widths in config.json
+("{key}"). Load with AutoModel.from_pretrained(<dir>, trust_remote_code=True) or {cls}.from_pretrained(<dir>)."""
+
+import torch.nn as nn
+import transformers
+
+_Base = getattr(transformers, "{base}")
+
+
+{apply}
+
+class {cls}(_Base):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        apply_shapes(self, getattr(config, "{key}", None) or {{}})
+'''
+
+
+def _auto_classes(model: nn.Module) -> list[str]:
+    """The Auto classes that build `model`'s class (AutoModel, AutoModelForSequenceClassification, ...), with
+    AutoModel always among them."""
+    import transformers
+    import transformers.models.auto.modeling_auto as ma
+
+    found = ["AutoModel"]
+    for name in dir(ma):
+        mapping = getattr(ma, name)
+        if not (name.startswith("MODEL_") and name.endswith("_MAPPING_NAMES") and isinstance(mapping, dict)):
+            continue
+        if mapping.get(model.config.model_type) == type(model).__name__:
+            words = name[len("MODEL_"):-len("_MAPPING_NAMES")].split("_")
+            auto = "AutoModel" + ("For" + "".join(w.capitalize() for w in words[1:]) if words[0] == "FOR" else "")
+            if hasattr(transformers, auto) and auto not in found:
+                found.append(auto)
+    return found
+
+
+def save_pretrained(model: nn.Module, out_dir: str | Path) -> Path:
+    """`model.save_pretrained(out_dir)` with the pruned widths in its config and the class that rebuilds them."""
+    if not is_hf(model):
+        raise AutopruneError(f"{type(model).__name__} is not a transformers PreTrainedModel; export it with "
+                             "autoprune.exporting.files (model.pt + manifest) instead")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = type(model).__name__
+    cls = f"Autopruned{base}"
+    shapes = pruned_shapes(model)
+    code = _TEMPLATE.format(base=base, cls=cls, key=SHAPES_KEY, apply=inspect.getsource(apply_shapes))
+    (out / CODE_FILE).write_text(code)
+    config = model.config
+    old = {k: getattr(config, k, None) for k in (SHAPES_KEY, "auto_map")}
+    setattr(config, SHAPES_KEY, shapes)
+    config.auto_map = {auto: f"{CODE_FILE[:-3]}.{cls}" for auto in _auto_classes(model)}
+    try:
+        model.save_pretrained(out)
+    finally:
+        for k, v in old.items():
+            if v is None and hasattr(config, k):
+                delattr(config, k)
+            elif v is not None:
+                setattr(config, k, v)
+    return out
+
+
+def from_pretrained(path: str | Path, **kwargs) -> nn.Module:
+    """Load a directory written by `save_pretrained` without remote code: the stock class from the config's
+    `architectures`, resized to the recorded widths, then the weights."""
+    import transformers
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise AutopruneError(f"{path} has no config.json; is it a save_pretrained directory?")
+    arch = (json.loads(cfg_file.read_text()).get("architectures") or [None])[0]
+    cls = getattr(transformers, str(arch).removeprefix("Autopruned"), None)
+    if cls is None:
+        raise AutopruneError(f"{path}/config.json names architecture {arch!r}, which transformers does not have")
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = apply_shapes(cls(config), getattr(config, SHAPES_KEY, None) or {})
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if not state:
+        raise AutopruneError(f"{path} has no .safetensors weights")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise AutopruneError(f"{path}: the weights do not fit the recorded widths (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    return model.eval()

@@ -1,0 +1,115 @@
+"""Training and fine-tuning loops (plain torch; small enough that a framework would add nothing)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from autoprune._progress import progress
+from autoprune.model.task import Classification, Task, call_model, to_device
+
+
+def on_device(model: nn.Module, device: str) -> nn.Module:
+    """`model` if it already lives on `device`, else a copy moved there (the unpruned model stays where it is:
+    the pruner copies it and the costs are counted on it)."""
+    p = next(model.parameters(), None)
+    if p is None or p.device == torch.device(device):
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device)
+
+
+def _bn_l1(model: nn.Module) -> torch.Tensor:
+    terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def train_model(
+    model: nn.Module,
+    train_set: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    sparsity_l1: float = 0.0,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    desc: str = "train",
+    step_hook: Callable[[int, int], None] | None = None,
+    show_progress: bool = True,
+    task: Task | None = None,
+    teacher: nn.Module | None = None,
+) -> list[float]:
+    """Adam with cosine decay on the task's loss; returns the mean loss per epoch. Deterministic for a fixed seed.
+
+    `train_set` is a Dataset (batched and shuffled here) or the user's own DataLoader (used as it is).
+    `max_steps` caps the number of optimiser steps (used by short fine-tunes); `step_hook(step, total)`
+    runs after every step. `sparsity_l1` adds an L1 penalty on BN scales (Network Slimming). `task` defaults
+    to classification (cross-entropy); a task that `needs_teacher` (distillation) compares with `teacher`'s
+    output on the same batch.
+    """
+    from autoprune.model.data import make_loader
+
+    task = task or Classification()
+    if task.needs_teacher and teacher is None:
+        raise ValueError(f"task {task.name!r} needs the teacher model")
+    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed, drop_last=True)
+    steps_per_epoch = max(len(loader), 1)
+    total = steps_per_epoch * epochs if max_steps is None else max_steps
+    if total <= 0:
+        return []
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    if teacher is not None:
+        teacher = on_device(teacher, device).eval()
+    losses: list[float] = []
+    step = 0
+    bar = progress(total=total, desc=desc, disable=not show_progress)
+    with torch.enable_grad():
+        while step < total:
+            run, n = 0.0, 0
+            for batch in loader:
+                x, y = task.split(to_device(batch, device))
+                t_out = None
+                if task.needs_teacher:
+                    with torch.no_grad():
+                        t_out = task.forward(teacher, x)
+                loss = task.loss(task.forward(model, x), y, t_out)
+                if sparsity_l1 > 0:
+                    loss = loss + sparsity_l1 * _bn_l1(model)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                run += float(loss.detach())
+                n += 1
+                bar.update(1)
+                if step_hook is not None:
+                    step_hook(step, total)
+                if step >= total:
+                    break
+            losses.append(run / max(n, 1))
+    bar.close()
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str = "cpu") -> float:
+    """Top-1 accuracy of `model` on `dataset`, in [0, 1]."""
+    model.eval()
+    correct = total = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        pred = call_model(model, to_device(x, device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / max(total, 1)

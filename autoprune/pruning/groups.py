@@ -1,0 +1,594 @@
+"""Prunable groups: Torch-Pruning's dependency graph, one search dimension per coupled channel set.
+
+`PrunableModel` wraps a trained model: it lists the groups (stable names = root module's qualified
+name), scores channels once per criterion, and applies a `PruningPlan` to a fresh copy, returning a
+physically smaller model whose output shape is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as nn_prune
+import torch_pruning as tp
+
+from autoprune.pruning import criteria
+from autoprune.errors import AutopruneError
+from autoprune.pruning.plan import PruningPlan, channels_kept
+from autoprune.model.task import call_model, output_signature, tensors_of
+
+log = logging.getLogger(__name__)
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One module touched by a group: its output ('out') or input ('in') channels, and how many."""
+
+    module: str
+    role: str
+    count: int
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    name: str
+    index: int
+    channels: int
+    members: tuple[Member, ...]
+    layers: tuple[str, ...]
+    prunable: bool = True
+    reason: str = ""
+    multiple: int = 1  # kept channels are a multiple of this (e.g. attention heads), found by probing
+    min_keep: int = 1  # channels that must stay: one per concatenated branch
+    conv_groups: int = 1  # conv groups of the grouped convolutions it touches: kept is a multiple, equal count per conv group
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["members"] = [asdict(m) for m in self.members]
+        return d
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def find_output_layers(model: nn.Module, example) -> list[str]:
+    """Conv/linear layers whose output is the model's output (never pruned): the classifier.
+
+    `example` is the model's inputs (a tensor, a tuple of positional arguments or a dict of keyword ones)."""
+    # the outputs are kept alive until the end: an id of a freed tensor can be reused by a later one (the model's
+    # output could then match a random earlier layer, which was then ignored: groups came and went between runs)
+    produced: dict[int, tuple[str, object]] = {}
+    order: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, ROOT_TYPES):
+            def hook(_m, _i, out, name=name):
+                produced[id(out)] = (name, out)
+                order.append(name)
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = call_model(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    hit = [produced[id(t)][0] for t in tensors_of(out) if id(t) in produced and produced[id(t)][1] is t]
+    if hit:
+        return list(dict.fromkeys(hit))
+    return order[-1:]
+
+
+def sync_attention_attributes(model: nn.Module) -> int:
+    """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
+    (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
+    Linear layers) from the pruned widths, so that the modules and their repr tell the truth; returns how many
+    modules were updated. Torch-Pruning prunes the weights but does not know these attributes."""
+    n = 0
+    for m in model.modules():
+        q = getattr(m, "query", None)
+        size = getattr(m, "attention_head_size", None)
+        if isinstance(q, nn.Linear) and isinstance(size, int) and size > 0 and hasattr(m, "num_attention_heads"):
+            if getattr(m, "all_head_size", None) != q.out_features:
+                m.all_head_size = q.out_features
+                m.num_attention_heads = q.out_features // size
+                n += 1
+    return n
+
+
+class PrunableModel:
+    """The prunable groups of a model and the means to apply plans to copies of it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input,
+        *,
+        ignore: Sequence[str] = (),
+        criterion: str = "l2",
+        round_to: int = 1,
+        max_ratio: float = 0.9,
+        mode: str = "structured",
+        calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        seed: int = 0,
+        check_groups: bool = True,
+    ) -> None:
+        self.base = model.eval()
+        self.example = example_input
+        self.criterion = criterion
+        self.round_to = round_to
+        self.max_ratio = max_ratio
+        self.mode = mode
+        self.calibration = calibration or []
+        self.seed = seed
+        names = dict(model.named_modules())
+        bad = [n for n in ignore if n not in names]
+        if bad:
+            import difflib
+
+            hints = {b: difflib.get_close_matches(b, list(names), n=3) for b in bad}
+            raise AutopruneError(
+                "pruning.ignore names modules that do not exist: "
+                + "; ".join(f"{b!r} (did you mean {h}?)" if h else repr(b) for b, h in hints.items())
+            )
+        self.output_layers = find_output_layers(model, example_input)
+        self.ignored = sorted(set(ignore) | set(self.output_layers))
+        self._counts: dict[str, dict[tuple[str, str], list[int]]] = {}
+        self._segments: dict[str, list[frozenset[int]]] = {}
+        self._selection: dict[tuple[str, int, str], list[int]] = {}
+        self._conv_in: dict[str, bool] = {}
+        self._base_graph: tuple | None = None  # (pristine copy of the base, its traced graph, module names)
+        self._group_cuts: dict[tuple[str, tuple[int, ...]], list] = {}
+        self.groups: list[GroupInfo] = self._find_groups()
+        if check_groups:
+            self._check_groups()
+        self._by_name = {g.name: g for g in self.groups}
+        self._scores: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------- groups
+    def _graph(self, model: nn.Module) -> tp.DependencyGraph:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                return tp.DependencyGraph().build_dependency(model, example_inputs=self.example)
+        except Exception as e:
+            raise AutopruneError(f"Torch-Pruning cannot trace the model: {type(e).__name__}: {e}") from None
+
+    def _tp_groups(self, model: nn.Module, dg: tp.DependencyGraph):
+        mods = dict(model.named_modules())
+        ignored = [mods[n] for n in self.ignored]
+        return dg.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES))
+
+    def _find_groups(self) -> list[GroupInfo]:
+        work = copy.deepcopy(self.base)
+        dg = self._graph(work)
+        names = _module_names(work)
+        order = {n: i for i, n in enumerate(names.values())}
+        found = []
+        for grp in self._tp_groups(work, dg):
+            root = grp[0].dep.target.module
+            root_name = names[id(root)]
+            channels = len(grp[0].idxs)
+            members: dict[tuple[str, str], int] = {}
+            per_root: dict[tuple[str, str], list[int]] = {}
+            grouped: dict[tuple[str, str], int] = {}  # grouped (not depthwise) conv member -> its conv groups
+            unaligned: list[str] = []  # grouped conv members whose channels are not the root's, one to one
+            for item in grp:
+                dep, idxs = item.dep, item.idxs
+                m = dep.target.module
+                if id(m) not in names or not isinstance(m, nn.Module):
+                    continue
+                role = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
+                key = (names[id(m)], role)
+                if len(idxs) > members.get(key, 0):
+                    counts = [0] * channels
+                    for r in item.root_idxs:
+                        counts[r] += 1
+                    per_root[key] = counts
+                members[key] = max(members.get(key, 0), len(idxs))
+                # grouped conv (Torch-Pruning's rule: depthwise when groups == out_channels, else a conv whose
+                # in/out channels are split into `groups` equal blocks)
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups > 1 and m.groups != m.out_channels:
+                    grouped[key] = m.groups
+                    width = m.out_channels if role == "out" else m.in_channels
+                    if not (width == channels == len(idxs) and list(idxs) == list(item.root_idxs) == list(range(channels))):
+                        unaligned.append(names[id(m)])
+            mem = tuple(Member(n, r, c) for (n, r), c in sorted(members.items(), key=lambda kv: order.get(kv[0][0], 0)))
+            layers = tuple(dict.fromkeys(m.module for m in mem if m.role == "out" and isinstance(dict(work.named_modules())[m.module], ROOT_TYPES)))
+            prunable, reason = True, ""
+            conv_groups = math.lcm(*grouped.values()) if grouped else 1
+            grouped_names = list(dict.fromkeys(n for n, _ in grouped))
+            if channels <= 1:
+                prunable, reason = False, "a single channel"
+            elif unaligned:
+                prunable, reason = False, (f"grouped convolution(s) {list(dict.fromkeys(unaligned))} see these channels through a "
+                                           "concatenation or reshape (not supported)")
+            elif conv_groups > 1 and (channels % conv_groups or channels <= conv_groups):
+                prunable, reason = False, (f"grouped convolution(s) {grouped_names} need a multiple of {conv_groups} channels "
+                                           f"and there are {channels}")
+            # channels of a member that map to each root channel, where not uniform (concatenations)
+            self._counts[root_name] = {k: c for k, c in per_root.items() if len(set(c)) > 1}
+            # out-role conv/linear members fed by only part of the root channels (branches of a concat):
+            # each must keep one channel, or Torch-Pruning would remove a whole layer
+            segs = [frozenset(i for i, c in enumerate(per_root[(n, "out")]) if c) for n in layers if (n, "out") in per_root]
+            self._segments[root_name] = [sg for sg in dict.fromkeys(segs) if 0 < len(sg) < channels]
+            min_keep = max(1, len(self._segments[root_name]))
+            if channels <= min_keep and prunable:
+                prunable, reason = False, "every channel is the last of its branch"
+            if conv_groups > 1 and self._segments[root_name] and prunable:
+                prunable, reason = False, f"grouped convolution(s) {grouped_names} in a group with concatenated branches (not supported)"
+            # grouped convs reading these channels (their input) need the same offsets removed in every conv group
+            # (Torch-Pruning's ConvPruner.prune_in_channels keeps the first conv group's offsets for all of them)
+            self._conv_in[root_name] = any(r == "in" for _, r in grouped)
+            found.append(GroupInfo(root_name, 0, channels, mem, layers, prunable, reason, 1, min_keep, conv_groups))
+        found.sort(key=lambda g: order.get(g.name, 0))
+        return [replace(g, index=i) for i, g in enumerate(found)]
+
+    def _check_groups(self) -> None:
+        """Probe every group on copies of the model and mark the ones that break unprunable.
+
+        Two probes per group: remove one channel (finds a required channel multiple, e.g. attention
+        heads, by trying the divisors of the width) and remove about half. Probing each group on its own
+        copy costs one deep copy + dependency graph + forward per group (~18 s for ResNet-20 on a loaded
+        2-core machine), so all groups are first probed together on ONE copy, exactly as `apply` prunes
+        them; only when that joint probe fails are groups probed one by one to find the culprits.
+        """
+        out_shape = self._forward_shape(self.base)
+
+        def probe(sizes: dict[str, int]) -> str | None:
+            """Prune `sizes[g]` channels of each group on one copy; None if the output shape survives."""
+            work = copy.deepcopy(self.base)
+            try:
+                dg = self._graph(work)
+                for name, n in sizes.items():
+                    g = next(h for h in self.groups if h.name == name)
+                    root = work.get_submodule(name)
+                    idxs = self._select(g, n, list(range(g.channels)))
+                    pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+                    pg.prune()
+                shape = self._forward_shape(work)
+                if shape != out_shape:
+                    raise RuntimeError(f"output shape changed from {out_shape} to {shape}")
+            except Exception as e:  # any failure of Torch-Pruning or of the forward
+                return f"pruning fails: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return None
+
+        def mark(i: int, **changes) -> None:
+            self.groups[i] = replace(self.groups[i], **changes)
+            if changes.get("prunable") is False:
+                log.warning("group %s cannot be pruned (%s); it is left intact", self.groups[i].name, changes.get("reason"))
+
+        # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
+        # (a group touching grouped convs removes one channel from each conv group)
+        idx = [i for i, g in enumerate(self.groups) if g.prunable]
+        if probe({self.groups[i].name: self.groups[i].conv_groups for i in idx}) is not None:
+            for i in idx:
+                g = self.groups[i]
+                err = probe({g.name: g.conv_groups})
+                if err is None:
+                    continue
+                for d in (d for d in range(2, g.channels // 2 + 1) if g.channels % d == 0 and g.conv_groups == 1):
+                    if g.channels - d >= g.min_keep and probe({g.name: d}) is None:
+                        mark(i, multiple=d)
+                        break
+                else:
+                    mark(i, prunable=False, reason=err)
+        # probe 2: remove about half (rounded to the group's multiple)
+        idx = [i for i, g in enumerate(self.groups) if g.prunable]
+        half = {i: self.groups[i].channels - self._kept_count(self.groups[i], 0.5, 1) for i in idx}
+        if probe({self.groups[i].name: half[i] for i in idx}) is not None:
+            for i in idx:
+                err = probe({self.groups[i].name: half[i]})
+                if err is not None:
+                    mark(i, prunable=False, reason=err)
+        if not any(g.prunable for g in self.groups):
+            raise AutopruneError(
+                "no prunable group found: "
+                + ("; ".join(f"{g.name}: {g.reason}" for g in self.groups) or "Torch-Pruning found no conv/linear layer outside pruning.ignore and the classifier")
+            )
+
+    def _kept_count(self, g: GroupInfo, ratio: float, round_to: int) -> int:
+        """Channels group `g` keeps at `ratio`: rounded up to lcm(round_to, its multiple, its conv groups), at
+        least min_keep (and, where the width must stay a multiple, at least one multiple)."""
+        step = math.lcm(max(1, round_to), g.multiple, g.conv_groups)
+        keep = channels_kept(g.channels, ratio, step)
+        if keep < g.min_keep:
+            keep = min(g.channels, math.ceil(g.min_keep / step) * step)
+        if keep % step and math.lcm(g.multiple, g.conv_groups) > 1:  # channels_kept's one channel at ratio 1
+            keep = min(g.channels, math.ceil(keep / step) * step)
+        return keep
+
+    def _select(self, g: GroupInfo, n_prune: int, order: list[int]) -> list[int]:
+        """The first `n_prune` channels of `order`, skipping any that would empty a concatenated branch
+        (grouped convs: the same count from each conv group, ranked by position in `order`)."""
+        if g.conv_groups > 1:
+            rank = torch.empty(g.channels)
+            rank[torch.tensor(order[: g.channels], dtype=torch.long)] = torch.arange(g.channels, dtype=torch.float)
+            return self._select_conv_groups(g, n_prune, rank)
+        segs = self._segments.get(g.name, [])
+        if not segs:
+            return sorted(order[:n_prune])
+        left = [len(sg) for sg in segs]
+        chosen: list[int] = []
+        for c in order:
+            if len(chosen) == n_prune:
+                break
+            hit = [j for j, sg in enumerate(segs) if c in sg]
+            if any(left[j] <= 1 for j in hit):
+                continue
+            for j in hit:
+                left[j] -= 1
+            chosen.append(c)
+        return sorted(chosen)
+
+    def pruned_indices(self, plan: PruningPlan) -> dict[str, list[int]]:
+        """Root-channel indices each group loses under `plan` (least important first, branches kept alive)."""
+        kept = self.kept(plan)
+        out = {}
+        for g in self.groups:
+            n = g.channels - kept[g.name]
+            if n <= 0:
+                continue
+            key = (g.name, n, plan.criterion)
+            if key not in self._selection:
+                if g.conv_groups > 1:
+                    self._selection[key] = self._select_conv_groups(g, n, self.scores(plan.criterion)[g.name])
+                elif g.multiple > 1 and not self._segments.get(g.name) and n % g.multiple == 0:
+                    self._selection[key] = self._select_blocks(g, n, plan.criterion)
+                else:
+                    self._selection[key] = self._select(g, n, self.order(plan.criterion)[g.name])
+            out[g.name] = self._selection[key]
+        return out
+
+    def _select_conv_groups(self, g: GroupInfo, n_prune: int, scores: torch.Tensor) -> list[int]:
+        """`n_prune` channels (rounded up to a multiple of the conv groups), the same count from each of the
+        `g.conv_groups` equal blocks a grouped convolution splits them into, lowest scores first.
+
+        Where a grouped conv reads these channels (its input), every conv group loses the same offsets, ranked
+        by the score averaged over the conv groups: that is what Torch-Pruning's MetaPruner does, and what its
+        `ConvPruner.prune_in_channels` assumes (it keeps the first conv group's kept offsets for every conv
+        group; other indices would run but silently mix up weights). Where grouped convs only produce these
+        channels (their output), each conv group loses its own least important channels."""
+        G = g.conv_groups
+        size = g.channels // G
+        per = min(-(-n_prune // G), size - 1)
+        s = scores.detach().float().reshape(G, size)
+        if self._conv_in.get(g.name, True):
+            offs = torch.argsort(s.mean(0), stable=True)[:per].tolist()
+            return sorted(k * size + o for k in range(G) for o in offs)
+        return sorted(k * size + o for k in range(G) for o in torch.argsort(s[k], stable=True)[:per].tolist())
+
+    def _select_blocks(self, g: GroupInfo, n_prune: int, criterion: str) -> list[int]:
+        """Whole aligned blocks of `g.multiple` channels (attention heads: q/k/v widths must stay a multiple of the
+        head size), the blocks with the lowest summed channel score first."""
+        scores = self.scores(criterion)[g.name].reshape(-1, g.multiple).sum(1)
+        blocks = torch.argsort(scores, stable=True)[: n_prune // g.multiple].tolist()
+        return sorted(b * g.multiple + i for b in blocks for i in range(g.multiple))
+
+    def _forward_shape(self, model: nn.Module) -> tuple:
+        """Shapes of every tensor the model returns on the example (a tensor's shape for a plain model)."""
+        with torch.no_grad():
+            sig = output_signature(call_model(model.eval(), self.example))
+        return sig[0] if len(sig) == 1 else sig
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    @property
+    def prunable_names(self) -> list[str]:
+        return [g.name for g in self.groups if g.prunable]
+
+    def group(self, name: str) -> GroupInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise AutopruneError(f"unknown group {name!r}; the groups are {self.names}") from None
+
+    # ----------------------------------------------------------------- plans
+    def plan(self, ratios: dict[str, float], *, criterion: str | None = None) -> PruningPlan:
+        """A plan over this model's groups (missing groups get ratio 0)."""
+        full = {g.name: 0.0 for g in self.groups if g.prunable}
+        full.update({k: float(v) for k, v in ratios.items()})
+        return PruningPlan(full, self.mode, criterion or self.criterion, self.round_to)
+
+    def uniform_plan(self, ratio: float) -> PruningPlan:
+        return self.plan({n: min(ratio, self.max_ratio) for n in self.prunable_names})
+
+    def validate(self, plan: PruningPlan) -> None:
+        plan.validate(self.names, self.max_ratio, self.prunable_names)
+
+    def kept(self, plan: PruningPlan) -> dict[str, int]:
+        """Channels each group keeps under `plan` (all groups, unpruned ones at full width)."""
+        return {
+            g.name: self._kept_count(g, plan.ratios.get(g.name, 0.0), plan.round_to) if g.prunable else g.channels
+            for g in self.groups
+        }
+
+    def plan_from_kept(self, kept: dict[str, int]) -> PruningPlan:
+        """The plan that reproduces given channel counts (used by ranking baselines)."""
+        ratios = {}
+        for g in self.groups:
+            if g.prunable:
+                k = kept.get(g.name, g.channels)
+                ratios[g.name] = round((g.channels - k) / g.channels, 6)
+        return self.plan(ratios)
+
+    # ----------------------------------------------------------------- scores
+    def scores(self, criterion: str | None = None) -> dict[str, torch.Tensor]:
+        """One importance score per root channel for every prunable group (low = pruned first)."""
+        crit = criterion or self.criterion
+        if crit in self._scores:
+            return self._scores[crit]
+        work = copy.deepcopy(self.base)
+        dg = self._graph(work)
+        by_name = dict(work.named_modules())
+        out: dict[str, torch.Tensor] = {}
+        if crit == "apoz":
+            hooked = {}
+            for g in self.groups:
+                bns = [m.module for m in g.members if m.role == "out" and isinstance(by_name[m.module], nn.modules.batchnorm._BatchNorm)]
+                hooked[g.name] = by_name[bns[0] if bns else g.name]
+            apoz = criteria.apoz_scores(work, hooked, self.calibration or [(self.example, torch.zeros(1, dtype=torch.long))])
+            for g in self.groups:
+                if g.prunable:
+                    out[g.name] = apoz[g.name].reshape(-1)[: g.channels] if apoz[g.name].numel() >= g.channels else torch.ones(g.channels)
+            self._scores[crit] = out
+            return out
+        imp = criteria.make_importance(crit)
+        if criteria.needs_gradients(crit):
+            if not self.calibration:
+                raise AutopruneError(f"criterion {crit!r} needs calibration batches with targets")
+            criteria.prepare_gradients(crit, work, imp, self.calibration[:2], getattr(self, "task", None),
+                                       self.base if getattr(getattr(self, "task", None), "needs_teacher", False) else None)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        try:
+            for g in self.groups:
+                if not g.prunable:
+                    continue
+                root = by_name[g.name]
+                pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, list(range(g.channels)))
+                s = imp(pg)
+                if s is None or len(s) != g.channels:
+                    s = torch.zeros(g.channels)
+                out[g.name] = torch.nan_to_num(s.detach().float().cpu(), nan=0.0)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        self._scores[crit] = out
+        return out
+
+    def order(self, criterion: str | None = None) -> dict[str, list[int]]:
+        """Channel indices of each group, least important first (stable)."""
+        return {n: torch.argsort(s, stable=True).tolist() for n, s in self.scores(criterion).items()}
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, plan: PruningPlan, *, check: bool = True) -> nn.Module:
+        """A new model with `plan` applied; the base model is left untouched."""
+        self.validate(plan)
+        if plan.mode == "unstructured":
+            return self._apply_unstructured(plan)
+        pruned = self.pruned_indices(plan)
+        work = copy.deepcopy(self.base)
+        if not pruned:
+            work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
+            return work
+        for (name, kind, _), (handler, idxs) in self._cuts(pruned).items():
+            if kind == "module":
+                handler(work.get_submodule(name), idxs)
+            else:  # a parameter a module owns directly (a ViT's cls_token): the handler returns the cut one
+                parent, _, leaf = name.rpartition(".")
+                owner = work.get_submodule(parent) if parent else work
+                setattr(owner, leaf, handler(getattr(owner, leaf), idxs))
+        for p in work.parameters():
+            p.requires_grad_(True)
+        sync_attention_attributes(work)
+        work.eval()
+        work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
+        if check:
+            try:
+                shape = self._forward_shape(work)
+            except Exception as e:
+                raise AutopruneError(f"plan {plan.summary()} gives a model whose forward fails: {type(e).__name__}: {e}") from None
+            want = self._forward_shape(self.base)
+            if shape != want:
+                raise AutopruneError(f"plan changed the output shape from {want} to {shape}")
+        return work
+
+    def _cuts(self, pruned: dict[str, list[int]]) -> dict[tuple[str, str, str], tuple[Any, list[int]]]:
+        """Every (layer, pruning function) a plan touches, with the union of the indices it removes there, in the
+        unpruned model's coordinates.
+
+        Torch-Pruning's groups are computed once per (group, indices) on one graph traced from a pristine copy
+        of the base model, and cached; applying a plan is then a copy and one cut per layer, with no tracing.
+        (Re-tracing the copy, as `pg.prune()` needs, cost 22-35 % of a trial.) Cutting each layer once with
+        the union of its indices in the original coordinates gives what pruning the groups one after another
+        gives (tests compare the two), whatever the order, concatenations included."""
+        if self._base_graph is None:
+            template = copy.deepcopy(self.base)
+            self._base_graph = (template, self._graph(template), {id(m): n for n, m in template.named_modules()})
+        template, dg, names = self._base_graph
+        cuts: dict[tuple[str, str, str], tuple[Any, set[int]]] = {}
+        for gname, idxs in pruned.items():
+            key = (gname, tuple(idxs))
+            if key not in self._group_cuts:
+                root = template.get_submodule(gname)
+                pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, list(idxs))
+                if not dg.check_pruning_group(pg):
+                    raise AutopruneError(f"group {gname!r}: pruning {len(idxs)} of {self.group(gname).channels} channels "
+                                         "would remove a whole layer")
+                items = []
+                for dep, ix in pg:
+                    t = dep.target
+                    if t.type == tp.ops.OPTYPE.PARAMETER:
+                        items.append((dg._param_to_name[t.module], "parameter", dep.handler, [int(i) for i in ix]))
+                    elif id(t.module) in names:  # functional ops (add, cat, reshape) have no weights to cut
+                        items.append((names[id(t.module)], "module", dep.handler, [int(i) for i in ix]))
+                self._group_cuts[key] = items
+            for name, kind, handler, ix in self._group_cuts[key]:
+                k = (name, kind, getattr(handler, "__name__", repr(handler)))
+                cuts.setdefault(k, (handler, set()))[1].update(ix)
+        return {k: (h, sorted(ix)) for k, (h, ix) in cuts.items()}
+
+    def __getstate__(self) -> dict:
+        # the traced graph holds references that do not pickle (the Ray backend ships this object): rebuilt on use
+        state = dict(self.__dict__)
+        state["_base_graph"], state["_group_cuts"] = None, {}
+        return state
+
+    def _apply_unstructured(self, plan: PruningPlan) -> nn.Module:
+        """Per-layer magnitude masks (torch.nn.utils.prune), made permanent: zeros, same shapes."""
+        work = copy.deepcopy(self.base)
+        mods = dict(work.named_modules())
+        for g in self.groups:
+            r = plan.ratios.get(g.name, 0.0)
+            if r <= 0:
+                continue
+            for layer in g.layers:
+                m = mods[layer]
+                nn_prune.l1_unstructured(m, "weight", amount=float(r))
+                nn_prune.remove(m, "weight")
+        work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
+        return work.eval()
+
+    # ----------------------------------------------------------------- views
+    def kind(self, g: GroupInfo) -> str:
+        """What a group's channels are: attention heads, FFN neurons, grouped-conv or plain channels."""
+        mods = dict(self.base.named_modules())
+        layers = [mods[n] for n in g.layers if n in mods]
+        members = [mods[m.module] for m in g.members if m.module in mods]
+        if layers and all(isinstance(m, nn.Linear) for m in layers):
+            if g.multiple > 1 and len(layers) >= 3:
+                return f"attention heads ({g.channels // g.multiple} of {g.multiple})"
+            return "neurons"
+        if g.conv_groups > 1:
+            return f"channels, grouped conv ({g.conv_groups} conv groups)"
+        if any(isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.out_channels for m in members):
+            return "channels, depthwise conv"
+        return "channels"
+
+    def table(self, costs: "Iterable[dict] | None" = None) -> pd.DataFrame:
+        rows = [
+            {
+                "group": g.name,
+                "kind": self.kind(g),
+                "channels": g.channels,
+                "layers": len(g.layers),
+                "members": ", ".join(g.layers),
+                "prunable": g.prunable,
+                "multiple": g.multiple,
+                "reason": g.reason,
+            }
+            for g in self.groups
+        ]
+        return pd.DataFrame(rows)

@@ -1,0 +1,250 @@
+"""Study plumbing both backends share: storage, study names, samplers, stale trials, the search space a
+strategy searches, and what a finished search hands to the results stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from autoprune.errors import AutopruneError
+from autoprune.pruning.plan import PruningPlan
+from autoprune.costs.budgets import Budget
+from autoprune.searching.objective import trial_attrs
+from autoprune.searching.space import SearchSpace
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+@dataclass
+class SearchRun:
+    """What `run_search` hands to the results stage."""
+
+    session: Any  # autoprune.app.session.Session
+    study: optuna.Study
+    space: SearchSpace
+    strategy: str
+    budget_mode: str
+    wall_s: float
+    sensitivity_evaluations: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_complete(self) -> int:
+        return sum(t.state == TrialState.COMPLETE for t in self.study.trials)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(t.state == TrialState.FAIL for t in self.study.trials)
+
+def storage_url(spec, override: str | None = None) -> str:
+    url = override or spec.search.storage
+    if url:
+        return url
+    return str(spec.run_dir / "study.journal")
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """A journal file (a path, or ``journal:PATH``) or any SQLAlchemy URL, with a clear error if unusable."""
+    if "://" not in url:
+        path = Path(url.removeprefix("journal:"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK):
+                raise PermissionError(f"{path.parent} is not writable")
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            repair_journal(path)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except AutopruneError:
+            raise
+        except (PermissionError, NotADirectoryError, FileExistsError) as e:
+            raise AutopruneError(f"cannot write the study journal {str(path)!r}: {e}; set output: to a writable directory") from None
+        except Exception as e:  # a corrupted journal fails while it is replayed
+            raise AutopruneError(
+                f"cannot read the study journal {str(path)!r} ({type(e).__name__}: {e}); "
+                "move it away to start a new study"
+            ) from None
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:
+        safe = url.split("@")[-1]
+        raise AutopruneError(f"cannot connect to storage ...@{safe}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+STALE_LOCK_S = 5.0  # a journal write holds the lock for milliseconds; an older lock was left by a killed process
+
+def repair_journal(path: Path) -> None:
+    """Undo what a `kill -9` during a journal write can leave behind, and refuse a corrupted journal.
+
+    Optuna's JournalFileBackend would wait 30 s on a stale lock (its grace period) and, worse, append the
+    next record to a half-written last line, which makes the whole journal unreadable on the following
+    replay. So: wait for the lock at most until it is STALE_LOCK_S old (the symlink's own mtime is when it
+    was taken) and then drop it, cut a partial last line while holding the lock, and check that every
+    complete line is JSON so that a corrupted file fails now with one clear message.
+    """
+    import json
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    lock = Path(str(path) + ".lock")
+    while True:
+        try:
+            age = time.time() - os.lstat(lock).st_mtime
+        except FileNotFoundError:
+            break
+        if age > STALE_LOCK_S:
+            log.warning("removing the stale journal lock %s (left by a killed process)", lock)
+            lock.unlink(missing_ok=True)
+            break
+        time.sleep(0.05)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    locker = JournalFileSymlinkLock(str(path))
+    locker.acquire()
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):
+                log.warning("journal %s: dropping a half-written last record (%d bytes)", path, len(data) - end)
+                f.truncate(end)
+    finally:
+        locker.release()
+    for i, line in enumerate(data[:end].splitlines(), 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise AutopruneError(
+                f"cannot read the study journal {str(path)!r}: line {i} is not a journal record (the file is "
+                "corrupted); move it away to start a new study"
+            ) from None
+
+def study_name(spec, strategy: str) -> str:
+    return f"{spec.name}:{strategy}"
+
+def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Creates the real sampler at this process's first trial, seeded with ``seed + trial.number``.
+
+    Trial numbers are handed out atomically by the storage, so parallel workers on one study get distinct
+    seeds (and do not sample identical points), while a single process gets ``seed + trials already in the
+    study``: reproducible, and a resumed run does not replay itself. Every call is delegated.
+    """
+
+    def __init__(self, name: str, seed: int, multi: bool) -> None:
+        self._args = (name, seed, multi)
+        self._inner: optuna.samplers.BaseSampler | None = None
+
+    def _sampler(self, trial_number: int | None = None) -> optuna.samplers.BaseSampler:
+        if self._inner is None:
+            name, seed, multi = self._args
+            self._inner = make_sampler(name, seed + (trial_number or 0), multi)
+        return self._inner
+
+    def before_trial(self, study, trial) -> None:
+        self._sampler(trial.number).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler(trial.number).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler(trial.number).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler(trial.number).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler(trial.number).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler().reseed_rng()
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a dead process on this host as failed (journal storages have no heartbeat)."""
+    host = socket.gethostname()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker", "")
+        h, _, pid = w.rpartition(":")
+        if h != host or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: its worker process died")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            n += 1
+        except Exception as e:  # another worker got there first
+            log.debug("stale trial %s: %s", t.number, e)
+    return n
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host (or is us)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+def resolve_budget_mode(spec) -> str:
+    if spec.search.budget_mode:
+        return spec.search.budget_mode
+    return "projection" if len(spec.search.objectives) == 1 else "constraint"
+
+def build_space(session, strategy: str) -> tuple[SearchSpace, int]:
+    """The search space for a strategy; sensitivity priors only where the strategy uses them."""
+    spec = session.spec
+    budget = Budget.from_spec(spec, session.pruner, session.cost_model)
+    use_priors = strategy == "optuna" and spec.search.priors == "sensitivity"
+    sens, n_eval = None, 0
+    if use_priors:
+        SearchSpace.build(session.pruner, budget, None, spec.search.tolerance)  # an unreachable budget fails now
+        res = session.sensitivity()
+        sens, n_eval = res.table, res.evaluations
+    return SearchSpace.build(session.pruner, budget, sens, spec.search.tolerance), n_eval
+
+def create_or_load(storage, name: str, dirs: list[str], spec, strategy: str, mode: str) -> tuple[optuna.Study, bool]:
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, directions=dirs)
+        created = True
+        attrs = {"spec": spec.model_dump(mode="json"), "strategy": strategy, "budget_mode": mode,
+                 "objectives": list(spec.search.objectives)}
+        for k, v in attrs.items():
+            study.set_user_attr(k, v)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name)
+        created = False
+        if [d.name.lower() for d in study.directions] != dirs:
+            raise AutopruneError(
+                f"study {name!r} in this storage has objectives {study.user_attrs.get('objectives')}; "
+                f"the spec asks for {list(spec.search.objectives)}: use another name or storage"
+            ) from None
+    return study, created
+
+def n_complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+def best_value(study: optuna.Study) -> float | None:
+    vals = [t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if trial_attrs(t).get("feasible", True)]
+    return max(vals) if vals else None

@@ -1,0 +1,163 @@
+"""Run a search: storage, study, sampler, warm starts, resumption, and every strategy as Optuna trials.
+
+A search is one Optuna study named ``<spec name>:<strategy>`` in the run's storage (a journal file by
+default). Re-running the same command resumes it: finished trials are kept, trials left RUNNING by a
+killed process are marked failed, and the loop continues until ``n_trials`` trials have completed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from autoprune.errors import AutopruneError
+from autoprune.pruning.plan import PruningPlan
+from autoprune._progress import progress
+from autoprune.searching import strategies
+from autoprune.searching.objective import Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
+from autoprune.costs.budgets import Budget
+from autoprune.searching.space import SearchSpace
+from autoprune.searching.studies import (
+    SearchRun, TrialSeededSampler, best_value, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name, worker_id,
+)
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+ITERATIVE = ("optuna", "random", "netadapt")
+
+
+def run_search(
+    spec_or_session: Any,
+    *,
+    strategy: str | None = None,
+    n_trials: int | None = None,
+    storage: str | None = None,
+    show_progress: bool = True,
+) -> SearchRun:
+    """Run (or resume) one strategy's search for a session (`autoprune.app.session.Session`: the spec's stages
+    wired together); returns the study for the results stage."""
+    session = spec_or_session
+    spec = session.spec
+    strategy = strategy or spec.search.strategy
+    n_trials = n_trials or spec.search.n_trials
+    if spec.search.backend == "ray" and strategy in ("optuna", "random"):
+        from autoprune.searching.ray_backend import run_ray_search
+
+        return run_ray_search(session, strategy=strategy, n_trials=n_trials, storage=storage, show_progress=show_progress)
+
+    t0 = time.perf_counter()
+    storage_obj = open_storage(storage_url(spec, storage))  # fail on bad storage before sensitivity analysis
+    space, sens_evals = build_space(session, strategy)
+    mode = resolve_budget_mode(spec)
+    objectives = list(spec.search.objectives) if strategy in ("optuna", "random") else ["accuracy"]
+    name = study_name(spec, strategy)
+    study, created = create_or_load(storage_obj, name, directions(objectives), spec, strategy, mode)
+    fail_stale_trials(study)
+    # seeded with seed + the number of this process's first trial: a resumed run does not replay itself and
+    # parallel workers (distinct trial numbers) do not sample identical points
+    sampler_name = "random" if strategy == "random" else spec.search.sampler
+    study.sampler = TrialSeededSampler(sampler_name, spec.search.seed, len(objectives) > 1)
+    if created and strategy == "optuna":
+        _enqueue_warm_starts(study, space, session)
+
+    notes = list(space.notes)
+    if strategy in ("optuna", "random"):
+        _optimize(study, Objective(space, session.evaluator, session.cost_model, objectives=objectives,
+                                   budget_mode=mode, worker=worker_id()), n_trials, show_progress)
+    elif strategy == "netadapt":
+        _run_netadapt(study, space, session, n_trials, show_progress)
+    else:
+        plan = strategies.uniform_plan(space) if strategy == "uniform" else strategies.ranked_plan(
+            space, "global_l2" if strategy == "global" else "lamp")
+        _record_plans(study, space, session, [plan], show_progress=False)
+    return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)
+
+def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session) -> None:
+    """Sensitivity-greedy and uniform allocations (and global, LAMP when re-ranking), clipped into the bounds,
+    enqueued once at creation."""
+    starts: list[tuple[str, PruningPlan]] = [("uniform", space.uniform())]
+    if session.spec.search.priors == "sensitivity":
+        starts.insert(0, ("sensitivity-greedy", space.greedy(session.sensitivity().table)))
+    if session.spec.search.rerank_top_k:  # the heuristics' plans become re-rank candidates (results.summarize)
+        starts += [("global", strategies.ranked_plan(space, "global_l2")), ("lamp", strategies.ranked_plan(space, "lamp"))]
+    for label, plan in starts:
+        params = space.clip(plan.ratios)
+        study.enqueue_trial(params, user_attrs={"warm_start": label}, skip_if_exists=True)
+
+def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_progress: bool) -> None:
+    done = n_complete(study)
+    if done >= n_trials:
+        return
+    bar = progress(total=n_trials, initial=done, desc=f"search {study.study_name}", disable=not show_progress)
+
+    def callback(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        n = n_complete(st)
+        bar.n = min(n, n_trials)
+        best = best_value(st)
+        if best is not None:
+            bar.set_postfix(best=f"{best:.4f}")
+        bar.refresh()
+        if n >= n_trials:
+            st.stop()
+
+    # at most 3x attempts per process, so that a model whose every trial fails cannot loop forever
+    study.optimize(objective, n_trials=3 * n_trials, callbacks=[callback], catch=(Exception,), gc_after_trial=False)
+    bar.close()
+    if n_complete(study) == 0:
+        reasons = {t.user_attrs.get("fail_reason", "unknown") for t in study.trials if t.state == TrialState.FAIL}
+        raise AutopruneError(f"every trial failed; reasons: {sorted(reasons)[:3]}")
+
+def _record_plans(study: optuna.Study, space: SearchSpace, session, plans: list[PruningPlan], *, show_progress: bool,
+                  cache: dict[str, float] | None = None) -> list[float]:
+    """Evaluate fixed plans as trials (ask/tell), reusing any plan the study already evaluated."""
+    cache = cache if cache is not None else _evaluated(study)
+    base = {"macs": session.cost_model.base_macs, "params": session.cost_model.base_params}
+    out = []
+    for plan in plans:
+        key = plan.to_json(indent=None)
+        if key in cache:
+            out.append(cache[key])
+            continue
+        trial = study.ask()
+        trial.set_user_attr("worker", worker_id())
+        try:
+            result = evaluate_plan(space, session.evaluator, session.cost_model, plan)
+        except Exception as e:
+            trial.set_user_attr("plan", plan.to_dict())
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}")
+            study.tell(trial, state=TrialState.FAIL)
+            raise TrialFailed(f"evaluating {plan.summary()} failed: {e}") from e
+        record(trial, result, base)
+        study.tell(trial, objective_values(result, ["accuracy"], base)[0])
+        cache[key] = result.metric
+        out.append(result.metric)
+    return out
+
+def _evaluated(study: optuna.Study) -> dict[str, float]:
+    out = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        a = trial_attrs(t)
+        if "plan" in a:
+            out[PruningPlan.from_dict(a["plan"]).to_json(indent=None)] = t.values[0]
+    return out
+
+def _run_netadapt(study: optuna.Study, space: SearchSpace, session, n_trials: int, show_progress: bool) -> None:
+    cache = _evaluated(study)
+    bar = progress(total=n_trials, desc=f"search {study.study_name}", disable=not show_progress)
+
+    def evaluate(plan: PruningPlan) -> float:
+        v = _record_plans(study, space, session, [plan], show_progress=False, cache=cache)[0]
+        bar.update(1)
+        return v
+
+    strategies.netadapt(space, evaluate, n_trials, session.spec.search.netadapt_step)
+    bar.close()

@@ -1,0 +1,222 @@
+"""Fast candidate evaluation: optional least-squares reconstruction of the layers consuming pruned channels,
+adaptive BatchNorm recalibration (EagleEye), optional short fine-tune, then the metric on `val`.
+Deterministic for a fixed seed: the calibration batches are drawn once."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from autoprune.model.data import make_loader
+from autoprune.errors import AutopruneError
+from autoprune.pruning.plan import PruningPlan
+from autoprune.model.task import Classification, Task, batch_len, call_model, make_task, slice_batch, to_device
+from autoprune.model.training import on_device, train_model
+
+if TYPE_CHECKING:
+    from autoprune.pruning.groups import PrunableModel
+
+log = logging.getLogger(__name__)
+def stack_batches(dataset: Dataset, batch_size: int, n_batches: int | None, seed: int, shuffle: bool = True,
+                  task: Task | None = None) -> list[tuple]:
+    """Draw `n_batches` batches once, as `(inputs, target)` pairs split by `task`, so that every evaluation
+    sees exactly the same data. Only for the few calibration batches: evaluation streams (`Evaluator.iter_batches`)."""
+    task = task or Classification()
+    out = []
+    for i, batch in enumerate(make_loader(dataset, batch_size, shuffle=shuffle, seed=seed)):
+        if n_batches is not None and i >= n_batches:
+            break
+        out.append(task.split(batch))
+    return out
+
+
+def recalibrate_bn(model: nn.Module, batches: list[tuple], device: str = "cpu") -> nn.Module:
+    """Reset BatchNorm statistics and re-estimate them as an exact average over `batches`."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not batches:
+        return model
+    saved = []
+    for m in bns:
+        m.reset_running_stats()
+        saved.append(m.momentum)
+        m.momentum = None  # cumulative average
+    model.train()
+    for m in model.modules():  # only BN in train mode: dropout stays off
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.training = False
+    with torch.no_grad():
+        for x, _ in batches:
+            call_model(model, to_device(x, device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
+
+
+class Evaluator:
+    """Scores a candidate model on `val` (or another split) after BN recalibration.
+
+    With `reconstruct=True` a candidate made by `pruner.apply(plan)` first gets its layers that consume pruned
+    channels refit by least squares on the calibration batches (`reconstruct.reconstruct_plan`), then BN
+    recalibration. The plan is the one passed explicitly (`evaluate_plan`, `__call__(..., plan=)`) or the one
+    `PrunableModel.apply` tagged the model with, so `evaluator(pm.apply(plan))` reconstructs too; `pruner` is the
+    PrunableModel the plans refer to (a Session sets it when it builds its pruner).
+    """
+
+    def __init__(
+        self,
+        datasets: dict[str, Dataset],
+        *,
+        batch_size: int = 128,
+        calibration_batches: int = 20,
+        finetune_steps: int = 0,
+        finetune_lr: float = 1e-3,
+        metric: str = "accuracy",
+        max_val_samples: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        reconstruct: bool = False,
+        pruner: PrunableModel | None = None,
+        task: Task | None = None,
+        teacher: nn.Module | None = None,
+        eval_batch_size: int = 512,
+    ) -> None:
+        self.datasets = datasets
+        self.batch_size = batch_size
+        self.calibration_batches = calibration_batches
+        self.finetune_steps = finetune_steps
+        self.finetune_lr = finetune_lr
+        self.task = task or make_task(None, metric)
+        self.metric_name = self.task.metric_name if task is not None else metric
+        self.teacher = teacher
+        if self.task.needs_teacher and teacher is None:
+            raise AutopruneError(f"task {self.task.name!r} needs the unpruned model as teacher: Evaluator(teacher=...)")
+        self.seed = seed
+        self.device = device
+        self.eval_batch_size = eval_batch_size
+        self.calibration = stack_batches(datasets["train"], batch_size, calibration_batches, seed, task=self.task)
+        self._teacher_out: dict[str, list[torch.Tensor]] = {}
+        self.max_val_samples = max_val_samples
+        self.reconstruct = reconstruct
+        self.pruner = pruner
+
+    def iter_batches(self, split: str):
+        """Stream `(inputs, target)` of `split` in a fixed order from the user's data (nothing is held in
+        memory); `val` stops after `max_val_samples` samples."""
+        limit = self.max_val_samples if split == "val" else None
+        seen = 0
+        for batch in make_loader(self.datasets[split], self.eval_batch_size, shuffle=False):
+            x, y = self.task.split(batch)
+            if limit is not None:
+                n = batch_len(x)
+                if seen + n > limit:
+                    x, y = slice_batch(x, 0, limit - seen), slice_batch(y, 0, limit - seen)
+                seen += n
+            yield x, y
+            if limit is not None and seen >= limit:
+                break
+
+    def batches(self, split: str) -> list[tuple]:
+        """All batches of `split` as a list (small splits and tests only; evaluation streams)."""
+        return list(self.iter_batches(split))
+
+    # teacher outputs are kept (on the CPU) up to this many numbers per split, else recomputed every time
+    TEACHER_CACHE_NUMEL = 50_000_000
+
+    def _teacher_outputs(self, split: str, i: int, x) -> torch.Tensor:
+        cache = self._teacher_out.setdefault(split, [])
+        if i < len(cache):
+            return cache[i]
+        assert self.teacher is not None
+        self.teacher = on_device(self.teacher, self.device).eval()
+        out = self.task.forward(self.teacher, x).detach()
+        if i == len(cache) and sum(t.numel() for t in cache) + out.numel() <= self.TEACHER_CACHE_NUMEL:
+            cache.append(out.cpu())
+        return out
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, split: str = "val") -> float:
+        """The task's metric of `model` as it is (no recalibration) on `split`, streamed batch by batch."""
+        model = on_device(model, self.device).eval()  # a model elsewhere (the unpruned one) is scored on a copy
+        state = self.task.metric_state()
+        for i, (x, y) in enumerate(self.iter_batches(split)):
+            x = to_device(x, self.device)
+            out = self.task.forward(model, x)
+            teacher = self._teacher_outputs(split, i, x) if self.task.needs_teacher else None
+            self.task.update(state, out, y, teacher)
+        return float(self.task.compute(state))
+
+    def _plan_of(self, model: nn.Module, pruner: PrunableModel | None) -> PruningPlan | None:
+        """The plan `pruner.apply` tagged `model` with, when the model's widths match it (else None)."""
+        tag = getattr(model, "_autoprune_plan", None)
+        if tag is None or pruner is None:
+            return None
+        plan = PruningPlan.from_dict(tag)
+        if plan.mode != "structured":
+            return plan
+        try:  # a model pruned by another PrunableModel (e.g. a gradual schedule's) carries a plan on other widths
+            kept = pruner.kept(plan)
+            mods = dict(model.named_modules())
+            for name, k in kept.items():
+                m = mods.get(name)
+                width = getattr(m, "out_channels", getattr(m, "out_features", None))
+                if width is not None and width != k:
+                    return None
+        except Exception:
+            return None
+        return plan
+
+    def reconstruct_model(self, model: nn.Module, plan: PruningPlan | None = None,
+                          pruner: PrunableModel | None = None) -> nn.Module:
+        """Least-squares refit (in place) of `model = pruner.apply(plan)` on the calibration batches."""
+        pruner = pruner or self.pruner
+        if pruner is None:
+            raise AutopruneError("evaluation.reconstruct needs the PrunableModel: Evaluator(pruner=...) or evaluate_plan(pruner, plan)")
+        plan = plan or self._plan_of(model, pruner)
+        if plan is None:
+            log.debug("reconstruction skipped: the model carries no plan of this pruner")
+            return model
+        from autoprune.pruning.reconstruct import reconstruct_plan
+
+        batches = [(to_device(x, self.device), y) for x, y in self.calibration]
+        reconstruct_plan(pruner, plan, model, batches)
+        return model
+
+    def prepare(self, model: nn.Module, plan: PruningPlan | None = None, pruner: PrunableModel | None = None) -> nn.Module:
+        """Reconstruction (when enabled), BN recalibration, then the optional short fine-tune (in place)."""
+        model.to(self.device)
+        if self.reconstruct:
+            self.reconstruct_model(model, plan, pruner)
+        recalibrate_bn(model, self.calibration, self.device)
+        if self.finetune_steps > 0:
+            train_model(
+                model,
+                self.datasets["train"],
+                epochs=1,
+                lr=self.finetune_lr,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                max_steps=self.finetune_steps,
+                device=self.device,
+                show_progress=False,
+                task=self.task,
+                teacher=self.teacher,
+            )
+            recalibrate_bn(model, self.calibration, self.device)
+        return model
+
+    def __call__(self, model: nn.Module, split: str = "val", *, plan: PruningPlan | None = None,
+                 pruner: PrunableModel | None = None) -> float:
+        """Reconstruct (when enabled), recalibrate (and fine-tune) `model` in place, then score it on `split`."""
+        value = self.score(self.prepare(model, plan, pruner), split)
+        if not math.isfinite(value):
+            raise AutopruneError(f"metric {self.metric_name!r} returned {value}")
+        return value
+
+    def evaluate_plan(self, pruner: PrunableModel, plan: PruningPlan, split: str = "val") -> float:
+        """Score a candidate plan: `pruner.apply(plan)`, then the same steps as `__call__`."""
+        return self(pruner.apply(plan, check=False), split, plan=plan, pruner=pruner)
