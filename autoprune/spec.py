@@ -153,6 +153,29 @@ class SearchSpec(_Section):
     rerank_top_k: int = Field(0, ge=0, description="re-rank the k best trials, plus the uniform, global and LAMP "
                               "plans (enqueued as warm starts), by val after a short fine-tune before picking the best; 0: off")
     rerank_steps: int = Field(50, gt=0, description="fine-tune steps of each re-ranked candidate")
+    recovery_rungs: list[int] = Field(
+        default_factory=list, description="multi-fidelity search: fine-tune steps of each rung after the proxy "
+        "(e.g. [50, 200]); successive halving (Optuna's pruner) promotes the best 1/rung_reduction of a rung to "
+        "the next; a trial's metric is the one after its last rung; []: one fidelity (the proxy)")
+    rung_reduction: int = Field(3, ge=2, description="successive halving's reduction factor")
+    recovery_lr: float | None = Field(None, gt=0, description="learning rate of the rungs' fine-tunes "
+                                      "(default train.lr / 10)")
+
+    @field_validator("recovery_rungs")
+    @classmethod
+    def _rungs(cls, v: list[int]) -> list[int]:
+        if any(s <= 0 for s in v) or v != sorted(set(v)):
+            raise ValueError(f"recovery_rungs must be increasing positive step counts, e.g. [50, 200]; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _rungs_backend(self) -> "SearchSpec":
+        if self.recovery_rungs and self.backend == "ray":
+            raise ValueError("recovery_rungs (multi-fidelity) runs on the optuna backend only; "
+                             "drop search.recovery_rungs or use backend: optuna")
+        if self.recovery_rungs and len(self.objectives) > 1:
+            raise ValueError("recovery_rungs (multi-fidelity) needs one objective; got " + str(self.objectives))
+        return self
 
     @field_validator("objectives")
     @classmethod

@@ -202,6 +202,10 @@ CASES = [
     Case("input-shape-negative", "model.input_shape: Value error, must be a non-empty list of positive integers",
          edit={"model.input_shape": [1, -40]}),
     Case("bad-run-name", "name: Value error, '../evil' must start with a letter or digit", edit={"name": "../evil"}),
+    Case("rungs-not-increasing", "search.recovery_rungs: Value error, recovery_rungs must be increasing positive step "
+         "counts, e.g. [50, 200]; got [50, 20]", edit={"search.recovery_rungs": [50, 20]}),
+    Case("rungs-on-ray", "search: Value error, recovery_rungs (multi-fidelity) runs on the optuna backend only",
+         edit={"search.recovery_rungs": [50], "search.backend": "ray"}),
     # --- budgets
     Case("budget-zero", "budget.macs: Value error, must be a fraction strictly between 0 and 1, got 0.0",
          edit={"budget": {"macs": 0}}),

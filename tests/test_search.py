@@ -15,7 +15,8 @@ from autoprune.costs.counting import CostModel, count_macs
 from autoprune.pruning.groups import PrunableModel
 from autoprune.pruning.plan import channels_kept
 from autoprune.searching.objective import trial_attrs
-from autoprune.searching.space import Budget, SearchSpace
+from autoprune.costs.budgets import Budget
+from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import open_storage, study_name
 from autoprune.searching.study import run_search
 from autoprune.app.session import Session
@@ -166,3 +167,30 @@ def test_rerank_picks_the_best_after_a_short_finetune(make_spec):
     # a short fine-tune changes the picture: the proxy and the re-rank score differ
     assert any(abs(r["metric_rerank"] - r["metric_val"]) > 0.01 for r in rr)
     assert result["best"]["macs_ratio"] <= 0.4 + 1e-9
+
+
+def test_multi_fidelity_promotes_the_best_through_the_recovery_rungs(make_spec):
+    # 9 trials, rungs of 20 and 60 fine-tune steps, reduction 3: successive halving (Optuna's pruner) stops most
+    # trials after the proxy, recovers the promoted ones further; stopped trials are recorded, not lost
+    spec = make_spec("cnn1d", budget={"macs": 0.4},
+                     search={"n_trials": 9, "priors": "none", "recovery_rungs": [20, 60], "rung_reduction": 3})
+    s = _session(spec)
+    run = run_search(s, show_progress=False)
+    trials = run.study.trials
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 9 and not [t for t in trials if t.state == TrialState.FAIL]
+    pruned = [t for t in done if t.state == TrialState.PRUNED]
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    assert pruned and complete
+    for t in done:  # every trial keeps its plan, costs and the metric of each rung it reached
+        a = trial_attrs(t)
+        assert a["plan"] and a["macs_ratio"] <= 0.4 + 1e-9 and len(a["rung_metrics"]) >= 1
+        assert sorted(t.intermediate_values) == [1, 3, 9][:len(a["rung_metrics"])]
+    for t in complete:  # reached the last rung; its value is the metric after 60 recovery steps
+        assert len(trial_attrs(t)["rung_metrics"]) == 3 and t.value == trial_attrs(t)["rung_metrics"][-1]
+    # promotion: a trial reached rung k only if its rung k-1 value was among the best 1/3 of that rung so far
+    assert len([t for t in done if len(trial_attrs(t)["rung_metrics"]) >= 2]) < len(done)
+    from autoprune.results.tables import summarize
+
+    result = summarize(run, test=False)
+    assert result["best"]["trial"] in {t.number for t in complete}

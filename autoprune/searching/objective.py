@@ -96,7 +96,12 @@ class Objective:
     """The Optuna objective: suggest one ratio per searched group, project, evaluate, record."""
 
     def __init__(self, space: SearchSpace, evaluator, cost_model, *, objectives: list[str], budget_mode: str,
-                 worker: str = "") -> None:
+                 worker: str = "", rungs: list[int] | None = None, reduction: int = 3, recovery_lr: float = 1e-3,
+                 seed: int = 0) -> None:
+        self.rungs = list(rungs or [])  # multi-fidelity: fine-tune steps after the proxy, one rung each
+        self.reduction = reduction
+        self.recovery_lr = recovery_lr
+        self.seed = seed
         self.space = space
         self.evaluator = evaluator
         self.cost_model = cost_model
@@ -121,6 +126,10 @@ class Objective:
         plan = self.plan_for(proposal)
         try:
             result = evaluate_plan(self.space, self.evaluator, self.cost_model, plan)
+            if self.rungs:
+                result = self._climb_rungs(trial, result)
+        except optuna.TrialPruned:
+            raise
         except Exception as e:
             trial.set_user_attr("plan", plan.to_dict())
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}")
@@ -128,6 +137,39 @@ class Objective:
         record(trial, result, self.base)
         values = objective_values(result, self.objectives, self.base)
         return values[0] if len(values) == 1 else values
+
+
+    def _climb_rungs(self, trial: optuna.Trial, result: TrialResult) -> TrialResult:
+        """Successive halving over recovery: report the proxy at step 1, then, while Optuna's pruner promotes
+        the trial, fine-tune it further and report at step reduction**k (the pruner's rung boundaries). A
+        trial stopped at a rung is recorded (plan, costs, the metric of each rung) and raised as pruned."""
+        from autoprune.model.training import train_model
+
+        ev = self.evaluator
+        metrics = [result.metric]
+        trial.report(result.metric, 1)
+        model, done = None, 0
+        for k, steps in enumerate(self.rungs, 1):
+            if trial.should_prune():
+                trial.set_user_attr("rung_metrics", metrics)
+                record(trial, result, self.base)
+                raise optuna.TrialPruned(f"stopped after rung {k - 1} (metric {metrics[-1]:.4f})")
+            if model is None:
+                model = ev.prepare(self.space.pm.apply(result.plan, check=False), result.plan, self.space.pm)
+            t0 = time.perf_counter()
+            train_model(model, ev.datasets["train"], epochs=1, lr=self.recovery_lr, batch_size=ev.batch_size,
+                        seed=self.seed + trial.number, max_steps=steps - done, show_progress=False, desc="recover",
+                        task=ev.task, teacher=ev.teacher, device=ev.device)
+            done = steps
+            metric = ev.score(model, "val")
+            if not math.isfinite(metric):
+                raise TrialFailed(f"metric after {steps} recovery steps is {metric}")
+            metrics.append(float(metric))
+            result.eval_s += time.perf_counter() - t0
+            result.metric = float(metric)
+            trial.report(result.metric, self.reduction ** k)
+        trial.set_user_attr("rung_metrics", metrics)
+        return result
 
 
 RECORD_KEY = "record"

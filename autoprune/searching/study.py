@@ -66,13 +66,20 @@ def run_search(
     # parallel workers (distinct trial numbers) do not sample identical points
     sampler_name = "random" if strategy == "random" else spec.search.sampler
     study.sampler = TrialSeededSampler(sampler_name, spec.search.seed, len(objectives) > 1)
+    rungs = list(spec.search.recovery_rungs) if strategy in ("optuna", "random") and len(objectives) == 1 else []
+    if rungs:  # multi-fidelity: successive halving over the recovery rungs (Optuna's own pruner)
+        study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=spec.search.rung_reduction,
+                                                              min_early_stopping_rate=0)
     if created and strategy == "optuna":
         _enqueue_warm_starts(study, space, session)
 
     notes = list(space.notes)
     if strategy in ("optuna", "random"):
-        _optimize(study, Objective(space, session.evaluator, session.cost_model, objectives=objectives,
-                                   budget_mode=mode, worker=worker_id()), n_trials, show_progress)
+        objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives,
+                              budget_mode=mode, worker=worker_id(), rungs=rungs,
+                              reduction=spec.search.rung_reduction,
+                              recovery_lr=spec.search.recovery_lr or spec.train.lr / 10, seed=spec.search.seed)
+        _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs))
     elif strategy == "netadapt":
         _run_netadapt(study, space, session, n_trials, show_progress)
     else:
@@ -93,14 +100,20 @@ def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session) -> No
         params = space.clip(plan.ratios)
         study.enqueue_trial(params, user_attrs={"warm_start": label}, skip_if_exists=True)
 
-def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_progress: bool) -> None:
-    done = n_complete(study)
+def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_progress: bool, *,
+              count_pruned: bool = False) -> None:
+    """Run trials until `n_trials` have completed (multi-fidelity: completed or stopped at a rung)."""
+    def n_done(st: optuna.Study) -> int:
+        states = (TrialState.COMPLETE, TrialState.PRUNED) if count_pruned else (TrialState.COMPLETE,)
+        return len(st.get_trials(deepcopy=False, states=states))
+
+    done = n_done(study)
     if done >= n_trials:
         return
     bar = progress(total=n_trials, initial=done, desc=f"search {study.study_name}", disable=not show_progress)
 
     def callback(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        n = n_complete(st)
+        n = n_done(st)
         bar.n = min(n, n_trials)
         best = best_value(st)
         if best is not None:

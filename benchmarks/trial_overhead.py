@@ -1,0 +1,99 @@
+"""Where a trial's time goes: applying the plan (copy + cut), evaluating it (BN recalibration, reconstruction,
+the val forward passes), and everything else (proposal, budget projection, storage writes).
+
+    python benchmarks/trial_overhead.py                      # ResNet-20 on digits and all-MiniLM-L6-v2
+    python benchmarks/trial_overhead.py --models resnet20 --trials 20 --out /tmp/overhead
+
+Runs a real search per model (sensitivity priors off, so that only trials are timed) and reads each trial's
+`prune_s` (apply + cost estimate) and `eval_s` (the evaluator) from the study; "other" is the rest of the trial's
+wall time. It also times the previous way of applying a plan (copy, re-trace Torch-Pruning's graph, prune the
+groups one after another) on the same plans, for the before/after of issue 16's "a trial costs evaluation and
+nothing else". Prints a markdown table; a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("AUTOPRUNE_PROGRESS", "0")
+
+import optuna  # noqa: E402
+
+from autoprune import PruningPlan  # noqa: E402
+from autoprune.app import api  # noqa: E402
+from autoprune.searching.objective import trial_attrs  # noqa: E402
+from autoprune.searching.studies import open_storage, storage_url, study_name  # noqa: E402
+
+MODELS = {
+    "resnet20": ("search_spaces/digits-resnet20-macs50.yaml", {}),
+    "minilm": ("search_spaces/minilm-distill-macs60.yaml",
+               {"data.kwargs": {"n_train": 256, "n_val": 128, "n_test": 64, "seq_len": 32},
+                "evaluation.max_val_samples": 128}),
+}
+
+
+def legacy_apply_s(pm, plan) -> float:
+    """The pre-0.2 apply: copy, trace a new dependency graph, prune group after group (seconds)."""
+    t0 = time.perf_counter()
+    work = copy.deepcopy(pm.base)
+    dg = pm._graph(work)
+    for name, idxs in pm.pruned_indices(plan).items():
+        root = work.get_submodule(name)
+        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+    return time.perf_counter() - t0
+
+
+def run(name: str, trials: int, out: str) -> dict:
+    path, over = MODELS[name]
+    over = {**over, "output": out, "search.n_trials": trials, "search.priors": "none", "name": f"overhead-{name}"}
+    s = api.session(path, over, show_progress=False)
+    api.search(s, show_progress=False, test=False)
+    study = optuna.load_study(storage=open_storage(storage_url(s.spec)), study_name=study_name(s.spec, "optuna"))
+    rows = []
+    for t in study.trials:
+        a = trial_attrs(t)
+        if t.datetime_complete is None or "eval_s" not in a:
+            continue
+        total = (t.datetime_complete - t.datetime_start).total_seconds()
+        rows.append((total, a["prune_s"], a["eval_s"]))
+    plans = [PruningPlan.from_dict(trial_attrs(t)["plan"]) for t in study.trials if "plan" in trial_attrs(t)][:5]
+    legacy = statistics.median(legacy_apply_s(s.pruner, p) for p in plans)
+    new = statistics.median(_timed(lambda p=p: s.pruner.apply(p, check=False)) for p in plans)
+    tot = statistics.median(r[0] for r in rows)
+    prune = statistics.median(r[1] for r in rows)
+    ev = statistics.median(r[2] for r in rows)
+    return {"model": name, "trials": len(rows), "trial_s": tot, "apply_s": prune, "eval_s": ev,
+            "other_s": max(tot - prune - ev, 0.0), "legacy_apply_s": legacy, "apply_only_s": new}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet20,minilm")
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--out", default=None, help="run directory root (default: a temporary directory)")
+    args = ap.parse_args()
+    out = args.out or tempfile.mkdtemp(prefix="autoprune-overhead-")
+    rows = [run(m, args.trials, out) for m in args.models.split(",")]
+    print("| model | trials | trial (median) | apply + cost | evaluation | other | non-evaluation share | "
+          "apply before (copy + re-trace) | apply now |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = (r["trial_s"] - r["eval_s"]) / r["trial_s"]
+        print(f"| {r['model']} | {r['trials']} | {r['trial_s'] * 1e3:.0f} ms | {r['apply_s'] * 1e3:.0f} ms | "
+              f"{r['eval_s'] * 1e3:.0f} ms | {r['other_s'] * 1e3:.0f} ms | {share:.1%} | "
+              f"{r['legacy_apply_s'] * 1e3:.0f} ms | {r['apply_only_s'] * 1e3:.0f} ms |")
+
+
+if __name__ == "__main__":
+    main()
