@@ -41,7 +41,7 @@ def legacy_apply_s(pm, plan) -> float:
     """The pre-0.2 apply: copy, trace a new dependency graph, prune group after group (seconds)."""
     t0 = time.perf_counter()
     work = copy.deepcopy(pm.base)
-    dg = pm._graph(work)
+    dg = pm.trace(work)
     for name, idxs in pm.pruned_indices(plan).items():
         root = work.get_submodule(name)
         dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()

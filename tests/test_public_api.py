@@ -14,6 +14,7 @@ import pytest
 
 import autoprune
 import autoprune.model.task
+import autoprune.pruning.plan
 import autoprune.settings
 
 PKG = Path(autoprune.__file__).parent
@@ -35,7 +36,7 @@ def test_import_autoprune_exposes_the_api():
 
 
 def test_docstring_examples_run():
-    for module in (autoprune, autoprune.model.task, autoprune.settings):
+    for module in (autoprune, autoprune.model.task, autoprune.settings, autoprune.pruning.plan):
         res = doctest.testmod(module)
         assert res.attempted >= 1 and res.failed == 0, module.__name__
 

@@ -51,7 +51,7 @@ def _unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def _worker(url: str, name: str, log_path: str, n: int) -> None:
+def run_worker(url: str, name: str, log_path: str, n: int) -> None:
     """One worker process: load the shared study and run `n` trials, logging what it evaluated."""
     study = optuna.load_study(study_name=name, storage=open_storage(url),
                               sampler=optuna.samplers.TPESampler(seed=os.getpid()))
@@ -72,7 +72,7 @@ def test_four_parallel_workers_lose_and_duplicate_no_trial(storage, tmp_path):
         study.enqueue_trial(p)
     ctx = mp.get_context("spawn")
     logs = [tmp_path / f"worker{i}.jsonl" for i in range(WORKERS)]
-    procs = [ctx.Process(target=_worker, args=(storage, name, str(p), PER_WORKER)) for p in logs]
+    procs = [ctx.Process(target=run_worker, args=(storage, name, str(p), PER_WORKER)) for p in logs]
     for p in procs:
         p.start()
     for p in procs:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from autoprune.costs.agent import AgentClient, AgentUnavailable
 from autoprune.costs.counting import CostModel, LatencyStats, count_macs, count_nonzero, count_params
-from autoprune.costs.latency import TABLE_VERSION, LatencyTable, _digest, build_table, device_fingerprint, measure_model
+from autoprune.costs.latency import TABLE_VERSION, LatencyTable, digest, build_table, device_fingerprint, measure_model
 from autoprune import settings
 from autoprune.errors import AutopruneError, TrialFailed
 from autoprune.pruning.groups import PrunableModel
@@ -121,7 +121,7 @@ def model_key(spec, groups: list[str]) -> dict[str, Any]:
 
 def table_path(spec, fingerprint: dict, key: dict) -> Path:
     slug = spec.model.factory.rsplit(":", 1)[-1]
-    return Path(spec.output) / "_cache" / "latency" / f"{slug}-{_digest([fingerprint, key])}.json"
+    return Path(spec.output) / "_cache" / "latency" / f"{slug}-{digest([fingerprint, key])}.json"
 
 
 def load_or_build_table(spec, pm, dev=None, *, rebuild: bool = False) -> tuple[LatencyTable, Path, bool]:

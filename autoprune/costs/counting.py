@@ -243,7 +243,7 @@ class CostModel:
         # the counts are set where root channels map unevenly onto a member (branches of a concatenation)
         self.effects: dict[str, list[tuple[str, str, float, list[int] | None]]] = {}
         for g in pm.groups:
-            counts = pm._counts.get(g.name, {})
+            counts = pm.branch_counts.get(g.name, {})
             for mem in g.members:
                 if mem.module in self.layers:
                     self.effects.setdefault(mem.module, []).append(
@@ -347,7 +347,7 @@ class CostModel:
         else:
             kept = {**{g.name: g.channels for g in self.pm.groups}, **plan}
             pruned = {g.name: g.channels - kept[g.name] for g in self.pm.groups if kept[g.name] < g.channels}
-            if any(self.pm._counts.get(n) for n in pruned):  # uneven branches: which channels matters
+            if any(self.pm.branch_counts.get(n) for n in pruned):  # uneven branches: which channels matters
                 pruned = dict(self.pm.pruned_indices(self.pm.plan_from_kept(kept)))
         macs, dparams = self._estimate(pruned)
         unmodelled = self.macs_offset - sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()

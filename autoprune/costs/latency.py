@@ -84,7 +84,7 @@ def device_fingerprint(device: str = "cpu", threads: int | None = 1, batch_size:
     return fp
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

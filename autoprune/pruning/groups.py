@@ -142,7 +142,7 @@ class PrunableModel:
             )
         self.output_layers = find_output_layers(model, example_input)
         self.ignored = sorted(set(ignore) | set(self.output_layers))
-        self._counts: dict[str, dict[tuple[str, str], list[int]]] = {}
+        self.branch_counts: dict[str, dict[tuple[str, str], list[int]]] = {}
         self._segments: dict[str, list[frozenset[int]]] = {}
         self._selection: dict[tuple[str, int, str], list[int]] = {}
         self._conv_in: dict[str, bool] = {}
@@ -155,7 +155,7 @@ class PrunableModel:
         self._scores: dict[str, dict[str, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- groups
-    def _graph(self, model: nn.Module) -> tp.DependencyGraph:
+    def trace(self, model: nn.Module) -> tp.DependencyGraph:
         for p in model.parameters():
             p.requires_grad_(True)
         try:
@@ -171,7 +171,7 @@ class PrunableModel:
 
     def _find_groups(self) -> list[GroupInfo]:
         work = copy.deepcopy(self.base)
-        dg = self._graph(work)
+        dg = self.trace(work)
         names = _module_names(work)
         order = {n: i for i, n in enumerate(names.values())}
         found = []
@@ -217,7 +217,7 @@ class PrunableModel:
                 prunable, reason = False, (f"grouped convolution(s) {grouped_names} need a multiple of {conv_groups} channels "
                                            f"and there are {channels}")
             # channels of a member that map to each root channel, where not uniform (concatenations)
-            self._counts[root_name] = {k: c for k, c in per_root.items() if len(set(c)) > 1}
+            self.branch_counts[root_name] = {k: c for k, c in per_root.items() if len(set(c)) > 1}
             # out-role conv/linear members fed by only part of the root channels (branches of a concat):
             # each must keep one channel, or Torch-Pruning would remove a whole layer
             segs = [frozenset(i for i, c in enumerate(per_root[(n, "out")]) if c) for n in layers if (n, "out") in per_root]
@@ -249,7 +249,7 @@ class PrunableModel:
             """Prune `sizes[g]` channels of each group on one copy; None if the output shape survives."""
             work = copy.deepcopy(self.base)
             try:
-                dg = self._graph(work)
+                dg = self.trace(work)
                 for name, n in sizes.items():
                     g = next(h for h in self.groups if h.name == name)
                     root = work.get_submodule(name)
@@ -431,7 +431,7 @@ class PrunableModel:
         if crit in self._scores:
             return self._scores[crit]
         work = copy.deepcopy(self.base)
-        dg = self._graph(work)
+        dg = self.trace(work)
         by_name = dict(work.named_modules())
         out: dict[str, torch.Tensor] = {}
         if crit == "apoz":
@@ -516,7 +516,7 @@ class PrunableModel:
         gives (tests compare the two), whatever the order, concatenations included."""
         if self._base_graph is None:
             template = copy.deepcopy(self.base)
-            self._base_graph = (template, self._graph(template), {id(m): n for n, m in template.named_modules()})
+            self._base_graph = (template, self.trace(template), {id(m): n for n, m in template.named_modules()})
         template, dg, names = self._base_graph
         cuts: dict[tuple[str, str, str], tuple[Any, set[int]]] = {}
         for gname, idxs in pruned.items():

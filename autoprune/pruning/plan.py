@@ -25,7 +25,14 @@ def channels_kept(channels: int, ratio: float, round_to: int = 1) -> int:
 
 @dataclass
 class PruningPlan:
-    """Group name -> fraction of its channels to remove, plus how to remove them."""
+    """Group name -> fraction of its channels to remove, plus how to remove them (structured or unstructured,
+    the importance criterion, channel rounding). Plans are plain data: their JSON round-trips exactly.
+
+    >>> from autoprune import PruningPlan
+    >>> plan = PruningPlan({"conv1": 0.5, "conv2": 0.25}, criterion="l1")
+    >>> PruningPlan.from_json(plan.to_json()) == plan, plan.summary()
+    (True, 'conv1:0.50, conv2:0.25')
+    """
 
     ratios: dict[str, float] = field(default_factory=dict)
     mode: str = "structured"

@@ -46,7 +46,7 @@ def kept_outputs(pm, plan) -> dict[str, torch.Tensor]:
     import copy
 
     work = copy.deepcopy(pm.base)
-    dg = pm._graph(work)
+    dg = pm.trace(work)
     names = {id(m): n for n, m in work.named_modules()}
     kept_n = pm.kept(plan)
     order = pm.order(plan.criterion)

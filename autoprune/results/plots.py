@@ -68,7 +68,7 @@ def _color(strategy: str) -> str:
     return STRATEGY_COLORS.get(strategy, "#EF553B")
 
 
-def _main_strategy(res: RunResults) -> str | None:
+def main_strategy(res: RunResults) -> str | None:
     """The searched strategy: the spec's (optuna unless a baseline was the spec's strategy), else the busiest."""
     t = res.trials
     if t.empty:
@@ -81,7 +81,7 @@ def _main_strategy(res: RunResults) -> str | None:
     return t.strategy.value_counts().index[0]
 
 
-def _budget(res: RunResults) -> dict | None:
+def budget_info(res: RunResults) -> dict | None:
     """{kind, fraction, limit, base} from a result file, else from the spec (a study still running)."""
     for r in res.results.values():
         if r.get("budget"):
@@ -97,7 +97,7 @@ def _budget(res: RunResults) -> dict | None:
     return None
 
 
-def _baseline_metric(res: RunResults) -> float | None:
+def baseline_metric(res: RunResults) -> float | None:
     for r in res.results.values():
         v = (r.get("baseline") or {}).get("metric_val")
         if v is not None:
@@ -112,7 +112,7 @@ def _plan_summary(plan_json: str | None, digits: int = 2) -> str:
     return "<br>".join(f"{k}: {v:.{digits}f}" for k, v in ratios.items()) or "(unpruned)"
 
 
-def _metric_name(res: RunResults) -> str:
+def metric_name(res: RunResults) -> str:
     spec = res.spec or {}
     m = (spec.get("evaluation") or {}).get("metric") or "metric"
     task = spec.get("task") or {}
@@ -158,7 +158,7 @@ def pareto_figure(
         raise AutopruneError(f"pareto_figure x={x!r} is not one of {sorted(AXES)}")
     res = as_results(res)
     col, xtitle, kind = AXES[x]
-    main = _main_strategy(res)
+    main = main_strategy(res)
     strategies = list(strategies) if strategies is not None else ([main] if main else [])
     fig = go.Figure()
     done = _completed(res, strategies)
@@ -170,7 +170,7 @@ def pareto_figure(
         d["front"] = pareto_flags(d, col) if col != "macs_ratio" or "pareto" not in d else d.pareto.astype(bool)
         d["hover"] = [
             f"<b>{s} trial {int(r.number)}</b>{' (' + str(r.warm_start) + ')' if isinstance(r.warm_start, str) else ''}"
-            f"<br>{_metric_name(res)}: {r.metric:.4f}<br>MACs {r.macs_ratio:.3f} · params {r.params_ratio:.3f}"
+            f"<br>{metric_name(res)}: {r.metric:.4f}<br>MACs {r.macs_ratio:.3f} · params {r.params_ratio:.3f}"
             + (f" · {r.latency_ms:.3g} ms" if pd.notna(r.latency_ms) else "")
             + f"<br>{_plan_summary(r.plan)}"
             for r in d.itertuples()
@@ -207,7 +207,7 @@ def pareto_figure(
             marker=dict(symbol="star" if chosen else BASELINE_SYMBOLS.get(s, "circle"), size=18 if chosen else 13,
                         color=_color(s), line=dict(width=1.5, color="black")),
             name=f"chosen: {s}" if chosen else f"baseline: {s}",
-            hovertext=[f"<b>{s} best (trial {b.get('trial')})</b><br>{_metric_name(res)}: {b['metric_val']:.4f}"
+            hovertext=[f"<b>{s} best (trial {b.get('trial')})</b><br>{metric_name(res)}: {b['metric_val']:.4f}"
                        + (f" · test {b['metric_test']:.4f}" if b.get("metric_test") is not None else "")
                        + f"<br>MACs {b['macs_ratio']:.3f} · params {b['params_ratio']:.3f}<br>"
                        + _plan_summary(json.dumps(b.get("plan")))],
@@ -221,14 +221,14 @@ def pareto_figure(
                                arrowhead=0, arrowwidth=1, arrowcolor="#888", ax=side * 80,
                                ay=int((i - (len(items) - 1) / 2) * 24), xanchor="left" if side > 0 else "right",
                                font=dict(size=12), bgcolor="rgba(255,255,255,0.8)", name=f"label:{text}")
-    base_metric = _baseline_metric(res)
-    budget = _budget(res)
+    base_metric = baseline_metric(res)
+    budget = budget_info(res)
     base_x = 1.0 if x in ("macs", "params") else (budget or {}).get("base") if (budget or {}).get("kind") == "latency_ms" else None
     if base_metric is not None and base_x is not None:
         fig.add_trace(go.Scatter(
             x=[base_x], y=[base_metric], mode="markers", name="unpruned",
             marker=dict(symbol="circle", size=13, color="black"),
-            hovertext=[f"<b>unpruned model</b><br>{_metric_name(res)}: {base_metric:.4f}"], hoverinfo="text",
+            hovertext=[f"<b>unpruned model</b><br>{metric_name(res)}: {base_metric:.4f}"], hoverinfo="text",
             meta={"role": "unpruned"},
         ))
     if base_metric is not None:  # also a line: the unpruned point may lie outside the focused x range
@@ -257,8 +257,8 @@ def pareto_figure(
     sub = f"{len(done)} completed trials" + (f", {n_fail} failed (not drawn)" if n_fail else "")
     name = (res.spec or {}).get("name") or res.run_dir.name
     fig.update_layout(
-        title=dict(text=(title or f"{name}: {_metric_name(res)} vs {x}") + f"<br><sup>{sub}</sup>"),
-        xaxis_title=xtitle, yaxis_title=_metric_name(res), template=TEMPLATE, hovermode="closest",
+        title=dict(text=(title or f"{name}: {metric_name(res)} vs {x}") + f"<br><sup>{sub}</sup>"),
+        xaxis_title=xtitle, yaxis_title=metric_name(res), template=TEMPLATE, hovermode="closest",
         legend=dict(orientation="v", yanchor="top", y=1, xanchor="left", x=1.02),
         margin=dict(r=160),
     )
@@ -293,7 +293,7 @@ def _base_macs(res: RunResults) -> float | None:
     return None
 
 
-def _plan_of(res: RunResults, strategy: str) -> dict[str, float] | None:
+def plan_ratios(res: RunResults, strategy: str) -> dict[str, float] | None:
     r = res.results.get(strategy)
     if r and r.get("best"):
         return dict(r["best"]["plan"]["ratios"])
@@ -315,7 +315,7 @@ def ratio_profile(
     spec's model (`api.session(spec).pruner.table()`), or from the sensitivity table when that cannot load.
     """
     res = as_results(res)
-    plan = _plan_of(res, strategy)
+    plan = plan_ratios(res, strategy)
     if plan is None:
         raise AutopruneError(f"strategy {strategy!r} has no chosen plan in {res.run_dir} (have {sorted(res.results)}); "
                              "run the search to the end, or pass strategy= one of those")
@@ -328,7 +328,7 @@ def ratio_profile(
     labels = [f"{g}<br>{c} ch" if c else g for g, c in zip(order, ch)]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.06)
     for s in [strategy, *[c for c in compare if c != strategy]]:
-        p = _plan_of(res, s)
+        p = plan_ratios(res, s)
         if p is None:
             continue
         r = [p.get(g, 0.0) for g in order]
@@ -452,13 +452,13 @@ def search_progress(res, strategies: Sequence[str] | None = None) -> go.Figure:
                 name=s, legendgroup=s, showlegend=col == 1, marker=dict(color=_color(s), size=6 if len(g) > 1 else 12),
                 line=dict(color=_color(s)), hovertext=hover, hoverinfo="text", meta={"strategy": s, "x": xcol},
             ), row=1, col=col)
-    base = _baseline_metric(r)
+    base = baseline_metric(r)
     if base is not None:
         fig.add_hline(y=base, line=dict(color="black", dash="dot"), annotation_text="unpruned",
                       annotation_position="bottom right", name="unpruned")
     fig.update_xaxes(title_text="evaluations (completed trials)", row=1, col=1)
     fig.update_xaxes(title_text="wall time since the strategy started (s)", row=1, col=2)
-    fig.update_yaxes(title_text=f"best feasible {_metric_name(r)} so far", row=1, col=1)
+    fig.update_yaxes(title_text=f"best feasible {metric_name(r)} so far", row=1, col=1)
     name = (r.spec or {}).get("name") or r.run_dir.name
     fig.update_layout(title=f"{name}: search progress", template=TEMPLATE)
     return fig

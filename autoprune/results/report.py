@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from autoprune.results.plots import (_baseline_metric, _budget, _main_strategy, _metric_name, _plan_of, as_results,
+from autoprune.results.plots import (baseline_metric, budget_info, main_strategy, metric_name, plan_ratios, as_results,
                                      pareto_figure, ratio_profile, search_progress, sensitivity_curves,
                                      sensitivity_heatmap)
 from autoprune.errors import AutopruneError
@@ -26,14 +26,14 @@ def report_figures(res: "RunResults | str | Path") -> dict[str, go.Figure]:
     """The report's figures by id; a figure whose data is missing (no sensitivity, no result yet) is left out."""
     res = as_results(res)
     figs: dict[str, go.Figure] = {"pareto": pareto_figure(res, "macs")}
-    budget = _budget(res) or {}
+    budget = budget_info(res) or {}
     if budget.get("kind") == "params":
         figs["pareto_params"] = pareto_figure(res, "params")
     if budget.get("kind") == "latency_ms" or (not res.trials.empty and res.trials.latency_ms.notna().any()):
         figs["pareto_latency"] = pareto_figure(res, "latency")
-    main = _main_strategy(res)
-    if main and _plan_of(res, main) is not None:
-        others = [s for s in ("netadapt", "lamp", "global", "random") if s != main and _plan_of(res, s) is not None]
+    main = main_strategy(res)
+    if main and plan_ratios(res, main) is not None:
+        others = [s for s in ("netadapt", "lamp", "global", "random") if s != main and plan_ratios(res, s) is not None]
         figs["ratio_profile"] = ratio_profile(res, main, [s for s in ["uniform", *others[:1]] if s != main])
     if not res.trials.empty:
         figs["progress"] = search_progress(res)
@@ -79,12 +79,12 @@ def html_report(res: "RunResults | str | Path", path: str | Path) -> Path:
               if not res.trials.empty else None)
     fails = (res.trials[res.trials.state == "FAIL"][["strategy", "number", "fail_reason"]]
              if not res.trials.empty else None)
-    budget = _budget(res) or {}
+    budget = budget_info(res) or {}
     bdesc = (f"{budget.get('kind')} ≤ {budget['fraction']:.0%} of the unpruned model" if budget.get("fraction") is not None
              else f"{budget.get('kind')} ≤ {budget.get('limit')}") if budget else "unknown"
-    base = _baseline_metric(res)
+    base = baseline_metric(res)
     head = (f"<p>Run directory <code>{_html.escape(str(res.run_dir))}</code> · budget {_html.escape(bdesc)}"
-            + (f" · unpruned {_html.escape(_metric_name(res))} {base:.4f}" if base is not None else "") + "</p>")
+            + (f" · unpruned {_html.escape(metric_name(res))} {base:.4f}" if base is not None else "") + "</p>")
     tables = (
         "<h2>Best plan per strategy</h2>" + _table(summary)
         + "<h2>Chosen plans</h2>" + _table(pd.DataFrame(best_rows))

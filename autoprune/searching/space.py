@@ -85,7 +85,7 @@ class SearchSpace:
         hi = max(self.bounds[n] / p[n] for n in self.dims if p[n] > 0)
         if self.budget.estimate(self.scaled(p, hi)) > self.budget.limit:
             # this direction saturates before the budget: fill the remaining groups uniformly
-            plan, ok = self._fill(self.scaled(p, hi))
+            plan, ok = self.fill(self.scaled(p, hi))
             return (self.top_up(plan, p), True) if ok else (plan, False)
         lo = 0.0
         for _ in range(iters):  # the plan is discrete (whole channels): a relative tolerance is enough
@@ -126,7 +126,7 @@ class SearchSpace:
             live = nxt
         return pm.plan(ratios)
 
-    def _fill(self, plan: PruningPlan) -> tuple[PruningPlan, bool]:
+    def fill(self, plan: PruningPlan) -> tuple[PruningPlan, bool]:
         base = dict(plan.ratios)
         room = {n: self.bounds[n] - base.get(n, 0.0) for n in self.dims}
 

@@ -83,7 +83,7 @@ def netadapt(
         if not candidates or used + len(candidates) > n_evaluations:
             # no single group reaches the step, or the evaluations left cannot try every group: move every
             # group towards its bound at once (one evaluation), so NetAdapt never exceeds n_evaluations
-            plan, _ = space._fill(pm.plan(ratios))
+            plan, _ = space.fill(pm.plan(ratios))
             evaluate(plan)
             return plan
         best, best_metric = None, None

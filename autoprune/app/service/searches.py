@@ -122,7 +122,7 @@ class Searches:
         env.setdefault("RAY_AUTH_MODE", "disabled")
         with open(d / "worker.log", "ab") as logf:
             proc = subprocess.Popen(
-                [self.cfg.python, "-m", "autoprune.app.service", "_worker", str(d)],
+                [self.cfg.python, "-m", "autoprune.app.service", "run_worker", str(d)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True, cwd=str(self.cfg.runs_dir),
             )
@@ -335,7 +335,7 @@ def _tail(path: Path, n: int = 5) -> str | None:
 
 
 # ------------------------------------------------------------------ the worker process
-def _worker(state_dir: str) -> int:
+def run_worker(state_dir: str) -> int:
     """Run one submitted search (`autoprune search`), then record its exit status for the service.
 
     Every factory the search imports goes through the service's allow-list (AUTOPRUNE_ALLOWED_FACTORIES, as
