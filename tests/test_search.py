@@ -194,3 +194,5 @@ def test_multi_fidelity_promotes_the_best_through_the_recovery_rungs(make_spec):
 
     result = summarize(run, test=False)
     assert result["best"]["trial"] in {t.number for t in complete}
+    assert (result["n_trials_complete"], result["n_trials_pruned"]) == (len(complete), len(pruned))
+    assert result["evaluations"] == 9  # stopped trials were evaluated too (no sensitivity: priors none)

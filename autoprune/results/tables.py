@@ -186,8 +186,9 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         "pareto": _pareto_records(df[df.pareto], session, budget, measured_by_trial),
         "n_trials_complete": int((df.state == "COMPLETE").sum()),
         "n_trials_failed": int((df.state == "FAIL").sum()),
+        "n_trials_pruned": int((df.state == "PRUNED").sum()),  # multi-fidelity: stopped at a rung
         "failures": [{"trial": int(r.number), "reason": r.fail_reason} for _, r in df[df.state == "FAIL"].iterrows()],
-        "evaluations": int((df.state == "COMPLETE").sum()) + run.sensitivity_evaluations,
+        "evaluations": int(df.state.isin(["COMPLETE", "PRUNED"]).sum()) + run.sensitivity_evaluations,
         "sensitivity_evaluations": run.sensitivity_evaluations,
         "search_bounds": run.space.bounds,
         "notes": run.notes,
