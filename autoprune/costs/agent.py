@@ -104,7 +104,9 @@ def allowed_modules() -> list[str]:
 
 
 def _check_factory(factory: str) -> None:
-    mod = str(factory).split(":", 1)[0]
+    from autoprune.model.factories import moved
+
+    mod = str(moved(factory)).split(":", 1)[0]
     if not any(mod == a or mod.startswith(a + ".") for a in allowed_modules()):
         raise PermissionError(f"factory {factory!r} is not in an allowed module {allowed_modules()}; "
                               f"start the agent with {ALLOW_ENV}={mod} to allow it")
