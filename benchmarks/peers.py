@@ -364,7 +364,7 @@ def main(argv=None) -> Path:
     header = [
         f"- command: `{cmd}`",
         f"- machine: {mach}",
-        f"- autoprune: {PKG_ROOT} at git {git_rev(PKG_ROOT)}; spec `{Path(args.spec).name}` with `budget.macs` overridden",
+        f"- autoprune: git {git_rev(PKG_ROOT)}; spec `{Path(args.spec).name}` with `budget.macs` overridden",
         f"- started {started:%Y-%m-%d %H:%M} UTC, finished {finished:%H:%M} UTC ({(finished - started).total_seconds() / 60:.1f} min)",
         f"- recovery (every method): {args.ft_steps} Adam steps, lr {args.ft_lr} cosine, batch {yaml.safe_load(Path(args.spec).read_text())['data']['batch_size']}, "
         f"cross-entropy on train, seed = run seed (plain torch in peers.py); short recovery: {args.ft_short_steps} steps",
