@@ -266,7 +266,10 @@ class PrunableModel:
         def mark(i: int, **changes) -> None:
             self.groups[i] = replace(self.groups[i], **changes)
             if changes.get("prunable") is False:
-                log.warning("group %s cannot be pruned (%s); it is left intact", self.groups[i].name, changes.get("reason"))
+                # a group that is the model's output width (a transformer's hidden size) is expected to be locked
+                expected = "output shape changed" in str(changes.get("reason"))
+                (log.info if expected else log.warning)("group %s cannot be pruned (%s); it is left intact",
+                                                        self.groups[i].name, changes.get("reason"))
 
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
         # (a group touching grouped convs removes one channel from each conv group)
