@@ -224,6 +224,14 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def model_label(args) -> str:
+    """'resnet20 / digits' from the spec's model and data factories."""
+    spec = yaml.safe_load(Path(args.spec).read_text())
+    model = spec["model"]["factory"].rsplit(":", 1)[-1]
+    data = (spec.get("data") or {}).get("factory", "data:?").rsplit(":", 1)[-1]
+    return f"{model} / {data}"
+
+
 def table(runs: pd.DataFrame, args) -> str:
     out = []
     for setting, g in runs.groupby("setting", sort=False):
@@ -244,7 +252,7 @@ def table(runs: pd.DataFrame, args) -> str:
                 "evaluations": _pm(r.evals.astype(float), 1, 0),
             })
         base = g.baseline_test.dropna()
-        out.append(f"### ResNet-20 / digits, {setting[4:]} % MACs, seeds {','.join(map(str, sorted(g.seed.unique())))}"
+        out.append(f"### {model_label(args)}, {setting[4:]} % MACs, seeds {','.join(map(str, sorted(g.seed.unique())))}"
                    + (f" (unpruned test {100 * base.iloc[0]:.2f} %)" if len(base) else "") + "\n\n" + _md(pd.DataFrame(rows)))
     return "\n\n".join(out)
 
@@ -260,7 +268,7 @@ def plot(runs: pd.DataFrame, path: Path, args) -> bool:
     d["test % after FT"] = 100 * d.test_ft
     fig = px.scatter(d, x="search_wall_s", y="test % after FT", color="method", symbol="method", facet_col="setting",
                      hover_data=["seed", "evals", "macs_ratio", "val_proxy"], log_x=True,
-                     title=f"ResNet-20 / digits: test accuracy after the common {args.ft_steps}-step fine-tune "
+                     title=f"{model_label(args)}: test accuracy after the common {args.ft_steps}-step fine-tune "
                            "against search wall time (one point per seed)")
     fig.update_xaxes(title="search wall time, s (log)")
     fig.write_html(str(path), include_plotlyjs="cdn")
