@@ -13,9 +13,9 @@ import pytest
 from test_service import SMALL, Service, _free_port
 
 N_SEARCHES = 3
-N_TRIALS = 10
+N_TRIALS = 40  # enough that the searches are still running when the service is killed (trials take ~50 ms)
 BUDGET_S = 240  # the whole test, restart included
-POLL_S = 0.5
+POLL_S = 0.2
 
 
 def _searches(svc: Service) -> dict[str, dict]:
