@@ -113,5 +113,10 @@ def test_service_killed_and_restarted_mid_run(tmp_path):
         assert len(numbers) == len(set(numbers)), numbers
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         assert len(done) == N_TRIALS, (n, [(t.number, t.state.name) for t in trials])
-        assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAIL}  # nothing left RUNNING
+        # nothing left RUNNING, except (crashed searches only) a trial the worker was killed inside study.ask,
+        # before it claimed it: it has no worker yet, so a resume fails it only once it is older than
+        # UNCLAIMED_STALE_S (another live worker could still be sampling it)
+        orphans = [t for t in trials if t.state == TrialState.RUNNING]
+        assert not orphans or (n in crashed and len(orphans) == 1 and "worker" not in orphans[0].user_attrs), orphans
+        assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING}
         assert len(trials) <= N_TRIALS + (1 if n in crashed else 0), (n, len(trials))  # one trial in flight at most

@@ -150,3 +150,18 @@ def test_four_autoprune_workers_share_one_study(storage, make_spec, tmp_path):
     assert sorted(owned) == sorted(t.number for t in trials)  # no trial lost, none run twice
     assert sum(trial_attrs(t).get("warm_start") == "uniform" for t in trials) == 1
     assert all(trial_attrs(t)["macs_ratio"] <= 0.5 + 1e-9 for t in done)
+
+
+def test_an_unclaimed_running_trial_is_failed_only_once_it_is_old(tmp_path, monkeypatch):
+    # a worker killed inside study.ask leaves a RUNNING trial with no worker attribute: it may still belong to a
+    # live worker that is sampling, so it is failed only after UNCLAIMED_STALE_S
+    import optuna
+
+    from autoprune.searching import studies
+
+    study = optuna.create_study(storage=studies.open_storage(str(tmp_path / "s.journal")), study_name="x")
+    trial = study.ask()
+    assert studies.fail_stale_trials(study) == 0
+    monkeypatch.setattr(studies, "UNCLAIMED_STALE_S", 0.0)
+    assert studies.fail_stale_trials(study) == 1
+    assert study.trials[trial.number].state == optuna.trial.TrialState.FAIL

@@ -3,6 +3,7 @@ strategy searches, and what a finished search hands to the results stage."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
@@ -177,14 +178,21 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
+UNCLAIMED_STALE_S = 120.0  # a RUNNING trial with no worker yet (its process died inside study.ask) after this long
+
+
 def fail_stale_trials(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a dead process on this host as failed (journal storages have no heartbeat)."""
     host = socket.gethostname()
     n = 0
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w = t.user_attrs.get("worker", "")
         h, _, pid = w.rpartition(":")
-        if h != host or not pid.isdigit() or pid_alive(int(pid)):
+        if not w:  # killed between creating the trial and claiming it: stale once older than any sampling step
+            if t.datetime_start is None or (now - t.datetime_start).total_seconds() < UNCLAIMED_STALE_S:
+                continue
+        elif h != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         try:
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: its worker process died")
