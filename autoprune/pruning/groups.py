@@ -173,6 +173,8 @@ class PrunableModel:
         work = copy.deepcopy(self.base)
         dg = self.trace(work)
         names = _module_names(work)
+        # the copy is only read here: it stays the pristine traced graph `_cuts` applies plans with
+        self._base_graph = (work, dg, names)
         order = {n: i for i, n in enumerate(names.values())}
         found = []
         for grp in self._tp_groups(work, dg):
@@ -517,9 +519,9 @@ class PrunableModel:
         (Re-tracing the copy, as `pg.prune()` needs, cost 22-35 % of a trial.) Cutting each layer once with
         the union of its indices in the original coordinates gives what pruning the groups one after another
         gives (tests compare the two), whatever the order, concatenations included."""
-        if self._base_graph is None:
+        if self._base_graph is None:  # dropped when pickled (see __getstate__)
             template = copy.deepcopy(self.base)
-            self._base_graph = (template, self.trace(template), {id(m): n for n, m in template.named_modules()})
+            self._base_graph = (template, self.trace(template), _module_names(template))
         template, dg, names = self._base_graph
         cuts: dict[tuple[str, str, str], tuple[Any, set[int]]] = {}
         for gname, idxs in pruned.items():
