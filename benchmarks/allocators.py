@@ -33,6 +33,9 @@ os.environ.setdefault("AUTOPRUNE_PROGRESS", "0")
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _tables import mean_pm  # noqa: E402
 import torch
 import yaml
 from scipy.stats import spearmanr
@@ -249,15 +252,6 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _pm(x: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
-    x = x.dropna().astype(float) * scale
-    if x.empty:
-        return "–"
-    if len(x) == 1:
-        return f"{x.iloc[0]:.{digits}f}"
-    return f"{x.mean():.{digits}f} ± {x.std(ddof=1):.{digits}f}"
-
-
 def model_table(runs: pd.DataFrame, model: str) -> str:
     out = []
     for budget, g in runs[runs.model == model].groupby("budget", sort=False):
@@ -269,12 +263,12 @@ def model_table(runs: pd.DataFrame, model: str) -> str:
             short = r.test_ft_short if "test_ft_short" in r else pd.Series(dtype=float)
             rows.append({
                 "strategy": label,
-                "test % after FT": _pm(r.test_ft, 100),
-                "test % after short FT": _pm(short, 100) if short.notna().any() else "",
-                "val % before FT": _pm(r.val_proxy, 100),
-                "MACs ratio": _pm(r.macs_ratio, 1, 3),
-                "params ratio": _pm(r.params_ratio, 1, 3),
-                "latency ms (b1, 1 thr)": _pm(r.latency_ms, 1, 3),
+                "test % after FT": mean_pm(r.test_ft, 100),
+                "test % after short FT": mean_pm(short, 100) if short.notna().any() else "",
+                "val % before FT": mean_pm(r.val_proxy, 100),
+                "MACs ratio": mean_pm(r.macs_ratio, 1, 3),
+                "params ratio": mean_pm(r.params_ratio, 1, 3),
+                "latency ms (b1, 1 thr)": mean_pm(r.latency_ms, 1, 3),
                 "evals (search + sens.)": f"{r.evals_search.mean():.0f} + {r.evals_sensitivity.mean():.0f}"
                 + (f" + {r.evals_rerank.mean():.0f} short FT" if "evals_rerank" in r and r.evals_rerank.fillna(0).mean() > 0 else ""),
                 "wall s (search + sens.)": f"{r.search_wall_s.mean():.1f} + {r.sensitivity_wall_s.mean():.1f}",
@@ -312,8 +306,8 @@ def efficiency_table(runs: pd.DataFrame) -> str:
     rows = []
     for (model, budget, label), g in r.groupby(["model", "budget", "strategy"], sort=False):
         rows.append({"model": model, "budget": budget, "strategy": label,
-                     "evals to within 0.5 pp of own final best": _pm(g["evals_to_0.5pp"], 1, 1),
-                     "of trials": f"{g.n_trials.mean():.0f}", "final best val %": _pm(g.val_proxy, 100)})
+                     "evals to within 0.5 pp of own final best": mean_pm(g["evals_to_0.5pp"], 1, 1),
+                     "of trials": f"{g.n_trials.mean():.0f}", "final best val %": mean_pm(g.val_proxy, 100)})
     return _md(pd.DataFrame(rows))
 
 

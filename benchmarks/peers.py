@@ -43,6 +43,9 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _tables import mean_pm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
@@ -208,15 +211,6 @@ def run_one(args, budget: float, seed: int, method: str, base_macs: dict, log) -
 
 
 # ------------------------------------------------------------------ report
-def _pm(x: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
-    x = x.dropna().astype(float) * scale
-    if x.empty:
-        return "–"
-    if len(x) == 1:
-        return f"{x.iloc[0]:.{digits}f}"
-    return f"{x.mean():.{digits}f} ± {x.std(ddof=1):.{digits}f}"
-
-
 def _md(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -243,13 +237,13 @@ def table(runs: pd.DataFrame, args) -> str:
             ok = r[r.macs_ratio.notna()] if "macs_ratio" in r else r.iloc[:0]
             rows.append({
                 "method": method,
-                f"test % after {args.ft_steps}-step FT": _pm(ok.get("test_ft", pd.Series(dtype=float)), 100),
-                f"test % after {args.ft_short_steps}-step FT": _pm(ok.get("test_ft_short", pd.Series(dtype=float)), 100),
-                "val % proxy before FT": _pm(ok.val_proxy, 100) if len(ok) else "–",
-                "MACs ratio (FlopCounterMode)": _pm(ok.macs_ratio, 1, 3) if len(ok) else "–",
+                f"test % after {args.ft_steps}-step FT": mean_pm(ok.get("test_ft", pd.Series(dtype=float)), 100),
+                f"test % after {args.ft_short_steps}-step FT": mean_pm(ok.get("test_ft_short", pd.Series(dtype=float)), 100),
+                "val % proxy before FT": mean_pm(ok.val_proxy, 100) if len(ok) else "–",
+                "MACs ratio (FlopCounterMode)": mean_pm(ok.macs_ratio, 1, 3) if len(ok) else "–",
                 "budget met": f"{int(ok.budget_met.sum()) if len(ok) else 0}/{len(r)}",
-                "search wall s": _pm(r.search_wall_s, 1, 1),
-                "evaluations": _pm(r.evals.astype(float), 1, 0),
+                "search wall s": mean_pm(r.search_wall_s, 1, 1),
+                "evaluations": mean_pm(r.evals.astype(float), 1, 0),
             })
         base = g.baseline_test.dropna()
         out.append(f"### {model_label(args)}, {setting[4:]} % MACs, seeds {','.join(map(str, sorted(g.seed.unique())))}"
