@@ -158,6 +158,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         return self._inner
 
     def before_trial(self, study, trial) -> None:
+        # claim the trial for this process as soon as Optuna has created it (before any sampling), so a kill
+        # leaves at most the create -> claim window unclaimed (see fail_stale_trials)
+        if "worker" not in trial.user_attrs:
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, "worker", worker_id())
+            except Exception as e:  # noqa: BLE001 - the objective claims it again
+                log.debug("claim trial %s: %s", trial.number, e)
         self._sampler(trial.number).before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):

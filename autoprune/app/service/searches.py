@@ -174,11 +174,18 @@ class Searches:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and self._alive(sid, state):
             time.sleep(0.1)
-        if self._alive(sid, state):
+        if self._alive(sid, state):  # it did not unwind in time (busy in native code): kill it, and wait for that
+            log.warning("search %s did not stop within 10 s of SIGTERM; killing its process group", sid)
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self._alive(sid, state):
+                time.sleep(0.05)
+        if not (d / "exit.json").exists() and not self._alive(sid, state):  # killed before it could write its own
+            _write_json(d / "exit.json", {"rc": -signal.SIGKILL, "finished_at": _now(), "error": "cancelled",
+                                          "interrupted": False})
         return self.status(sid)
 
     def _alive(self, sid: str, state: dict) -> bool:
