@@ -170,9 +170,6 @@ class SearchSpec(_Section):
 
     @model_validator(mode="after")
     def _rungs_backend(self) -> "SearchSpec":
-        if self.recovery_rungs and self.backend == "ray":
-            raise ValueError("recovery_rungs (multi-fidelity) runs on the optuna backend only; "
-                             "drop search.recovery_rungs or use backend: optuna")
         if self.recovery_rungs and len(self.objectives) > 1:
             raise ValueError("recovery_rungs (multi-fidelity) needs one objective; got " + str(self.objectives))
         return self

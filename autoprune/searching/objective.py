@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 
@@ -119,7 +119,9 @@ class Objective:
             return plan
         return self.space.pm.plan(self.space.clip(proposal))
 
-    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+    def __call__(self, trial: optuna.Trial, report: RungReport | None = None) -> float | list[float]:
+        """Evaluate one trial. With rungs, `report` is told each rung's result (default: Optuna's own
+        `trial.report` + `trial.should_prune`, the in-process backend; the Ray backend passes Tune's)."""
         if self.worker:
             trial.set_user_attr("worker", self.worker)
         proposal = self.suggest(trial)
@@ -127,7 +129,7 @@ class Objective:
         try:
             result = evaluate_plan(self.space, self.evaluator, self.cost_model, plan)
             if self.rungs:
-                result = self._climb_rungs(trial, result)
+                result = self._climb_rungs(trial, result, report)
         except optuna.TrialPruned:
             raise
         except Exception as e:
@@ -138,38 +140,63 @@ class Objective:
         values = objective_values(result, self.objectives, self.base)
         return values[0] if len(values) == 1 else values
 
+    def _climb_rungs(self, trial: optuna.Trial, result: TrialResult, report: RungReport | None = None) -> TrialResult:
+        """`climb_rungs` for this trial: by default Optuna's pruner decides (report the proxy at step 1, then
+        the metric after rung k at step reduction**k). A trial stopped at a rung is recorded (plan, costs, the
+        metric of each rung) and raised as pruned."""
+        if report is None:
+            def report(_result: TrialResult, metrics: list[float], step: int, last: bool) -> bool:
+                trial.report(metrics[-1], step)
+                return not last and trial.should_prune()  # no verdict after the last rung: the trial completes
 
-    def _climb_rungs(self, trial: optuna.Trial, result: TrialResult) -> TrialResult:
-        """Successive halving over recovery: report the proxy at step 1, then, while Optuna's pruner promotes
-        the trial, fine-tune it further and report at step reduction**k (the pruner's rung boundaries). A
-        trial stopped at a rung is recorded (plan, costs, the metric of each rung) and raised as pruned."""
-        from autoprune.model.training import train_model
-
-        ev = self.evaluator
-        metrics = [result.metric]
-        trial.report(result.metric, 1)
-        model, done = None, 0
-        for k, steps in enumerate(self.rungs, 1):
-            if trial.should_prune():
-                trial.set_user_attr("rung_metrics", metrics)
-                record(trial, result, self.base)
-                raise optuna.TrialPruned(f"stopped after rung {k - 1} (metric {metrics[-1]:.4f})")
-            if model is None:
-                model = ev.prepare(self.space.pm.apply(result.plan, check=False), result.plan, self.space.pm)
-            t0 = time.perf_counter()
-            train_model(model, ev.datasets["train"], epochs=1, lr=self.recovery_lr, batch_size=ev.batch_size,
-                        seed=self.seed + trial.number, max_steps=steps - done, show_progress=False, desc="recover",
-                        task=ev.task, teacher=ev.teacher, device=ev.device)
-            done = steps
-            metric = ev.score(model, "val")
-            if not math.isfinite(metric):
-                raise TrialFailed(f"metric after {steps} recovery steps is {metric}")
-            metrics.append(float(metric))
-            result.eval_s += time.perf_counter() - t0
-            result.metric = float(metric)
-            trial.report(result.metric, self.reduction ** k)
+        metrics, stopped = climb_rungs(self.space, self.evaluator, result, self.rungs, reduction=self.reduction,
+                                       lr=self.recovery_lr, seed=self.seed + trial.number, report=report)
         trial.set_user_attr("rung_metrics", metrics)
+        if stopped:
+            record(trial, result, self.base)
+            raise optuna.TrialPruned(f"stopped after rung {len(metrics) - 1} (metric {metrics[-1]:.4f})")
         return result
+
+
+# report(result, rung_metrics, step, last) -> True to stop the trial here (ignored when last)
+RungReport = Callable[[TrialResult, list[float], int, bool], bool]
+
+
+def climb_rungs(space: SearchSpace, evaluator, result: TrialResult, rungs: list[int], *, reduction: int, lr: float,
+                seed: int, report: RungReport) -> tuple[list[float], bool]:
+    """Successive halving over recovery, whoever decides the promotions (Optuna's pruner, Tune's ASHA).
+
+    Reports the proxy (`result.metric`) at step 1; then, while `report` says go on, fine-tunes the pruned model
+    up to ``rungs[k-1]`` steps in all, scores it on val and reports at step ``reduction**k`` (the rung
+    boundaries of a successive-halving scheduler with min resource 1). `result.metric` and `result.eval_s`
+    follow the last rung reached. Returns (the metric of each rung reached, the proxy first; stopped early)."""
+    from autoprune.model.training import train_model
+
+    ev = evaluator
+    # distillation from the unpruned model in the rungs' fine-tunes (evaluation.recovery_distill), when set
+    distill = float(getattr(ev, "recovery_distill", 0.0) or 0.0)
+    metrics = [result.metric]
+    if report(result, metrics, 1, False):
+        return metrics, True
+    model, done = None, 0
+    for k, steps in enumerate(rungs, 1):
+        if model is None:
+            model = ev.prepare(space.pm.apply(result.plan, check=False), result.plan, space.pm)
+        t0 = time.perf_counter()
+        train_model(model, ev.datasets["train"], epochs=1, lr=lr, batch_size=ev.batch_size,
+                    seed=seed, max_steps=steps - done, show_progress=False, desc="recover",
+                    task=ev.task, teacher=ev.teacher, device=ev.device, **({"distill": distill} if distill else {}))
+        done = steps
+        metric = ev.score(model, "val")
+        if not math.isfinite(metric):
+            raise TrialFailed(f"metric after {steps} recovery steps is {metric}")
+        metrics.append(float(metric))
+        result.eval_s += time.perf_counter() - t0
+        result.metric = float(metric)
+        last = k == len(rungs)
+        if report(result, metrics, reduction ** k, last) and not last:
+            return metrics, True
+    return metrics, False
 
 
 RECORD_KEY = "record"

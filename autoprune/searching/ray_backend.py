@@ -15,6 +15,12 @@ What Tune's `OptunaSearch` does not do, and this module adds:
 - "Until n_trials completed" with resumption, like the local loop: Tune runs the missing trials, and
   failures are retried up to 3x n_trials attempts.
 - Warm starts go in as ``points_to_evaluate``, once, when the study is created.
+- Multi-fidelity (`search.recovery_rungs`): Tune's own `ASHAScheduler` decides the promotions. The trainable
+  climbs the rungs with the shared `objective.climb_rungs`, reporting the proxy at ``recovery_step`` 1 and the
+  metric after rung k at ``rung_reduction**k``, each report carrying the trial's record so far; a trial that
+  ASHA stops is told to Optuna as PRUNED (plan, costs, ``rung_metrics``, intermediate values at the same steps
+  as the optuna backend's), one that ran every rung as COMPLETE with the metric after its last rung. Like the
+  local loop, "n_trials done" then counts stopped trials too.
 - Code to the cluster: with `search.ray_address`, the modules the trials need that are not installed
   (the spec's factory modules, the packages of the pickled model/data/task classes, autoprune itself when it
   runs from a checkout) go to every node as the job's ``runtime_env`` ``py_modules``, merged under
@@ -51,12 +57,13 @@ import ray
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from autoprune.errors import AutopruneError
 from autoprune._progress import progress
-from autoprune.searching.objective import Objective, directions
+from autoprune.searching.objective import Objective, directions, record
 from autoprune.searching.studies import (
     SearchRun,
     best_value,
@@ -77,6 +84,9 @@ log = logging.getLogger(__name__)
 ATTRS_KEY = "autoprune_attrs"  # JSON string: Tune flattens nested result dicts before the searcher sees them
 CONSTRAINTS_KEY = "autoprune_constraints"
 FAILED_KEY = "autoprune_failed"
+RUNG_KEY = "recovery_step"  # multi-fidelity: ASHA's time attribute, reduction**k after rung k (1: the proxy)
+FINAL_KEY = "autoprune_final"  # 1 on the report after the last rung: the trial completed, was not stopped
+NUMBER_KEY = "autoprune_trial_number"  # the Optuna trial number, passed in the config (seeds the rungs' fine-tunes)
 ERROR_KEY = "autoprune_error"  # the worker's "Type: message", without where it ran (what fast-fail compares)
 WHERE_ATTR = "ray_worker"  # user attribute: {"node_ip", "node_id", "pid"} of the Ray worker that ran the trial
 IMPORT_HINT = ("the Ray workers cannot import what the driver can: install it on every node, or ship it with "
@@ -284,7 +294,8 @@ class _RecordingTrial:
     """Stands in for an `optuna.Trial` inside a Ray actor: serves the sampled params, records attributes."""
 
     def __init__(self, params: dict[str, float]) -> None:
-        self.params = params
+        self.params = dict(params)
+        self.number = int(self.params.pop(NUMBER_KEY, 0))
         self.user_attrs: dict[str, Any] = {}
         self.constraints: dict[str, float] = {}
 
@@ -344,7 +355,9 @@ def _trainable(config: dict, payload: bytes = b"", key: str = "", n_obj: int = 1
     trial.user_attrs[WHERE_ATTR] = where
     try:
         objective = _load_objective(key, payload)
-        values = objective(trial)
+        values = objective(trial, report=_rung_report(trial, objective) if objective.rungs else None)
+        if objective.rungs:
+            return  # the report after the last rung was the final one
     except Exception as e:
         reason = trial.user_attrs.get("fail_reason") or f"{type(e).__name__}: {e}"
         trial.user_attrs["fail_reason"] = reason + _where_suffix(where)
@@ -359,12 +372,27 @@ def _trainable(config: dict, payload: bytes = b"", key: str = "", n_obj: int = 1
     tune.report(out)
 
 
+def _rung_report(trial: _RecordingTrial, objective: Objective) -> Callable[..., bool]:
+    """The `climb_rungs` report of a Tune trial: one `tune.report` per rung, with everything the searcher must
+    store should ASHA stop the trial there (it then never returns from `tune.report`: Tune ends its thread)."""
+    def report(result, metrics: list[float], step: int, last: bool) -> bool:
+        record(trial, result, objective.base)
+        trial.set_user_attr("rung_metrics", list(metrics))
+        tune.report({"obj0": float(metrics[-1]), RUNG_KEY: step, FINAL_KEY: int(last),
+                     ATTRS_KEY: json.dumps(trial.user_attrs, default=str),
+                     CONSTRAINTS_KEY: json.dumps(trial.constraints)})
+        return False  # Tune's scheduler decides, not the trial
+    return report
+
+
 # ------------------------------------------------------------------ the searcher
 class ConstrainedOptunaSearch(OptunaSearch):
     """`OptunaSearch` that also passes constraints, user attributes and failures to the Optuna trial."""
 
     def __init__(self, *args, worker: str = "", warm_starts: list[tuple[str, dict]] | None = None,
-                 watch: "FailWatch | None" = None, trials: "_TrialIndex | None" = None, **kw):
+                 watch: "FailWatch | None" = None, trials: "_TrialIndex | None" = None, rungs: bool = False, **kw):
+        self._rungs = rungs  # multi-fidelity: intermediate values at RUNG_KEY, stopped trials told PRUNED
+        self._reported: dict[str, set[int]] = {}
         self._worker = worker
         self._warm = warm_starts or []
         self._watch = watch or FailWatch(0)
@@ -381,7 +409,25 @@ class ConstrainedOptunaSearch(OptunaSearch):
                 if all(abs(ot_trial.params.get(k, math.nan) - v) < 1e-12 for k, v in point.items()):
                     ot_trial.set_user_attr("warm_start", label)
                     break
+        if isinstance(params, dict) and ot_trial is not None:
+            params = {**params, NUMBER_KEY: ot_trial.number}
         return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._rungs:
+            return super().on_trial_result(trial_id, result)
+        self._report_rung(trial_id, result)
+
+    def _report_rung(self, trial_id: str, result: dict) -> None:
+        """The rung's metric as the Optuna trial's intermediate value at step reduction**k, once per step
+        (Tune passes a stopped trial's last result to `on_trial_complete` only)."""
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials or result.get(FAILED_KEY):
+            return
+        metric, step = result.get(self._metric_list()[0]), result.get(RUNG_KEY)
+        if metric is None or step is None or int(step) in self._reported.setdefault(trial_id, set()):
+            return
+        self._ot_trials[trial_id].report(float(metric), int(step))
+        self._reported[trial_id].add(int(step))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -393,6 +439,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         for k, v in json.loads(result.get(CONSTRAINTS_KEY) or "{}").items():
             ot_trial.set_constraint(k, v)  # the whole point: Tune would drop it
         if error or result.get(FAILED_KEY) or any(m not in result for m in self._metric_list()):
+            self._reported.pop(trial_id, None)
             reason, full = result.get(ERROR_KEY), None
             if error:  # the actor raised or died: Tune has the exception (the trial never reported)
                 reason, where = self._trials.error_of(trial_id)
@@ -411,6 +458,17 @@ class ConstrainedOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             self._watch.note(reason, full or ot_trial.user_attrs.get("fail_reason") or reason)
             return
+        if self._rungs:
+            self._report_rung(trial_id, result)
+            self._reported.pop(trial_id, None)
+            if not result.get(FINAL_KEY):  # ASHA stopped it at a rung: recorded like Optuna's pruner does
+                try:
+                    self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+                except Exception as e:
+                    log.debug("tell PRUNED for %s: %s", trial_id, e)
+                self._completed_trials.add(trial_id)
+                self._watch.note(None)
+                return
         super().on_trial_complete(trial_id, result, error)
         self._watch.note(None)
 
@@ -526,6 +584,12 @@ class _FastFailStopper(Stopper):
 
 
 # ------------------------------------------------------------------ the search
+def n_done(study: optuna.Study, rungs: bool = False) -> int:
+    """Trials that count towards n_trials: completed ones, and with multi-fidelity those stopped at a rung."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED) if rungs else (TrialState.COMPLETE,)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
 def run_ray_search(
     session,
     *,
@@ -559,7 +623,11 @@ def run_ray_search(
         if s.priors == "sensitivity":
             warm.insert(0, ("sensitivity-greedy", space.clip(space.greedy(session.sensitivity().table).ratios)))
 
-    objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives, budget_mode=mode)
+    # multi-fidelity as in the local loop: successive halving over the recovery rungs, here Tune's ASHA
+    rungs = list(s.recovery_rungs) if len(objectives) == 1 else []
+    objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives, budget_mode=mode,
+                          rungs=rungs, reduction=s.rung_reduction,
+                          recovery_lr=s.recovery_lr or spec.train.lr / 10, seed=s.seed)
     threads = max(1, int(s.cpus_per_trial))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, payload=cloudpickle.dumps(objective), key=uuid.uuid4().hex,
@@ -572,14 +640,14 @@ def run_ray_search(
     sampler_name = "random" if strategy == "random" else s.sampler
     ray_dir = (spec.run_dir / "ray").resolve()
 
-    bar = progress(total=n_trials, initial=min(n_complete(study), n_trials), desc=f"search {name} (ray)",
+    bar = progress(total=n_trials, initial=min(n_done(study, bool(rungs)), n_trials), desc=f"search {name} (ray)",
                    disable=not show_progress)
     attempts = 0
     first = True
     watch = FailWatch(min(3, n_trials))
     index = _TrialIndex()
     while True:
-        done = n_complete(study)
+        done = n_done(study, bool(rungs))
         bar.n = min(done, n_trials)
         bar.refresh()
         missing = n_trials - done
@@ -598,12 +666,16 @@ def run_ray_search(
             warm_starts=warm,
             watch=watch,
             trials=index,
+            rungs=bool(rungs),
         )
         first = False
+        scheduler = ASHAScheduler(time_attr=RUNG_KEY, metric=metrics[0], mode=modes[0], grace_period=1,
+                                  reduction_factor=s.rung_reduction, max_t=s.rung_reduction ** len(rungs)) if rungs else None
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
+                scheduler=scheduler,
                 num_samples=missing,
                 max_concurrent_trials=s.max_concurrent_trials,
                 reuse_actors=True,
@@ -615,7 +687,7 @@ def run_ray_search(
                 storage_path=str(ray_dir),
                 verbose=0,
                 stop=_FastFailStopper(watch),
-                callbacks=[index, _ProgressCallback(study, bar, n_trials)],
+                callbacks=[index, _ProgressCallback(study, bar, n_trials, bool(rungs))],
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, num_to_keep=1),
             ),
         )
@@ -629,18 +701,19 @@ def run_ray_search(
         reasons = {t.user_attrs.get("fail_reason", "unknown") for t in study.trials if t.state == TrialState.FAIL}
         raise AutopruneError(f"every trial failed; reasons: {sorted(reasons)[:3]}")
     notes = list(space.notes) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
-                                 f"{s.cpus_per_trial} CPU / {s.gpus_per_trial} GPU each"]
+                                 f"{s.cpus_per_trial} CPU / {s.gpus_per_trial} GPU each"
+                                 + (f"; ASHA over recovery rungs {rungs} (reduction {s.rung_reduction})" if rungs else "")]
     return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)
 
 
 class _ProgressCallback(tune.Callback):
     """Advances the progress bar as Tune completes trials (the searcher has already told Optuna)."""
 
-    def __init__(self, study: optuna.Study, bar, n_trials: int) -> None:
-        self.study, self.bar, self.n_trials = study, bar, n_trials
+    def __init__(self, study: optuna.Study, bar, n_trials: int, rungs: bool = False) -> None:
+        self.study, self.bar, self.n_trials, self.rungs = study, bar, n_trials, rungs
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.bar.n = min(n_complete(self.study), self.n_trials)
+        self.bar.n = min(n_done(self.study, self.rungs), self.n_trials)
         best = best_value(self.study)
         if best is not None:
             self.bar.set_postfix(best=f"{best:.4f}")
