@@ -155,8 +155,8 @@ class SearchSpec(_Section):
     rerank_steps: int = Field(50, gt=0, description="fine-tune steps of each re-ranked candidate")
     recovery_rungs: list[int] = Field(
         default_factory=list, description="multi-fidelity search: fine-tune steps of each rung after the proxy "
-        "(e.g. [50, 200]); successive halving (Optuna's pruner) promotes the best 1/rung_reduction of a rung to "
-        "the next; a trial's metric is the one after its last rung; []: one fidelity (the proxy)")
+        "(e.g. [50, 200]); successive halving (Optuna's pruner; Ray Tune's ASHA on the ray backend) promotes "
+        "the best 1/rung_reduction of a rung to the next; a trial's metric is the one after its last rung; []: one fidelity (the proxy)")
     rung_reduction: int = Field(3, ge=2, description="successive halving's reduction factor")
     recovery_lr: float | None = Field(None, gt=0, description="learning rate of the rungs' fine-tunes "
                                       "(default train.lr / 10)")

@@ -204,8 +204,8 @@ CASES = [
     Case("bad-run-name", "name: Value error, '../evil' must start with a letter or digit", edit={"name": "../evil"}),
     Case("rungs-not-increasing", "search.recovery_rungs: Value error, recovery_rungs must be increasing positive step "
          "counts, e.g. [50, 200]; got [50, 20]", edit={"search.recovery_rungs": [50, 20]}),
-    Case("rungs-on-ray", "search: Value error, recovery_rungs (multi-fidelity) runs on the optuna backend only",
-         edit={"search.recovery_rungs": [50], "search.backend": "ray"}),
+    Case("rungs-multi-objective", "search: Value error, recovery_rungs (multi-fidelity) needs one objective",
+         edit={"search.recovery_rungs": [50], "search.objectives": ["accuracy", "macs"]}),
     # --- budgets
     Case("budget-zero", "budget.macs: Value error, must be a fraction strictly between 0 and 1, got 0.0",
          edit={"budget": {"macs": 0}}),
