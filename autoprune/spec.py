@@ -193,7 +193,7 @@ class EvaluationSpec(_Section):
     device: str = "cpu"
     reconstruct: bool = False
     recovery_distill: float = Field(
-        1.0, ge=0, description="weight of knowledge distillation from the unpruned model (KL divergence of the "
+        0.0, ge=0, description="weight of knowledge distillation from the unpruned model (KL divergence of the "
         "softened outputs) added to the task's loss in every recovery fine-tune (multi-fidelity rungs, "
         "`autoprune finetune`); 0: the task's loss alone; a distillation task is distilled already and ignores it")
 

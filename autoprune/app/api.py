@@ -100,7 +100,8 @@ def finetune(
     end_step: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune a run's best plan with a schedule, export it, and return metrics and costs."""
+    """Fine-tune a run's best plan with a schedule, export it, and return metrics and costs. The loss is the task's
+    plus `evaluation.recovery_distill` times the distillation term from the unpruned model (0: the task's alone)."""
     s = session(run, show_progress=show_progress)
     plan = plan_of(s.run_dir, strategy=strategy)
     steps = 300 if steps is None else steps
@@ -109,7 +110,8 @@ def finetune(
                      begin_step=begin_step, end_step=end_step)
     model = _finetune(s.pruner, plan, s.target.datasets, schedule=sched, lr=lr, batch_size=s.spec.data.batch_size,
                      seed=s.spec.search.seed, show_progress=show_progress,
-                     reconstruct_batches=s.evaluator.calibration if reconstruct else None)
+                     reconstruct_batches=s.evaluator.calibration if reconstruct else None,
+                     distill=s.spec.evaluation.recovery_distill)  # distilled from the unpruned model (default)
     expected = widths(s.pruner.apply(plan, check=False))
     if widths(model) != expected:
         raise AutopruneError("fine-tuned model does not match the plan's architecture (internal error)")

@@ -50,7 +50,10 @@ class Session:
             device=ev.device,
             reconstruct=ev.reconstruct,
             task=self.target.task,
-            teacher=self.target.model if self.target.task is not None and self.target.task.needs_teacher else None,
+            # the unpruned model: a distillation task's reference, and the teacher of recovery fine-tunes when
+            # evaluation.recovery_distill > 0 (the proxy never runs it for a task that does not need it)
+            teacher=self.target.model if ev.recovery_distill > 0 or getattr(self.target.task, "needs_teacher", False) else None,
+            recovery_distill=ev.recovery_distill,
         )  # its `pruner` is set by the `pruner` stage (which needs the evaluator's calibration batches first)
 
     @cached_property

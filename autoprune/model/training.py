@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from autoprune._progress import progress
 from autoprune.model.task import Classification, Task, call_model, to_device
+
+log = logging.getLogger(__name__)
+_KD_SKIPPED: set[str] = set()  # tasks warned about once: their outputs cannot be distilled
 
 
 def on_device(model: nn.Module, device: str) -> nn.Module:
@@ -24,9 +29,36 @@ def on_device(model: nn.Module, device: str) -> nn.Module:
     return copy.deepcopy(model).to(device)
 
 
+def _shape(t: Any) -> str:
+    return f"tensor{list(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _bn_l1(model: nn.Module) -> torch.Tensor:
     terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
     return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def distill_loss(task: Task, student: Any, teacher: Any, temperature: float = 4.0) -> torch.Tensor | None:
+    """The knowledge-distillation term added by `train_model(distill=...)`, or None when it does not apply.
+
+    * a classification task (its output is logits, classes in the last dimension): Hinton's
+      `T² · KL(softmax(teacher/T) ‖ softmax(student/T))`, averaged over the samples (every position of a sequence
+      output counts as one sample);
+    * any other task whose output is a floating tensor of the teacher's shape (regression, a custom task):
+      MSE between the two outputs (no softmax: the output need not be logits);
+    * anything else (shapes differ, integer outputs): None, and the caller skips the term.
+    """
+    if not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)):
+        return None
+    if student.shape != teacher.shape or not student.is_floating_point() or not teacher.is_floating_point():
+        return None
+    teacher = teacher.to(student.device)
+    if isinstance(task, Classification) and student.dim() >= 1:
+        t = temperature
+        s = student.float().reshape(-1, student.shape[-1]) / t
+        q = teacher.float().reshape(-1, teacher.shape[-1]) / t
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(q, -1), log_target=True, reduction="batchmean") * (t * t)
+    return F.mse_loss(student.float(), teacher.float())
 
 
 def train_model(
@@ -46,6 +78,8 @@ def train_model(
     show_progress: bool = True,
     task: Task | None = None,
     teacher: nn.Module | None = None,
+    distill: float = 0.0,
+    distill_temperature: float = 4.0,
 ) -> list[float]:
     """Adam with cosine decay on the task's loss; returns the mean loss per epoch. Deterministic for a fixed seed.
 
@@ -54,6 +88,12 @@ def train_model(
     runs after every step. `sparsity_l1` adds an L1 penalty on BN scales (Network Slimming). `task` defaults
     to classification (cross-entropy); a task that `needs_teacher` (distillation) compares with `teacher`'s
     output on the same batch.
+
+    `distill > 0` with a `teacher` (the unpruned model) adds `distill * distill_loss(...)` to the task's loss
+    (knowledge distillation in recovery fine-tunes: Hinton KD at `distill_temperature` on a classification task's
+    logits, MSE on the outputs of other tasks; skipped with one warning when the outputs cannot be compared).
+    A distillation task compares with the teacher already and ignores `distill`. The teacher runs in eval mode,
+    without gradients, and only when its output is used.
     """
     from autoprune.model.data import make_loader
 
@@ -68,7 +108,8 @@ def train_model(
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    if teacher is not None:
+    kd = distill > 0 and teacher is not None and not task.needs_teacher
+    if task.needs_teacher or kd:
         teacher = on_device(teacher, device).eval()
     losses: list[float] = []
     step = 0
@@ -79,10 +120,21 @@ def train_model(
             for batch in loader:
                 x, y = task.split(to_device(batch, device))
                 t_out = None
-                if task.needs_teacher:
+                if task.needs_teacher or kd:
                     with torch.no_grad():
                         t_out = task.forward(teacher, x)
-                loss = task.loss(task.forward(model, x), y, t_out)
+                out = task.forward(model, x)
+                loss = task.loss(out, y, t_out if task.needs_teacher else None)
+                if kd:
+                    term = distill_loss(task, out, t_out, distill_temperature)
+                    if term is None:
+                        if task.name not in _KD_SKIPPED:
+                            _KD_SKIPPED.add(task.name)
+                            log.warning("recovery distillation skipped: task %r's output (%s) cannot be compared with the "
+                                        "teacher's (%s)", task.name, _shape(out), _shape(t_out))
+                        kd = False
+                    else:
+                        loss = loss + distill * term
                 if sparsity_l1 > 0:
                     loss = loss + sparsity_l1 * _bn_l1(model)
                 opt.zero_grad(set_to_none=True)

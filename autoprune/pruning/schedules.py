@@ -108,13 +108,16 @@ def finetune(
     show_progress: bool = False,
     reconstruct_batches: list | None = None,
     task=None,
+    distill: float = 0.0,
 ) -> nn.Module:
     """Prune `pm.base` to `plan` following `schedule` while fine-tuning on the task's loss (by default `pm.task`,
-    else classification; a distillation task learns from the unpruned `pm.base`); returns the final model."""
+    else classification; a distillation task learns from the unpruned `pm.base`); returns the final model.
+    `distill > 0` adds that weight of knowledge distillation from the unpruned `pm.base` to the loss
+    (`train_model(distill=...)`, `evaluation.recovery_distill`)."""
     from autoprune.model.training import train_model
 
     task = task or getattr(pm, "task", None)
-    teacher = pm.base if task is not None and task.needs_teacher else None
+    teacher = pm.base if distill > 0 or (task is not None and task.needs_teacher) else None
     pm.validate(plan)
     model = copy.deepcopy(pm.base)
     points = schedule.pruning_steps()
@@ -122,7 +125,8 @@ def finetune(
     for i, p in enumerate(points):
         if p > done:  # train up to the next pruning point
             train_model(model, datasets["train"], epochs=1, lr=lr, batch_size=batch_size, seed=seed + i,
-                        max_steps=p - done, show_progress=show_progress, desc="finetune", task=task, teacher=teacher)
+                        max_steps=p - done, show_progress=show_progress, desc="finetune", task=task, teacher=teacher,
+                        distill=distill)
             done = p
         model = prune_to(pm, model, plan, schedule.fraction(p))
         if schedule.kind == "oneshot" and reconstruct_batches and plan.mode == "structured":
@@ -132,7 +136,7 @@ def finetune(
     if schedule.steps > done:
         train_model(model, datasets["train"], epochs=1, lr=lr, batch_size=batch_size, seed=seed + len(points),
                     max_steps=schedule.steps - done, show_progress=show_progress, desc="finetune", task=task,
-                    teacher=teacher)
+                    teacher=teacher, distill=distill)
     if plan.mode == "unstructured":  # masks are not kept during training: re-apply the final sparsity
         model = prune_to(pm, model, plan, 1.0)
     return model.eval()

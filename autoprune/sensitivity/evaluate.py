@@ -84,6 +84,7 @@ class Evaluator:
         task: Task | None = None,
         teacher: nn.Module | None = None,
         eval_batch_size: int = 512,
+        recovery_distill: float = 0.0,
     ) -> None:
         self.datasets = datasets
         self.batch_size = batch_size
@@ -92,7 +93,10 @@ class Evaluator:
         self.finetune_lr = finetune_lr
         self.task = task or make_task(None, metric)
         self.metric_name = self.task.metric_name if task is not None else metric
-        self.teacher = teacher
+        self._teacher = teacher  # the unpruned model: a distillation task's reference, and recovery's teacher
+        # weight of distillation from `teacher` in recovery fine-tunes (multi-fidelity rungs: `train_model(...,
+        # teacher=ev.teacher, distill=ev.recovery_distill)`); never used by the proxy (`prepare`, `score`)
+        self.recovery_distill = float(recovery_distill)
         if self.task.needs_teacher and teacher is None:
             raise AutopruneError(f"task {self.task.name!r} needs the unpruned model as teacher: Evaluator(teacher=...)")
         self.seed = seed
@@ -103,6 +107,18 @@ class Evaluator:
         self.max_val_samples = max_val_samples
         self.reconstruct = reconstruct
         self.pruner = pruner
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The unpruned model on the evaluator's device (moved there once, on first use: every recovery fine-tune
+        reuses that copy instead of copying the unpruned model again)."""
+        if self._teacher is not None:
+            self._teacher = on_device(self._teacher, self.device)
+        return self._teacher
+
+    @teacher.setter
+    def teacher(self, model: nn.Module | None) -> None:
+        self._teacher = model
 
     def iter_batches(self, split: str):
         """Stream `(inputs, target)` of `split` in a fixed order from the user's data (nothing is held in
@@ -131,9 +147,8 @@ class Evaluator:
         cache = self._teacher_out.setdefault(split, [])
         if i < len(cache):
             return cache[i]
-        assert self.teacher is not None
-        self.teacher = on_device(self.teacher, self.device).eval()
-        out = self.task.forward(self.teacher, x).detach()
+        assert self._teacher is not None
+        out = self.task.forward(self.teacher.eval(), x).detach()
         if i == len(cache) and sum(t.numel() for t in cache) + out.numel() <= self.TEACHER_CACHE_NUMEL:
             cache.append(out.cpu())
         return out
@@ -204,7 +219,7 @@ class Evaluator:
                 device=self.device,
                 show_progress=False,
                 task=self.task,
-                teacher=self.teacher,
+                teacher=self.teacher if self.task.needs_teacher else None,  # the proxy's fine-tune: no distillation
             )
             recalibrate_bn(model, self.calibration, self.device)
         return model
