@@ -74,27 +74,36 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the common pieces, identical for every method
-def count_macs(model: torch.nn.Module, example: torch.Tensor) -> float:
+def count_macs(model: torch.nn.Module, example, task=None) -> float:
     """MACs of one forward pass of `example`, counted by torch's FlopCounterMode (conv/matmul only) / 2."""
     m = copy.deepcopy(model).eval()
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        m(example)
+        task.forward(m, example) if task is not None else m(example)
     return fc.get_total_flops() / 2
 
 
-def recover(model: torch.nn.Module, train_ds, *, steps: int, lr: float, batch_size: int, seed: int) -> torch.nn.Module:
-    """The common recovery: `steps` Adam steps (cosine lr from `lr`), cross-entropy, batches of the train split
-    shuffled by `seed`; the same for every method. In place."""
+def recover(model: torch.nn.Module, train_ds, *, steps: int, lr: float, batch_size: int, seed: int, task,
+            teacher: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The common recovery: `steps` Adam steps (cosine lr from `lr`) on the task's own loss (classification:
+    cross-entropy; distillation: the task's loss against the unpruned model's outputs on the same batch), batches of
+    the train split shuffled by `seed`; the same for every method. In place."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
+    if teacher is not None:
+        teacher.eval()
     step = 0
     while step < steps:
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
+        for batch in loader:
+            x, y = task.split(batch)
+            t_out = None
+            if task.needs_teacher:
+                with torch.no_grad():
+                    t_out = task.forward(teacher, x)
+            loss = task.loss(task.forward(model, x), y, t_out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -103,6 +112,12 @@ def recover(model: torch.nn.Module, train_ds, *, steps: int, lr: float, batch_si
             if step >= steps:
                 break
     return model.eval()
+
+
+def widths(model: torch.nn.Module) -> list[int]:
+    """Output widths of the convolutions, or of the linear layers in a model without any."""
+    convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return convs or [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
 # ------------------------------------------------------------------ the methods
@@ -171,7 +186,7 @@ def run_one(args, budget: float, seed: int, method: str, base_macs: dict, log) -
     ex = s.target.example_input
     key = (budget,)
     if key not in base_macs:
-        base_macs[key] = count_macs(s.target.model, ex)
+        base_macs[key] = count_macs(s.target.model, ex, s.evaluator.task)
     try:
         if method in AUTOPRUNE_METHODS:
             out = run_autoprune(s, AUTOPRUNE_METHODS[method])
@@ -180,6 +195,7 @@ def run_one(args, budget: float, seed: int, method: str, base_macs: dict, log) -
     except Exception as e:  # reported as a row (budget not met), not fatal for the other methods
         out = {"model": None, "wall_s": float("nan"), "evals": float("nan"), "note": f"{type(e).__name__}: {e}"[:300]}
     row = {"setting": f"macs{round(budget * 100)}", "budget": budget, "seed": seed, "method": method,
+           "metric": s.evaluator.task.metric_name,
            "searched": out.get("searched"), "search_wall_s": round(out["wall_s"], 2), "evals": out["evals"],
            "evals_sensitivity": out.get("evals_sensitivity"), "own_macs_ratio": out.get("own_macs_ratio"),
            "note": out.get("note", "")}
@@ -187,19 +203,24 @@ def run_one(args, budget: float, seed: int, method: str, base_macs: dict, log) -
     if model is None:
         log(f"{row['setting']} s{seed} {method}: {row['note']}")
         return row
-    macs = count_macs(model, ex)
+    macs = count_macs(model, ex, s.evaluator.task)
     row["macs_ratio"] = macs / base_macs[key]
     row["budget_met"] = bool(row["macs_ratio"] <= budget + 1e-9)
     row["params_ratio"] = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in s.target.model.parameters())
-    row["widths"] = json.dumps([m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
-    row["val_proxy"] = float(s.evaluator(copy.deepcopy(model), "val"))  # before recovery, the common score
+    row["widths"] = json.dumps(widths(model))
+    prepared = copy.deepcopy(model)
+    row["val_proxy"] = float(s.evaluator(prepared, "val"))  # before recovery, the common score (prepares in place)
     row["test_before"] = float(s.evaluator.score(copy.deepcopy(model), "test"))  # raw, no recalibration
+    row["test_prepared"] = float(s.evaluator.score(prepared, "test"))  # post-training: as the score function left it
+    if args.recover_from == "prepared":  # recovery starts where the score function left the model
+        model = prepared
     bs = s.spec.data.batch_size
     for label, steps in (("ft", args.ft_steps), ("ft_short", args.ft_short_steps)):
         if steps <= 0:
             continue
         t0 = time.perf_counter()
-        m = recover(copy.deepcopy(model), s.target.datasets["train"], steps=steps, lr=args.ft_lr, batch_size=bs, seed=seed)
+        m = recover(copy.deepcopy(model), s.target.datasets["train"], steps=steps, lr=args.ft_lr, batch_size=bs, seed=seed,
+                    task=s.evaluator.task, teacher=s.target.model)
         row[f"{label}_s"] = round(time.perf_counter() - t0, 2)
         row[f"val_{label}"] = float(s.evaluator.score(m, "val"))
         row[f"test_{label}"] = float(s.evaluator.score(m, "test"))
@@ -226,8 +247,15 @@ def model_label(args) -> str:
     return f"{model} / {data}"
 
 
+def metric_label(runs: pd.DataFrame) -> str:
+    """'%' for accuracy, 'cosine ×100' for a distillation task's cosine similarity, ..."""
+    metric = str(runs["metric"].dropna().iloc[0]) if "metric" in runs and runs["metric"].notna().any() else "accuracy"
+    return "%" if metric == "accuracy" else f"{metric} ×100"
+
+
 def table(runs: pd.DataFrame, args) -> str:
     out = []
+    unit = metric_label(runs)
     for setting, g in runs.groupby("setting", sort=False):
         rows = []
         for method in ALL_METHODS:
@@ -237,9 +265,10 @@ def table(runs: pd.DataFrame, args) -> str:
             ok = r[r.macs_ratio.notna()] if "macs_ratio" in r else r.iloc[:0]
             rows.append({
                 "method": method,
-                f"test % after {args.ft_steps}-step FT": mean_pm(ok.get("test_ft", pd.Series(dtype=float)), 100),
-                f"test % after {args.ft_short_steps}-step FT": mean_pm(ok.get("test_ft_short", pd.Series(dtype=float)), 100),
-                "val % proxy before FT": mean_pm(ok.val_proxy, 100) if len(ok) else "–",
+                f"test {unit} after {args.ft_steps}-step FT": mean_pm(ok.get("test_ft", pd.Series(dtype=float)), 100),
+                f"test {unit} after {args.ft_short_steps}-step FT": mean_pm(ok.get("test_ft_short", pd.Series(dtype=float)), 100),
+                f"val {unit} proxy before FT": mean_pm(ok.val_proxy, 100) if len(ok) else "–",
+                f"test {unit} before FT (post-training)": mean_pm(ok.test_prepared, 100) if "test_prepared" in ok and len(ok) else "–",
                 "MACs ratio (FlopCounterMode)": mean_pm(ok.macs_ratio, 1, 3) if len(ok) else "–",
                 "budget met": f"{int(ok.budget_met.sum()) if len(ok) else 0}/{len(r)}",
                 "search wall s": mean_pm(r.search_wall_s, 1, 1),
@@ -247,7 +276,7 @@ def table(runs: pd.DataFrame, args) -> str:
             })
         base = g.baseline_test.dropna()
         out.append(f"### {model_label(args)}, {setting[4:]} % MACs, seeds {','.join(map(str, sorted(g.seed.unique())))}"
-                   + (f" (unpruned test {100 * base.iloc[0]:.2f} %)" if len(base) else "") + "\n\n" + _md(pd.DataFrame(rows)))
+                   + (f" (unpruned test {100 * base.iloc[0]:.2f} {unit})" if len(base) else "") + "\n\n" + _md(pd.DataFrame(rows)))
     return "\n\n".join(out)
 
 
@@ -259,10 +288,11 @@ def plot(runs: pd.DataFrame, path: Path, args) -> bool:
     d = runs[runs.get("test_ft", pd.Series(dtype=float)).notna()].copy()
     if d.empty:
         return False
-    d["test % after FT"] = 100 * d.test_ft
-    fig = px.scatter(d, x="search_wall_s", y="test % after FT", color="method", symbol="method", facet_col="setting",
+    y = f"test {metric_label(runs)} after FT"
+    d[y] = 100 * d.test_ft
+    fig = px.scatter(d, x="search_wall_s", y=y, color="method", symbol="method", facet_col="setting",
                      hover_data=["seed", "evals", "macs_ratio", "val_proxy"], log_x=True,
-                     title=f"{model_label(args)}: test accuracy after the common {args.ft_steps}-step fine-tune "
+                     title=f"{model_label(args)}: test {metric_label(runs)} after the common {args.ft_steps}-step recovery "
                            "against search wall time (one point per seed)")
     fig.update_xaxes(title="search wall time, s (log)")
     fig.write_html(str(path), include_plotlyjs="cdn")
@@ -312,6 +342,9 @@ def parse(argv=None):
     p.add_argument("--ft-steps", type=int, default=300, help="the common recovery: Adam steps")
     p.add_argument("--ft-short-steps", type=int, default=50, help="a second, short recovery (0: skip)")
     p.add_argument("--ft-lr", type=float, default=1e-3)
+    p.add_argument("--recover-from", choices=["raw", "prepared"], default="raw",
+                   help="recovery starts from the pruned model as it is (raw) or as the common score function left it "
+                        "(prepared: BN recalibration, and least-squares reconstruction where the spec enables it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks/out/peers"), help="work dir (wiped at start)")
@@ -369,7 +402,10 @@ def main(argv=None) -> Path:
         f"- autoprune: git {git_rev(PKG_ROOT)}; spec `{Path(args.spec).name}` with `budget.macs` overridden",
         f"- started {started:%Y-%m-%d %H:%M} UTC, finished {finished:%H:%M} UTC ({(finished - started).total_seconds() / 60:.1f} min)",
         f"- recovery (every method): {args.ft_steps} Adam steps, lr {args.ft_lr} cosine, batch {yaml.safe_load(Path(args.spec).read_text())['data']['batch_size']}, "
-        f"cross-entropy on train, seed = run seed (plain torch in peers.py); short recovery: {args.ft_short_steps} steps",
+        f"the task's loss on train ({runs['metric'].iloc[0] if 'metric' in runs else 'accuracy'} task: "
+        f"{'cross-entropy' if 'metric' not in runs or runs['metric'].iloc[0] == 'accuracy' else 'distillation from the unpruned model'}), "
+        f"seed = run seed (plain torch in peers.py), from the {args.recover_from} pruned model; short recovery: "
+        f"{args.ft_short_steps} steps",
     ]
     settings = [
         "## What every method got",
