@@ -173,8 +173,6 @@ def climb_rungs(space: SearchSpace, evaluator, result: TrialResult, rungs: list[
     from autoprune.model.training import train_model
 
     ev = evaluator
-    # distillation from the unpruned model in the rungs' fine-tunes (evaluation.recovery_distill), when set
-    distill = float(getattr(ev, "recovery_distill", 0.0) or 0.0)
     metrics = [result.metric]
     if report(result, metrics, 1, False):
         return metrics, True
@@ -185,7 +183,8 @@ def climb_rungs(space: SearchSpace, evaluator, result: TrialResult, rungs: list[
         t0 = time.perf_counter()
         train_model(model, ev.datasets["train"], epochs=1, lr=lr, batch_size=ev.batch_size,
                     seed=seed, max_steps=steps - done, show_progress=False, desc="recover",
-                    task=ev.task, teacher=ev.teacher, device=ev.device, **({"distill": distill} if distill else {}))
+                    task=ev.task, teacher=ev.teacher, device=ev.device,
+                    distill=ev.recovery_distill)  # evaluation.recovery_distill: distillation from the unpruned model
         done = steps
         metric = ev.score(model, "val")
         if not math.isfinite(metric):
