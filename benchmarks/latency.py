@@ -15,7 +15,7 @@ from autoprune.costs.counting import CostModel
 from autoprune.pruning.groups import PrunableModel
 from autoprune.costs.latency import build_table, measure_model
 
-SHAPES = {"cnn1d": [1, 40], "resnet1d": [1, 40], "digits_cnn": [1, 8, 8], "resnet20": [1, 8, 8], "mobilenetv2": [1, 8, 8]}
+SHAPES = {"cnn1d": [1, 40], "resnet1d": [1, 40], "digits_cnn": [1, 8, 8], "resnet20": [1, 8, 8], "resnext20": [1, 8, 8], "mobilenetv2": [1, 8, 8]}
 
 
 def uniform_at_macs(pm: PrunableModel, cm: CostModel, frac: float):

@@ -17,7 +17,7 @@ from autoprune.pruning.groups import PrunableModel
 from autoprune.searching.space import Budget, SearchSpace
 from autoprune.model.zoo import ZOO
 
-SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 32, 32), "mobilenetv2": (1, 32, 32)}
+SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 32, 32), "resnext20": (1, 32, 32), "mobilenetv2": (1, 32, 32)}
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from autoprune.pruning.groups import PrunableModel
 from autoprune.pruning.plan import PruningPlan
 from autoprune.model.zoo import ZOO
 
-SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 8, 8), "mobilenetv2": (1, 8, 8)}
+SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 8, 8), "resnext20": (1, 8, 8), "mobilenetv2": (1, 8, 8)}
 _CACHE: dict = {}
 
 

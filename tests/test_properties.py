@@ -24,6 +24,7 @@ MODELS = {
     "cnn1d": (zoo.cnn1d, (1, 40)),
     "resnet1d": (zoo.resnet1d, (1, 40)),
     "resnet20": (zoo.resnet20, (1, 8, 8)),
+    "resnext20": (zoo.resnext20, (1, 8, 8)),
     "mobilenetv2": (zoo.mobilenetv2, (1, 8, 8)),
 }
 SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,

@@ -23,7 +23,7 @@ from autoprune.app.session import Session
 from autoprune.spec import load_spec
 from autoprune.model.zoo import ZOO
 
-SHAPES = {"cnn1d": [1, 40], "resnet1d": [1, 40], "digits_cnn": [1, 8, 8], "resnet20": [1, 8, 8], "mobilenetv2": [1, 8, 8]}
+SHAPES = {"cnn1d": [1, 40], "resnet1d": [1, 40], "digits_cnn": [1, 8, 8], "resnet20": [1, 8, 8], "resnext20": [1, 8, 8], "mobilenetv2": [1, 8, 8]}
 
 
 @pytest.mark.parametrize("name", list(SHAPES))

@@ -52,7 +52,7 @@ def test_netadapt_greedy_steps_within_evaluation_budget(make_spec):
     assert result["best"]["measured_cost"] <= result["budget"]["limit"]
 
 
-@pytest.mark.parametrize("name", ["cnn1d", "resnet1d", "digits_cnn", "resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["cnn1d", "resnet1d", "digits_cnn", "resnet20", "resnext20", "mobilenetv2"])
 def test_uniform_plan_never_overshoots(name):
     """The bisected ratio used to be rounded down, keeping one channel too many (resnet1d at 30 %: 0.3028)."""
     import torch

@@ -17,12 +17,13 @@ INPUT_SHAPES = {
     "resnet1d": (1, 40),
     "digits_cnn": (1, 8, 8),
     "resnet20": (1, 8, 8),
+    "resnext20": (1, 8, 8),
     "mobilenetv2": (1, 8, 8),
 }
 
 # Prunable groups observed with torch-pruning 1.6 (fc ignored, roots = Conv1d/Conv2d/Linear):
-# cnn1d 4, resnet1d 9, digits_cnn 4, resnet20 12, mobilenetv2 10.
-EXPECTED_GROUPS = {"cnn1d": 4, "resnet1d": 9, "digits_cnn": 4, "resnet20": 12, "mobilenetv2": 10}
+# cnn1d 4, resnet1d 9, digits_cnn 4, resnet20 12, resnext20 15, mobilenetv2 10.
+EXPECTED_GROUPS = {"cnn1d": 4, "resnet1d": 9, "digits_cnn": 4, "resnet20": 12, "resnext20": 15, "mobilenetv2": 10}
 
 
 def test_zoo_names() -> None:
@@ -52,7 +53,7 @@ def test_custom_in_channels_and_classes(name: str) -> None:
         assert model(torch.randn(2, *shape)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["resnet20", "resnext20", "mobilenetv2"])
 @pytest.mark.parametrize("size", [8, 16])
 def test_image_models_any_small_size(name: str, size: int) -> None:
     model = ZOO[name]().eval()

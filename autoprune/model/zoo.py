@@ -1,4 +1,4 @@
-"""Model zoo in plain torch: small CNNs / ResNets / MobileNetV2 for 1-D and 2-D inputs.
+"""Model zoo in plain torch: small CNNs / ResNets / a ResNeXt / MobileNetV2 for 1-D and 2-D inputs.
 
 Every convolution is followed by a BatchNorm layer (adaptive-BN recalibration relies on it)
 and every model ends in an ``nn.Linear`` classifier named ``fc``. All models are traceable
@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["cnn1d", "resnet1d", "digits_cnn", "resnet20", "mobilenetv2", "ZOO"]
+__all__ = ["cnn1d", "resnet1d", "digits_cnn", "resnet20", "resnext20", "mobilenetv2", "ZOO"]
 
 
 def _conv_bn_relu_1d(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -165,6 +165,66 @@ def resnet20(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> nn
     return _ResNet20(in_channels, num_classes, width)
 
 
+class _ResNeXtBlock2d(nn.Module):
+    """ResNeXt bottleneck: 1x1 -> 3x3 grouped (``cardinality`` conv groups, not depthwise, carries the stride) -> 1x1,
+    with a residual add; projection shortcut (1x1 conv + BN) where the shape changes."""
+
+    def __init__(self, cin: int, mid: int, cout: int, cardinality: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class _ResNeXt20(nn.Module):
+    """CIFAR-style ResNeXt body: stem + 3 stages of 2 bottleneck blocks (18 convs) + fc = 20 layers."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int, cardinality: int) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu_2d(in_channels, width, 3)
+        stages: list[nn.Module] = []
+        cin = width
+        for i, stride in enumerate((1, 2, 2)):
+            cout = width * 2**i
+            # grouped width 3x the block output, a multiple of the cardinality: about resnet20's MACs
+            mid = -(-3 * cout // cardinality) * cardinality
+            blocks = []
+            for j in range(2):
+                blocks.append(_ResNeXtBlock2d(cin, mid, cout, cardinality, stride if j == 0 else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnext20(in_channels: int = 1, num_classes: int = 10, width: int = 16, cardinality: int = 4) -> nn.Module:
+    """CIFAR-style ResNeXt-20: 2 bottleneck blocks per stage (1x1 -> 3x3 grouped with ``cardinality`` conv groups ->
+    1x1), block widths w/2w/4w, grouped widths 3x that, strides 1/2/2; about resnet20's MACs; any size >= 8x8."""
+    if cardinality < 1:
+        raise ValueError(f"cardinality must be >= 1, got {cardinality}")
+    return _ResNeXt20(in_channels, num_classes, width, cardinality)
+
+
 def _make_divisible(v: float, divisor: int = 8) -> int:
     """Round ``v`` to the nearest multiple of ``divisor`` (MobileNet convention)."""
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
@@ -247,5 +307,6 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet1d": resnet1d,
     "digits_cnn": digits_cnn,
     "resnet20": resnet20,
+    "resnext20": resnext20,
     "mobilenetv2": mobilenetv2,
 }
