@@ -11,7 +11,8 @@ from autoprune.pruning.groups import PrunableModel
 from autoprune.pruning.reconstruct import kept_outputs, layer_error, reconstruct_plan
 from autoprune.model.zoo import ZOO
 
-SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 8, 8), "mobilenetv2": (1, 8, 8)}
+SHAPES = {"cnn1d": (1, 40), "resnet1d": (1, 40), "digits_cnn": (1, 8, 8), "resnet20": (1, 8, 8), "mobilenetv2": (1, 8, 8),
+          "resnext20": (1, 8, 8)}
 
 
 def _calibration(shape, n=2, batch=16):

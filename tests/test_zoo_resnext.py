@@ -86,12 +86,17 @@ def test_a_plan_at_half_the_macs_applies_and_meets_the_budget(session) -> None:
     assert _flop_macs(small, ex) / _flop_macs(pm.base, ex) <= 0.5 + 1e-9
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="known bug: torch_pruning's FPGMImportance repeats a 2-D importance for a grouped conv's "
-                          "input channels (`local_imp.repeat(layer.groups)`); every other criterion works here")
 def test_fpgm_criterion_on_grouped_convs() -> None:
+    """Torch-Pruning 1.6's FPGM crashes on a grouped conv's input channels; autoprune's criterion scores those
+    groups from their other layers, and the plan differs from l2's (it is a different criterion)."""
     from autoprune.pruning.groups import PrunableModel
 
     torch.manual_seed(0)
     pm = PrunableModel(resnext20().eval(), torch.randn(1, 1, 8, 8), check_groups=False)
-    pm.apply(pm.plan({n: 0.5 for n in pm.prunable_names}, criterion="fpgm"))
+    ratios = {n: 0.5 for n in pm.prunable_names}
+    fpgm, l2 = pm.plan(ratios, criterion="fpgm"), pm.plan(ratios, criterion="l2")
+    small = pm.apply(fpgm)
+    assert small(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    grouped = [m for m in small.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(grouped) == 6 and all(m.groups == 4 and m.in_channels % 4 == 0 for m in grouped)
+    assert fpgm.to_json() != l2.to_json()

@@ -6,6 +6,7 @@ Scores depend only on the unpruned model, so they are computed once and reused f
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -42,12 +43,31 @@ def make_importance(name: str) -> tp.importance.Importance:
     if name == "obd":
         return imp.GroupHessianImportance()
     if name == "fpgm":
-        return imp.FPGMImportance()
+        return _FPGM()
     if name == "lamp":
         return imp.LAMPImportance(p=2)
     if name == "global_l2":
         return imp.GroupMagnitudeImportance(p=2, normalizer="mean")
     raise ValueError(f"unknown criterion {name!r}; choose one of {sorted(CRITERION_HELP)}")
+
+
+class _FPGM(tp.importance.FPGMImportance):
+    """FPGM without the grouped convolutions' input side.
+
+    Torch-Pruning 1.6's FPGMImportance repeats a 2-D score matrix for a grouped (not depthwise) conv's input
+    channels and crashes (`local_imp.repeat(layer.groups)`); such a group is scored here from its other layers
+    (the producing conv's filters, the consumers that are not grouped), which is what FPGM ranks by anyway."""
+
+    def __call__(self, group, **kwargs):
+        def grouped_input(item) -> bool:
+            layer, fn = item.dep.layer, item.dep.pruning_fn
+            return (fn == tp.pruner.function.prune_conv_in_channels and isinstance(layer, nn.Conv2d | nn.Conv1d)
+                    and layer.groups not in (1, layer.in_channels))
+
+        if any(grouped_input(item) for item in group._group):
+            group = copy.copy(group)
+            group._group = [item for item in group._group if not grouped_input(item)]
+        return super().__call__(group, **kwargs)
 
 
 def needs_gradients(name: str) -> bool:
