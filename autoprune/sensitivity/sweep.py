@@ -63,7 +63,7 @@ def run_sensitivity(
     evaluator: Evaluator,
     cost_model: CostModel,
     *,
-    ratios: Sequence[float] = tuple(round(0.1 * i, 1) for i in range(1, 10)),
+    ratios: Sequence[float] = (0.25, 0.5, 0.75),  # spec.DEFAULT_SENSITIVITY_RATIOS
     stop_drop: float = 0.5,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
