@@ -122,7 +122,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial, report: RungReport | None = None) -> float | list[float]:
         """Evaluate one trial. With rungs, `report` is told each rung's result (default: Optuna's own
         `trial.report` + `trial.should_prune`, the in-process backend; the Ray backend passes Tune's)."""
-        if self.worker:
+        if self.worker and trial.user_attrs.get("worker") != self.worker:  # unless the sampler claimed it already
             trial.set_user_attr("worker", self.worker)
         proposal = self.suggest(trial)
         plan = self.plan_for(proposal)

@@ -163,6 +163,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         if "worker" not in trial.user_attrs:
             try:
                 study._storage.set_trial_user_attr(trial._trial_id, "worker", worker_id())
+                trial.user_attrs["worker"] = worker_id()  # the Trial's cached copy: the objective sees it is claimed
             except Exception as e:  # noqa: BLE001 - the objective claims it again
                 log.debug("claim trial %s: %s", trial.number, e)
         self._sampler(trial.number).before_trial(study, trial)

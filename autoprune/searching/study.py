@@ -141,7 +141,8 @@ def _record_plans(study: optuna.Study, space: SearchSpace, session, plans: list[
             out.append(cache[key])
             continue
         trial = study.ask()
-        trial.set_user_attr("worker", worker_id())
+        if trial.user_attrs.get("worker") != worker_id():  # TrialSeededSampler claims it when it is created
+            trial.set_user_attr("worker", worker_id())
         try:
             result = evaluate_plan(space, session.evaluator, session.cost_model, plan)
         except Exception as e:
