@@ -124,11 +124,7 @@ class _BasicBlock2d(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+        self.shortcut = _shortcut_2d(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -136,10 +132,19 @@ class _BasicBlock2d(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class _ResNet20(nn.Module):
-    """CIFAR-style ResNet-20 body."""
+def _shortcut_2d(cin: int, cout: int, stride: int) -> nn.Module:
+    """Identity, or a projection (1x1 conv + BN) where the block changes the shape."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
-    def __init__(self, in_channels: int, num_classes: int, width: int) -> None:
+
+class _CifarResNet(nn.Module):
+    """CIFAR-style residual body: stem, 3 stages of `depth` blocks (widths w/2w/4w, strides 1/2/2), pool, fc.
+    `block(cin, cout, stride)` builds one residual block (ResNet-20's basic block, ResNeXt-20's bottleneck)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int, depth: int,
+                 block: Callable[[int, int, int], nn.Module]) -> None:
         super().__init__()
         self.stem = _conv_bn_relu_2d(in_channels, width, 3)
         stages: list[nn.Module] = []
@@ -147,8 +152,8 @@ class _ResNet20(nn.Module):
         for i, stride in enumerate((1, 2, 2)):
             cout = width * 2**i
             blocks = []
-            for j in range(3):
-                blocks.append(_BasicBlock2d(cin, cout, stride if j == 0 else 1))
+            for j in range(depth):
+                blocks.append(block(cin, cout, stride if j == 0 else 1))
                 cin = cout
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -162,7 +167,7 @@ class _ResNet20(nn.Module):
 
 def resnet20(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> nn.Module:
     """CIFAR-style ResNet-20 (3x3 BasicBlocks, widths w/2w/4w, strides 1/2/2); any size >= 8x8."""
-    return _ResNet20(in_channels, num_classes, width)
+    return _CifarResNet(in_channels, num_classes, width, 3, _BasicBlock2d)
 
 
 class _ResNeXtBlock2d(nn.Module):
@@ -178,11 +183,7 @@ class _ResNeXtBlock2d(nn.Module):
         self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+        self.shortcut = _shortcut_2d(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -191,38 +192,18 @@ class _ResNeXtBlock2d(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class _ResNeXt20(nn.Module):
-    """CIFAR-style ResNeXt body: stem + 3 stages of 2 bottleneck blocks (18 convs) + fc = 20 layers."""
-
-    def __init__(self, in_channels: int, num_classes: int, width: int, cardinality: int) -> None:
-        super().__init__()
-        self.stem = _conv_bn_relu_2d(in_channels, width, 3)
-        stages: list[nn.Module] = []
-        cin = width
-        for i, stride in enumerate((1, 2, 2)):
-            cout = width * 2**i
-            # grouped width 3x the block output, a multiple of the cardinality: about resnet20's MACs
-            mid = -(-3 * cout // cardinality) * cardinality
-            blocks = []
-            for j in range(2):
-                blocks.append(_ResNeXtBlock2d(cin, mid, cout, cardinality, stride if j == 0 else 1))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
 def resnext20(in_channels: int = 1, num_classes: int = 10, width: int = 16, cardinality: int = 4) -> nn.Module:
     """CIFAR-style ResNeXt-20: 2 bottleneck blocks per stage (1x1 -> 3x3 grouped with ``cardinality`` conv groups ->
     1x1), block widths w/2w/4w, grouped widths 3x that, strides 1/2/2; about resnet20's MACs; any size >= 8x8."""
     if cardinality < 1:
         raise ValueError(f"cardinality must be >= 1, got {cardinality}")
-    return _ResNeXt20(in_channels, num_classes, width, cardinality)
+
+    def block(cin: int, cout: int, stride: int) -> nn.Module:
+        # grouped width 3x the block output, a multiple of the cardinality: about resnet20's MACs
+        mid = -(-3 * cout // cardinality) * cardinality
+        return _ResNeXtBlock2d(cin, mid, cout, cardinality, stride)
+
+    return _CifarResNet(in_channels, num_classes, width, 2, block)
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
