@@ -96,7 +96,7 @@ class Objective:
     """The Optuna objective: suggest one ratio per searched group, project, evaluate, record."""
 
     def __init__(self, space: SearchSpace, evaluator, cost_model, *, objectives: list[str], budget_mode: str,
-                 worker: str = "", rungs: list[int] | None = None, reduction: int = 3, recovery_lr: float = 1e-3,
+                 rungs: list[int] | None = None, reduction: int = 3, recovery_lr: float = 1e-3,
                  seed: int = 0) -> None:
         self.rungs = list(rungs or [])  # multi-fidelity: fine-tune steps after the proxy, one rung each
         self.reduction = reduction
@@ -107,7 +107,6 @@ class Objective:
         self.cost_model = cost_model
         self.objectives = objectives
         self.budget_mode = budget_mode
-        self.worker = worker
         self.base = {"macs": cost_model.base_macs, "params": cost_model.base_params}
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
@@ -122,8 +121,6 @@ class Objective:
     def __call__(self, trial: optuna.Trial, report: RungReport | None = None) -> float | list[float]:
         """Evaluate one trial. With rungs, `report` is told each rung's result (default: Optuna's own
         `trial.report` + `trial.should_prune`, the in-process backend; the Ray backend passes Tune's)."""
-        if self.worker and trial.user_attrs.get("worker") != self.worker:  # unless the sampler claimed it already
-            trial.set_user_attr("worker", self.worker)
         proposal = self.suggest(trial)
         plan = self.plan_for(proposal)
         try:

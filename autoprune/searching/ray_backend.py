@@ -403,10 +403,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and self._worker:
-            # the driver owns the Optuna trial: a dead driver's RUNNING trials are failed on resume (the
-            # TrialSeededSampler claimed it for this process when Optuna created it; not written twice)
-            if ot_trial.user_attrs.get("worker") != self._worker:
-                ot_trial.set_user_attr("worker", self._worker)
+            # the driver owns the Optuna trial: a dead driver's RUNNING trials are failed on resume
+            ot_trial.set_user_attr("worker", self._worker)
             for label, point in self._warm:
                 if all(abs(ot_trial.params.get(k, math.nan) - v) < 1e-12 for k, v in point.items()):
                     ot_trial.set_user_attr("warm_start", label)

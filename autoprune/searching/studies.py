@@ -161,11 +161,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         # claim the trial for this process as soon as Optuna has created it (before any sampling), so a kill
         # leaves at most the create -> claim window unclaimed (see fail_stale_trials)
         if "worker" not in trial.user_attrs:
-            try:
-                study._storage.set_trial_user_attr(trial._trial_id, "worker", worker_id())
-                trial.user_attrs["worker"] = worker_id()  # the Trial's cached copy: the objective sees it is claimed
-            except Exception as e:  # noqa: BLE001 - the objective claims it again
-                log.debug("claim trial %s: %s", trial.number, e)
+            study._storage.set_trial_user_attr(trial._trial_id, "worker", worker_id())
         self._sampler(trial.number).before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):

@@ -26,7 +26,7 @@ from autoprune.searching.objective import Objective, TrialFailed, directions, ev
 from autoprune.costs.budgets import Budget
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_value, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name, worker_id,
+    SearchRun, TrialSeededSampler, best_value, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def run_search(
     notes = list(space.notes)
     if strategy in ("optuna", "random"):
         objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives,
-                              budget_mode=mode, worker=worker_id(), rungs=rungs,
+                              budget_mode=mode, rungs=rungs,
                               reduction=spec.search.rung_reduction,
                               recovery_lr=spec.search.recovery_lr or spec.train.lr / 10, seed=spec.search.seed)
         _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs))
@@ -140,9 +140,7 @@ def _record_plans(study: optuna.Study, space: SearchSpace, session, plans: list[
         if key in cache:
             out.append(cache[key])
             continue
-        trial = study.ask()
-        if trial.user_attrs.get("worker") != worker_id():  # TrialSeededSampler claims it when it is created
-            trial.set_user_attr("worker", worker_id())
+        trial = study.ask()  # claimed for this process by TrialSeededSampler as it is created
         try:
             result = evaluate_plan(space, session.evaluator, session.cost_model, plan)
         except Exception as e:
