@@ -8,11 +8,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from autoprune._progress import progress
-from autoprune.model.task import Classification, Task, call_model, to_device
+from autoprune.model.task import Classification, Distillation, Task, call_model, to_device
 
 log = logging.getLogger(__name__)
 _KD_SKIPPED: set[str] = set()  # tasks warned about once: their outputs cannot be distilled
@@ -52,13 +51,12 @@ def distill_loss(task: Task, student: Any, teacher: Any, temperature: float = 4.
         return None
     if student.shape != teacher.shape or not student.is_floating_point() or not teacher.is_floating_point():
         return None
-    teacher = teacher.to(student.device)
-    if isinstance(task, Classification) and student.dim() >= 1:
-        t = temperature
-        s = student.float().reshape(-1, student.shape[-1]) / t
-        q = teacher.float().reshape(-1, teacher.shape[-1]) / t
-        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(q, -1), log_target=True, reduction="batchmean") * (t * t)
-    return F.mse_loss(student.float(), teacher.float())
+    if isinstance(task, Classification) and student.dim() >= 1:  # one row of logits per sample (or position)
+        kd = Distillation(loss="kl", temperature=temperature)
+        student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    else:
+        kd = Distillation(loss="mse")
+    return kd.loss(student.float(), None, teacher.float())
 
 
 def train_model(
