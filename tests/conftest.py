@@ -71,3 +71,26 @@ def require_service(name: str, available: bool, why: str) -> None:
     if os.environ.get("AUTOPRUNE_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{name} is required in CI but unavailable: {why}")
     pytest.skip(f"{name} unavailable: {why}")
+
+
+def stored_study(spec_dict: dict, strategy: str = "optuna"):
+    """The Optuna study a search of this spec wrote, read from its storage."""
+    import optuna
+
+    from autoprune.searching.studies import open_storage, storage_url, study_name
+    from autoprune.spec import load_spec
+
+    spec = load_spec(spec_dict)
+    return optuna.load_study(study_name=study_name(spec, strategy), storage=open_storage(storage_url(spec)))
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One local Ray runtime for a module (2-4 s and ~700 MB each time it starts): `pytestmark = usefixtures`."""
+    ray = pytest.importorskip("ray")
+    from autoprune.searching.ray_backend import init_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -5,33 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
 from autoprune.app import api
 from autoprune.results.tables import load
 from autoprune.searching.objective import trial_attrs
-from autoprune.searching.studies import open_storage, storage_url, study_name
 from autoprune.spec import load_spec
+from conftest import stored_study
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_runtime():
-    """One local Ray runtime for the module (2-4 s and ~700 MB each time it starts)."""
-    from autoprune.searching.ray_backend import init_ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-def _study(spec_dict, strategy="optuna") -> optuna.Study:
-    spec = load_spec(spec_dict)
-    return optuna.load_study(study_name=study_name(spec, strategy), storage=open_storage(storage_url(spec)))
+pytestmark = pytest.mark.usefixtures("ray_runtime")
 
 
 def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monkeypatch):
@@ -58,7 +42,7 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monk
     assert fanned == [len(result["search_bounds"])] and fanned[0] >= 3  # one task per group
     assert any("ray backend" in n for n in result["notes"])
 
-    study = _study(spec)
+    study = stored_study(spec)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 6
     for t in done:  # what Tune alone would have dropped: the plan, its costs and the budget constraint
@@ -76,7 +60,7 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monk
 
     # resume: asking for 8 runs only the 2 missing trials, and the warm starts are not enqueued twice
     result = api.search(spec, n_trials=8, show_progress=False)
-    study = _study(spec)
+    study = stored_study(spec)
     assert result["n_trials_complete"] == 8 == len(study.get_trials(states=(TrialState.COMPLETE,)))
     assert sum(bool(trial_attrs(t).get("warm_start")) for t in study.trials) == 2
 
@@ -87,7 +71,7 @@ def test_constraint_reaches_optuna_and_infeasible_trials_stay_off_the_front(make
                              "objectives": ["accuracy", "macs"], "budget_mode": "constraint", "sampler": "random"})
     result = api.search(spec, show_progress=False)
     assert result["budget_mode"] == "constraint"
-    study = _study(spec)
+    study = stored_study(spec)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 10
     over = [t for t in done if trial_attrs(t)["macs_ratio"] > 0.3 + 1e-9]
@@ -135,7 +119,7 @@ def test_failed_evaluations_are_recorded_as_failed_trials_with_their_reason(make
 
     s.__dict__["evaluator"] = Flaky()
     result = api.search(s, show_progress=False)
-    study = _study(spec)
+    study = stored_study(spec)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert result["n_trials_complete"] == 2
     assert len(failed) == 1 and all("planted failure" in trial_attrs(t)["fail_reason"] for t in failed)
@@ -261,7 +245,7 @@ def test_a_module_the_workers_cannot_import_stops_the_search_at_once_with_exit_2
     assert elapsed < 60, elapsed
     if priors == "none":  # the trials failed: three of them, recorded with their reason, then the search stopped
         assert "first 3 trials all failed with the same error" in err
-        study = _study(spec)
+        study = stored_study(spec)
         failed = study.get_trials(states=(TrialState.FAIL,))
         assert 3 <= len(failed) <= 4 and not study.get_trials(states=(TrialState.COMPLETE,))
         for t in failed:

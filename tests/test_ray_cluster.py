@@ -20,15 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
 from autoprune.app import api
 from autoprune.errors import AutopruneError
 from autoprune.searching.objective import trial_attrs
-from autoprune.searching.studies import open_storage, storage_url, study_name
-from autoprune.spec import load_spec
+from conftest import stored_study
 
 ray = pytest.importorskip("ray")
 
@@ -251,11 +249,6 @@ def user_module(request, tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
-def _study(spec_dict) -> optuna.Study:
-    spec = load_spec(spec_dict)
-    return optuna.load_study(study_name=study_name(spec, "optuna"), storage=open_storage(storage_url(spec)))
-
-
 def _spec(make_spec, cluster, module: str, **search) -> dict:
     spec = make_spec("digits_cnn", budget={"macs": 0.5}, train={"epochs": 2}, sensitivity={"ratios": [0.3, 0.6]},
                      search={"backend": "ray", "ray_address": cluster.address, "n_trials": 6,
@@ -273,7 +266,7 @@ def test_trials_run_on_both_nodes_with_the_user_module_shipped(make_spec, cluste
     elapsed = time.perf_counter() - t0
     assert result["n_trials_complete"] == 6, result
     assert result["best"]["macs_ratio"] <= 0.5 + 1e-9
-    study = _study(spec)
+    study = stored_study(spec)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 6
     where = [trial_attrs(t)[WHERE_ATTR] for t in done]
@@ -295,7 +288,7 @@ def test_an_unshipped_module_fails_fast_naming_it(make_spec, cluster, user_modul
     assert f"ModuleNotFoundError: No module named '{user_module}'" in msg
     assert "first 3 trials all failed" in msg and "on node" in msg and "ray_runtime_env" in msg
     assert elapsed < 60, elapsed
-    study = _study(spec)
+    study = stored_study(spec)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) >= 3 and not study.get_trials(states=(TrialState.COMPLETE,))
     assert all(f"No module named '{user_module}'" in t.user_attrs["fail_reason"] for t in failed)
@@ -345,7 +338,7 @@ def test_losing_a_node_mid_search_fails_its_trial_and_reruns_it(make_spec, clust
         stop.set()
         t.join(5)
     assert events, "no trial ran on the worker node"
-    study = _study(spec)
+    study = stored_study(spec)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert result["n_trials_complete"] == 6 == len(done)  # the lost trial was replaced, nothing counted twice

@@ -5,33 +5,17 @@ from __future__ import annotations
 
 import os
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
 from autoprune.app import api
 from autoprune.errors import AutopruneError
 from autoprune.searching.objective import trial_attrs
-from autoprune.searching.studies import open_storage, storage_url, study_name
 from autoprune.spec import load_spec
+from conftest import stored_study
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_runtime():
-    """One local Ray runtime for the module (2-4 s and ~700 MB each time it starts)."""
-    from autoprune.searching.ray_backend import init_ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-def _study(spec_dict) -> optuna.Study:
-    spec = load_spec(spec_dict)
-    return optuna.load_study(study_name=study_name(spec, "optuna"), storage=open_storage(storage_url(spec)))
+pytestmark = pytest.mark.usefixtures("ray_runtime")
 
 
 def test_recovery_rungs_are_accepted_on_ray_but_still_need_one_objective(make_spec):
@@ -50,7 +34,7 @@ def test_asha_stops_trials_at_the_rungs_and_the_storage_records_them_like_the_op
                      search={"backend": "ray", "n_trials": 9, "priors": "none", "recovery_rungs": [5, 20],
                              "rung_reduction": 3, "max_concurrent_trials": 2, "cpus_per_trial": 1})
     result = api.search(spec, show_progress=False)
-    study = _study(spec)
+    study = stored_study(spec)
     trials = study.trials
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 9, [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
@@ -88,7 +72,7 @@ def test_asha_stops_trials_at_the_rungs_and_the_storage_records_them_like_the_op
 
     # resuming with the same n_trials runs nothing: stopped trials count as done, like the local loop
     api.search(spec, show_progress=False)
-    assert len(_study(spec).trials) == len(trials)
+    assert len(stored_study(spec).trials) == len(trials)
 
 
 @pytest.mark.slow
@@ -119,7 +103,7 @@ def test_a_trial_failing_in_a_rung_is_failed_with_its_reason_and_the_search_goes
 
     s.__dict__["evaluator"] = DivergesOnce()
     result = api.search(s, show_progress=False)
-    study = _study(spec)
+    study = stored_study(spec)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1 and failed[0].number == 0  # the first trial to climb a rung (max 1 at a time)
     a = trial_attrs(failed[0])
