@@ -28,10 +28,8 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 import warnings
@@ -41,13 +39,11 @@ from pathlib import Path
 os.environ.setdefault("AUTOPRUNE_PROGRESS", "0")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from _tables import mean_pm  # noqa: E402
+from _tables import git_rev, machine, mean_pm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -297,39 +293,6 @@ def plot(runs: pd.DataFrame, path: Path, args) -> bool:
     fig.update_xaxes(title="search wall time, s (log)")
     fig.write_html(str(path), include_plotlyjs="cdn")
     return True
-
-
-def machine() -> str:
-    try:
-        load = f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        load = "?"
-    vers = [f"torch {torch.__version__}"]
-    try:
-        import modelopt
-
-        vers.append(f"nvidia-modelopt {modelopt.__version__}")
-    except ImportError:
-        vers.append("nvidia-modelopt not installed")
-    for pkg in ("optuna", "torch_pruning", "torchprofile"):
-        try:
-            vers.append(f"{pkg} {__import__(pkg).__version__}")
-        except Exception:
-            pass
-    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {torch.get_num_threads()}, "
-            f"Python {platform.python_version()}, {', '.join(vers)}; load average at start {load}")
-
-
-def git_rev(path: Path) -> str:
-    """The checkout's commit; for an exported snapshot (`git archive HEAD autoprune search_spaces`), the commit
-    written into its GIT_COMMIT file."""
-    if (path / "GIT_COMMIT").exists():
-        return (path / "GIT_COMMIT").read_text().strip() + " (snapshot)"
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return "?"
 
 
 def parse(argv=None):

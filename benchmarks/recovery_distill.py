@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 import warnings
@@ -35,7 +33,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from _tables import mean_pm  # noqa: E402
+from _tables import git_rev, machine, mean_pm  # noqa: E402
 
 import autoprune  # noqa: E402
 from autoprune.app import api  # noqa: E402
@@ -43,16 +41,6 @@ from autoprune.model.training import train_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = {"uniform": "uniform", "lamp": "lamp", "autoprune": None}
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "autoprune"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return rev + (" + uncommitted changes in autoprune/" if dirty else "")
-    except OSError:
-        return "?"
 
 
 def session_for(args, budget: float):
@@ -155,6 +143,7 @@ def main(argv=None) -> Path:
         raise SystemExit(f"unknown plans {bad}; choose from {list(PLANS)}")
     cmd = "python benchmarks/recovery_distill.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     started = datetime.now(timezone.utc)
+    mach = machine()  # the load average at start
 
     def log(msg: str) -> None:
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {msg}", flush=True)
@@ -187,9 +176,8 @@ def main(argv=None) -> Path:
     print(tbl)
     header = [
         f"- command: `{cmd}`",
-        f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch threads {torch.get_num_threads()}, "
-        f"Python {platform.python_version()}, torch {torch.__version__}; load average at start {os.getloadavg()[0]:.1f}",
-        f"- autoprune: git {git_rev()}; spec `{Path(args.spec).name}` with `budget.macs` overridden",
+        f"- machine: {mach}",
+        f"- autoprune: git {git_rev(ROOT)}; spec `{Path(args.spec).name}` with `budget.macs` overridden",
         f"- started {started:%Y-%m-%d %H:%M} UTC, finished {finished:%H:%M} UTC "
         f"({(finished - started).total_seconds() / 60:.1f} min)",
         f"- unpruned test accuracy {100 * runs.unpruned_test.iloc[0]:.2f} %; recovery lr {runs.lr.iloc[0]:g} (Adam, "
