@@ -158,8 +158,8 @@ class SearchSpec(_Section):
         "(e.g. [50, 200]); successive halving (Optuna's pruner; Ray Tune's ASHA on the ray backend) promotes "
         "the best 1/rung_reduction of a rung to the next; a trial's metric is the one after its last rung; []: one fidelity (the proxy)")
     rung_reduction: int = Field(3, ge=2, description="successive halving's reduction factor")
-    recovery_lr: float | None = Field(None, gt=0, description="learning rate of the rungs' fine-tunes "
-                                      "(default train.lr / 10)")
+    recovery_lr: float | None = Field(None, gt=0, description="learning rate of every recovery fine-tune: the "
+                                      "rungs' and `autoprune finetune`'s (default train.lr / 10)")
 
     @field_validator("recovery_rungs")
     @classmethod
@@ -250,6 +250,12 @@ class Spec(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output) / self.name
+
+    @property
+    def recovery_lr(self) -> float:
+        """The learning rate of a recovery fine-tune (rungs, `autoprune finetune`): search.recovery_lr, else
+        1/10 of the training lr (common practice for fine-tuning a model trained at train.lr)."""
+        return self.search.recovery_lr or self.train.lr / 10
 
 
 def format_validation_error(err: ValidationError, source: str = "spec") -> str:

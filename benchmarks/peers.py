@@ -11,6 +11,7 @@ seeds; every final model is counted by one counter (torch.utils.flop_counter.Flo
 Methods (--methods):
   autoprune    `api.search(session)` with the spec's (default) search section: TPE, sensitivity priors, 60 trials
   autoprune-mf the same plus multi-fidelity rungs: search.recovery_rungs [50, 200], rung_reduction 3
+  autoprune-rerank  the same plus search.rerank_top_k 3, rerank_steps 50 (3 best + the heuristic plans re-ranked)
   uniform, global, lamp, netadapt, random
                `api.search(session, strategy=...)`, the heuristics `autoprune search --strategy` selects
   fastnas      ModelOpt `mtp.prune(mode="fastnas")`, channel divisor 4 on every Conv2d/BatchNorm2d/Linear
@@ -53,7 +54,7 @@ from autoprune.app import api  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG_ROOT = Path(autoprune.__file__).resolve().parents[1]  # the checkout whose autoprune is imported
-AUTOPRUNE_METHODS = {"autoprune": None, "autoprune-mf": None, "uniform": "uniform", "global": "global", "lamp": "lamp",
+AUTOPRUNE_METHODS = {"autoprune": None, "autoprune-mf": None, "autoprune-rerank": None, "uniform": "uniform", "global": "global", "lamp": "lamp",
                      "netadapt": "netadapt", "random": "random"}
 FASTNAS_METHODS = {"fastnas": 4, "fastnas-d1": 1}  # label -> channel divisor
 ALL_METHODS = [*AUTOPRUNE_METHODS, *FASTNAS_METHODS]
@@ -123,6 +124,8 @@ def session_for(args, budget: float, seed: int, method: str):
     spec = _merge(spec, {"search": {"seed": seed}})
     if method == "autoprune-mf":  # the default search plus multi-fidelity rungs (search.recovery_rungs)
         spec = _merge(spec, {"search": {"recovery_rungs": [50, 200], "rung_reduction": 3}})
+    if method == "autoprune-rerank":  # the default search plus a re-rank of its 3 best and the heuristic plans
+        spec = _merge(spec, {"search": {"rerank_top_k": 3, "rerank_steps": 50}})
     if args.quick:
         spec = _merge(spec, {"search": {"n_trials": 12}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}})
     spec["name"] = f"peers-macs{round(budget * 100)}-s{seed}-{method}"

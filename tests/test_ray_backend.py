@@ -53,7 +53,7 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monk
         ran = trial_attrs(t)["ray_worker"]  # the Ray worker that ran it
         assert ran["pid"] != os.getpid() and ran["node_id"] == ray.get_runtime_context().get_node_id()
     labels = sorted(trial_attrs(t).get("warm_start") or "" for t in done)
-    assert labels[-2:] == ["sensitivity-greedy", "uniform"]  # warm starts went in as points_to_evaluate
+    assert labels[-4:] == ["global", "lamp", "sensitivity-greedy", "uniform"]  # went in as points_to_evaluate
     # report/load read a Ray run like a local one
     runs = load(load_spec(spec).run_dir)
     assert (runs.trials.state == "COMPLETE").sum() == 6
@@ -62,7 +62,7 @@ def test_ray_search_meets_budget_and_lands_in_the_optuna_storage(make_spec, monk
     result = api.search(spec, n_trials=8, show_progress=False)
     study = stored_study(spec)
     assert result["n_trials_complete"] == 8 == len(study.get_trials(states=(TrialState.COMPLETE,)))
-    assert sum(bool(trial_attrs(t).get("warm_start")) for t in study.trials) == 2
+    assert sum(bool(trial_attrs(t).get("warm_start")) for t in study.trials) == 4
 
 
 def test_constraint_reaches_optuna_and_infeasible_trials_stay_off_the_front(make_spec):

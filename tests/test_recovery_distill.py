@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+import autoprune
 from autoprune.app import api
 from autoprune.model import training
 from autoprune.model.task import Classification, Distillation, Regression
@@ -184,3 +185,23 @@ def test_api_finetune_passes_the_spec_weight(cnn, monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         api.finetune(spec, show_progress=False)
     assert seen["distill"] == 2.5
+
+
+@pytest.mark.parametrize("search_lr, expected", [(None, "train"), (3e-4, 3e-4)])
+def test_api_finetune_lr_defaults_to_the_spec_recovery_lr(cnn, monkeypatch, search_lr, expected):
+    seen = {}
+
+    def fake(pm, plan, datasets, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(api, "_finetune", fake)
+    monkeypatch.setattr(api, "plan_of", lambda run_dir, strategy="optuna": None)
+    spec = {**cnn, "search": {**cnn.get("search", {}), "recovery_lr": search_lr}}
+    with pytest.raises(RuntimeError, match="stop"):
+        api.finetune(spec, show_progress=False)
+    want = autoprune.load_spec(spec).train.lr / 10 if expected == "train" else expected
+    assert seen["lr"] == pytest.approx(want)
+    with pytest.raises(RuntimeError, match="stop"):  # an explicit lr wins
+        api.finetune(spec, lr=0.05, show_progress=False)
+    assert seen["lr"] == 0.05

@@ -80,23 +80,33 @@ def _budget_constraint(t) -> float:
     return float(c["budget"] if isinstance(c, dict) else c[0])
 
 
-def test_warm_starts_enqueued_once_clipped_and_resume(make_spec):
+def test_warm_starts_enqueued_once_evaluated_exactly_and_resume(make_spec):
     spec = make_spec("cnn1d", budget={"macs": 0.3}, search={"n_trials": 6})
     s = _session(spec)
     run = run_search(s, show_progress=False)
-    warm = [t for t in run.study.trials if "warm_start" in trial_attrs(t)]
-    assert sorted(trial_attrs(t)["warm_start"] for t in warm) == ["sensitivity-greedy", "uniform"]
-    for t in warm:
-        for n, v in t.params.items():
+    warm = {trial_attrs(t)["warm_start"]: t for t in run.study.trials if "warm_start" in trial_attrs(t)}
+    assert sorted(warm) == ["global", "lamp", "sensitivity-greedy", "uniform"]
+    from autoprune.searching import strategies
+
+    expected = dict(strategies.warm_start_plans(run.space, s.sensitivity().table))
+    for label, t in warm.items():
+        for n, v in t.params.items():  # what the sampler learns from: the plan clipped into the bounds
             assert 0.0 <= v <= run.space.bounds[n] + 1e-12
+        # what was evaluated: the heuristic's own plan, not its projection (LAMP's leaves the bounds here)
+        assert trial_attrs(t)["plan"]["ratios"] == pytest.approx(expected[label].ratios), label
+        assert trial_attrs(t)["macs_ratio"] <= 0.3 + 1e-9
+    assert any(v > run.space.bounds.get(n, 0) + 1e-6 for n, v in expected["lamp"].ratios.items()), \
+        "the test needs a warm start outside the bounds to tell the plan from its projection"
     assert sum(t.state == TrialState.COMPLETE for t in run.study.trials) == 6
     # a second call (same storage) resumes: keeps the 6 trials, runs 4 more, enqueues nothing again
     run2 = run_search(_session(spec), n_trials=10, show_progress=False)
     assert sum(t.state == TrialState.COMPLETE for t in run2.study.trials) == 10
-    assert len([t for t in run2.study.trials if "warm_start" in trial_attrs(t)]) == 2
+    assert len([t for t in run2.study.trials if "warm_start" in trial_attrs(t)]) == 4
     for t in run2.study.trials:
         if t.state == TrialState.COMPLETE:
-            assert trial_attrs(t)["macs_ratio"] <= 0.3 + 1e-9 and trial_attrs(t)["macs_ratio"] >= 0.3 * 0.97
+            assert trial_attrs(t)["macs_ratio"] <= 0.3 + 1e-9
+            if "warm_start" not in trial_attrs(t):  # projected: lands just under the budget
+                assert trial_attrs(t)["macs_ratio"] >= 0.3 * 0.97
 
 
 def test_same_seed_same_best_plan(make_spec):
@@ -124,7 +134,7 @@ def test_two_processes_share_one_study_without_duplicates(make_spec, tmp_path):
     study = optuna.load_study(study_name=study_name(load_spec(spec), "optuna"), storage=open_storage(str(tmp_path / "s.journal")))
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) >= 10
-    assert len([t for t in study.trials if "warm_start" in trial_attrs(t)]) == 2  # enqueued once, taken once
+    assert len([t for t in study.trials if "warm_start" in trial_attrs(t)]) == 4  # enqueued once, taken once
     assert len({t.number for t in study.trials}) == len(study.trials)
 
 

@@ -105,7 +105,7 @@ def finetune(
     s = session(run, show_progress=show_progress)
     plan = plan_of(s.run_dir, strategy=strategy)
     steps = 300 if steps is None else steps
-    lr = lr if lr is not None else s.spec.train.lr / 10  # common practice: 1/10 of the training lr
+    lr = lr if lr is not None else s.spec.recovery_lr  # search.recovery_lr, else train.lr / 10
     sched = Schedule(schedule, steps=steps, frequency=frequency, initial=initial, power=power,
                      begin_step=begin_step, end_step=end_step)
     model = _finetune(s.pruner, plan, s.target.datasets, schedule=sched, lr=lr, batch_size=s.spec.data.batch_size,

@@ -234,7 +234,7 @@ def finetune(
     begin_step: int = typer.Option(0, help="Gradual schedules: first pruning step."),
     end_step: Optional[int] = typer.Option(None, help="Gradual schedules: step that reaches the plan (default 2/3 of --steps)."),
     reconstruct: bool = typer.Option(False, help="Least-squares reconstruction of consuming layers before fine-tuning (one-shot)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: train.lr / 10)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the spec's search.recovery_lr, else train.lr / 10)."),
     strategy: str = typer.Option("optuna", help="Which strategy's best plan."),
     out: Optional[Path] = typer.Option(None, help="Export directory (default RUN/finetuned)."),
 ) -> None:

@@ -63,6 +63,7 @@ from ray.tune.stopper import Stopper
 
 from autoprune.errors import AutopruneError
 from autoprune._progress import progress
+from autoprune.searching import strategies
 from autoprune.searching.objective import Objective, directions, record
 from autoprune.searching.studies import (
     SearchRun,
@@ -619,15 +620,16 @@ def run_ray_search(
 
     warm: list[tuple[str, dict]] = []
     if created and strategy == "optuna":
-        warm = [("uniform", space.clip(space.uniform().ratios))]
-        if s.priors == "sensitivity":
-            warm.insert(0, ("sensitivity-greedy", space.clip(space.greedy(session.sensitivity().table).ratios)))
+        # the same warm starts as the local loop; Tune passes a point's config only, so here the sampler's
+        # clipped view of each plan is what is evaluated (projected), not the plan itself
+        sens = session.sensitivity().table if s.priors == "sensitivity" else None
+        warm = [(label, space.clip(plan.ratios)) for label, plan in strategies.warm_start_plans(space, sens)]
 
     # multi-fidelity as in the local loop: successive halving over the recovery rungs, here Tune's ASHA
     rungs = list(s.recovery_rungs) if len(objectives) == 1 else []
     objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives, budget_mode=mode,
                           rungs=rungs, reduction=s.rung_reduction,
-                          recovery_lr=s.recovery_lr or spec.train.lr / 10, seed=s.seed)
+                          recovery_lr=spec.recovery_lr, seed=s.seed)
     threads = max(1, int(s.cpus_per_trial))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, payload=cloudpickle.dumps(objective), key=uuid.uuid4().hex,

@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
-import torch.nn as nn
 
 from autoprune.costs.budgets import Budget
-from autoprune.costs.counting import CostModel
 from autoprune.errors import BudgetUnreachableError
 from autoprune.pruning.groups import PrunableModel
 from autoprune.pruning.plan import PruningPlan, channels_kept

@@ -19,6 +19,15 @@ def uniform_plan(space: SearchSpace) -> PruningPlan:
     return space.uniform()
 
 
+def warm_start_plans(space: SearchSpace, sensitivity=None) -> list[tuple[str, PruningPlan]]:
+    """The plans a prior-guided search starts from, each meeting the budget: the sensitivity-greedy allocation
+    (when a sensitivity table is given), uniform, global magnitude and LAMP. They compete as trials like any
+    other, so the search's best is never worse on its own score than the heuristics it ships."""
+    starts = [("sensitivity-greedy", space.greedy(sensitivity))] if sensitivity is not None else []
+    return starts + [("uniform", uniform_plan(space)), ("global", ranked_plan(space, "global_l2")),
+                     ("lamp", ranked_plan(space, "lamp"))]
+
+
 def ranked_plan(space: SearchSpace, criterion: str) -> PruningPlan:
     """Global ranking: keep the channels whose score is above one threshold shared by all groups,
     with the threshold bisected onto the budget (global magnitude with `global_l2`, LAMP with `lamp`).

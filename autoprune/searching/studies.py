@@ -16,7 +16,6 @@ import optuna
 from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
-from autoprune.pruning.plan import PruningPlan
 from autoprune.costs.budgets import Budget
 from autoprune.searching.objective import trial_attrs
 from autoprune.searching.space import SearchSpace

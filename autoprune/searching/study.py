@@ -8,11 +8,7 @@ killed process are marked failed, and the loop continues until ``n_trials`` tria
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -22,8 +18,7 @@ from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan
 from autoprune._progress import progress
 from autoprune.searching import strategies
-from autoprune.searching.objective import Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
-from autoprune.costs.budgets import Budget
+from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
     SearchRun, TrialSeededSampler, best_value, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name,
@@ -78,7 +73,7 @@ def run_search(
         objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives,
                               budget_mode=mode, rungs=rungs,
                               reduction=spec.search.rung_reduction,
-                              recovery_lr=spec.search.recovery_lr or spec.train.lr / 10, seed=spec.search.seed)
+                              recovery_lr=spec.recovery_lr, seed=spec.search.seed)
         _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs))
     elif strategy == "netadapt":
         _run_netadapt(study, space, session, n_trials, show_progress)
@@ -89,16 +84,12 @@ def run_search(
     return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)
 
 def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session) -> None:
-    """Sensitivity-greedy and uniform allocations (and global, LAMP when re-ranking), clipped into the bounds,
-    enqueued once at creation."""
-    starts: list[tuple[str, PruningPlan]] = [("uniform", space.uniform())]
-    if session.spec.search.priors == "sensitivity":
-        starts.insert(0, ("sensitivity-greedy", space.greedy(session.sensitivity().table)))
-    if session.spec.search.rerank_top_k:  # the heuristics' plans become re-rank candidates (results.summarize)
-        starts += [("global", strategies.ranked_plan(space, "global_l2")), ("lamp", strategies.ranked_plan(space, "lamp"))]
-    for label, plan in starts:
-        params = space.clip(plan.ratios)
-        study.enqueue_trial(params, user_attrs={"warm_start": label}, skip_if_exists=True)
+    """The heuristics' plans (`strategies.warm_start_plans`), enqueued once at creation. The sampler sees their
+    ratios clipped into the bounds; the objective evaluates the plan itself (`WARM_PLAN`), not its projection."""
+    sens = session.sensitivity().table if session.spec.search.priors == "sensitivity" else None
+    for label, plan in strategies.warm_start_plans(space, sens):
+        study.enqueue_trial(space.clip(plan.ratios), user_attrs={"warm_start": label, WARM_PLAN: plan.ratios},
+                            skip_if_exists=True)
 
 def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_progress: bool, *,
               count_pruned: bool = False) -> None:
