@@ -206,3 +206,17 @@ def test_multi_fidelity_promotes_the_best_through_the_recovery_rungs(make_spec):
     assert result["best"]["trial"] in {t.number for t in complete}
     assert (result["n_trials_complete"], result["n_trials_pruned"]) == (len(complete), len(pruned))
     assert result["evaluations"] == 9  # stopped trials were evaluated too (no sensitivity: priors none)
+
+
+def test_upper_bounds_stop_at_the_first_failure_and_open_when_every_ratio_passes():
+    import pandas as pd
+
+    from autoprune.sensitivity.sweep import upper_bounds
+
+    rows = [("a", r, d) for r, d in ((0.25, 0.0), (0.5, 0.01), (0.75, 0.02))]  # passes everywhere
+    rows += [("b", r, d) for r, d in ((0.25, 0.0), (0.5, 0.2), (0.75, 0.01))]  # fails at 0.5: stops there
+    rows += [("c", r, d) for r, d in ((0.25, 0.3), (0.5, 0.4), (0.75, 0.5))]  # fails at once
+    df = pd.DataFrame(rows, columns=["group", "ratio", "drop"])
+    assert upper_bounds(df, ["a", "b", "c"], 0.05, 0.9) == {"a": 0.9, "b": 0.25, "c": 0.0}
+    assert upper_bounds(df, ["a"], 0.05, 0.6) == {"a": 0.6}  # never above max_ratio
+    assert upper_bounds(df[df.group != "a"], ["a"], 0.05, 0.9) == {"a": 0.0}  # not swept: not searched
