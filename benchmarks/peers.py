@@ -126,6 +126,14 @@ def session_for(args, budget: float, seed: int, method: str):
         spec = _merge(spec, {"search": {"recovery_rungs": [50, 200], "rung_reduction": 3}})
     if method == "autoprune-rerank":  # the default search plus a re-rank of its 3 best and the heuristic plans
         spec = _merge(spec, {"search": {"rerank_top_k": 3, "rerank_steps": 50}})
+    if method.startswith("autoprune") and args.set:  # --set KEY=VALUE: a variant of autoprune's default
+        for item in args.set:
+            key, _, value = item.partition("=")
+            node = spec
+            *path, last = key.split(".")
+            for k in path:
+                node = node.setdefault(k, {})
+            node[last] = yaml.safe_load(value)
     if args.quick:
         spec = _merge(spec, {"search": {"n_trials": 12}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}})
     spec["name"] = f"peers-macs{round(budget * 100)}-s{seed}-{method}"
@@ -311,6 +319,8 @@ def parse(argv=None):
     p.add_argument("--recover-from", choices=["raw", "prepared"], default="raw",
                    help="recovery starts from the pruned model as it is (raw) or as the common score function left it "
                         "(prepared: BN recalibration, and least-squares reconstruction where the spec enables it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key for the autoprune methods (e.g. search.n_trials=30; repeatable)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks/out/peers"), help="work dir (wiped at start)")
