@@ -17,7 +17,8 @@ Methods (--methods):
   fastnas      ModelOpt `mtp.prune(mode="fastnas")`, channel divisor 4 on every Conv2d/BatchNorm2d/Linear
   fastnas-d1   the same with channel divisor 1 (autoprune's granularity, `pruning.round_to: 1`)
 
-It imports autoprune only through `import autoprune` and `from autoprune import api`. ModelOpt needs
+It imports autoprune through `import autoprune` and `from autoprune import api` (and the budget's device, to
+measure latency rows the way autoprune does). ModelOpt needs
 `pip install nvidia-modelopt huggingface_hub torchprofile==0.0.4` (pin torch first: see the results file).
 Outputs: <out>/runs.csv (one row per setting/seed/method, written as it goes), the markdown results file
 (--md) and a plotly plot of metric against search wall time (--html).
@@ -118,9 +119,26 @@ def widths(model: torch.nn.Module) -> list[int]:
 
 
 # ------------------------------------------------------------------ the methods
-def session_for(args, budget: float, seed: int, method: str):
+def setting_of(budget: tuple[str, float]) -> str:
+    """'macs60' for 60 % of the MACs, 'lat70' for 70 % of the measured latency."""
+    kind, value = budget
+    return f"{'lat' if kind == 'latency' else 'macs'}{round(value * 100)}"
+
+
+def parse_budget(token: str) -> tuple[str, float]:
+    """'0.6' -> MACs fraction; 'lat0.7' -> fraction of the unpruned model's latency, measured."""
+    return ("latency", float(token[3:])) if token.startswith("lat") else ("macs", float(token))
+
+
+def session_for(args, budget: tuple[str, float], seed: int, method: str):
     spec = yaml.safe_load(Path(args.spec).read_text())
-    spec["budget"] = {"macs": budget}  # replaced: exactly one budget kind
+    kind, value = budget
+    if kind == "latency":  # the spec's device, batch size and threads if it has a latency budget, else cpu/1/1
+        old = spec.get("budget") or {}
+        spec["budget"] = {"latency": value, "device": old.get("device", "cpu"), "batch_size": old.get("batch_size", 1),
+                          "threads": old.get("threads", 1)}
+    else:
+        spec["budget"] = {"macs": value}  # replaced: exactly one budget kind
     spec = _merge(spec, {"search": {"seed": seed}})
     if method == "autoprune-mf":  # the default search plus multi-fidelity rungs (search.recovery_rungs)
         spec = _merge(spec, {"search": {"recovery_rungs": [50, 200], "rung_reduction": 3}})
@@ -128,18 +146,18 @@ def session_for(args, budget: float, seed: int, method: str):
         spec = _merge(spec, {"search": {"rerank_top_k": 3, "rerank_steps": 50}})
     if method.startswith("autoprune") and args.set:  # --set KEY=VALUE: a variant of autoprune's default
         for item in args.set:
-            key, _, value = item.partition("=")
+            dotted, _, raw = item.partition("=")
             node = spec
-            *path, last = key.split(".")
+            *path, last = dotted.split(".")
             for k in path:
                 node = node.setdefault(k, {})
-            node[last] = yaml.safe_load(value)
+            node[last] = yaml.safe_load(raw)
     if args.quick:
         spec = _merge(spec, {"search": {"n_trials": 12}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}})
-    spec["name"] = f"peers-macs{round(budget * 100)}-s{seed}-{method}"
+    spec["name"] = f"peers-{setting_of(budget)}-s{seed}-{method}"
     # one output root per budget: the base model is trained once per root and a sensitivity table is never
     # served from another budget's cache, so every search's wall time includes all of its own work
-    spec["output"] = str(Path(args.out) / f"runs-macs{round(budget * 100)}")
+    spec["output"] = str(Path(args.out) / f"runs-{setting_of(budget)}")
     s = api.session(spec, show_progress=False)
     s.target, s.evaluator  # the trained model, data and calibration batches: shared setup, outside every timer
     return s
@@ -188,20 +206,33 @@ def run_fastnas(s, budget: float, divisor: int, ckpt: Path) -> dict:
             "searched": f"fastnas (divisor {divisor})"}
 
 
-def run_one(args, budget: float, seed: int, method: str, base_macs: dict, log) -> dict:
+def measure_latency_ms(s, model: torch.nn.Module) -> float:
+    """Median latency on the budget's device, batch size and threads: autoprune's own measurement
+    (warm-up, timed runs until the median's 95 % CI is within 2 %), the same call for every method."""
+    from autoprune.costs.budgets import make_device
+
+    return float(make_device(s.spec).measure_model(model, s.pruner.example).median_ms)
+
+
+def run_one(args, budget: tuple[str, float], seed: int, method: str, base_macs: dict, log) -> dict:
+    kind, value = budget
     s = session_for(args, budget, seed, method)
     ex = s.target.example_input
-    key = (budget,)
+    key = (setting_of(budget),)
     if key not in base_macs:
         base_macs[key] = count_macs(s.target.model, ex, s.evaluator.task)
+        if kind == "latency":
+            base_macs[key + ("latency",)] = measure_latency_ms(s, s.target.model)
     try:
+        if method in FASTNAS_METHODS and kind == "latency":
+            raise ValueError("FastNAS takes no latency constraint")
         if method in AUTOPRUNE_METHODS:
             out = run_autoprune(s, AUTOPRUNE_METHODS[method])
         else:
-            out = run_fastnas(s, budget, FASTNAS_METHODS[method], Path(args.out) / f"fastnas-{method}-{seed}.pth")
+            out = run_fastnas(s, value, FASTNAS_METHODS[method], Path(args.out) / f"fastnas-{method}-{seed}.pth")
     except Exception as e:  # reported as a row (budget not met), not fatal for the other methods
         out = {"model": None, "wall_s": float("nan"), "evals": float("nan"), "note": f"{type(e).__name__}: {e}"[:300]}
-    row = {"setting": f"macs{round(budget * 100)}", "budget": budget, "seed": seed, "method": method,
+    row = {"setting": setting_of(budget), "budget": value, "seed": seed, "method": method,
            "metric": s.evaluator.task.metric_name,
            "searched": out.get("searched"), "search_wall_s": round(out["wall_s"], 2), "evals": out["evals"],
            "evals_sensitivity": out.get("evals_sensitivity"), "own_macs_ratio": out.get("own_macs_ratio"),
@@ -212,7 +243,12 @@ def run_one(args, budget: float, seed: int, method: str, base_macs: dict, log) -
         return row
     macs = count_macs(model, ex, s.evaluator.task)
     row["macs_ratio"] = macs / base_macs[key]
-    row["budget_met"] = bool(row["macs_ratio"] <= budget + 1e-9)
+    if kind == "latency":  # measured here, after the search, in the same process as the unpruned model
+        row["latency_ms"] = measure_latency_ms(s, model)
+        row["latency_ratio"] = row["latency_ms"] / base_macs[key + ("latency",)]
+        row["budget_met"] = bool(row["latency_ratio"] <= value + 1e-9)
+    else:
+        row["budget_met"] = bool(row["macs_ratio"] <= value + 1e-9)
     row["params_ratio"] = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in s.target.model.parameters())
     row["widths"] = json.dumps(widths(model))
     prepared = copy.deepcopy(model)
@@ -277,12 +313,15 @@ def table(runs: pd.DataFrame, args) -> str:
                 f"val {unit} proxy before FT": mean_pm(ok.val_proxy, 100) if len(ok) else "–",
                 f"test {unit} before FT (post-training)": mean_pm(ok.test_prepared, 100) if "test_prepared" in ok and len(ok) else "–",
                 "MACs ratio (FlopCounterMode)": mean_pm(ok.macs_ratio, 1, 3) if len(ok) else "–",
+                **({"latency ratio (measured)": mean_pm(ok.latency_ratio, 1, 3) if len(ok) else "–"}
+                   if setting.startswith("lat") else {}),
                 "budget met": f"{int(ok.budget_met.sum()) if len(ok) else 0}/{len(r)}",
                 "search wall s": mean_pm(r.search_wall_s, 1, 1),
                 "evaluations": mean_pm(r.evals.astype(float), 1, 0),
             })
         base = g.baseline_test.dropna()
-        out.append(f"### {model_label(args)}, {setting[4:]} % MACs, seeds {','.join(map(str, sorted(g.seed.unique())))}"
+        what = f"{setting[3:]} % latency" if setting.startswith("lat") else f"{setting[4:]} % MACs"
+        out.append(f"### {model_label(args)}, {what}, seeds {','.join(map(str, sorted(g.seed.unique())))}"
                    + (f" (unpruned test {100 * base.iloc[0]:.2f} {unit})" if len(base) else "") + "\n\n" + _md(pd.DataFrame(rows)))
     return "\n\n".join(out)
 
@@ -310,7 +349,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", default=None, help="the spec to start from (default: search_spaces/digits-resnet20-macs50.yaml "
                                                  "of the checkout whose autoprune is imported); its budget is overridden")
-    p.add_argument("--budgets", default="0.5,0.3", help="MACs fractions of the unpruned model")
+    p.add_argument("--budgets", default="0.5,0.3", help="MACs fractions of the unpruned model; latN: a fraction N of "
+                   "its latency, measured on the spec's latency device (else cpu, batch 1, 1 thread), e.g. lat0.7")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--ft-steps", type=int, default=300, help="the common recovery: Adam steps")
@@ -349,7 +389,7 @@ def main(argv=None) -> Path:
         logf.write(line + "\n")
         logf.flush()
 
-    budgets = [float(b) for b in args.budgets.split(",") if b]
+    budgets = [parse_budget(b) for b in args.budgets.split(",") if b]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in ALL_METHODS]
@@ -375,7 +415,7 @@ def main(argv=None) -> Path:
     header = [
         f"- command: `{cmd}`",
         f"- machine: {mach}",
-        f"- autoprune: git {git_rev(PKG_ROOT)}; spec `{Path(args.spec).name}` with `budget.macs` overridden",
+        f"- autoprune: git {git_rev(PKG_ROOT)}; spec `{Path(args.spec).name}` with its budget overridden",
         f"- started {started:%Y-%m-%d %H:%M} UTC, finished {finished:%H:%M} UTC ({(finished - started).total_seconds() / 60:.1f} min)",
         f"- recovery (every method): {args.ft_steps} Adam steps, lr {args.ft_lr} cosine, batch {yaml.safe_load(Path(args.spec).read_text())['data']['batch_size']}, "
         f"the task's loss on train ({runs['metric'].iloc[0] if 'metric' in runs else 'accuracy'} task: "
