@@ -115,3 +115,25 @@ def test_properties_on_a_transformer():
         assert cm.estimate(plan) == (count_macs(small, x), count_params(small))
 
     check()
+
+
+def test_finetune_paths_cut_the_heads_the_search_scored():
+    """`autoprune finetune` prunes through `schedules.prune_to`: one-shot, and gradual on a re-scored copy. Both must
+    give the model the search evaluated (`pm.apply`), whole heads included (the copy is not probed for heads)."""
+    import copy
+
+    from autoprune.pruning.schedules import prune_to
+
+    model, x = tiny_bert(), bert_inputs()
+    pm = PrunableModel(model, x, ignore=["pooler.dense"])
+    plan = pm.plan({n: 0.5 if n.endswith("value") else 0.25 for n in pm.prunable_names})
+    searched = pm.apply(plan)
+    oneshot = prune_to(pm, copy.deepcopy(pm.base), plan, 1.0)
+    gradual = prune_to(pm, prune_to(pm, copy.deepcopy(pm.base), plan, 0.5), plan, 1.0)
+    with torch.no_grad():
+        want = call_model(searched, bert_inputs(2)).last_hidden_state
+        for got in (oneshot, gradual):
+            assert torch.allclose(call_model(got, bert_inputs(2)).last_hidden_state, want, atol=1e-6)
+    for small in (oneshot, gradual):
+        att = small.encoder.layer[0].attention.self
+        assert (att.num_attention_heads, att.attention_head_size, att.query.out_features) == (2, 16, 32)

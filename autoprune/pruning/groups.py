@@ -154,6 +154,17 @@ class PrunableModel:
         self._by_name = {g.name: g for g in self.groups}
         self._scores: dict[str, dict[str, torch.Tensor]] = {}
 
+    def adopt_multiples(self, other: "PrunableModel") -> None:
+        """Take the channel multiples (attention heads) that `other`'s probes found for groups of the same name.
+
+        A PrunableModel built with check_groups=False (a gradual schedule's re-scoring of a partly pruned copy)
+        does not probe, so it would see heads as single channels and cut across them."""
+        found = {g.name: g.multiple for g in other.groups if g.multiple > 1}
+        self.groups = [replace(g, multiple=found[g.name]) if g.name in found and g.channels % found[g.name] == 0
+                       else g for g in self.groups]
+        self._by_name = {g.name: g for g in self.groups}
+        self._selection.clear()
+
     # ----------------------------------------------------------------- groups
     def trace(self, model: nn.Module) -> tp.DependencyGraph:
         for p in model.parameters():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
@@ -78,10 +79,14 @@ def prune_to(pm_base: PrunableModel, model: nn.Module, plan: PruningPlan, fracti
         work = PrunableModel(model, pm_base.example, ignore=pm_base.ignored, mode="unstructured",
                              max_ratio=0.999, check_groups=False)
         return work.apply(PruningPlan(target_plan.ratios, "unstructured", plan.criterion, plan.round_to))
+    if fraction >= 1.0 and _unchanged(model, pm_base.base):
+        # one-shot from the unpruned weights: cut exactly the channels the search scored for this plan
+        return pm_base.apply(plan, check=True)
     target = pm_base.kept(target_plan)
     cur = PrunableModel(model, pm_base.example, ignore=pm_base.ignored, criterion=plan.criterion,
                         round_to=1, max_ratio=0.999, calibration=pm_base.calibration, seed=pm_base.seed,
                         check_groups=False)
+    cur.adopt_multiples(pm_base)  # attention heads go whole here too
     cur.task, cur.teacher = getattr(pm_base, "task", None), getattr(pm_base, "teacher", None)
     ratios = {}
     for g in cur.groups:
@@ -90,6 +95,12 @@ def prune_to(pm_base: PrunableModel, model: nn.Module, plan: PruningPlan, fracti
     if not ratios:
         return model
     return cur.apply(cur.plan(ratios), check=True)
+
+
+def _unchanged(model: nn.Module, base: nn.Module) -> bool:
+    """Same architecture and the same weights as `base` (nothing pruned or trained yet)."""
+    a, b = model.state_dict(), base.state_dict()
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
 def widths(model: nn.Module) -> dict[str, tuple[int, ...]]:
