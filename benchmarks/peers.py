@@ -214,15 +214,17 @@ def measure_latency_ms(s, model: torch.nn.Module) -> float:
     return float(make_device(s.spec).measure_model(model, s.pruner.example).median_ms)
 
 
-def run_one(args, budget: tuple[str, float], seed: int, method: str, base_macs: dict, log) -> dict:
+def run_one(args, budget: tuple[str, float], seed: int, method: str, base: dict, log) -> dict:
+    """One method at one budget and seed. `base` caches the unpruned model's costs per setting, measured once:
+    (setting, "macs") and, for a latency budget, (setting, "latency")."""
     kind, value = budget
     s = session_for(args, budget, seed, method)
     ex = s.target.example_input
-    key = (setting_of(budget),)
-    if key not in base_macs:
-        base_macs[key] = count_macs(s.target.model, ex, s.evaluator.task)
+    setting = setting_of(budget)
+    if (setting, "macs") not in base:
+        base[setting, "macs"] = count_macs(s.target.model, ex, s.evaluator.task)
         if kind == "latency":
-            base_macs[key + ("latency",)] = measure_latency_ms(s, s.target.model)
+            base[setting, "latency"] = measure_latency_ms(s, s.target.model)
     try:
         if method in FASTNAS_METHODS and kind == "latency":
             raise ValueError("FastNAS takes no latency constraint")
@@ -232,7 +234,7 @@ def run_one(args, budget: tuple[str, float], seed: int, method: str, base_macs: 
             out = run_fastnas(s, value, FASTNAS_METHODS[method], Path(args.out) / f"fastnas-{method}-{seed}.pth")
     except Exception as e:  # reported as a row (budget not met), not fatal for the other methods
         out = {"model": None, "wall_s": float("nan"), "evals": float("nan"), "note": f"{type(e).__name__}: {e}"[:300]}
-    row = {"setting": setting_of(budget), "budget": value, "seed": seed, "method": method,
+    row = {"setting": setting, "budget": value, "seed": seed, "method": method,
            "metric": s.evaluator.task.metric_name,
            "searched": out.get("searched"), "search_wall_s": round(out["wall_s"], 2), "evals": out["evals"],
            "evals_sensitivity": out.get("evals_sensitivity"), "own_macs_ratio": out.get("own_macs_ratio"),
@@ -242,10 +244,10 @@ def run_one(args, budget: tuple[str, float], seed: int, method: str, base_macs: 
         log(f"{row['setting']} s{seed} {method}: {row['note']}")
         return row
     macs = count_macs(model, ex, s.evaluator.task)
-    row["macs_ratio"] = macs / base_macs[key]
+    row["macs_ratio"] = macs / base[setting, "macs"]
     if kind == "latency":  # measured here, after the search, in the same process as the unpruned model
         row["latency_ms"] = measure_latency_ms(s, model)
-        row["latency_ratio"] = row["latency_ms"] / base_macs[key + ("latency",)]
+        row["latency_ratio"] = row["latency_ms"] / base[setting, "latency"]
         row["budget_met"] = bool(row["latency_ratio"] <= value + 1e-9)
     else:
         row["budget_met"] = bool(row["macs_ratio"] <= value + 1e-9)
@@ -399,12 +401,12 @@ def main(argv=None) -> Path:
     started = datetime.now(timezone.utc)
     mach = machine()
     log(f"start: {cmd} on {mach}; autoprune from {PKG_ROOT} (git {git_rev(PKG_ROOT)}), spec {args.spec}")
-    rows, base_macs = [], {}
+    rows, base = [], {}
     for budget in budgets:
         for seed in seeds:
             for method in methods:
                 t0 = time.perf_counter()
-                row = run_one(args, budget, seed, method, base_macs, log)
+                row = run_one(args, budget, seed, method, base, log)
                 row["total_s"] = round(time.perf_counter() - t0, 2)
                 rows.append(row)
                 pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)
