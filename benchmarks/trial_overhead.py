@@ -81,9 +81,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet20,minilm")
     ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--out", default=None, help="run directory root (default: a temporary directory)")
+    ap.add_argument("--out", default=None, help="where to make this run's directory (default: the system's temp dir)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's); 1 gives "
+                    "steady shares while another job holds a core")
     args = ap.parse_args()
-    out = args.out or tempfile.mkdtemp(prefix="autoprune-overhead-")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # always a new directory: a study left by an earlier run would be resumed, and its trials (timed under
+    # other conditions, by other code) would be mixed into this run's medians
+    out = tempfile.mkdtemp(prefix="autoprune-overhead-", dir=args.out)
     rows = [run(m, args.trials, out) for m in args.models.split(",")]
     print("| model | trials | trial (median) | apply + cost | evaluation | other | non-evaluation share | "
           "apply before (copy + re-trace) | apply now |")

@@ -7,7 +7,6 @@ physically smaller model whose output shape is unchanged.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +19,7 @@ import torch.nn.utils.prune as nn_prune
 import torch_pruning as tp
 
 from autoprune.pruning import criteria
+from autoprune.pruning.clone import clone_module
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan, channels_kept
 from autoprune.model.task import call_model, output_signature, tensors_of
@@ -181,7 +181,7 @@ class PrunableModel:
         return dg.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES))
 
     def _find_groups(self) -> list[GroupInfo]:
-        work = copy.deepcopy(self.base)
+        work = clone_module(self.base)
         dg = self.trace(work)
         names = _module_names(work)
         # the copy is only read here: it stays the pristine traced graph `_cuts` applies plans with
@@ -260,7 +260,7 @@ class PrunableModel:
 
         def probe(sizes: dict[str, int]) -> str | None:
             """Prune `sizes[g]` channels of each group on one copy; None if the output shape survives."""
-            work = copy.deepcopy(self.base)
+            work = clone_module(self.base)
             try:
                 dg = self.trace(work)
                 for name, n in sizes.items():
@@ -346,6 +346,11 @@ class PrunableModel:
                 left[j] -= 1
             chosen.append(c)
         return sorted(chosen)
+
+    def counts_suffice(self, name: str) -> bool:
+        """True when group `name`'s cost depends only on how many channels it loses, not which (no
+        concatenated branches): a cost estimate can then skip choosing the channels."""
+        return not self.branch_counts.get(name) and not self._segments.get(name)
 
     def pruned_indices(self, plan: PruningPlan) -> dict[str, list[int]]:
         """Root-channel indices each group loses under `plan` (least important first, branches kept alive)."""
@@ -446,7 +451,7 @@ class PrunableModel:
         crit = criterion or self.criterion
         if crit in self._scores:
             return self._scores[crit]
-        work = copy.deepcopy(self.base)
+        work = clone_module(self.base)
         dg = self.trace(work)
         by_name = dict(work.named_modules())
         out: dict[str, torch.Tensor] = {}
@@ -495,7 +500,7 @@ class PrunableModel:
         if plan.mode == "unstructured":
             return self._apply_unstructured(plan)
         pruned = self.pruned_indices(plan)
-        work = copy.deepcopy(self.base)
+        work = clone_module(self.base)
         if not pruned:
             work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
             return work
@@ -531,7 +536,7 @@ class PrunableModel:
         the union of its indices in the original coordinates gives what pruning the groups one after another
         gives (tests compare the two), whatever the order, concatenations included."""
         if self._base_graph is None:  # dropped when pickled (see __getstate__)
-            template = copy.deepcopy(self.base)
+            template = clone_module(self.base)
             self._base_graph = (template, self.trace(template), _module_names(template))
         template, dg, names = self._base_graph
         cuts: dict[tuple[str, str, str], tuple[Any, set[int]]] = {}
@@ -564,7 +569,7 @@ class PrunableModel:
 
     def _apply_unstructured(self, plan: PruningPlan) -> nn.Module:
         """Per-layer magnitude masks (torch.nn.utils.prune), made permanent: zeros, same shapes."""
-        work = copy.deepcopy(self.base)
+        work = clone_module(self.base)
         mods = dict(work.named_modules())
         for g in self.groups:
             r = plan.ratios.get(g.name, 0.0)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoprune.model.task import call_model
+from autoprune.pruning.clone import clone_module
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 
@@ -43,9 +44,7 @@ def kept_outputs(pm, plan) -> dict[str, torch.Tensor]:
     Replays the plan's pruning groups on Torch-Pruning's dependency graph (the same channel choice as
     `PrunableModel.apply`) without pruning, so every member layer's removed indices are exact.
     """
-    import copy
-
-    work = copy.deepcopy(pm.base)
+    work = clone_module(pm.base)
     dg = pm.trace(work)
     names = {id(m): n for n, m in work.named_modules()}
     kept_n = pm.kept(plan)

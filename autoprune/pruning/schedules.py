@@ -10,7 +10,6 @@ Written here because Torch-Pruning has no cost-budgeted schedule driver and TF-M
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
+from autoprune.pruning.clone import clone_module
 from autoprune.pruning.groups import PrunableModel
 from autoprune.pruning.plan import PruningPlan
 
@@ -130,7 +130,7 @@ def finetune(
     task = task or getattr(pm, "task", None)
     teacher = pm.base if distill > 0 or (task is not None and task.needs_teacher) else None
     pm.validate(plan)
-    model = copy.deepcopy(pm.base)
+    model = clone_module(pm.base)
     points = schedule.pruning_steps()
     done = 0
     for i, p in enumerate(points):

@@ -4,6 +4,7 @@ strategy searches, and what a finished search hands to the results stage."""
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import socket
@@ -58,10 +59,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(path.parent, os.W_OK):
                 raise PermissionError(f"{path.parent} is not writable")
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
+            from optuna.storages.journal import JournalStorage
 
             repair_journal(path)
-            return JournalStorage(JournalFileBackend(str(path)))
+            return JournalStorage(_journal_backend(path))
         except AutopruneError:
             raise
         except (PermissionError, NotADirectoryError, FileExistsError) as e:
@@ -76,6 +77,36 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as e:
         safe = url.split("@")[-1]
         raise AutopruneError(f"cannot connect to storage ...@{safe}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _journal_backend(path: Path):
+    """Optuna's journal file, but `fsync`ed when a trial ends rather than after every record.
+
+    Why by hand: `JournalFileBackend.append_logs` fsyncs each record, and a trial writes ~17 of them (one per
+    suggested ratio, its record, its constraint, its state): 2-3 ms of a 60 ms ResNet-20 trial, for durability
+    that only matters for the records of a trial that finished. Every record is still written and flushed
+    under the journal's lock before `append_logs` returns (so other processes and a restart after a kill see
+    it), and the fsync at a trial's end (or a study-level change) makes everything before it durable too; what
+    an OS crash can lose is the unfinished trial's records, which a resume marks failed anyway."""
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+    from optuna.storages.journal._storage import JournalOperation as Op
+
+    cheap = {int(Op.CREATE_TRIAL), int(Op.SET_TRIAL_PARAM), int(Op.SET_TRIAL_INTERMEDIATE_VALUE),
+             int(Op.SET_TRIAL_USER_ATTR), int(Op.SET_TRIAL_SYSTEM_ATTR)}
+
+    class TrialDurableJournal(JournalFileBackend):
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            if any(log.get("op_code") not in cheap for log in logs):
+                return super().append_logs(logs)
+            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+            with get_lock_file(self._lock):
+                with open(self._file_path, "ab") as f:
+                    f.write(text.encode("utf-8"))
+
+    backend = TrialDurableJournal(str(path))
+    # Optuna's private names: if a future version renames them, keep its own (always-fsync) backend
+    return backend if hasattr(backend, "_lock") and hasattr(backend, "_file_path") else JournalFileBackend(str(path))
 
 
 STALE_LOCK_S = 5.0  # a journal write holds the lock for milliseconds; an older lock was left by a killed process
