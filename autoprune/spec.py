@@ -160,6 +160,9 @@ class SearchSpec(_Section):
     rung_reduction: int = Field(3, ge=2, description="successive halving's reduction factor")
     recovery_lr: float | None = Field(None, gt=0, description="learning rate of every recovery fine-tune: the "
                                       "rungs' and `autoprune finetune`'s (default train.lr / 10)")
+    timeout_s: float | None = Field(None, gt=0, description="wall-time limit of the whole search, sensitivity "
+                                    "sweep included: no trial starts once it has passed (n_trials stays the maximum; "
+                                    "at least one trial runs; optuna and random strategies, both backends); None: none")
 
     @field_validator("recovery_rungs")
     @classmethod

@@ -253,3 +253,15 @@ def test_a_module_the_workers_cannot_import_stops_the_search_at_once_with_exit_2
             assert t.user_attrs["ray_worker"]["pid"] != os.getpid()
     else:  # the sensitivity tasks fail first, with the same clear message
         assert "a Ray task failed" in err
+
+
+def test_ray_search_starts_no_trial_after_its_timeout(make_spec):
+    # search.timeout_s on Ray: the searcher answers FINISHED once the limit has passed, after its first trial, so
+    # Tune starts nothing more and the loop that tops up missing trials stops too
+    spec = make_spec("cnn1d", budget={"macs": 0.5},
+                     search={"backend": "ray", "n_trials": 20, "max_concurrent_trials": 1, "priors": "none",
+                             "timeout_s": 1e-3})
+    result = api.search(spec, show_progress=False)
+    assert result["n_trials_complete"] == 1
+    states = [t.state.name for t in stored_study(spec).trials]
+    assert states.count("COMPLETE") == 1 and set(states) <= {"COMPLETE", "WAITING"}, states  # none left running

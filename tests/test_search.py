@@ -220,3 +220,15 @@ def test_upper_bounds_stop_at_the_first_failure_and_open_when_every_ratio_passes
     assert upper_bounds(df, ["a", "b", "c"], 0.05, 0.9) == {"a": 0.9, "b": 0.25, "c": 0.0}
     assert upper_bounds(df, ["a"], 0.05, 0.6) == {"a": 0.6}  # never above max_ratio
     assert upper_bounds(df[df.group != "a"], ["a"], 0.05, 0.9) == {"a": 0.0}  # not swept: not searched
+
+
+def test_timeout_stops_starting_trials_once_the_search_has_run_that_long(make_spec):
+    # search.timeout_s counts the sensitivity sweep too: a limit that has passed by the time trials start leaves
+    # exactly one trial (at least one always runs); n_trials stays the maximum
+    spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 50, "timeout_s": 1e-3})
+    run = run_search(_session(spec), show_progress=False)
+    states = [t.state for t in run.study.trials]
+    assert states[0] == TrialState.COMPLETE and set(states[1:]) == {TrialState.WAITING}  # warm starts left queued
+    assert trial_attrs(run.study.trials[0])["macs_ratio"] <= 0.5 + 1e-9
+    spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 7, "timeout_s": 3600})
+    assert sum(t.state == TrialState.COMPLETE for t in run_search(_session(spec), show_progress=False).study.trials) == 7

@@ -58,6 +58,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
@@ -391,7 +392,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
     """`OptunaSearch` that also passes constraints, user attributes and failures to the Optuna trial."""
 
     def __init__(self, *args, worker: str = "", warm_starts: list[tuple[str, dict]] | None = None,
-                 watch: "FailWatch | None" = None, trials: "_TrialIndex | None" = None, rungs: bool = False, **kw):
+                 watch: "FailWatch | None" = None, trials: "_TrialIndex | None" = None, rungs: bool = False,
+                 deadline: float | None = None, **kw):
+        self._deadline = deadline  # time.time(): no trial starts after it (search.timeout_s)
+        self._suggested = 0
         self._rungs = rungs  # multi-fidelity: intermediate values at RUNG_KEY, stopped trials told PRUNED
         self._reported: dict[str, set[int]] = {}
         self._worker = worker
@@ -401,6 +405,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
         super().__init__(*args, **kw)
 
     def suggest(self, trial_id: str):
+        if self._deadline is not None and self._suggested and time.time() >= self._deadline:
+            return Searcher.FINISHED  # Tune starts no new trial and lets the running ones finish
+        self._suggested += 1
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and self._worker:
@@ -648,12 +655,13 @@ def run_ray_search(
     first = True
     watch = FailWatch(min(3, n_trials))
     index = _TrialIndex()
+    deadline = time.time() - (time.perf_counter() - t0) + s.timeout_s if s.timeout_s else None
     while True:
         done = n_done(study, bool(rungs))
         bar.n = min(done, n_trials)
         bar.refresh()
         missing = n_trials - done
-        if missing <= 0 or attempts >= 3 * n_trials:
+        if missing <= 0 or attempts >= 3 * n_trials or (deadline is not None and not first and time.time() >= deadline):
             break
         # a fresh sampler seeded by the study's size, like the local loop, so a resumed run does not replay itself
         searcher = ConstrainedOptunaSearch(
@@ -669,6 +677,7 @@ def run_ray_search(
             watch=watch,
             trials=index,
             rungs=bool(rungs),
+            deadline=deadline,
         )
         first = False
         scheduler = ASHAScheduler(time_attr=RUNG_KEY, metric=metrics[0], mode=modes[0], grace_period=1,

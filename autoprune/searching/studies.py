@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import get_lock_file
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
@@ -62,7 +65,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             from optuna.storages.journal import JournalStorage
 
             repair_journal(path)
-            return JournalStorage(_journal_backend(path))
+            return JournalStorage(TrialDurableJournal(str(path)))
         except AutopruneError:
             raise
         except (PermissionError, NotADirectoryError, FileExistsError) as e:
@@ -79,7 +82,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise AutopruneError(f"cannot connect to storage ...@{safe}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def _journal_backend(path: Path):
+class TrialDurableJournal(JournalFileBackend):
     """Optuna's journal file, but `fsync`ed when a trial ends rather than after every record.
 
     Why by hand: `JournalFileBackend.append_logs` fsyncs each record, and a trial writes ~17 of them (one per
@@ -88,25 +91,19 @@ def _journal_backend(path: Path):
     under the journal's lock before `append_logs` returns (so other processes and a restart after a kill see
     it), and the fsync at a trial's end (or a study-level change) makes everything before it durable too; what
     an OS crash can lose is the unfinished trial's records, which a resume marks failed anyway."""
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.storages.journal._file import get_lock_file
-    from optuna.storages.journal._storage import JournalOperation as Op
 
-    cheap = {int(Op.CREATE_TRIAL), int(Op.SET_TRIAL_PARAM), int(Op.SET_TRIAL_INTERMEDIATE_VALUE),
-             int(Op.SET_TRIAL_USER_ATTR), int(Op.SET_TRIAL_SYSTEM_ATTR)}
+    _CHEAP = frozenset(int(op) for op in (JournalOperation.CREATE_TRIAL, JournalOperation.SET_TRIAL_PARAM,
+                                          JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
+                                          JournalOperation.SET_TRIAL_USER_ATTR, JournalOperation.SET_TRIAL_SYSTEM_ATTR))
 
-    class TrialDurableJournal(JournalFileBackend):
-        def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            if any(log.get("op_code") not in cheap for log in logs):
-                return super().append_logs(logs)
-            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
-            with get_lock_file(self._lock):
-                with open(self._file_path, "ab") as f:
-                    f.write(text.encode("utf-8"))
-
-    backend = TrialDurableJournal(str(path))
-    # Optuna's private names: if a future version renames them, keep its own (always-fsync) backend
-    return backend if hasattr(backend, "_lock") and hasattr(backend, "_file_path") else JournalFileBackend(str(path))
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if not (hasattr(self, "_lock") and hasattr(self, "_file_path")) or any(
+                log.get("op_code") not in self._CHEAP for log in logs):
+            return super().append_logs(logs)  # (also if a future Optuna renames the private names used below)
+        text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+        with get_lock_file(self._lock):
+            with open(self._file_path, "ab") as f:
+                f.write(text.encode("utf-8"))
 
 
 STALE_LOCK_S = 5.0  # a journal write holds the lock for milliseconds; an older lock was left by a killed process

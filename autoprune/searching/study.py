@@ -74,7 +74,8 @@ def run_search(
                               budget_mode=mode, rungs=rungs,
                               reduction=spec.search.rung_reduction,
                               recovery_lr=spec.recovery_lr, seed=spec.search.seed)
-        _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs))
+        deadline = t0 + spec.search.timeout_s if spec.search.timeout_s else None
+        _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs), deadline=deadline)
     elif strategy == "netadapt":
         _run_netadapt(study, space, session, n_trials, show_progress)
     else:
@@ -92,8 +93,9 @@ def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session) -> No
                             skip_if_exists=True)
 
 def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_progress: bool, *,
-              count_pruned: bool = False) -> None:
-    """Run trials until `n_trials` have completed (multi-fidelity: completed or stopped at a rung)."""
+              count_pruned: bool = False, deadline: float | None = None) -> None:
+    """Run trials until `n_trials` have completed (multi-fidelity: completed or stopped at a rung), or until
+    `deadline` (`time.perf_counter()` time; `search.timeout_s`) has passed, after at least one trial."""
     def n_done(st: optuna.Study) -> int:
         states = (TrialState.COMPLETE, TrialState.PRUNED) if count_pruned else (TrialState.COMPLETE,)
         return len(st.get_trials(deepcopy=False, states=states))
@@ -110,7 +112,7 @@ def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_pro
         if best is not None:
             bar.set_postfix(best=f"{best:.4f}")
         bar.refresh()
-        if n >= n_trials:
+        if n >= n_trials or (deadline is not None and time.perf_counter() >= deadline):
             st.stop()
 
     # at most 3x attempts per process, so that a model whose every trial fails cannot loop forever
