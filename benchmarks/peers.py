@@ -12,6 +12,8 @@ Methods (--methods):
   autoprune    `api.search(session)` with the spec's (default) search section: TPE, sensitivity priors, 60 trials
   autoprune-mf the same plus multi-fidelity rungs: search.recovery_rungs [50, 200], rung_reduction 3
   autoprune-rerank  the same plus search.rerank_top_k 3, rerank_steps 50 (3 best + the heuristic plans re-ranked)
+  autoprune-tm the default search held to FastNAS's wall time: search.timeout_s = the `fastnas` row's search wall
+               time at the same budget and seed (needs `fastnas` in --methods; runs after it)
   uniform, global, lamp, netadapt, random
                `api.search(session, strategy=...)`, the heuristics `autoprune search --strategy` selects
   fastnas      ModelOpt `mtp.prune(mode="fastnas")`, channel divisor 4 on every Conv2d/BatchNorm2d/Linear
@@ -55,7 +57,7 @@ from autoprune.app import api  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG_ROOT = Path(autoprune.__file__).resolve().parents[1]  # the checkout whose autoprune is imported
-AUTOPRUNE_METHODS = {"autoprune": None, "autoprune-mf": None, "autoprune-rerank": None, "uniform": "uniform", "global": "global", "lamp": "lamp",
+AUTOPRUNE_METHODS = {"autoprune": None, "autoprune-mf": None, "autoprune-rerank": None, "autoprune-tm": None, "uniform": "uniform", "global": "global", "lamp": "lamp",
                      "netadapt": "netadapt", "random": "random"}
 FASTNAS_METHODS = {"fastnas": 4, "fastnas-d1": 1}  # label -> channel divisor
 ALL_METHODS = [*AUTOPRUNE_METHODS, *FASTNAS_METHODS]
@@ -130,7 +132,7 @@ def parse_budget(token: str) -> tuple[str, float]:
     return ("latency", float(token[3:])) if token.startswith("lat") else ("macs", float(token))
 
 
-def session_for(args, budget: tuple[str, float], seed: int, method: str):
+def session_for(args, budget: tuple[str, float], seed: int, method: str, timeout_s: float | None = None):
     spec = yaml.safe_load(Path(args.spec).read_text())
     kind, value = budget
     if kind == "latency":  # the spec's device, batch size and threads if it has a latency budget, else cpu/1/1
@@ -144,6 +146,8 @@ def session_for(args, budget: tuple[str, float], seed: int, method: str):
         spec = _merge(spec, {"search": {"recovery_rungs": [50, 200], "rung_reduction": 3}})
     if method == "autoprune-rerank":  # the default search plus a re-rank of its 3 best and the heuristic plans
         spec = _merge(spec, {"search": {"rerank_top_k": 3, "rerank_steps": 50}})
+    if method == "autoprune-tm":  # the default search, stopped at FastNAS's wall time (search.timeout_s)
+        spec = _merge(spec, {"search": {"timeout_s": timeout_s}})
     if method.startswith("autoprune") and args.set:  # --set KEY=VALUE: a variant of autoprune's default
         for item in args.set:
             dotted, _, raw = item.partition("=")
@@ -155,8 +159,8 @@ def session_for(args, budget: tuple[str, float], seed: int, method: str):
     if args.quick:
         spec = _merge(spec, {"search": {"n_trials": 12}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}})
     spec["name"] = f"peers-{setting_of(budget)}-s{seed}-{method}"
-    # one output root per budget: the base model is trained once per root and a sensitivity table is never
-    # served from another budget's cache, so every search's wall time includes all of its own work
+    # one output root per budget: the base model is trained once per root (and run_one wipes the sensitivity
+    # cache before each autoprune search, so every search's wall time includes all of its own work)
     spec["output"] = str(Path(args.out) / f"runs-{setting_of(budget)}")
     s = api.session(spec, show_progress=False)
     s.target, s.evaluator  # the trained model, data and calibration batches: shared setup, outside every timer
@@ -218,7 +222,11 @@ def run_one(args, budget: tuple[str, float], seed: int, method: str, base: dict,
     """One method at one budget and seed. `base` caches the unpruned model's costs per setting, measured once:
     (setting, "macs") and, for a latency budget, (setting, "latency")."""
     kind, value = budget
-    s = session_for(args, budget, seed, method)
+    wall = base.get((setting_of(budget), seed, "fastnas_wall"))
+    if method == "autoprune-tm" and not wall:
+        return {"setting": setting_of(budget), "budget": value, "seed": seed, "method": method,
+                "note": "no fastnas wall time to match (fastnas did not run or failed)"}
+    s = session_for(args, budget, seed, method, timeout_s=wall)
     ex = s.target.example_input
     setting = setting_of(budget)
     if (setting, "macs") not in base:
@@ -229,11 +237,16 @@ def run_one(args, budget: tuple[str, float], seed: int, method: str, base: dict,
         if method in FASTNAS_METHODS and kind == "latency":
             raise ValueError("FastNAS takes no latency constraint")
         if method in AUTOPRUNE_METHODS:
+            # never a sensitivity table cached by another method at this budget and seed: every search's wall
+            # time includes its own sweep
+            shutil.rmtree(s.cache_dir / "sensitivity", ignore_errors=True)
             out = run_autoprune(s, AUTOPRUNE_METHODS[method])
         else:
             out = run_fastnas(s, value, FASTNAS_METHODS[method], Path(args.out) / f"fastnas-{method}-{seed}.pth")
     except Exception as e:  # reported as a row (budget not met), not fatal for the other methods
         out = {"model": None, "wall_s": float("nan"), "evals": float("nan"), "note": f"{type(e).__name__}: {e}"[:300]}
+    if method == "fastnas" and out["model"] is not None:
+        base[setting, seed, "fastnas_wall"] = out["wall_s"]  # what autoprune-tm is held to
     row = {"setting": setting, "budget": value, "seed": seed, "method": method,
            "metric": s.evaluator.task.metric_name,
            "searched": out.get("searched"), "search_wall_s": round(out["wall_s"], 2), "evals": out["evals"],
@@ -397,6 +410,10 @@ def main(argv=None) -> Path:
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise SystemExit(f"unknown methods {bad}; choose from {ALL_METHODS}")
+    if "autoprune-tm" in methods:  # held to fastnas's wall time: after it
+        if "fastnas" not in methods:
+            raise SystemExit("autoprune-tm is held to fastnas's wall time: add fastnas to --methods")
+        methods = [m for m in methods if m != "autoprune-tm"] + ["autoprune-tm"]
     cmd = "python benchmarks/peers.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     started = datetime.now(timezone.utc)
     mach = machine()
@@ -441,7 +458,8 @@ def main(argv=None) -> Path:
         "60 trials; its evaluations include the sensitivity sweep, its wall time too); `uniform`, `global`, `lamp`, "
         "`netadapt`, `random`: `api.search(session, strategy=...)`, the same path as `autoprune search --strategy` "
         "(random: 60 trials; netadapt: at most 60 evaluations); pruning criterion l2, `round_to: 1`, "
-        "`max_ratio: 0.9` for all of them;",
+        "`max_ratio: 0.9` for all of them; `autoprune-tm`: the default search with `search.timeout_s` set to the "
+        "`fastnas` row's wall time at the same budget and seed (its last trial finishes after the limit);",
         f"- `fastnas`: ModelOpt `mtp.prune(mode=[('fastnas', rules)], constraints={{'flops': '<budget>%'}})`, rules "
         f"on every Conv2d (`channels_ratio` {FASTNAS_RATIOS[0]:.2f}..1.00 step 0.05, i.e. keep >= 10 % as autoprune's "
         "max_ratio 0.9, `kernel_size: ()`), BatchNorm2d and Linear (`features_ratio` the same), divisor 4 (the "
