@@ -88,13 +88,14 @@ def find_output_layers(model: nn.Module, example) -> list[str]:
     return order[-1:]
 
 
-def sync_attention_attributes(model: nn.Module) -> int:
+def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = None) -> int:
     """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
     (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
     Linear layers) from the pruned widths, so that the modules and their repr tell the truth; returns how many
-    modules were updated. Torch-Pruning prunes the weights but does not know these attributes."""
+    modules were updated. Torch-Pruning prunes the weights but does not know these attributes. `only`: the
+    qualified names of the modules to look at (default: all)."""
     n = 0
-    for m in model.modules():
+    for m in (model.modules() if only is None else (model.get_submodule(x) for x in only)):
         q = getattr(m, "query", None)
         size = getattr(m, "attention_head_size", None)
         if isinstance(q, nn.Linear) and isinstance(size, int) and size > 0 and hasattr(m, "num_attention_heads"):
@@ -504,7 +505,8 @@ class PrunableModel:
         if not pruned:
             work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
             return work
-        for (name, kind, _), (handler, idxs) in self._cuts(pruned).items():
+        cuts = self._cuts(pruned)
+        for (name, kind, _), (handler, idxs) in cuts.items():
             if kind == "module":
                 handler(work.get_submodule(name), idxs)
             else:  # a parameter a module owns directly (a ViT's cls_token): the handler returns the cut one
@@ -513,7 +515,7 @@ class PrunableModel:
                 setattr(owner, leaf, handler(getattr(owner, leaf), idxs))
         for p in work.parameters():
             p.requires_grad_(True)
-        sync_attention_attributes(work)
+        sync_attention_attributes(work, {name.rpartition(".")[0] for name, kind, _ in cuts if kind == "module"})
         work.eval()
         work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
         if check:
