@@ -91,9 +91,7 @@ LATENCY_RETRIES = 6
 
 def _one_plan_heuristic(space: SearchSpace, strategy: str) -> tuple[PruningPlan, str | None]:
     """The uniform, global or LAMP plan. Under a latency budget it is measured on the device and, while it
-    measures over LATENCY_MARGIN x the limit, made again aiming lower by the measured overshoot; once one
-    measures in, the aim is bisected between it and the lowest aim that measured over (to within 0.5 % of the
-    limit, LATENCY_RETRIES measurements in all), and the highest aim that measured in is kept.
+    measures over LATENCY_MARGIN x the limit, made again aiming lower by the measured overshoot.
 
     Why: these heuristics bisect onto the *predicted* limit, so their one plan lands on it, and a measurement
     moves 1-3 % between runs: the re-measure that every reported plan must pass (results stage) failed about
@@ -107,29 +105,16 @@ def _one_plan_heuristic(space: SearchSpace, strategy: str) -> tuple[PruningPlan,
     budget = space.budget
     if budget.kind != "latency_ms":
         return plan, None
-    target = LATENCY_MARGIN * budget.limit
-    aim, passed, over = budget.limit, None, None  # passed: (aim, plan, measured) of the highest aim that measured in
+    aim = budget.limit
     for i in range(LATENCY_RETRIES):
         try:
             measured = float(budget.measure(space.pm.apply(plan, check=False)))
         except Exception as e:  # noqa: BLE001 - the results stage re-measures and reports what failed
             return plan, f"{strategy}: could not measure its plan ({type(e).__name__}: {e})"
-        last = (aim, plan, measured)
-        if measured <= target:
-            passed = last
-            if over is None:  # the plan aimed at the limit itself measures in: nothing to do
-                break
-        else:
-            over = aim
-        if passed is None:  # step down by the measured overshoot (>= 1 %: uniform's grid is coarse) ...
-            aim *= min(target / measured, 0.99)
-        elif over - passed[0] <= 0.005 * budget.limit:
+        if measured <= LATENCY_MARGIN * budget.limit or i == LATENCY_RETRIES - 1:
             break
-        else:  # ... then bisect between the highest aim that measured in and the lowest that did not
-            aim = (passed[0] + over) / 2
-        if i < LATENCY_RETRIES - 1:
-            plan = make(replace(space, budget=replace(budget, limit=aim)))
-    aim, plan, measured = passed or last
+        aim *= min(LATENCY_MARGIN * budget.limit / measured, 0.99)  # >= 1 % a step: uniform's grid is coarse
+        plan = make(replace(space, budget=replace(budget, limit=aim)))
     return plan, (f"{strategy}: aimed at {aim / budget.limit:.1%} of the latency limit (predicted) so that its plan "
                   f"measures within it: {measured / budget.limit:.1%}")
 
