@@ -273,7 +273,8 @@ def format_validation_error(err: ValidationError, source: str = "spec") -> str:
     return "\n".join(lines)
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `data['a']['b'] = value` for key 'a.b' (sections created as needed): what `--set a.b=...` does."""
     node = data
     parts = key.split(".")
     for p in parts[:-1]:
@@ -310,7 +311,7 @@ def load_spec(source: str | Path | dict[str, Any], overrides: dict[str, Any] | N
     data = copy.deepcopy(data)
     for k, v in (overrides or {}).items():
         if v is not None:
-            _set_dotted(data, k, v)
+            set_dotted(data, k, v)
     try:
         return Spec.model_validate(data)
     except ValidationError as e:

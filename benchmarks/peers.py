@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import autoprune  # noqa: E402
 from autoprune.app import api  # noqa: E402
+from autoprune.spec import set_dotted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG_ROOT = Path(autoprune.__file__).resolve().parents[1]  # the checkout whose autoprune is imported
@@ -151,11 +152,7 @@ def session_for(args, budget: tuple[str, float], seed: int, method: str, timeout
     if method.startswith("autoprune") and args.set:  # --set KEY=VALUE: a variant of autoprune's default
         for item in args.set:
             dotted, _, raw = item.partition("=")
-            node = spec
-            *path, last = dotted.split(".")
-            for k in path:
-                node = node.setdefault(k, {})
-            node[last] = yaml.safe_load(raw)
+            set_dotted(spec, dotted, yaml.safe_load(raw))
     if args.quick:
         spec = _merge(spec, {"search": {"n_trials": 12}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}})
     spec["name"] = f"peers-{setting_of(budget)}-s{seed}-{method}"
@@ -222,13 +219,13 @@ def run_one(args, budget: tuple[str, float], seed: int, method: str, base: dict,
     """One method at one budget and seed. `base` caches the unpruned model's costs per setting, measured once:
     (setting, "macs") and, for a latency budget, (setting, "latency")."""
     kind, value = budget
-    wall = base.get((setting_of(budget), seed, "fastnas_wall"))
+    setting = setting_of(budget)
+    wall = base.get((setting, seed, "fastnas_wall"))
     if method == "autoprune-tm" and not wall:
-        return {"setting": setting_of(budget), "budget": value, "seed": seed, "method": method,
+        return {"setting": setting, "budget": value, "seed": seed, "method": method,
                 "note": "no fastnas wall time to match (fastnas did not run or failed)"}
     s = session_for(args, budget, seed, method, timeout_s=wall)
     ex = s.target.example_input
-    setting = setting_of(budget)
     if (setting, "macs") not in base:
         base[setting, "macs"] = count_macs(s.target.model, ex, s.evaluator.task)
         if kind == "latency":

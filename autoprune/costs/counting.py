@@ -342,17 +342,17 @@ class CostModel:
         """
         if isinstance(plan, PruningPlan) and plan.mode == "unstructured":
             return self.base_macs, self._unstructured_nonzero(plan)
-        if isinstance(plan, PruningPlan):  # counts are enough (the budget projection calls this ~30x a trial) ...
-            kept_n = self.pm.kept(plan)
-            pruned: dict[str, list[int] | int] = {g.name: g.channels - kept_n[g.name] for g in self.pm.groups
-                                                   if kept_n[g.name] < g.channels}
-            if not all(self.pm.counts_suffice(n) for n in pruned):  # ... unless which channels go matters
-                pruned = dict(self.pm.pruned_indices(plan))
+        # channel counts are enough (the budget projection calls this ~30x a trial), unless concatenated branches
+        # make which channels go matter
+        if isinstance(plan, PruningPlan):
+            kept = self.pm.kept(plan)
         else:
             kept = {**{g.name: g.channels for g in self.pm.groups}, **plan}
-            pruned = {g.name: g.channels - kept[g.name] for g in self.pm.groups if kept[g.name] < g.channels}
-            if any(self.pm.branch_counts.get(n) for n in pruned):  # uneven branches: which channels matters
-                pruned = dict(self.pm.pruned_indices(self.pm.plan_from_kept(kept)))
+        pruned: dict[str, list[int] | int] = {g.name: g.channels - kept[g.name] for g in self.pm.groups
+                                               if kept[g.name] < g.channels}
+        if not all(self.pm.counts_suffice(n) for n in pruned):
+            exact = plan if isinstance(plan, PruningPlan) else self.pm.plan_from_kept(kept)
+            pruned = dict(self.pm.pruned_indices(exact))
         macs, dparams = self._estimate(pruned)
         unmodelled = self.macs_offset - sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
                                             if (s := self.slopes.get(g)))

@@ -154,7 +154,7 @@ class PrunableModel:
             self._check_groups()
         self._by_name = {g.name: g for g in self.groups}
         self._scores: dict[str, dict[str, torch.Tensor]] = {}
-        self._orders: dict[int, tuple[dict, dict[str, list[int]]]] = {}  # id(scores table) -> (it, its order)
+        self._orders: dict[str, dict[str, list[int]]] = {}
 
     def adopt_multiples(self, other: "PrunableModel") -> None:
         """Take the channel multiples (attention heads) that `other`'s probes found for groups of the same name.
@@ -492,13 +492,12 @@ class PrunableModel:
         return out
 
     def order(self, criterion: str | None = None) -> dict[str, list[int]]:
-        """Channel indices of each group, least important first (stable); computed once per scores table."""
-        scores = self.scores(criterion)
-        hit = self._orders.get(id(scores))
-        if hit is None or hit[0] is not scores:
-            hit = (scores, {n: torch.argsort(s, stable=True).tolist() for n, s in scores.items()})
-            self._orders[id(scores)] = hit
-        return hit[1]
+        """Channel indices of each group, least important first (stable); computed once per criterion, as the
+        scores are."""
+        crit = criterion or self.criterion
+        if crit not in self._orders:
+            self._orders[crit] = {n: torch.argsort(s, stable=True).tolist() for n, s in self.scores(crit).items()}
+        return self._orders[crit]
 
     # ----------------------------------------------------------------- apply
     def apply(self, plan: PruningPlan, *, check: bool = True) -> nn.Module:
