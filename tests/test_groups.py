@@ -222,3 +222,44 @@ def test_clone_module_keeps_sharing_and_falls_back_where_it_must() -> None:
     assert c.meta["sizes"] is not m.meta["sizes"]
     assert getattr(c.own, "copied_by_own", False)
     assert (c.emb.weight.grad is None) == (ref.emb.weight.grad is None)
+
+
+def _same_modules(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]), k
+    for (n, ma), mb in zip(a.named_modules(), b.modules()):
+        public = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_")}  # noqa: E731
+        assert type(ma) is type(mb) and public(ma) == public(mb), n  # out_channels, num_features, normalized_shape
+    assert all(type(p) is nn.Parameter for p in a.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO) + ["tiny_bert"])
+def test_slicing_cut_equals_torch_pruning(name: str, monkeypatch) -> None:
+    # apply cuts plain layers (conv, linear, BatchNorm, LayerNorm) by its own slicing (pruning.slicing.cut) and the
+    # rest with Torch-Pruning's functions: the model must be exactly what Torch-Pruning's functions alone give
+    import autoprune.pruning.groups as groups_mod
+    from autoprune.pruning import slicing
+
+    if name == "tiny_bert":
+        from tests.test_transformers import bert_inputs, tiny_bert
+
+        pm = PrunableModel(tiny_bert(), bert_inputs(), ignore=["pooler.dense"])
+    else:
+        pm = build(name)
+    fast: list[str] = []
+
+    def counting(m, handler, idxs):
+        before = handler.__self__.__class__.__name__, type(m).__name__
+        fast.append(before)
+        slicing.cut(m, handler, idxs)
+
+    for plan in random_plans(pm, 3, seed=7):
+        monkeypatch.setattr(groups_mod, "cut", counting)
+        ours = pm.apply(plan)
+        monkeypatch.setattr(groups_mod, "cut", lambda m, handler, idxs: handler(m, idxs))
+        theirs = pm.apply(plan)
+        _same_modules(ours, theirs)
+    kinds = {k for k in fast}
+    assert any(k[1] in ("Conv1d", "Conv2d", "Linear") for k in kinds), kinds  # the fast paths were taken

@@ -232,3 +232,20 @@ def test_timeout_stops_starting_trials_once_the_search_has_run_that_long(make_sp
     assert trial_attrs(run.study.trials[0])["macs_ratio"] <= 0.5 + 1e-9
     spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 7, "timeout_s": 3600})
     assert sum(t.state == TrialState.COMPLETE for t in run_search(_session(spec), show_progress=False).study.trials) == 7
+
+
+def test_search_keeps_the_existing_heap_out_of_the_garbage_collector(monkeypatch, make_spec) -> None:
+    # a full collection walks the whole heap (~200 ms with torch and transformers loaded): a search freezes what
+    # existed before it (gc.freeze) and hands it back at its end, also when it fails
+    import gc
+
+    from autoprune.searching import study as study_mod
+
+    seen = []
+    with study_mod.frozen_heap():
+        seen.append(gc.get_freeze_count())
+    assert seen[0] > 1000 and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        with study_mod.frozen_heap():
+            raise RuntimeError("a failing search")
+    assert gc.get_freeze_count() == 0

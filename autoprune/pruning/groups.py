@@ -20,6 +20,7 @@ import torch_pruning as tp
 
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module
+from autoprune.pruning.slicing import cut
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan, channels_kept
 from autoprune.model.task import call_model, output_signature, tensors_of
@@ -513,7 +514,7 @@ class PrunableModel:
         cuts = self._cuts(pruned)
         for (name, kind, _), (handler, idxs) in cuts.items():
             if kind == "module":
-                handler(work.get_submodule(name), idxs)
+                cut(work.get_submodule(name), handler, idxs)
             else:  # a parameter a module owns directly (a ViT's cls_token): the handler returns the cut one
                 parent, _, leaf = name.rpartition(".")
                 owner = work.get_submodule(parent) if parent else work

@@ -7,6 +7,8 @@ killed process are marked failed, and the loop continues until ``n_trials`` tria
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from dataclasses import replace
@@ -151,11 +153,28 @@ def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_pro
             st.stop()
 
     # at most 3x attempts per process, so that a model whose every trial fails cannot loop forever
-    study.optimize(objective, n_trials=3 * n_trials, callbacks=[callback], catch=(Exception,), gc_after_trial=False)
+    with frozen_heap():
+        study.optimize(objective, n_trials=3 * n_trials, callbacks=[callback], catch=(Exception,), gc_after_trial=False)
     bar.close()
     if n_complete(study) == 0:
         reasons = {t.user_attrs.get("fail_reason", "unknown") for t in study.trials if t.state == TrialState.FAIL}
         raise AutopruneError(f"every trial failed; reasons: {sorted(reasons)[:3]}")
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Keep the objects that exist before a search out of Python's cyclic garbage collector while it runs.
+
+    Why: a trial allocates thousands of small objects (the model copy, Optuna's records), so the collector runs
+    often, and now and then a full collection walks the whole heap (torch, transformers, pandas, the model):
+    ~200 ms once every ~60 ResNet-20 trials, 3-5 % of the search. `gc.freeze` moves what already exists to a
+    generation the collector skips; objects made during the search are collected as usual, and `gc.unfreeze`
+    hands the rest back when the search ends."""
+    gc.freeze()  # (no collection first: that alone is the ~200 ms this avoids; garbage frozen now is freed later)
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
 
 def _record_plans(study: optuna.Study, space: SearchSpace, session, plans: list[PruningPlan], *, show_progress: bool,
                   cache: dict[str, float] | None = None) -> list[float]:

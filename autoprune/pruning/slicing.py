@@ -1,0 +1,90 @@
+"""Cutting one layer's channels: Torch-Pruning's own pruning function, with a shorter path for the plain layers.
+
+Why by hand: applying a plan cuts every layer it touches (~40 cuts for ResNet-20, every trial). Torch-Pruning's
+functions are exact but general: each builds its kept-index list through Python sets and a fresh index tensor
+per parameter (a BatchNorm builds three, and indexes its running stats with a Python list), and sets every new
+tensor through `nn.Module.__setattr__`. For the layer types below, when Torch-Pruning's own pruner class would
+handle them, `cut` does the same slicing with one index tensor and direct parameter/buffer slots: the same
+shapes, values and attributes (tests compare both on every zoo model), about twice as fast. Anything else (grouped
+and depthwise convs, transposed convs, parametrized or gradient-carrying weights, subclasses, other pruners) goes
+to Torch-Pruning's function unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+_F = tp.pruner.function
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _keep(n: int, idxs: Sequence[int]) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[list(idxs)] = False
+    return mask.nonzero().flatten()
+
+
+def _plain_params(m: nn.Module, names: tuple[str, ...]) -> bool:
+    """Every named parameter is a plain, gradient-free nn.Parameter in the module's own slot (no parametrization)."""
+    for k in names:
+        p = m._parameters.get(k)
+        if p is not None and (type(p) is not nn.Parameter or p.grad is not None):
+            return False
+    return not getattr(m, "parametrizations", None)
+
+
+def _slice(m: nn.Module, name: str, keep: torch.Tensor, dim: int) -> None:
+    p = m._parameters[name]
+    if p is not None:
+        m._parameters[name] = nn.Parameter(p.detach().index_select(dim, keep), requires_grad=p.requires_grad)
+
+
+def cut(module: nn.Module, handler: Any, idxs: Sequence[int]) -> None:
+    """Remove channels `idxs` of `module` the way Torch-Pruning's `handler` (a bound pruning function) would."""
+    owner, fn = type(getattr(handler, "__self__", None)), getattr(handler, "__name__", "")
+    t = type(module)
+    out = fn == "prune_out_channels"
+    if fn not in ("prune_out_channels", "prune_in_channels") or not idxs:
+        handler(module, idxs)
+    elif owner is _F.ConvPruner and t in _CONV and module.groups == 1 and not module.transposed \
+            and _plain_params(module, ("weight", "bias")):
+        n = module.out_channels if out else module.in_channels
+        keep = _keep(n, idxs)
+        _slice(module, "weight", keep, 0 if out else 1)
+        if out:
+            _slice(module, "bias", keep, 0)
+            module.out_channels = len(keep)
+        else:
+            module.in_channels = len(keep)
+    elif owner is _F.LinearPruner and t is nn.Linear and _plain_params(module, ("weight", "bias")):
+        n = module.out_features if out else module.in_features
+        keep = _keep(n, idxs)
+        _slice(module, "weight", keep, 0 if out else 1)
+        if out:
+            _slice(module, "bias", keep, 0)
+            module.out_features = len(keep)
+        else:
+            module.in_features = len(keep)
+    elif owner is _F.BatchnormPruner and t in _BN and _plain_params(module, ("weight", "bias")):
+        keep = _keep(module.num_features, idxs)  # in and out channels are the same for a BatchNorm
+        module.num_features = len(keep)
+        if module.track_running_stats:
+            for b in ("running_mean", "running_var"):
+                module._buffers[b] = module._buffers[b].index_select(0, keep)
+        if module.affine:
+            _slice(module, "weight", keep, 0)
+            _slice(module, "bias", keep, 0)
+    elif owner is _F.LayernormPruner and t is nn.LayerNorm and len(module.normalized_shape) == 1 \
+            and getattr(handler.__self__, "pruning_dim", -1) == -1 and _plain_params(module, ("weight", "bias")):
+        keep = _keep(module.normalized_shape[0], idxs)
+        if module.elementwise_affine:
+            _slice(module, "weight", keep, 0)
+            _slice(module, "bias", keep, 0)
+        module.normalized_shape = (len(keep),)
+    else:
+        handler(module, idxs)
