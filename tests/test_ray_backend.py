@@ -263,5 +263,6 @@ def test_ray_search_starts_no_trial_after_its_timeout(make_spec):
                              "timeout_s": 1e-3})
     result = api.search(spec, show_progress=False)
     assert result["n_trials_complete"] == 1
+    assert any("stopped the search after 1 of 20 trials" in n for n in result["notes"]), result["notes"]
     states = [t.state.name for t in stored_study(spec).trials]
     assert states.count("COMPLETE") == 1 and set(states) <= {"COMPLETE", "WAITING"}, states  # none left running

@@ -230,8 +230,13 @@ def test_timeout_stops_starting_trials_once_the_search_has_run_that_long(make_sp
     states = [t.state for t in run.study.trials]
     assert states[0] == TrialState.COMPLETE and set(states[1:]) == {TrialState.WAITING}  # warm starts left queued
     assert trial_attrs(run.study.trials[0])["macs_ratio"] <= 0.5 + 1e-9
+    # the user is told: 1 of 50 trials, and that the sweep took (far more than) the whole limit
+    note = [n for n in run.notes if "timeout_s" in n]
+    assert len(note) == 1 and "after 1 of 50 trials" in note[0] and "search.priors: none" in note[0], run.notes
     spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 7, "timeout_s": 3600})
-    assert sum(t.state == TrialState.COMPLETE for t in run_search(_session(spec), show_progress=False).study.trials) == 7
+    run = run_search(_session(spec), show_progress=False)
+    assert sum(t.state == TrialState.COMPLETE for t in run.study.trials) == 7
+    assert not [n for n in run.notes if "timeout_s" in n]  # the limit did not stop it: nothing to say
 
 
 def test_search_keeps_the_existing_heap_out_of_the_garbage_collector(monkeypatch, make_spec) -> None:

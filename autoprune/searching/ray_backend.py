@@ -69,6 +69,7 @@ from autoprune.searching.objective import Objective, directions, record
 from autoprune.searching.studies import (
     SearchRun,
     best_value,
+    timeout_note,
     create_or_load,
     n_complete,
     build_space,
@@ -624,6 +625,7 @@ def run_ray_search(
     name = study_name(spec, strategy)
     study, created = create_or_load(storage_obj, name, directions(objectives), spec, strategy, mode)
     fail_stale_trials(study)
+    prep_s = time.perf_counter() - t0  # Ray's start, the sensitivity sweep (unless cached), the study
 
     warm: list[tuple[str, dict]] = []
     if created and strategy == "optuna":
@@ -711,7 +713,8 @@ def run_ray_search(
     if n_complete(study) == 0:
         reasons = {t.user_attrs.get("fail_reason", "unknown") for t in study.trials if t.state == TrialState.FAIL}
         raise AutopruneError(f"every trial failed; reasons: {sorted(reasons)[:3]}")
-    notes = list(space.notes) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
+    note = timeout_note(s.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s)
+    notes = list(space.notes) + ([note] if note else []) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
                                  f"{s.cpus_per_trial} CPU / {s.gpus_per_trial} GPU each"
                                  + (f"; ASHA over recovery rungs {rungs} (reduction {s.rung_reduction})" if rungs else "")]
     return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)

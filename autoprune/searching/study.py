@@ -24,7 +24,7 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_value, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name,
+    SearchRun, TrialSeededSampler, best_value, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def run_search(
         _enqueue_warm_starts(study, space, session)
 
     notes = list(space.notes)
+    prep_s = time.perf_counter() - t0  # storage, the sensitivity sweep (unless cached), the study
     if strategy in ("optuna", "random"):
         objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives,
                               budget_mode=mode, rungs=rungs,
@@ -79,6 +80,9 @@ def run_search(
                               recovery_lr=spec.recovery_lr, seed=spec.search.seed)
         deadline = t0 + spec.search.timeout_s if spec.search.timeout_s else None
         _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs), deadline=deadline)
+        states = (TrialState.COMPLETE, TrialState.PRUNED) if rungs else (TrialState.COMPLETE,)
+        note = timeout_note(spec.search.timeout_s, len(study.get_trials(deepcopy=False, states=states)), n_trials, prep_s)
+        notes += [note] if note else []
     elif strategy == "netadapt":
         _run_netadapt(study, space, session, n_trials, show_progress)
     else:
