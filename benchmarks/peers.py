@@ -134,6 +134,13 @@ def parse_budget(token: str) -> tuple[str, float]:
 
 
 def session_for(args, budget: tuple[str, float], seed: int, method: str, timeout_s: float | None = None):
+    s = api.session(spec_for(args, budget, seed, method, timeout_s), show_progress=False)
+    s.target, s.evaluator  # the trained model, data and calibration batches: shared setup, outside every timer
+    return s
+
+
+def spec_for(args, budget: tuple[str, float], seed: int, method: str, timeout_s: float | None = None) -> dict:
+    """The spec one method runs on: the start spec, its budget replaced, the method's own settings, --quick, --set."""
     spec = yaml.safe_load(Path(args.spec).read_text())
     kind, value = budget
     if kind == "latency":  # the spec's device, batch size and threads if it has a latency budget, else cpu/1/1
@@ -149,19 +156,17 @@ def session_for(args, budget: tuple[str, float], seed: int, method: str, timeout
         spec = _merge(spec, {"search": {"rerank_top_k": 3, "rerank_steps": 50}})
     if method == "autoprune-tm":  # the default search, stopped at FastNAS's wall time (search.timeout_s)
         spec = _merge(spec, {"search": {"timeout_s": timeout_s}})
-    if method.startswith("autoprune") and args.set:  # --set KEY=VALUE: a variant of autoprune's default
-        for item in args.set:
-            dotted, _, raw = item.partition("=")
-            set_dotted(spec, dotted, yaml.safe_load(raw))
     if args.quick:
         spec = _merge(spec, {"search": {"n_trials": 12}, "sensitivity": {"ratios": [0.25, 0.5, 0.75]}})
+    if method.startswith("autoprune") and args.set:  # --set KEY=VALUE: a variant of autoprune's default (after
+        for item in args.set:                           # --quick, so that --set search.n_trials=... wins)
+            dotted, _, raw = item.partition("=")
+            set_dotted(spec, dotted, yaml.safe_load(raw))
     spec["name"] = f"peers-{setting_of(budget)}-s{seed}-{method}"
     # one output root per budget: the base model is trained once per root (and run_one wipes the sensitivity
     # cache before each autoprune search, so every search's wall time includes all of its own work)
     spec["output"] = str(Path(args.out) / f"runs-{setting_of(budget)}")
-    s = api.session(spec, show_progress=False)
-    s.target, s.evaluator  # the trained model, data and calibration batches: shared setup, outside every timer
-    return s
+    return spec
 
 
 def run_autoprune(s, strategy: str | None) -> dict:

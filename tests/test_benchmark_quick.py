@@ -73,3 +73,22 @@ def test_quick_methods_benchmark_fills_every_table(tmp_path):
         assert part in text, part
     for name in ("one-shot", "AGP", "fpgm", "apoz", "obd", "bn_scale"):
         assert name in text, name
+
+
+def test_peers_set_overrides_win_over_quick(tmp_path):
+    # benchmarks/peers.py: --set is applied after --quick (it used to be overwritten by it), to autoprune's methods only
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "benchmarks" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    args = argparse.Namespace(spec=str(ROOT / "search_spaces" / "digits-resnet20-macs50.yaml"), quick=True,
+                              set=["search.n_trials=5", "pruning.max_ratio=0.8"], out=str(tmp_path))
+    ours = peers.spec_for(args, ("macs", 0.3), 1, "autoprune")
+    assert ours["search"]["n_trials"] == 5 and ours["pruning"]["max_ratio"] == 0.8
+    assert ours["budget"] == {"macs": 0.3} and ours["search"]["seed"] == 1
+    lamp = peers.spec_for(args, ("macs", 0.3), 1, "lamp")
+    assert lamp["search"]["n_trials"] == 12 and lamp["pruning"]["max_ratio"] == 0.9  # --quick only
+    tm = peers.spec_for(args, ("macs", 0.3), 1, "autoprune-tm", timeout_s=7.5)
+    assert tm["search"]["timeout_s"] == 7.5
