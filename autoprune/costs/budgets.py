@@ -38,6 +38,8 @@ class Budget:
     table: Any = None  # latency: the lookup table behind `estimate` (None when every plan is measured)
     notes: list[str] = field(default_factory=list)
     device: Any = None  # latency: the device that measures
+    # latency: `measure` with the measurement's spread (a LatencyStats: median, p10, p90); None for counted budgets
+    measure_stats: Callable[[nn.Module], Any] | None = None
 
     @classmethod
     def from_spec(cls, spec, pm: PrunableModel, cost_model: CostModel) -> "Budget":
@@ -185,11 +187,14 @@ def latency_budget(spec, pm, cost_model=None):
         if abs(drift - 1) > 0.1:
             notes.append(f"device latency drifted {drift:.2f}x since the table was built; predictions scaled")
 
+    def measure_stats(model: nn.Module):
+        return _guard(lambda: dev.measure_model(model, pm.example), dev, trial=True)
+
     def measure(model: nn.Module) -> float:
-        return _guard(lambda: dev.measure_model(model, pm.example), dev, trial=True).median_ms
+        return measure_stats(model).median_ms
 
     limit = float(b.latency_ms) if b.latency_ms is not None else float(b.latency) * float(base)
-    budget = Budget("latency_ms", b.latency, limit, float(base), estimate, measure, table, notes, dev)
+    budget = Budget("latency_ms", b.latency, limit, float(base), estimate, measure, table, notes, dev, measure_stats)
     for n in notes:
         log.warning(n)
     return budget

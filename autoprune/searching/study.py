@@ -91,38 +91,80 @@ def run_search(
         _record_plans(study, space, session, [plan], show_progress=False)
     return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)
 
-LATENCY_MARGIN = 0.98  # a one-plan heuristic under a latency budget aims to measure at most this x the limit
+LATENCY_MARGIN = 0.98  # a one-plan heuristic under a latency budget aims to measure at most this x the limit ...
+LATENCY_MARGIN_MIN = 0.90  # ... or less by the measurement's own upper spread, down to this
+LATENCY_CLOSE = 0.03  # a plan that measures within this of its margin is close enough: no step back up
 LATENCY_RETRIES = 6
 
 
+def latency_margin(stats: Any) -> float:
+    """The fraction of the limit a heuristic's plan must measure within: 1 - the measurement's upper spread
+    ((p90 - median) / median), between LATENCY_MARGIN_MIN and LATENCY_MARGIN. On a quiet device the spread is
+    ~1 % and the margin 2 %; on a loaded one a median moves as much as its runs spread, so the margin follows."""
+    p90, med = getattr(stats, "p90_ms", None), getattr(stats, "median_ms", None)
+    if not p90 or not med:
+        return LATENCY_MARGIN
+    return min(LATENCY_MARGIN, max(LATENCY_MARGIN_MIN, 1 - (p90 - med) / med))
+
+
 def _one_plan_heuristic(space: SearchSpace, strategy: str) -> tuple[PruningPlan, str | None]:
-    """The uniform, global or LAMP plan. Under a latency budget it is measured on the device and, while it
-    measures over LATENCY_MARGIN x the limit, made again aiming lower by the measured overshoot.
+    """The uniform, global or LAMP plan. Under a latency budget it is measured on the device and made again,
+    aiming lower, while it measures over its margin (`latency_margin`); if a lower aim then lands far under the
+    margin, the aim is bisected back up between it and the lowest aim that measured over. The plan returned is
+    the highest-aimed one that measured within its margin.
 
     Why: these heuristics bisect onto the *predicted* limit, so their one plan lands on it, and a measurement
-    moves 1-3 % between runs: the re-measure that every reported plan must pass (results stage) failed about
-    half the time, and the strategy reported no plan at all. A search has many trials to fall back on; a
-    heuristic has one, so it keeps a small measured margin instead."""
-    def make(sp: SearchSpace) -> PruningPlan:
+    moves 1-3 % between runs (more on a loaded machine): the re-measure that every reported plan must pass
+    (results stage) failed about half the time, and the strategy reported no plan at all. A search has many
+    trials to fall back on; a heuristic has one, so it keeps a measured margin. Stepping down by one high
+    first reading alone had left plans ~7 % under the limit; a fixed 2 % margin with the step back up had put
+    one at the edge under load, where the re-measure rejected it: hence a margin that follows the spread."""
+    def make(aim: float) -> PruningPlan:
+        sp = space if aim == space.budget.limit else replace(space, budget=replace(space.budget, limit=aim))
         return strategies.uniform_plan(sp) if strategy == "uniform" else strategies.ranked_plan(
             sp, "global_l2" if strategy == "global" else "lamp")
 
-    plan = make(space)
     budget = space.budget
+    plan = make(budget.limit)
     if budget.kind != "latency_ms":
         return plan, None
-    aim = budget.limit
-    for i in range(LATENCY_RETRIES):
+    limit = budget.limit
+    aim, over = limit, None  # over: the lowest aim whose plan measured over its margin
+    best = None  # (plan, aim, measured, margin) of the highest aim that measured within its margin
+    tried: dict[str, tuple[float, float]] = {}
+    for _ in range(LATENCY_RETRIES):
+        key = plan.to_json(indent=None)
+        if key in tried:  # a new aim gave a plan measured already: the grid cannot get closer
+            break
         try:
-            measured = float(budget.measure(space.pm.apply(plan, check=False)))
+            stats = budget.measure_stats(space.pm.apply(plan, check=False)) if budget.measure_stats else None
+            measured = float(stats.median_ms) if stats is not None else float(budget.measure(space.pm.apply(plan, check=False)))
         except Exception as e:  # noqa: BLE001 - the results stage re-measures and reports what failed
             return plan, f"{strategy}: could not measure its plan ({type(e).__name__}: {e})"
-        if measured <= LATENCY_MARGIN * budget.limit or i == LATENCY_RETRIES - 1:
-            break
-        aim *= min(LATENCY_MARGIN * budget.limit / measured, 0.99)  # >= 1 % a step: uniform's grid is coarse
-        plan = make(replace(space, budget=replace(budget, limit=aim)))
-    return plan, (f"{strategy}: aimed at {aim / budget.limit:.1%} of the latency limit (predicted) so that its plan "
-                  f"measures within it: {measured / budget.limit:.1%}")
+        margin = latency_margin(stats)
+        tried[key] = (measured, margin)
+        if measured <= margin * limit:
+            if best is None or aim > best[1]:
+                best = (plan, aim, measured, margin)
+            if over is None or measured >= (margin - LATENCY_CLOSE) * limit:
+                break
+            aim = (aim + over) / 2  # landed far under: step back up
+        else:
+            over = aim if over is None else min(over, aim)
+            # no plan within the margin yet: aim lower by the measured overshoot (>= 1 % a step: uniform's grid is
+            # coarse); else bisect between the best plan's aim and this one
+            aim = aim * min(margin * limit / measured, 0.99) if best is None else (best[1] + aim) / 2
+        plan = make(aim)
+        while best is None and plan.to_json(indent=None) in tried and aim > 0.5 * limit:
+            aim *= 0.99  # stepping down on a coarse grid (uniform's): to the next plan that differs
+            plan = make(aim)
+    if best is None:
+        measured, margin = tried.get(plan.to_json(indent=None), (measured, margin))
+        return plan, (f"{strategy}: no plan measured within {margin:.0%} of the latency limit in {len(tried)} "
+                      f"measurements (last: {measured / limit:.1%}); the results stage re-measures it")
+    plan, aim, measured, margin = best
+    return plan, (f"{strategy}: aimed at {aim / limit:.1%} of the latency limit (predicted) so that its plan "
+                  f"measures within {margin:.0%} of it: {measured / limit:.1%}")
 
 
 def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session) -> None:
