@@ -177,6 +177,14 @@ def test_rerank_picks_the_best_after_a_short_finetune(make_spec):
     # a short fine-tune changes the picture: the proxy and the re-rank score differ
     assert any(abs(r["metric_rerank"] - r["metric_val"]) > 0.01 for r in rr)
     assert result["best"]["macs_ratio"] <= 0.4 + 1e-9
+    # search.timeout_s covers the re-rank too: with no time left it fine-tunes nothing, says so, and the best is
+    # the proxy's best
+    run.session.spec.search.timeout_s = run.wall_s + 1e-6
+    late = summarize(run, test=False, write=False)
+    assert late["rerank"] == [] and late["best"].get("metric_rerank") is None
+    assert any(f"fine-tuned 0 of its {len(rr)} finalists" in n for n in late["notes"]), late["notes"]
+    feasible = [t.values[0] for t in run.study.trials if t.values and trial_attrs(t)["feasible"]]
+    assert late["best"]["metric"] == max(feasible)
 
 
 def test_multi_fidelity_promotes_the_best_through_the_recovery_rungs(make_spec):

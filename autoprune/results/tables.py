@@ -8,6 +8,7 @@ DataFrames for reports, plots and notebooks, also while a study is still running
 from __future__ import annotations
 
 import json
+import time
 import math
 import os
 from dataclasses import dataclass, field
@@ -111,14 +112,16 @@ def _pareto_records(front: pd.DataFrame, session, budget, measured: dict[int, fl
     return out
 
 
-def _rerank(ok: pd.DataFrame, session, k: int, steps: int) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+def _rerank(ok: pd.DataFrame, session, k: int, steps: int,
+            deadline: float | None = None) -> tuple[pd.DataFrame, list[dict[str, Any]], int]:
     """Order the k best trials by the proxy, plus every warm start (uniform, global, LAMP, sensitivity-greedy),
     by val after a `steps`-step fine-tune; the other trials follow in proxy order.
 
     Why: the BN-recalibrated proxy ranks plans by how well they work *before* recovery; the benchmark measured
     its rank correlation with the fine-tuned metric at -0.6..0.7, and a heuristic plan with a lower proxy can
     recover better (LAMP on MobileNetV2). A short fine-tune of a handful of finalists is a cheap second fidelity.
-    """
+    With a `deadline` (`time.perf_counter()` time: what `search.timeout_s` left), no candidate starts after it.
+    Returns (the reordered trials, the re-ranked candidates, how many candidates there were)."""
     import copy
 
     ev = copy.copy(session.evaluator)  # same calibration and val batches, same seed
@@ -127,13 +130,15 @@ def _rerank(ok: pd.DataFrame, session, k: int, steps: int) -> tuple[pd.DataFrame
     cands = pd.concat([distinct.head(k), distinct[distinct.warm_start.notna()]]).drop_duplicates("number")
     out = []
     for _, row in cands.iterrows():
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         score = ev.evaluate_plan(session.pruner, PruningPlan.from_dict(json.loads(row.plan)))
         out.append({"trial": int(row.number), "metric_val": float(row.metric), "metric_rerank": float(score),
                     "warm_start": row.warm_start if isinstance(row.warm_start, str) else None})
     out.sort(key=lambda r: -r["metric_rerank"])
     order = [r["trial"] for r in out]
     first = ok[ok.number.isin(order)].set_index("number").loc[order].reset_index()
-    return pd.concat([first, ok[~ok.number.isin(order)]], ignore_index=True), out
+    return pd.concat([first, ok[~ok.number.isin(order)]], ignore_index=True), out, len(cands)
 
 
 def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[str, Any]:
@@ -144,9 +149,15 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
     df["pareto"] = pareto_flags(df, "cost" if latency else "macs_ratio")  # cost = predicted ms for latency
     ok = df[(df.state == "COMPLETE") & df.feasible].sort_values(["metric", "cost"], ascending=[False, True])
     reranked: list[dict[str, Any]] = []
-    k = session.spec.search.rerank_top_k
+    notes = list(run.notes)
+    k, timeout = session.spec.search.rerank_top_k, session.spec.search.timeout_s
     if k and run.strategy == "optuna" and not ok.empty:
-        ok, reranked = _rerank(ok, session, k, session.spec.search.rerank_steps)
+        # search.timeout_s covers the whole search: the re-rank gets what the trials left of it
+        deadline = time.perf_counter() + max(timeout - run.wall_s, 0.0) if timeout else None
+        ok, reranked, n_cands = _rerank(ok, session, k, session.spec.search.rerank_steps, deadline)
+        if len(reranked) < n_cands:
+            notes.append(f"search.timeout_s ({timeout:g} s): the re-rank fine-tuned {len(reranked)} of its "
+                         f"{n_cands} finalists before the limit; the others keep their proxy order")
     best = None
     rejected = []
     measured_by_trial: dict[int, float] = {}
@@ -191,7 +202,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         "evaluations": int(df.state.isin(["COMPLETE", "PRUNED"]).sum()) + run.sensitivity_evaluations,
         "sensitivity_evaluations": run.sensitivity_evaluations,
         "search_bounds": run.space.bounds,
-        "notes": run.notes,
+        "notes": notes,
         "wall_s": round(run.wall_s, 2),
         "storage": storage_url(session.spec) if not session.spec.search.storage else "(configured storage)",
     }
