@@ -51,25 +51,17 @@ def cut(module: nn.Module, handler: Any, idxs: Sequence[int]) -> None:
     out = fn == "prune_out_channels"
     if fn not in ("prune_out_channels", "prune_in_channels") or not idxs:
         handler(module, idxs)
-    elif owner is _F.ConvPruner and t in _CONV and module.groups == 1 and not module.transposed \
-            and _plain_params(module, ("weight", "bias")):
-        n = module.out_channels if out else module.in_channels
-        keep = _keep(n, idxs)
-        _slice(module, "weight", keep, 0 if out else 1)
+    elif (owner is _F.ConvPruner and t in _CONV and module.groups == 1 and not module.transposed) or \
+            (owner is _F.LinearPruner and t is nn.Linear):
+        if not _plain_params(module, ("weight", "bias")):
+            handler(module, idxs)
+            return
+        width = ("out_channels" if out else "in_channels") if t in _CONV else ("out_features" if out else "in_features")
+        keep = _keep(getattr(module, width), idxs)
+        _slice(module, "weight", keep, 0 if out else 1)  # (out, in, *kernel): a conv and a linear alike
         if out:
             _slice(module, "bias", keep, 0)
-            module.out_channels = len(keep)
-        else:
-            module.in_channels = len(keep)
-    elif owner is _F.LinearPruner and t is nn.Linear and _plain_params(module, ("weight", "bias")):
-        n = module.out_features if out else module.in_features
-        keep = _keep(n, idxs)
-        _slice(module, "weight", keep, 0 if out else 1)
-        if out:
-            _slice(module, "bias", keep, 0)
-            module.out_features = len(keep)
-        else:
-            module.in_features = len(keep)
+        setattr(module, width, len(keep))
     elif owner is _F.BatchnormPruner and t in _BN and _plain_params(module, ("weight", "bias")):
         keep = _keep(module.num_features, idxs)  # in and out channels are the same for a BatchNorm
         module.num_features = len(keep)
