@@ -262,3 +262,34 @@ def test_search_keeps_the_existing_heap_out_of_the_garbage_collector(monkeypatch
         with study_mod.frozen_heap():
             raise RuntimeError("a failing search")
     assert gc.get_freeze_count() == 0
+
+
+def test_fast_tpe_math_is_optunas_math_faster_and_is_undone():
+    # during a search Optuna's TPE uses SciPy's log_ndtr/ndtr instead of its pure-Python ones: the same values,
+    # the same proposals, and Optuna's own functions back once the (last) search ends
+    import numpy as np
+    from optuna.samplers._tpe import _truncnorm as tn
+
+    from autoprune.searching.studies import fast_tpe_math
+
+    own = (tn._log_ndtr, tn._ndtr)
+    x = np.concatenate([np.linspace(-40, 10, 2001), [-1e3, 0.0, 38.0]])
+    want_log, want = tn._log_ndtr(x), tn._ndtr(x)
+
+    def proposals():
+        study = optuna.create_study(direction="maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=3, multivariate=True, n_startup_trials=5))
+        study.optimize(lambda t: -sum((t.suggest_float(f"g{i}", 0, 0.9) - 0.1 * i) ** 2 for i in range(6)), n_trials=25)
+        return np.array([[t.params[f"g{i}"] for i in range(6)] for t in study.trials])
+
+    before = proposals()
+    with fast_tpe_math():
+        with fast_tpe_math():  # nested (two searches in threads): restored only when the last one ends
+            assert tn._log_ndtr is not own[0] and tn._ndtr is not own[1]
+        assert tn._log_ndtr is not own[0]
+        # SciPy is the more exact of the two where log_ndtr is near 0 (Optuna takes log(1 - erfc)): 1e-16 apart
+        np.testing.assert_allclose(tn._log_ndtr(x), want_log, rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(tn._ndtr(x), want, rtol=1e-9, atol=1e-15)
+        during = proposals()
+    assert (tn._log_ndtr, tn._ndtr) == own
+    np.testing.assert_allclose(during, before, rtol=1e-9, atol=1e-12)

@@ -69,6 +69,7 @@ from autoprune.searching.objective import Objective, directions, record
 from autoprune.searching.studies import (
     SearchRun,
     best_value,
+    fast_tpe_math,
     timeout_note,
     create_or_load,
     n_complete,
@@ -704,7 +705,8 @@ def run_ray_search(
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, num_to_keep=1),
             ),
         )
-        tuner.fit()
+        with fast_tpe_math():  # the searcher samples in this process
+            tuner.fit()
         attempts += missing
         if watch.reason is not None:
             bar.close()

@@ -24,7 +24,7 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_value, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name,
+    SearchRun, TrialSeededSampler, best_value, fast_tpe_math, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_pro
             st.stop()
 
     # at most 3x attempts per process, so that a model whose every trial fails cannot loop forever
-    with frozen_heap():
+    with frozen_heap(), fast_tpe_math():
         study.optimize(objective, n_trials=3 * n_trials, callbacks=[callback], catch=(Exception,), gc_after_trial=False)
     bar.close()
     if n_complete(study) == 0:
