@@ -293,3 +293,27 @@ def test_fast_tpe_math_is_optunas_math_faster_and_is_undone():
         during = proposals()
     assert (tn._log_ndtr, tn._ndtr) == own
     np.testing.assert_allclose(during, before, rtol=1e-9, atol=1e-12)
+
+
+def test_a_heavily_damaged_best_plan_gets_the_rerank_hint():
+    # the result's notes suggest the long re-rank when the best plan is > 20 % under the unpruned metric before
+    # recovery (and no re-rank ran); not for a mildly pruned plan, a re-ranked search or a metric that is not positive
+    from autoprune.results.tables import DAMAGED, _rerank_hint
+
+    hint = _rerank_hint({"metric": 0.63}, 0.975, "optuna", False)
+    assert hint and "35% under" in hint and "rerank_steps: 200" in hint
+    assert _rerank_hint({"metric": 0.96}, 0.975, "optuna", False) is None
+    assert _rerank_hint({"metric": 0.975 * (1 - DAMAGED) + 1e-9}, 0.975, "optuna", False) is None
+    assert _rerank_hint({"metric": 0.63}, 0.975, "optuna", True) is None  # re-ranked already
+    assert _rerank_hint({"metric": 0.63}, 0.975, "lamp", False) is None  # one plan: nothing to re-rank
+    assert _rerank_hint({"metric": -3.0}, -1.0, "optuna", False) is None  # minus an MSE: no relative drop
+
+
+def test_the_rerank_hint_reaches_the_result(make_spec):
+    from autoprune.app import api
+
+    spec = make_spec("cnn1d", budget={"macs": 0.03}, search={"n_trials": 4, "priors": "none"})
+    result = api.search(spec, show_progress=False, test=False)
+    drop = 1 - result["best"]["metric"] / result["baseline"]["metric"]
+    assert drop > 0.2, drop  # 3 % of the MACs: heavily damaged before recovery
+    assert any("rerank_steps: 200" in n for n in result["notes"]), result["notes"]
