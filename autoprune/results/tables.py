@@ -8,9 +8,9 @@ DataFrames for reports, plots and notebooks, also while a study is still running
 from __future__ import annotations
 
 import json
-import time
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -73,6 +73,7 @@ from autoprune.searching.studies import (
     timeout_note,
     create_or_load,
     n_complete,
+    n_done,
     build_space,
     fail_stale_trials,
     make_sampler,
@@ -594,12 +595,6 @@ class _FastFailStopper(Stopper):
 
 
 # ------------------------------------------------------------------ the search
-def n_done(study: optuna.Study, rungs: bool = False) -> int:
-    """Trials that count towards n_trials: completed ones, and with multi-fidelity those stopped at a rung."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED) if rungs else (TrialState.COMPLETE,)
-    return len(study.get_trials(deepcopy=False, states=states))
-
-
 def run_ray_search(
     session,
     *,

@@ -339,6 +339,12 @@ def timeout_note(timeout_s: float | None, done: int, n_trials: int, prep_s: floa
     return note
 
 
+def n_done(study: optuna.Study, rungs: bool = False) -> int:
+    """Trials that count towards n_trials: completed ones, and with multi-fidelity those stopped at a rung."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED) if rungs else (TrialState.COMPLETE,)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
 def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 

@@ -24,7 +24,7 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_value, fast_tpe_math, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, open_storage, resolve_budget_mode, storage_url, study_name,
+    SearchRun, TrialSeededSampler, best_value, fast_tpe_math, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,7 @@ def run_search(
                               recovery_lr=spec.recovery_lr, seed=spec.search.seed)
         deadline = t0 + spec.search.timeout_s if spec.search.timeout_s else None
         _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs), deadline=deadline)
-        states = (TrialState.COMPLETE, TrialState.PRUNED) if rungs else (TrialState.COMPLETE,)
-        note = timeout_note(spec.search.timeout_s, len(study.get_trials(deepcopy=False, states=states)), n_trials, prep_s)
+        note = timeout_note(spec.search.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s)
         notes += [note] if note else []
     elif strategy == "netadapt":
         _run_netadapt(study, space, session, n_trials, show_progress)
@@ -137,8 +136,9 @@ def _one_plan_heuristic(space: SearchSpace, strategy: str) -> tuple[PruningPlan,
         if key in tried:  # a new aim gave a plan measured already: the grid cannot get closer
             break
         try:
-            stats = budget.measure_stats(space.pm.apply(plan, check=False)) if budget.measure_stats else None
-            measured = float(stats.median_ms) if stats is not None else float(budget.measure(space.pm.apply(plan, check=False)))
+            model = space.pm.apply(plan, check=False)
+            stats = budget.measure_stats(model) if budget.measure_stats else None
+            measured = float(stats.median_ms) if stats is not None else float(budget.measure(model))
         except Exception as e:  # noqa: BLE001 - the results stage re-measures and reports what failed
             return plan, f"{strategy}: could not measure its plan ({type(e).__name__}: {e})"
         margin = latency_margin(stats)
@@ -179,17 +179,13 @@ def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_pro
               count_pruned: bool = False, deadline: float | None = None) -> None:
     """Run trials until `n_trials` have completed (multi-fidelity: completed or stopped at a rung), or until
     `deadline` (`time.perf_counter()` time; `search.timeout_s`) has passed, after at least one trial."""
-    def n_done(st: optuna.Study) -> int:
-        states = (TrialState.COMPLETE, TrialState.PRUNED) if count_pruned else (TrialState.COMPLETE,)
-        return len(st.get_trials(deepcopy=False, states=states))
-
-    done = n_done(study)
+    done = n_done(study, count_pruned)
     if done >= n_trials:
         return
     bar = progress(total=n_trials, initial=done, desc=f"search {study.study_name}", disable=not show_progress)
 
     def callback(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        n = n_done(st)
+        n = n_done(st, count_pruned)
         bar.n = min(n, n_trials)
         best = best_value(st)
         if best is not None:
