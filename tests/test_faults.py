@@ -90,10 +90,15 @@ class FlakyEvaluator:
         value = self.inner(model, split)
         return {"nan": float("nan"), "inf": float("inf")}.get(kind, value)
 
+    def with_loss(self, model, split: str = "val"):  # search.score: loss (the default for a classifier)
+        value = self(model, split)
+        return value, -value
+
 
 # ----------------------------------------------------------------- failing trials
-def test_failed_evaluations_are_recorded_and_the_study_goes_on(make_spec, capsys):
-    spec = make_spec("cnn1d", search={"n_trials": 6, "priors": "none"})
+@pytest.mark.parametrize("score", ["metric", "loss"])
+def test_failed_evaluations_are_recorded_and_the_study_goes_on(make_spec, capsys, score):
+    spec = make_spec("cnn1d", search={"n_trials": 6, "priors": "none", "score": score})
     s = api.session(spec, show_progress=False)
     s.__dict__["evaluator"] = FlakyEvaluator(s.evaluator, {2: "raise", 3: "nan", 5: "memory", 6: "inf"})
     result = api.search(s, show_progress=False, test=False)

@@ -127,6 +127,19 @@ def test_failed_evaluations_are_recorded_as_failed_trials_with_their_reason(make
     assert all("plan" in trial_attrs(t) for t in failed)
 
 
+def test_score_loss_reaches_tune_and_the_study(make_spec):
+    spec = make_spec("cnn1d", budget={"macs": 0.5},
+                     search={"backend": "ray", "n_trials": 3, "priors": "none", "score": "loss"})
+    result = api.search(spec, show_progress=False, test=False)
+    study = stored_study(spec)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 3 and study.user_attrs["score"] == "loss"
+    for t in done:  # what the searcher told Optuna: minus the loss; the record keeps the accuracy
+        assert t.values[0] == pytest.approx(-trial_attrs(t)["val_loss"]) and 0 <= trial_attrs(t)["metric"] <= 1
+    best = max(done, key=lambda t: t.values[0])
+    assert result["best"]["trial"] == best.number and result["best"]["metric"] == trial_attrs(best)["metric"]
+
+
 # ------------------------------------------------------------------ code to the workers, failures that say why
 USER_MODULE = """
 import torch.nn as nn

@@ -17,7 +17,7 @@ from autoprune.pruning.plan import channels_kept
 from autoprune.searching.objective import trial_attrs
 from autoprune.costs.budgets import Budget
 from autoprune.searching.space import SearchSpace
-from autoprune.searching.studies import open_storage, study_name
+from autoprune.searching.studies import open_storage, storage_url, study_name
 from autoprune.searching.study import run_search
 from autoprune.app.session import Session
 from autoprune.spec import load_spec
@@ -317,3 +317,53 @@ def test_the_rerank_hint_reaches_the_result(make_spec):
     drop = 1 - result["best"]["metric"] / result["baseline"]["metric"]
     assert drop > 0.2, drop  # 3 % of the MACs: heavily damaged before recovery
     assert any("rerank_steps: 200" in n for n in result["notes"]), result["notes"]
+
+
+def test_score_loss_ranks_by_minus_the_val_loss_and_reports_the_metric(make_spec):
+    import torch.nn.functional as F
+
+    from autoprune.app import api
+    from autoprune.errors import AutopruneError
+    from autoprune.pruning.plan import PruningPlan
+
+    spec = make_spec("cnn1d", budget={"macs": 0.3}, search={"n_trials": 8, "priors": "none", "score": "loss"})
+    s = _session(spec)
+    result = api.search(s, show_progress=False, test=False)
+    study = optuna.load_study(storage=open_storage(storage_url(s.spec)),
+                              study_name=study_name(s.spec, "optuna"))
+    assert study.user_attrs["score"] == "loss"
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 8
+    for t in done:  # the value is minus the loss; the metric is still the accuracy
+        a = trial_attrs(t)
+        assert t.values[0] == pytest.approx(-a["val_loss"]) == pytest.approx(a["score"])
+        assert 0.0 <= a["metric"] <= 1.0 and a["val_loss"] > 0
+    best = max((t for t in done if trial_attrs(t)["feasible"]), key=lambda t: t.values[0])
+    assert result["best"]["trial"] == best.number
+    assert result["best"]["metric"] == trial_attrs(best)["metric"] and result["best"]["score"] == best.values[0]
+    # the recorded loss is the cross-entropy over every val sample of the prepared model
+    plan = PruningPlan.from_dict(trial_attrs(best)["plan"])
+    model = s.evaluator.prepare(s.pruner.apply(plan), plan, s.pruner).eval()
+    xs, ys = zip(*s.evaluator.batches("val"))
+    with torch.no_grad():
+        logits = model(torch.cat(xs))
+    y = torch.cat(ys)
+    assert trial_attrs(best)["val_loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    assert trial_attrs(best)["metric"] == pytest.approx(float((logits.argmax(-1) == y).float().mean()))
+    # the ranking differs from the accuracy's somewhere, or the test shows nothing
+    by_metric = sorted(done, key=lambda t: -trial_attrs(t)["metric"])
+    by_score = sorted(done, key=lambda t: -t.values[0])
+    assert [t.number for t in by_metric] != [t.number for t in by_score]
+    # a resumed study keeps what it ranks by: asking for the metric now is an error naming both
+    spec2 = {**spec, "search": {**spec["search"], "score": "metric", "n_trials": 10}}
+    with pytest.raises(AutopruneError, match="ranks its trials by the loss.*search.score: metric"):
+        api.search(_session(spec2), show_progress=False, test=False)
+
+
+@pytest.mark.parametrize("search", [{"score": "loss", "objectives": ["accuracy", "macs"]},
+                                    {"score": "loss", "recovery_rungs": [5]}])
+def test_score_loss_needs_one_objective_and_no_rungs(make_spec, search):
+    from autoprune.errors import AutopruneError
+
+    with pytest.raises((AutopruneError, ValueError), match="search.score: loss"):
+        load_spec(make_spec("cnn1d", search=search))

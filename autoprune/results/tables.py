@@ -25,7 +25,7 @@ from autoprune.searching.objective import trial_attrs
 from autoprune.searching.space import pareto_mask
 from autoprune.searching.studies import SearchRun, open_storage, storage_url
 
-TRIAL_COLUMNS = ["strategy", "number", "state", "metric", "macs", "params", "macs_ratio", "params_ratio", "cost",
+TRIAL_COLUMNS = ["strategy", "number", "state", "metric", "score", "macs", "params", "macs_ratio", "params_ratio", "cost",
                  "latency_ms", "feasible", "warm_start", "fail_reason", "duration_s", "prune_s", "eval_s", "plan",
                  "datetime_start", "datetime_complete"]
 
@@ -45,7 +45,10 @@ def trials_frame(study: optuna.Study, strategy: str | None = None) -> pd.DataFra
             "strategy": strategy,
             "number": t.number,
             "state": t.state.name,
-            "metric": t.values[0] if t.values else a.get("metric"),
+            # the metric a trial recorded; its value is what the search ranked it by (the metric, or minus the
+            # task's loss under search.score: loss)
+            "metric": a.get("metric", t.values[0] if t.values else None),
+            "score": t.values[0] if t.values else a.get("score", a.get("metric")),
             "macs": a.get("macs"),
             "params": a.get("params"),
             "macs_ratio": a.get("macs_ratio"),
@@ -81,6 +84,7 @@ def _record(row: pd.Series, plan: PruningPlan) -> dict[str, Any]:
         "trial": int(row.number),
         "metric_val": float(row.metric),
         "metric": float(row.metric),
+        "score": float(row.score),  # what the search ranked it by (search.score): the metric or minus the loss
         "macs": int(row.macs),
         "params": int(row.params),
         "macs_ratio": float(row.macs_ratio),
@@ -147,7 +151,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
     df = trials_frame(run.study, run.strategy)
     latency = budget.kind == "latency_ms"
     df["pareto"] = pareto_flags(df, "cost" if latency else "macs_ratio")  # cost = predicted ms for latency
-    ok = df[(df.state == "COMPLETE") & df.feasible].sort_values(["metric", "cost"], ascending=[False, True])
+    ok = df[(df.state == "COMPLETE") & df.feasible].sort_values(["score", "cost"], ascending=[False, True])
     reranked: list[dict[str, Any]] = []
     notes = list(run.notes)
     k, timeout = session.spec.search.rerank_top_k, session.spec.search.timeout_s

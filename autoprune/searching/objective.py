@@ -32,6 +32,7 @@ class TrialResult:
     prune_s: float = 0.0
     eval_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    score: float | None = None  # what the search ranks the plan by, when not the metric (search.score: loss)
 
     @property
     def overshoot(self) -> float:
@@ -50,35 +51,47 @@ class TrialResult:
             "feasible": bool(self.feasible),
             "prune_s": round(self.prune_s, 4),
             "eval_s": round(self.eval_s, 4),
+            **({"score": self.score} if self.score is not None else {}),
             **self.extra,
         }
 
 
-def evaluate_plan(space: SearchSpace, evaluator, cost_model, plan: PruningPlan) -> TrialResult:
-    """Prune a copy of the model with `plan`, count its costs and score it on val."""
+def evaluate_plan(space: SearchSpace, evaluator, cost_model, plan: PruningPlan, score: str = "metric") -> TrialResult:
+    """Prune a copy of the model with `plan`, count its costs and score it on val (`score`: "loss" also ranks it by
+    minus the task's loss, measured in the same pass)."""
     t0 = time.perf_counter()
     model = space.pm.apply(plan, check=False)
     macs, params = cost_model.estimate(plan)
     cost = space.budget.estimate(plan)
     t1 = time.perf_counter()
+    loss = None
     try:
-        metric = evaluator(model)
+        if score == "loss":
+            metric, loss = evaluator.with_loss(model)
+        else:
+            metric = evaluator(model)
     except MemoryError as e:  # recorded as a failed trial; the study goes on
         raise TrialFailed(f"out of memory during evaluation: {e}") from e
     t2 = time.perf_counter()
     if not math.isfinite(metric):
         raise TrialFailed(f"metric is {metric}")
+    if loss is not None and not math.isfinite(loss):
+        raise TrialFailed(f"the task's loss is {loss}")
     extra = {"latency_ms": float(cost)} if space.budget.kind == "latency_ms" else {}  # predicted (latency stage)
+    if loss is not None:
+        extra["val_loss"] = float(loss)
     return TrialResult(plan, float(metric), int(macs), int(params), float(cost), space.budget.limit,
-                       cost <= space.budget.limit * (1 + 1e-9), t1 - t0, t2 - t1, extra)
+                       cost <= space.budget.limit * (1 + 1e-9), t1 - t0, t2 - t1, extra,
+                       score=None if loss is None else -float(loss))
 
 
 def objective_values(result: TrialResult, objectives: list[str], base: dict[str, float]) -> list[float]:
-    """Objective values in spec order: the metric first, then costs as fractions of the unpruned model."""
+    """Objective values in spec order: the metric (or the score the search ranks by) first, then costs as
+    fractions of the unpruned model."""
     out = []
     for o in objectives:
         if o in ("accuracy", "metric"):
-            out.append(result.metric)
+            out.append(result.metric if result.score is None else result.score)
         elif o == "macs":
             out.append(result.macs / base["macs"])
         elif o == "params":
@@ -97,7 +110,8 @@ class Objective:
 
     def __init__(self, space: SearchSpace, evaluator, cost_model, *, objectives: list[str], budget_mode: str,
                  rungs: list[int] | None = None, reduction: int = 3, recovery_lr: float = 1e-3,
-                 seed: int = 0) -> None:
+                 seed: int = 0, score: str = "metric") -> None:
+        self.score = score  # "metric", or "loss" (search.score): what the trial's value is
         self.rungs = list(rungs or [])  # multi-fidelity: fine-tune steps after the proxy, one rung each
         self.reduction = reduction
         self.recovery_lr = recovery_lr
@@ -135,7 +149,7 @@ class Objective:
         proposal = self.suggest(trial)
         plan = self.warm_plan(trial) or self.plan_for(proposal)
         try:
-            result = evaluate_plan(self.space, self.evaluator, self.cost_model, plan)
+            result = evaluate_plan(self.space, self.evaluator, self.cost_model, plan, self.score)
             if self.rungs:
                 result = self._climb_rungs(trial, result, report)
         except optuna.TrialPruned:

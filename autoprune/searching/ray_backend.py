@@ -68,7 +68,9 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import Objective, directions, record
 from autoprune.searching.studies import (
     SearchRun,
-    best_value,
+    best_metric,
+    search_score,
+    study_score,
     fast_tpe_math,
     timeout_note,
     create_or_load,
@@ -632,9 +634,10 @@ def run_ray_search(
 
     # multi-fidelity as in the local loop: successive halving over the recovery rungs, here Tune's ASHA
     rungs = list(s.recovery_rungs) if len(objectives) == 1 else []
+    score = study_score(study, created, search_score(spec, strategy))
     objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives, budget_mode=mode,
                           rungs=rungs, reduction=s.rung_reduction,
-                          recovery_lr=spec.recovery_lr, seed=s.seed)
+                          recovery_lr=spec.recovery_lr, seed=s.seed, score=score)
     threads = max(1, int(s.cpus_per_trial))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, payload=cloudpickle.dumps(objective), key=uuid.uuid4().hex,
@@ -725,7 +728,7 @@ class _ProgressCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.bar.n = min(n_done(self.study, self.rungs), self.n_trials)
-        best = best_value(self.study)
+        best = best_metric(self.study)
         if best is not None:
             self.bar.set_postfix(best=f"{best:.4f}")
         self.bar.refresh()

@@ -325,6 +325,26 @@ def create_or_load(storage, name: str, dirs: list[str], spec, strategy: str, mod
             ) from None
     return study, created
 
+def search_score(spec, strategy: str) -> str:
+    """What `strategy`'s trials are ranked by: search.score ("metric" or "loss": minus the task's loss) for the
+    optuna and random strategies; the heuristics and NetAdapt choose by the metric themselves."""
+    return spec.search.score if strategy in ("optuna", "random") else "metric"
+
+
+def study_score(study: optuna.Study, created: bool, score: str) -> str:
+    """The score a study ranks by is kept with it: a new study records `score`; resuming one created with
+    another (a study from before search.score ranked by the metric) is an error, since its trials' values
+    would not be comparable."""
+    if created:
+        study.set_user_attr("score", score)
+        return score
+    stored = study.user_attrs.get("score", "metric")
+    if stored != score:
+        raise AutopruneError(f"study {study.study_name!r} ranks its trials by the {stored}; the spec asks for "
+                             f"search.score: {score}: use another name or storage, or search.score: {stored}")
+    return score
+
+
 def timeout_note(timeout_s: float | None, done: int, n_trials: int, prep_s: float) -> str | None:
     """What `search.timeout_s` cost, when it stopped the search before `n_trials`: how many trials ran, and how
     much of the limit went to the sensitivity sweep (on a model with many groups the sweep alone can use most
@@ -348,7 +368,12 @@ def n_done(study: optuna.Study, rungs: bool = False) -> int:
 def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
-def best_value(study: optuna.Study) -> float | None:
-    vals = [t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if trial_attrs(t).get("feasible", True)]
-    return max(vals) if vals else None
+def best_metric(study: optuna.Study) -> float | None:
+    """The metric of the best feasible completed trial by its value (which is minus the loss under
+    search.score: loss): what the progress bar shows."""
+    best = None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        a = trial_attrs(t)
+        if a.get("feasible", True) and (best is None or t.values[0] > best[0]):
+            best = (t.values[0], a.get("metric", t.values[0]))
+    return None if best is None else best[1]

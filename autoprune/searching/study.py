@@ -24,7 +24,7 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_value, fast_tpe_math, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
+    SearchRun, TrialSeededSampler, best_metric, fast_tpe_math, search_score, study_score, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def run_search(
                                                               min_early_stopping_rate=0)
     if created and strategy == "optuna":
         _enqueue_warm_starts(study, space, session)
+    score = study_score(study, created, search_score(spec, strategy))
 
     notes = list(space.notes)
     prep_s = time.perf_counter() - t0  # storage, the sensitivity sweep (unless cached), the study
@@ -77,7 +78,7 @@ def run_search(
         objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives,
                               budget_mode=mode, rungs=rungs,
                               reduction=spec.search.rung_reduction,
-                              recovery_lr=spec.recovery_lr, seed=spec.search.seed)
+                              recovery_lr=spec.recovery_lr, seed=spec.search.seed, score=score)
         deadline = t0 + spec.search.timeout_s if spec.search.timeout_s else None
         _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs), deadline=deadline)
         note = timeout_note(spec.search.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s)
@@ -187,7 +188,7 @@ def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_pro
     def callback(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         n = n_done(st, count_pruned)
         bar.n = min(n, n_trials)
-        best = best_value(st)
+        best = best_metric(st)
         if best is not None:
             bar.set_postfix(best=f"{best:.4f}")
         bar.refresh()

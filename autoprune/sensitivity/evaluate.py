@@ -165,6 +165,23 @@ class Evaluator:
             self.task.update(state, out, y, teacher)
         return float(self.task.compute(state))
 
+    @torch.no_grad()
+    def score_and_loss(self, model: nn.Module, split: str = "val") -> tuple[float, float]:
+        """(the task's metric, the task's loss averaged over samples) of `model` as it is on `split`, from one
+        pass over the batches (the loss is what `search.score: loss` ranks plans by)."""
+        model = on_device(model, self.device).eval()
+        state = self.task.metric_state()
+        total, n = 0.0, 0
+        for i, (x, y) in enumerate(self.iter_batches(split)):
+            x = to_device(x, self.device)
+            out = self.task.forward(model, x)
+            teacher = self._teacher_outputs(split, i, x) if self.task.needs_teacher else None
+            self.task.update(state, out, y, teacher)
+            b = batch_len(x)
+            total += float(self.task.loss(out, to_device(y, self.device), teacher)) * b
+            n += b
+        return float(self.task.compute(state)), total / max(n, 1)
+
     def _plan_of(self, model: nn.Module, pruner: PrunableModel | None) -> PruningPlan | None:
         """The plan `pruner.apply` tagged `model` with, when the model's widths match it (else None)."""
         tag = getattr(model, "_autoprune_plan", None)
@@ -231,6 +248,14 @@ class Evaluator:
         if not math.isfinite(value):
             raise AutopruneError(f"metric {self.metric_name!r} returned {value}")
         return value
+
+    def with_loss(self, model: nn.Module, split: str = "val", *, plan: PruningPlan | None = None,
+                  pruner: PrunableModel | None = None) -> tuple[float, float]:
+        """`__call__`'s metric and the task's loss, after the same preparation, from one pass over `split`."""
+        value, loss = self.score_and_loss(self.prepare(model, plan, pruner), split)
+        if not (math.isfinite(value) and math.isfinite(loss)):
+            raise AutopruneError(f"metric {self.metric_name!r} returned {value}, the task's loss {loss}")
+        return value, loss
 
     def evaluate_plan(self, pruner: PrunableModel, plan: PruningPlan, split: str = "val") -> float:
         """Score a candidate plan: `pruner.apply(plan)`, then the same steps as `__call__`."""
