@@ -92,3 +92,27 @@ def test_peers_set_overrides_win_over_quick(tmp_path):
     assert lamp["search"]["n_trials"] == 12 and lamp["pruning"]["max_ratio"] == 0.9  # --quick only
     tm = peers.spec_for(args, ("macs", 0.3), 1, "autoprune-tm", timeout_s=7.5)
     assert tm["search"]["timeout_s"] == 7.5
+
+
+def test_proxy_study_tables_rank_and_pick_per_budget_and_seed(tmp_path, capsys):
+    # benchmarks/proxy_study.py: Spearman of each predictor with the recovered metric, and the recovered metric of
+    # the plan each predictor would pick, per (budget, seed); --from-csv reprints them without running anything
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("proxy_study_bench", ROOT / "benchmarks" / "proxy_study.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    df = pd.DataFrame({"budget": [0.3] * 4 + [0.15] * 3, "seed": [0] * 7, "plan": list("abcdefg"),
+                       "proxy": [0.9, 0.8, 0.7, 0.6, 0.5, 0.6, 0.7], "neg_loss": [-1, -2, -3, -4, -3, -2, -1],
+                       "test_ft": [0.95, 0.96, 0.97, 0.98, 0.90, 0.92, 0.91]})
+    sm = ps.summary(df, ["proxy", "neg_loss"]).set_index("budget")
+    assert sm.loc[0.3, "rho_proxy"] == pytest.approx(-1.0) and sm.loc[0.3, "pick_proxy"] == 0.95
+    assert sm.loc[0.3, "best"] == 0.98 and sm.loc[0.15, "pick_neg_loss"] == 0.91 and sm.loc[0.15, "best"] == 0.92
+    assert sm.loc[0.15, "rho_proxy"] == pytest.approx(0.5)
+    csv = tmp_path / "ps.csv"
+    df.assign(ft50=df.proxy, grad_norm=0.0, neg_kl=df.neg_loss, log_width=0.0, params=1).to_csv(csv, index=False)
+    ps.main(["--from-csv", str(csv)])
+    out = capsys.readouterr().out
+    assert "rho_ft50" in out and "| 0.3 | 0 | 0.98 | 0.95 |" in out

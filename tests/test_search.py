@@ -307,6 +307,10 @@ def test_a_heavily_damaged_best_plan_gets_the_rerank_hint():
     assert _rerank_hint({"metric": 0.63}, 0.975, "optuna", True) is None  # re-ranked already
     assert _rerank_hint({"metric": 0.63}, 0.975, "lamp", False) is None  # one plan: nothing to re-rank
     assert _rerank_hint({"metric": -3.0}, -1.0, "optuna", False) is None  # minus an MSE: no relative drop
+    assert "search.score: loss" in hint  # the free option is named too, unless the search ranked by the loss
+    assert "search.score: loss" not in _rerank_hint({"metric": 0.63}, 0.975, "optuna", False, score="loss")
+    # a distillation's similarity (MiniLM: 0.87 post-training) is far from 1 anyway: the evidence is a classifier's
+    assert _rerank_hint({"metric": 0.63}, 0.975, "optuna", False, accuracy=False) is None
 
 
 def test_the_rerank_hint_reaches_the_result(make_spec):
