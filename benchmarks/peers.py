@@ -115,6 +115,44 @@ def recover(model: torch.nn.Module, train_ds, *, steps: int, lr: float, batch_si
     return model.eval()
 
 
+@torch.no_grad()
+def test_correct(s, model: torch.nn.Module) -> str | None:
+    """Which test samples `model` gets right, as a string of 0/1 in the test set's order (classification scored
+    by accuracy only, else None): what the paired comparison of two methods resamples."""
+    ev = s.evaluator
+    if ev.task.metric_name != "accuracy" or not hasattr(ev.task, "batch_metric"):
+        return None
+    model.eval()
+    bits = []
+    for x, y in ev.iter_batches("test"):
+        pred = ev.task.forward(model, x).argmax(-1)
+        bits += ["1" if int(b) else "0" for b in (pred == y.to(pred.device)).reshape(-1).tolist()]
+    return "".join(bits)
+
+
+def paired_delta(method: pd.DataFrame, ref: pd.DataFrame, reps: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
+    """Mean test accuracy of `method` minus `ref`'s (pp), with a 95 % bootstrap interval that resamples test images,
+    paired by image and by seed (the same images under every seed): the uncertainty a 360-image test set adds to a
+    difference of means, which the seeds' spread alone does not show. None when a seed or the per-image record is
+    missing."""
+    import numpy as np
+
+    if "test_correct" not in method or "test_correct" not in ref:
+        return None
+    a = method.dropna(subset=["test_correct"]).set_index("seed").test_correct
+    b = ref.dropna(subset=["test_correct"]).set_index("seed").test_correct
+    seeds = sorted(set(a.index) & set(b.index))
+    if not seeds:
+        return None
+    diff = np.array([[int(c) for c in a[k]] for k in seeds], dtype=float) - \
+        np.array([[int(c) for c in b[k]] for k in seeds], dtype=float)  # seeds x images
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.shape[1], size=(reps, diff.shape[1]))
+    boot = diff[:, idx].mean(axis=(0, 2))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return 100 * float(diff.mean()), 100 * float(lo), 100 * float(hi)
+
+
 def widths(model: torch.nn.Module) -> list[int]:
     """Output widths of the convolutions, or of the linear layers in a model without any."""
     convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -284,6 +322,8 @@ def run_one(args, budget: tuple[str, float], seed: int, method: str, base: dict,
         row[f"{label}_s"] = round(time.perf_counter() - t0, 2)
         row[f"val_{label}"] = float(s.evaluator.score(m, "val"))
         row[f"test_{label}"] = float(s.evaluator.score(m, "test"))
+        if label == "ft":
+            row["test_correct"] = test_correct(s, m)
     row["baseline_test"] = float(s.evaluator.score(s.target.model, "test"))
     log(f"{row['setting']} s{seed} {method:10s}: proxy {row['val_proxy']:.4f} -> test {row.get('test_ft', float('nan')):.4f} "
         f"(short {row.get('test_ft_short', float('nan')):.4f}), MACs {row['macs_ratio']:.3f}, {row['evals']} evals, "
@@ -332,6 +372,8 @@ def table(runs: pd.DataFrame, args) -> str:
                 "MACs ratio (FlopCounterMode)": mean_pm(ok.macs_ratio, 1, 3) if len(ok) else "–",
                 **({"latency ratio (measured)": mean_pm(ok.latency_ratio, 1, 3) if len(ok) else "–"}
                    if setting.startswith("lat") else {}),
+                **({f"Δ vs autoprune, test pp [95 % CI, paired by image]": _delta(ok, g)}
+                   if "test_correct" in g and g.test_correct.notna().any() else {}),
                 "budget met": f"{int(ok.budget_met.sum()) if len(ok) else 0}/{len(r)}",
                 "search wall s": mean_pm(r.search_wall_s, 1, 1),
                 "evaluations": mean_pm(r.evals.astype(float), 1, 0),
@@ -341,6 +383,15 @@ def table(runs: pd.DataFrame, args) -> str:
         out.append(f"### {model_label(args)}, {what}, seeds {','.join(map(str, sorted(g.seed.unique())))}"
                    + (f" (unpruned test {100 * base.iloc[0]:.2f} {unit})" if len(base) else "") + "\n\n" + _md(pd.DataFrame(rows)))
     return "\n\n".join(out)
+
+
+def _delta(rows: pd.DataFrame, setting: pd.DataFrame) -> str:
+    ref = setting[setting.method == "autoprune"]
+    ref = ref[ref.macs_ratio.notna()] if "macs_ratio" in ref else ref.iloc[:0]
+    if rows.empty or ref.empty or (rows.method == "autoprune").all():
+        return "–"
+    d = paired_delta(rows, ref)
+    return "–" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
 
 
 def plot(runs: pd.DataFrame, path: Path, args) -> bool:

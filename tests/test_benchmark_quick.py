@@ -116,3 +116,27 @@ def test_proxy_study_tables_rank_and_pick_per_budget_and_seed(tmp_path, capsys):
     ps.main(["--from-csv", str(csv)])
     out = capsys.readouterr().out
     assert "rho_ft50" in out and "| 0.3 | 0 | 0.98 | 0.95 |" in out
+
+
+def test_peers_paired_delta_resamples_images_paired_by_seed():
+    # benchmarks/peers.py: a method's test accuracy minus autoprune's, with a bootstrap interval over test images
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("peers_bench2", ROOT / "benchmarks" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    n = 400
+    ref = pd.DataFrame({"seed": [0, 1], "test_correct": ["1" * 360 + "0" * 40, "1" * 380 + "0" * 20]})
+    same = peers.paired_delta(ref, ref)
+    assert same == (0.0, 0.0, 0.0)  # paired: identical predictions differ by nothing, however noisy the set
+    better = pd.DataFrame({"seed": [1, 0], "test_correct": ["1" * n, "1" * n]})  # rows in another order
+    d, lo, hi = peers.paired_delta(better, ref)
+    assert d == pytest.approx(100 * (40 + 20) / (2 * n))  # 7.5 pp, matched by seed
+    assert 0 < lo < d < hi < 15
+    # 8 images better and 4 worse out of 400 on one seed (net +1 pp): the interval spans zero
+    close = pd.DataFrame({"seed": [0], "test_correct": ["0" * 4 + "1" * 356 + "1" * 8 + "0" * 32]})
+    d, lo, hi = peers.paired_delta(close, ref)
+    assert d == pytest.approx(1.0) and lo <= 0 < hi
+    assert peers.paired_delta(pd.DataFrame({"seed": [5], "test_correct": ["1" * n]}), ref) is None  # no common seed
