@@ -58,7 +58,7 @@ from autoprune.spec import set_dotted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG_ROOT = Path(autoprune.__file__).resolve().parents[1]  # the checkout whose autoprune is imported
-AUTOPRUNE_METHODS = {"autoprune": None, "autoprune-mf": None, "autoprune-rerank": None, "autoprune-tm": None, "uniform": "uniform", "global": "global", "lamp": "lamp",
+AUTOPRUNE_METHODS = {"autoprune": None, "autoprune-mf": None, "autoprune-rerank": None, "autoprune-tm": None, "autoprune-loss": None, "uniform": "uniform", "global": "global", "lamp": "lamp",
                      "netadapt": "netadapt", "random": "random"}
 FASTNAS_METHODS = {"fastnas": 4, "fastnas-d1": 1}  # label -> channel divisor
 ALL_METHODS = [*AUTOPRUNE_METHODS, *FASTNAS_METHODS]
@@ -192,6 +192,8 @@ def spec_for(args, budget: tuple[str, float], seed: int, method: str, timeout_s:
         spec = _merge(spec, {"search": {"recovery_rungs": [50, 200], "rung_reduction": 3}})
     if method == "autoprune-rerank":  # the default search plus a re-rank of its 3 best and the heuristic plans
         spec = _merge(spec, {"search": {"rerank_top_k": 3, "rerank_steps": 50}})
+    if method == "autoprune-loss":  # the default search ranking its trials by minus the val loss (search.score)
+        spec = _merge(spec, {"search": {"score": "loss"}})
     if method == "autoprune-tm":  # the default search, stopped at FastNAS's wall time (search.timeout_s)
         spec = _merge(spec, {"search": {"timeout_s": timeout_s}})
     if args.quick:
