@@ -354,6 +354,12 @@ def test_score_loss_ranks_by_minus_the_val_loss_and_reports_the_metric(make_spec
     y = torch.cat(ys)
     assert trial_attrs(best)["val_loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
     assert trial_attrs(best)["metric"] == pytest.approx(float((logits.argmax(-1) == y).float().mean()))
+    # the progress plot's line ends at the reported best's metric, not at the highest accuracy of any trial
+    from autoprune.results import plots
+    from autoprune.results.tables import load
+
+    line = plots.best_so_far(load(s.run_dir))
+    assert line[line.strategy == "optuna"].best.iloc[-1] == pytest.approx(result["best"]["metric"])
     # the ranking differs from the accuracy's somewhere, or the test shows nothing
     by_metric = sorted(done, key=lambda t: -trial_attrs(t)["metric"])
     by_score = sorted(done, key=lambda t: -t.values[0])

@@ -421,7 +421,8 @@ def sensitivity_heatmap(res) -> go.Figure:
 # ----------------------------------------------------------------------------------------------- progress
 def best_so_far(res, strategies: Sequence[str] | None = None) -> pd.DataFrame:
     """Per strategy, its completed trials in completion order with ``evaluation`` (1, 2, ...), ``elapsed_s``
-    (since that strategy's first trial started) and ``best`` (best feasible metric so far; NaN before the first)."""
+    (since that strategy's first trial started) and ``best`` (the metric of the best feasible trial so far, by the
+    search's score; NaN before the first)."""
     r = as_results(res)
     done = _completed(r, strategies)
     out = []
@@ -430,7 +431,16 @@ def best_so_far(res, strategies: Sequence[str] | None = None) -> pd.DataFrame:
         d["evaluation"] = range(1, len(d) + 1)
         t0 = pd.to_datetime(d.datetime_start).min()
         d["elapsed_s"] = (pd.to_datetime(d.datetime_complete) - t0).dt.total_seconds()
-        d["best"] = d.metric.where(d.feasible.astype(bool)).cummax().ffill()  # cummax leaves NaN at NaN rows
+        # the metric of the best feasible trial so far by what the search ranked (its score: the metric, or minus
+        # the loss under search.score: loss), so the line ends at the reported best
+        feasible = d.feasible.astype(bool)
+        key = (d.score if "score" in d and d.score.notna().any() else d.metric).where(feasible)
+        best, top, cur = [], None, float("nan")
+        for k, m in zip(key, d.metric):
+            if pd.notna(k) and (top is None or k > top):
+                top, cur = k, m
+            best.append(cur)
+        d["best"] = best
         out.append(d)
     return pd.concat(out, ignore_index=True) if out else done.assign(evaluation=[], elapsed_s=[], best=[])
 

@@ -257,7 +257,8 @@ class Searches:
             "progress": {"complete": len(done), "failed": sum(t.state == TrialState.FAIL for t in trials),
                          "total": total},
             "best_so_far": None if best is None else {
-                "trial": best.number, "metric_val": best.values[0],
+                # the value is what the search ranks by (minus the loss under search.score: loss); the metric is recorded
+                "trial": best.number, "metric_val": trial_attrs(best).get("metric", best.values[0]), "score": best.values[0],
                 "macs_ratio": trial_attrs(best).get("macs_ratio"), "params_ratio": trial_attrs(best).get("params_ratio"),
             },
         }
