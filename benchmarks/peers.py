@@ -155,7 +155,7 @@ def paired_delta(method: pd.DataFrame, ref: pd.DataFrame, reps: int = 2000, seed
 
 def widths(model: torch.nn.Module) -> list[int]:
     """Output widths of the convolutions, or of the linear layers in a model without any."""
-    convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = [m.out_channels for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
     return convs or [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
@@ -228,12 +228,11 @@ def run_autoprune(s, strategy: str | None) -> dict:
 def run_fastnas(s, budget: float, divisor: int, ckpt: Path) -> dict:
     import modelopt.torch.prune as mtp
 
-    rules = {
-        "nn.Conv2d": {"*": {"channels_ratio": FASTNAS_RATIOS, "kernel_size": (), "channel_divisor": divisor}},
-        # without a BatchNorm rule the coupled widths stay on the default divisor (32)
-        "nn.BatchNorm2d": {"*": {"features_ratio": FASTNAS_RATIOS, "feature_divisor": divisor}},
-        "nn.Linear": {"*": {"features_ratio": FASTNAS_RATIOS, "feature_divisor": divisor}},
-    }
+    conv = {"*": {"channels_ratio": FASTNAS_RATIOS, "kernel_size": (), "channel_divisor": divisor}}
+    feat = {"*": {"features_ratio": FASTNAS_RATIOS, "feature_divisor": divisor}}
+    # 1-D and 2-D convolutions alike (the MNIST-1D models); without a BatchNorm rule the coupled widths stay on the
+    # default divisor (32)
+    rules = {"nn.Conv1d": conv, "nn.Conv2d": conv, "nn.BatchNorm1d": feat, "nn.BatchNorm2d": feat, "nn.Linear": feat}
     n_evals = [0]
 
     def score(m: torch.nn.Module) -> float:  # the same score function as autoprune's proxy

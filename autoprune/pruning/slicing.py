@@ -12,6 +12,7 @@ to Torch-Pruning's function unchanged.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
@@ -24,6 +25,13 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _keep(n: int, idxs: Sequence[int]) -> torch.Tensor:
+    return _keep_cached(n, tuple(idxs))
+
+
+@functools.lru_cache(maxsize=4096)
+def _keep_cached(n: int, idxs: tuple[int, ...]) -> torch.Tensor:
+    """The kept positions of a width-`n` layer that loses `idxs`: a layer keeps its cut from trial to trial as
+    long as its group's does, so most trials rebuild nothing. The tensor is shared: index_select only reads it."""
     mask = torch.ones(n, dtype=torch.bool)
     mask[list(idxs)] = False
     return mask.nonzero().flatten()
