@@ -153,23 +153,18 @@ class Evaluator:
             cache.append(out.cpu())
         return out
 
-    @torch.no_grad()
     def score(self, model: nn.Module, split: str = "val") -> float:
         """The task's metric of `model` as it is (no recalibration) on `split`, streamed batch by batch."""
-        model = on_device(model, self.device).eval()  # a model elsewhere (the unpruned one) is scored on a copy
-        state = self.task.metric_state()
-        for i, (x, y) in enumerate(self.iter_batches(split)):
-            x = to_device(x, self.device)
-            out = self.task.forward(model, x)
-            teacher = self._teacher_outputs(split, i, x) if self.task.needs_teacher else None
-            self.task.update(state, out, y, teacher)
-        return float(self.task.compute(state))
+        return self._pass(model, split, loss=False)[0]
 
-    @torch.no_grad()
     def score_and_loss(self, model: nn.Module, split: str = "val") -> tuple[float, float]:
         """(the task's metric, the task's loss averaged over samples) of `model` as it is on `split`, from one
         pass over the batches (the loss is what `search.score: loss` ranks plans by)."""
-        model = on_device(model, self.device).eval()
+        return self._pass(model, split, loss=True)
+
+    @torch.no_grad()
+    def _pass(self, model: nn.Module, split: str, *, loss: bool) -> tuple[float, float]:
+        model = on_device(model, self.device).eval()  # a model elsewhere (the unpruned one) is scored on a copy
         state = self.task.metric_state()
         total, n = 0.0, 0
         for i, (x, y) in enumerate(self.iter_batches(split)):
@@ -177,9 +172,10 @@ class Evaluator:
             out = self.task.forward(model, x)
             teacher = self._teacher_outputs(split, i, x) if self.task.needs_teacher else None
             self.task.update(state, out, y, teacher)
-            b = batch_len(x)
-            total += float(self.task.loss(out, to_device(y, self.device), teacher)) * b
-            n += b
+            if loss:
+                b = batch_len(x)
+                total += float(self.task.loss(out, to_device(y, self.device), teacher)) * b
+                n += b
         return float(self.task.compute(state)), total / max(n, 1)
 
     def _plan_of(self, model: nn.Module, pruner: PrunableModel | None) -> PruningPlan | None:
