@@ -95,6 +95,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # always a new directory: a study left by an earlier run would be resumed, and its trials (timed under
     # other conditions, by other code) would be mixed into this run's medians
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)  # --out names a parent; this run gets a new directory under it
     out = tempfile.mkdtemp(prefix="autoprune-overhead-", dir=args.out)
     rows = [run(m, args.trials, out) for m in args.models.split(",")]
     print("| model | trials | trial (median) | apply + cost | evaluation | other | non-evaluation share (medians) | "
