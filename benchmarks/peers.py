@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import autoprune  # noqa: E402
 from autoprune.app import api  # noqa: E402
+from autoprune.model.task import scored_by_accuracy  # noqa: E402
 from autoprune.spec import set_dotted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_correct(s, model: torch.nn.Module) -> str | None:
     """Which test samples `model` gets right, as a string of 0/1 in the test set's order (classification scored
     by accuracy only, else None): what the paired comparison of two methods resamples."""
     ev = s.evaluator
-    if ev.task.metric_name != "accuracy" or not hasattr(ev.task, "batch_metric"):
+    if not scored_by_accuracy(ev.task):
         return None
     model.eval()
     bits = []

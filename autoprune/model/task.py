@@ -246,6 +246,12 @@ class Classification(Task):
         return float((pred == target.to(pred.device)).sum()), int(target.numel())
 
 
+def scored_by_accuracy(task: Task) -> bool:
+    """A classifier scored by top-1 accuracy: its outputs' argmax against integer classes, one right answer a
+    sample (what `search.score: loss`'s evidence and the re-rank hint are about)."""
+    return isinstance(task, Classification) and task.metric_name == "accuracy"
+
+
 class Regression(Task):
     """MSE loss; the metric is minus the mean squared error (higher is better)."""
 

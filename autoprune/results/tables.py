@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan
+from autoprune.model.task import scored_by_accuracy
 from autoprune.searching.objective import trial_attrs
 from autoprune.searching.space import pareto_mask
 from autoprune.searching.studies import SearchRun, open_storage, storage_url
@@ -213,7 +214,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
     if best is None:
         result["notes"] = result["notes"] + ["no completed trial met the budget"]
     elif hint := _rerank_hint(best, float(session.baseline_metric), run.strategy, bool(k),
-                              accuracy=_scored_by_accuracy(session.evaluator.task),
+                              accuracy=scored_by_accuracy(session.evaluator.task),
                               score=run.study.user_attrs.get("score", "metric")):
         result["notes"] = result["notes"] + [hint]
     if write:
@@ -227,12 +228,6 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         tmp.write_text(json.dumps(result, indent=2, default=_json_default))
         os.replace(tmp, path)
     return result
-
-
-def _scored_by_accuracy(task: Any) -> bool:
-    from autoprune.model.task import Classification
-
-    return isinstance(task, Classification) and task.metric_name == "accuracy"
 
 
 DAMAGED = 0.2  # the best plan is this far (relative) under the unpruned model's metric before any recovery

@@ -368,12 +368,15 @@ def n_done(study: optuna.Study, rungs: bool = False) -> int:
 def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best feasible completed trial by its value (what the search ranks by: the metric, or minus the loss
+    under search.score: loss); the first objective of a multi-objective study."""
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if trial_attrs(t).get("feasible", True)]
+    return max(feasible, key=lambda t: t.values[0], default=None)
+
+
 def best_metric(study: optuna.Study) -> float | None:
-    """The metric of the best feasible completed trial by its value (which is minus the loss under
-    search.score: loss): what the progress bar shows."""
-    best = None
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        a = trial_attrs(t)
-        if a.get("feasible", True) and (best is None or t.values[0] > best[0]):
-            best = (t.values[0], a.get("metric", t.values[0]))
-    return None if best is None else best[1]
+    """The metric `best_trial` recorded: what the progress bars show."""
+    best = best_trial(study)
+    return None if best is None else trial_attrs(best).get("metric", best.values[0])

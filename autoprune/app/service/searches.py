@@ -27,7 +27,7 @@ from autoprune.errors import AutopruneError
 from autoprune.model.factories import (ALLOW_ENV, FactoryRefused, allowed_from_env, allowed_modules,
                                  check_spec_factories, normalize_allowed)
 from autoprune.searching.objective import trial_attrs
-from autoprune.searching.studies import pid_alive
+from autoprune.searching.studies import best_trial, pid_alive
 
 log = logging.getLogger("autoprune.app.service")
 
@@ -251,8 +251,7 @@ class Searches:
             return {"progress": {"complete": 0, "failed": 0, "total": total}, "best_so_far": None}
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        feasible = [t for t in done if trial_attrs(t).get("feasible", True)]
-        best = max(feasible, key=lambda t: t.values[0], default=None)
+        best = best_trial(study)
         return {
             "progress": {"complete": len(done), "failed": sum(t.state == TrialState.FAIL for t in trials),
                          "total": total},
