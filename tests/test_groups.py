@@ -64,8 +64,18 @@ def test_structured_random_plans(name: str) -> None:
             assert torch.equal(v, rebuilt.state_dict()[k]), k
         # the output layer is never pruned
         assert small.fc.out_features == pm.base.fc.out_features
-    # the base model is left untouched
+    # the base model is left untouched, and shares no memory with a pruned model (apply lets the copy refer to the
+    # base's tensors until it cuts them: every one must have been replaced), even when that model is trained
     assert count_params(pm.base) == cm.base_params
+    before = {k: v.clone() for k, v in pm.base.state_dict().items()}
+    base_ptrs = {t.data_ptr() for t in before.values() if t.numel()} | {
+        t.data_ptr() for t in pm.base.state_dict().values() if t.numel()}
+    small = pm.apply(random_plans(pm, 1, seed=3)[0])
+    assert not base_ptrs & {t.data_ptr() for t in small.state_dict().values() if t.numel()}
+    with torch.no_grad():
+        for t in small.state_dict().values():
+            t.add_(1)
+    assert all(torch.equal(v, before[k]) for k, v in pm.base.state_dict().items())
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -250,15 +260,15 @@ def test_slicing_cut_equals_torch_pruning(name: str, monkeypatch) -> None:
         pm = build(name)
     fast: list[str] = []
 
-    def counting(m, handler, idxs):
+    def counting(m, handler, idxs, copy=False):
         before = handler.__self__.__class__.__name__, type(m).__name__
         fast.append(before)
-        slicing.cut(m, handler, idxs)
+        slicing.cut(m, handler, idxs, copy)
 
     for plan in random_plans(pm, 3, seed=7):
         monkeypatch.setattr(groups_mod, "cut", counting)
         ours = pm.apply(plan)
-        monkeypatch.setattr(groups_mod, "cut", lambda m, handler, idxs: handler(m, idxs))
+        monkeypatch.setattr(groups_mod, "cut", lambda m, handler, idxs, copy=False: handler(m, idxs))
         theirs = pm.apply(plan)
         _same_modules(ours, theirs)
     kinds = {k for k in fast}

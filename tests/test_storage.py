@@ -194,3 +194,46 @@ def test_the_journal_is_fsynced_when_a_trial_ends_and_every_record_is_readable_a
     reloaded = optuna.load_study(storage=studies.open_storage(str(path)), study_name="x").trials
     assert [t.state for t in reloaded] == [TrialState.COMPLETE] * 5
     assert [t.user_attrs["record"]["x"] for t in reloaded] == [t.params["x"] for t in reloaded]
+
+
+def test_journal_writes_a_trials_parameters_in_one_append(tmp_path):
+    # a trial's suggested parameters (and system attributes) are appended together before anything else is
+    # written or read; what any reader sees of a finished trial is whole, Optuna's own journal reader included
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = tmp_path / "study.journal"
+    st = open_storage(str(path))
+    appends = []
+    real = st._backend.append_logs
+    st._backend.append_logs = lambda logs: (appends.append([log["op_code"] for log in logs]), real(logs))[1]
+    study = optuna.create_study(storage=st, study_name="batched", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        xs = [trial.suggest_float(f"x{i}", 0, 1) for i in range(5)]
+        trial.set_constraint("c", -1.0)
+        return sum(xs)
+
+    study.optimize(objective, n_trials=3)
+    from optuna.storages.journal._storage import JournalOperation as op
+
+    param, system, state = int(op.SET_TRIAL_PARAM), int(op.SET_TRIAL_SYSTEM_ATTR), int(op.SET_TRIAL_STATE_VALUES)
+    per_trial = [ops for ops in appends if param in ops]
+    assert len(per_trial) == 3 and all(ops.count(param) == 5 for ops in per_trial)  # 5 records, 1 append each
+    # each append keeps Optuna's order, and each trial's end comes after its parameters
+    assert all(ops == [param] * 5 or ops == [param] * 5 + [system] for ops in per_trial), per_trial
+    ends = [i for i, ops in enumerate(appends) if ops == [state]]
+    assert len(ends) == 3 and all(any(param in ops for ops in appends[:e]) for e in ends)
+
+    plain = JournalStorage(JournalFileBackend(str(path)))  # Optuna's own reader, another "process"
+    got = optuna.load_study(study_name="batched", storage=plain).trials
+    assert [t.state for t in got] == [TrialState.COMPLETE] * 3
+    assert [t.params for t in got] == [t.params for t in study.trials]
+    assert [t.system_attrs for t in got] == [t.system_attrs for t in study.trials]
+    assert all(t.system_attrs for t in got)  # the constraint, appended with the parameters
+    assert all(abs(t.value - sum(t.params.values())) < 1e-12 for t in got)
+
+    # a parameter set on a finished trial fails at once, not when it would be appended
+    with pytest.raises(UpdateFinishedTrialError):
+        st.set_trial_param(study.trials[0]._trial_id, "late", 0.5, optuna.distributions.FloatDistribution(0, 1))
+    assert optuna.load_study(study_name="batched", storage=plain).trials[0].params == got[0].params

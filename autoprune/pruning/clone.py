@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -39,9 +39,15 @@ def _plain_module(cls: type) -> bool:
     return ok
 
 
-def clone_module(module: nn.Module) -> nn.Module:
-    """`copy.deepcopy(module)`, faster on the module tree itself (see the module docstring)."""
-    return _clone(module, {})
+def clone_module(module: nn.Module, share: Iterable[torch.Tensor] = (), memo: dict[int, Any] | None = None) -> nn.Module:
+    """`copy.deepcopy(module)`, faster on the module tree itself (see the module docstring).
+
+    `share`: tensors the copy refers to as they are instead of copying them (wherever they appear), for a caller
+    that replaces every one of them right after (`PrunableModel.apply` cuts them); the caller owns that promise.
+    `memo`: a dict that receives, as `copy.deepcopy`'s does, ``id(original) -> copy`` for everything copied."""
+    memo = {} if memo is None else memo
+    memo.update((id(t), t) for t in share)
+    return _clone(module, memo)
 
 
 def _clone(v: Any, memo: dict[int, Any]) -> Any:
@@ -80,8 +86,10 @@ def _clone(v: Any, memo: dict[int, Any]) -> Any:
             t = type(x)
             if t in _ATOMIC:
                 state[k] = x
-            elif (t is OrderedDict or t is dict) and not x:
+            elif (t is OrderedDict or t is dict or t is set) and not x:
                 state[k] = t()
+            elif t is tuple and all(type(i) in _ATOMIC for i in x):  # (kernel_size, stride, ...): kept, as below
+                state[k] = x
             else:
                 state[k] = _clone(x, memo)
         if cls.__setstate__ is _MODULE_SETSTATE:  # what it does, minus checks for attributes old pickles lacked

@@ -20,7 +20,7 @@ import torch_pruning as tp
 
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module
-from autoprune.pruning.slicing import cut
+from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan, channels_kept
 from autoprune.model.task import call_model, output_signature, tensors_of
@@ -56,6 +56,13 @@ class GroupInfo:
         d = asdict(self)
         d["members"] = [asdict(m) for m in self.members]
         return d
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's copy as `clone_module` makes it (a parameter stays a parameter, with its requires_grad)."""
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+    return t.detach().clone().requires_grad_(t.requires_grad)
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -507,18 +514,32 @@ class PrunableModel:
         if plan.mode == "unstructured":
             return self._apply_unstructured(plan)
         pruned = self.pruned_indices(plan)
-        work = clone_module(self.base)
         if not pruned:
+            work = clone_module(self.base)
             work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
             return work
         cuts = self._cuts(pruned)
+        # the tensors `cut` is about to replace are not copied first: the copy refers to the base's until its
+        # cut gives it its own (one tensor operation instead of two, for most of a CNN's tensors)
+        base_mods = self._base_modules()
+        shared = {id(t): t for (name, kind, _), (handler, _i) in cuts.items() if kind == "module"
+                  for t in self._shareable(name, handler)}
+        memo: dict[int, Any] = {}
+        work = clone_module(self.base, share=shared.values(), memo=memo)
         for (name, kind, _), (handler, idxs) in cuts.items():
             if kind == "module":
-                cut(work.get_submodule(name), handler, idxs)
+                cut(memo[id(base_mods[name])], handler, idxs, copy=True)
             else:  # a parameter a module owns directly (a ViT's cls_token): the handler returns the cut one
                 parent, _, leaf = name.rpartition(".")
                 owner = work.get_submodule(parent) if parent else work
                 setattr(owner, leaf, handler(getattr(owner, leaf), idxs))
+        if shared:  # what no cut replaced (a conv's bias when only its inputs go, a BatchNorm's step count): copied
+            for name in {name for name, kind, _ in cuts if kind == "module"}:
+                m = memo[id(base_mods[name])]
+                for slots in (m._parameters, m._buffers):
+                    for k, t in slots.items():
+                        if t is not None and id(t) in shared and t is shared[id(t)]:
+                            slots[k] = _own_copy(t)
         for p in work.parameters():
             p.requires_grad_(True)
         sync_attention_attributes(work, {name.rpartition(".")[0] for name, kind, _ in cuts if kind == "module"})
@@ -533,6 +554,33 @@ class PrunableModel:
             if shape != want:
                 raise AutopruneError(f"plan changed the output shape from {want} to {shape}")
         return work
+
+    def _base_modules(self) -> dict[str, nn.Module]:
+        if getattr(self, "_base_mods", None) is None:
+            self._base_mods = dict(self.base.named_modules(remove_duplicate=False))
+        return self._base_mods
+
+    def _shareable(self, name: str, handler: Any) -> list[torch.Tensor]:
+        """The base tensors of layer `name` that `apply` may leave uncopied until they are cut: those of a layer
+        `cut` slices itself (it replaces tensors, never writes them), each held in one slot of the whole model
+        (a tied weight is copied as usual)."""
+        key = (name, getattr(handler, "__name__", ""), type(getattr(handler, "__self__", None)))
+        got = self._share_cache.get(key) if hasattr(self, "_share_cache") else None
+        if got is None:
+            if not hasattr(self, "_share_cache"):
+                self._share_cache: dict[tuple, list[torch.Tensor]] = {}
+                slots: dict[int, int] = {}
+                for m in self._base_modules().values():
+                    for t in (*m._parameters.values(), *m._buffers.values()):
+                        if t is not None:
+                            slots[id(t)] = slots.get(id(t), 0) + 1
+                self._slot_counts = slots
+            m = self._base_modules()[name]
+            got = [] if fast_kind(m, handler, copy=True) is None else [
+                t for t in (*m._parameters.values(), *m._buffers.values())
+                if t is not None and self._slot_counts.get(id(t)) == 1]
+            self._share_cache[key] = got
+        return got
 
     def _cuts(self, pruned: dict[str, list[int]]) -> dict[tuple[str, str, str], tuple[Any, list[int]]]:
         """Every (layer, pruning function) a plan touches, with the union of the indices it removes there, in the
@@ -573,6 +621,8 @@ class PrunableModel:
         # the traced graph holds references that do not pickle (the Ray backend ships this object): rebuilt on use
         state = dict(self.__dict__)
         state["_base_graph"], state["_group_cuts"] = None, {}
+        for k in ("_base_mods", "_share_cache", "_slot_counts"):  # ids of this process's tensors
+            state.pop(k, None)
         return state
 
     def _apply_unstructured(self, plan: PruningPlan) -> nn.Module:

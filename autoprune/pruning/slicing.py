@@ -37,11 +37,13 @@ def _keep_cached(n: int, idxs: tuple[int, ...]) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
-def _plain_params(m: nn.Module, names: tuple[str, ...]) -> bool:
-    """Every named parameter is a plain, gradient-free nn.Parameter in the module's own slot (no parametrization)."""
+def _plain_params(m: nn.Module, names: tuple[str, ...], copy: bool = False) -> bool:
+    """Every named parameter is a plain, gradient-free nn.Parameter in the module's own slot (no parametrization).
+    `copy`: the module is a copy, whose parameters carry no gradient (`clone_module` drops them) or stand for
+    the copies it would have made (`PrunableModel.apply`): their `.grad` is not looked at."""
     for k in names:
         p = m._parameters.get(k)
-        if p is not None and (type(p) is not nn.Parameter or p.grad is not None):
+        if p is not None and (type(p) is not nn.Parameter or (p.grad is not None and not copy)):
             return False
     return not getattr(m, "parametrizations", None)
 
@@ -52,25 +54,39 @@ def _slice(m: nn.Module, name: str, keep: torch.Tensor, dim: int) -> None:
         m._parameters[name] = nn.Parameter(p.detach().index_select(dim, keep), requires_grad=p.requires_grad)
 
 
-def cut(module: nn.Module, handler: Any, idxs: Sequence[int]) -> None:
-    """Remove channels `idxs` of `module` the way Torch-Pruning's `handler` (a bound pruning function) would."""
+def fast_kind(module: nn.Module, handler: Any, copy: bool = False) -> str | None:
+    """Which of `cut`'s own paths slices `module` for Torch-Pruning's `handler` ("dense", "bn", "ln"), or None
+    when Torch-Pruning's function does. On these paths every tensor the cut touches is replaced by a new one,
+    never written in place (what lets `PrunableModel.apply` skip copying them first). `copy`: see `_plain_params`."""
     owner, fn = type(getattr(handler, "__self__", None)), getattr(handler, "__name__", "")
+    if fn not in ("prune_out_channels", "prune_in_channels"):
+        return None
     t = type(module)
-    out = fn == "prune_out_channels"
-    if fn not in ("prune_out_channels", "prune_in_channels") or not idxs:
-        handler(module, idxs)
-    elif (owner is _F.ConvPruner and t in _CONV and module.groups == 1 and not module.transposed) or \
+    if (owner is _F.ConvPruner and t in _CONV and module.groups == 1 and not module.transposed) or \
             (owner is _F.LinearPruner and t is nn.Linear):
-        if not _plain_params(module, ("weight", "bias")):
-            handler(module, idxs)
-            return
-        width = ("out_channels" if out else "in_channels") if t in _CONV else ("out_features" if out else "in_features")
+        return "dense" if _plain_params(module, ("weight", "bias"), copy) else None
+    if owner is _F.BatchnormPruner and t in _BN and _plain_params(module, ("weight", "bias"), copy):
+        return "bn"
+    if owner is _F.LayernormPruner and t is nn.LayerNorm and len(module.normalized_shape) == 1 \
+            and getattr(handler.__self__, "pruning_dim", -1) == -1 and _plain_params(module, ("weight", "bias"), copy):
+        return "ln"
+    return None
+
+
+def cut(module: nn.Module, handler: Any, idxs: Sequence[int], copy: bool = False) -> None:
+    """Remove channels `idxs` of `module` the way Torch-Pruning's `handler` (a bound pruning function) would
+    (`copy`: `module` is a copy being made, see `_plain_params`)."""
+    kind = fast_kind(module, handler, copy) if idxs else None
+    if kind == "dense":
+        out = handler.__name__ == "prune_out_channels"
+        width = ("out_channels" if out else "in_channels") if type(module) in _CONV else \
+            ("out_features" if out else "in_features")
         keep = _keep(getattr(module, width), idxs)
         _slice(module, "weight", keep, 0 if out else 1)  # (out, in, *kernel): a conv and a linear alike
         if out:
             _slice(module, "bias", keep, 0)
         setattr(module, width, len(keep))
-    elif owner is _F.BatchnormPruner and t in _BN and _plain_params(module, ("weight", "bias")):
+    elif kind == "bn":
         keep = _keep(module.num_features, idxs)  # in and out channels are the same for a BatchNorm
         module.num_features = len(keep)
         if module.track_running_stats:
@@ -79,8 +95,7 @@ def cut(module: nn.Module, handler: Any, idxs: Sequence[int]) -> None:
         if module.affine:
             _slice(module, "weight", keep, 0)
             _slice(module, "bias", keep, 0)
-    elif owner is _F.LayernormPruner and t is nn.LayerNorm and len(module.normalized_shape) == 1 \
-            and getattr(handler.__self__, "pruning_dim", -1) == -1 and _plain_params(module, ("weight", "bias")):
+    elif kind == "ln":
         keep = _keep(module.normalized_shape[0], idxs)
         if module.elementwise_affine:
             _slice(module, "weight", keep, 0)

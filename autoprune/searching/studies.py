@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages.journal import JournalFileBackend
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.storages.journal._file import get_lock_file
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
@@ -64,10 +65,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(path.parent, os.W_OK):
                 raise PermissionError(f"{path.parent} is not writable")
-            from optuna.storages.journal import JournalStorage
-
             repair_journal(path)
-            return JournalStorage(TrialDurableJournal(str(path)))
+            return TrialBatchedJournalStorage(TrialDurableJournal(str(path)))
         except AutopruneError:
             raise
         except (PermissionError, NotADirectoryError, FileExistsError) as e:
@@ -106,6 +105,60 @@ class TrialDurableJournal(JournalFileBackend):
         with get_lock_file(self._lock):
             with open(self._file_path, "ab") as f:
                 f.write(text.encode("utf-8"))
+
+
+class TrialBatchedJournalStorage(JournalStorage):
+    """Optuna's journal storage, writing a running trial's parameters in one append.
+
+    Why by hand: Optuna writes one journal record per `suggest_float`, each an append under the file lock
+    followed by a read of the journal (~0.1 ms each, 12 a ResNet-20 trial, ~1.2 ms of its ~11 ms outside
+    evaluation). Here parameter and system-attribute records are kept in memory and appended together, in
+    order, just before the storage next writes or reads anything else (the trial's result record, a sampler or
+    pruner reading the study, the trial's end): every reader, in this process or another, sees them before the
+    trial's result and end are written, so a finished trial is on disk whole. User attributes (the worker's claim
+    on a trial, a result, a failure's reason) are written at once, as before. What a kill can lose is the
+    parameters of the trial that was running, which a resume marks failed anyway (`fail_stale_trials`). Optuna
+    offers no batching for the journal; this relies on its `_write_log` / `_sync_with_backend` pair (a future
+    Optuna without them writes every record through, as Optuna does)."""
+
+    _BUFFERED = frozenset(int(op) for op in (JournalOperation.SET_TRIAL_PARAM, JournalOperation.SET_TRIAL_SYSTEM_ATTR))
+
+    def __init__(self, backend) -> None:
+        self._pending: list[dict[str, Any]] = []
+        self._skip_sync = False
+        super().__init__(backend)
+
+    def _write_log(self, op_code: int, extra_fields: dict[str, Any]) -> None:
+        if int(op_code) in self._BUFFERED:
+            trial = self._replay_result._trials.get(extra_fields.get("trial_id"))
+            if trial is not None and trial.state.is_finished():  # what replaying it would raise, now
+                raise UpdateFinishedTrialError(f"trial #{trial.number} has already finished and cannot be updated")
+            self._pending.append({"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields})
+            self._skip_sync = True  # the sync Optuna makes right after this write: nothing to read yet
+            return
+        self._flush()
+        super()._write_log(op_code, extra_fields)
+
+    def _sync_with_backend(self) -> None:
+        if self._skip_sync:
+            self._skip_sync = False
+            return
+        self._flush()
+        super()._sync_with_backend()
+
+    def _flush(self) -> None:
+        if self._pending:
+            logs, self._pending = self._pending, []
+            self._backend.append_logs(logs)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        with self._thread_lock:
+            self._flush()
+        return super().__getstate__()
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._pending, self._skip_sync = [], False
 
 
 STALE_LOCK_S = 5.0  # a journal write holds the lock for milliseconds; an older lock was left by a killed process
