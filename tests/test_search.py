@@ -255,13 +255,19 @@ def test_search_keeps_the_existing_heap_out_of_the_garbage_collector(monkeypatch
     from autoprune.searching import study as study_mod
 
     seen = []
+    own = gc.get_threshold()
     with study_mod.frozen_heap():
         seen.append(gc.get_freeze_count())
-    assert seen[0] > 1000 and gc.get_freeze_count() == 0
+        # the young generation is collected less often (a trial's objects go by reference counting)
+        assert gc.get_threshold() == (study_mod.GC_YOUNG_THRESHOLD, *own[1:])
+        with study_mod.frozen_heap():  # a second search in a thread (the service): nothing is undone at its end
+            pass
+        assert gc.get_threshold()[0] == study_mod.GC_YOUNG_THRESHOLD and gc.get_freeze_count() == seen[0]
+    assert seen[0] > 1000 and gc.get_freeze_count() == 0 and gc.get_threshold() == own
     with pytest.raises(RuntimeError):
         with study_mod.frozen_heap():
             raise RuntimeError("a failing search")
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == own
 
 
 def test_fast_tpe_math_is_optunas_math_faster_and_is_undone():

@@ -532,7 +532,7 @@ class PrunableModel:
             else:  # a parameter a module owns directly (a ViT's cls_token): the handler returns the cut one
                 parent, _, leaf = name.rpartition(".")
                 owner = work.get_submodule(parent) if parent else work
-                setattr(owner, leaf, handler(getattr(owner, leaf), idxs))
+                setattr(owner, leaf, handler(getattr(owner, leaf), list(idxs)))
         if shared:  # what no cut replaced (a conv's bias when only its inputs go, a BatchNorm's step count): copied
             for name in {name for name, kind, _ in cuts if kind == "module"}:
                 m = memo[id(base_mods[name])]
@@ -540,10 +540,13 @@ class PrunableModel:
                     for k, t in slots.items():
                         if t is not None and id(t) in shared and t is shared[id(t)]:
                             slots[k] = _own_copy(t)
-        for p in work.parameters():
-            p.requires_grad_(True)
+        for m in base_mods.values():  # the copy's modules, without walking its tree again
+            for p in memo[id(m)]._parameters.values():
+                if p is not None and not p.requires_grad:
+                    p.requires_grad_(True)
         sync_attention_attributes(work, {name.rpartition(".")[0] for name, kind, _ in cuts if kind == "module"})
-        work.eval()
+        if any(m.training for m in base_mods.values()):  # the copy is in the base's mode, which is eval unless
+            work.eval()                                   # someone switched it
         work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
         if check:
             try:
@@ -582,7 +585,7 @@ class PrunableModel:
             self._share_cache[key] = got
         return got
 
-    def _cuts(self, pruned: dict[str, list[int]]) -> dict[tuple[str, str, str], tuple[Any, list[int]]]:
+    def _cuts(self, pruned: dict[str, list[int]]) -> dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]]:
         """Every (layer, pruning function) a plan touches, with the union of the indices it removes there, in the
         unpruned model's coordinates.
 
@@ -595,7 +598,7 @@ class PrunableModel:
             template = clone_module(self.base)
             self._base_graph = (template, self.trace(template), _module_names(template))
         template, dg, names = self._base_graph
-        cuts: dict[tuple[str, str, str], tuple[Any, set[int]]] = {}
+        cuts: dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]] = {}
         for gname, idxs in pruned.items():
             key = (gname, tuple(idxs))
             if key not in self._group_cuts:
@@ -604,18 +607,22 @@ class PrunableModel:
                 if not dg.check_pruning_group(pg):
                     raise AutopruneError(f"group {gname!r}: pruning {len(idxs)} of {self.group(gname).channels} channels "
                                          "would remove a whole layer")
-                items = []
+                items: dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]] = {}
                 for dep, ix in pg:
                     t = dep.target
                     if t.type == tp.ops.OPTYPE.PARAMETER:
-                        items.append((dg._param_to_name[t.module], "parameter", dep.handler, [int(i) for i in ix]))
-                    elif id(t.module) in names:  # functional ops (add, cat, reshape) have no weights to cut
-                        items.append((names[id(t.module)], "module", dep.handler, [int(i) for i in ix]))
-                self._group_cuts[key] = items
-            for name, kind, handler, ix in self._group_cuts[key]:
-                k = (name, kind, getattr(handler, "__name__", repr(handler)))
-                cuts.setdefault(k, (handler, set()))[1].update(ix)
-        return {k: (h, sorted(ix)) for k, (h, ix) in cuts.items()}
+                        name, kind = dg._param_to_name[t.module], "parameter"
+                    elif id(t.module) in names:
+                        name, kind = names[id(t.module)], "module"
+                    else:  # functional ops (add, cat, reshape) have no weights to cut
+                        continue
+                    k = (name, kind, getattr(dep.handler, "__name__", repr(dep.handler)))
+                    items[k] = (dep.handler, tuple(sorted({int(i) for i in ix} | set(items.get(k, (0, ()))[1]))))
+                self._group_cuts[key] = list(items.items())
+            for k, (handler, ix) in self._group_cuts[key]:
+                got = cuts.get(k)  # a layer two groups cut (concatenated branches) loses the union of both
+                cuts[k] = (handler, ix) if got is None else (handler, tuple(sorted({*got[1], *ix})))
+        return cuts
 
     def __getstate__(self) -> dict:
         # the traced graph holds references that do not pickle (the Ray backend ships this object): rebuilt on use

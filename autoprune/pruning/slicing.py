@@ -85,10 +85,10 @@ def cut(module: nn.Module, handler: Any, idxs: Sequence[int], copy: bool = False
         _slice(module, "weight", keep, 0 if out else 1)  # (out, in, *kernel): a conv and a linear alike
         if out:
             _slice(module, "bias", keep, 0)
-        setattr(module, width, len(keep))
+        module.__dict__[width] = len(keep)  # a plain int attribute: what nn.Module.__setattr__ ends up doing
     elif kind == "bn":
         keep = _keep(module.num_features, idxs)  # in and out channels are the same for a BatchNorm
-        module.num_features = len(keep)
+        module.__dict__["num_features"] = len(keep)
         if module.track_running_stats:
             for b in ("running_mean", "running_var"):
                 module._buffers[b] = module._buffers[b].index_select(0, keep)
@@ -100,6 +100,6 @@ def cut(module: nn.Module, handler: Any, idxs: Sequence[int], copy: bool = False
         if module.elementwise_affine:
             _slice(module, "weight", keep, 0)
             _slice(module, "bias", keep, 0)
-        module.normalized_shape = (len(keep),)
+        module.__dict__["normalized_shape"] = (len(keep),)
     else:
-        handler(module, idxs)
+        handler(module, list(idxs))

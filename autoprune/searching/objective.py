@@ -227,8 +227,8 @@ WARM_PLAN = "warm_plan"  # user attribute of an enqueued warm start: the plan's 
 def record(trial: optuna.Trial, result: TrialResult, base: dict[str, float]) -> None:
     """Store the trial's result as ONE user attribute: every `set_user_attr` is a separate storage write (a
     locked journal append or an SQL transaction), and one per field cost ~20 % of a 280 ms trial."""
+    trial.set_constraint("budget", result.overshoot)  # first: a journal appends it with the record, in one write
     trial.set_user_attr(RECORD_KEY, result.attrs(base["macs"], base["params"]))
-    trial.set_constraint("budget", result.overshoot)
 
 
 def trial_attrs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -136,8 +136,10 @@ class TrialBatchedJournalStorage(JournalStorage):
             self._pending.append({"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields})
             self._skip_sync = True  # the sync Optuna makes right after this write: nothing to read yet
             return
-        self._flush()
-        super()._write_log(op_code, extra_fields)
+        if not self._pending:
+            return super()._write_log(op_code, extra_fields)
+        logs, self._pending = self._pending, []  # one append: what was kept, then this record
+        self._backend.append_logs([*logs, {"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields}])
 
     def _sync_with_backend(self) -> None:
         if self._skip_sync:
