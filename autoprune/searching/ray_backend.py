@@ -69,6 +69,7 @@ from autoprune.searching.objective import Objective, directions, record
 from autoprune.searching.studies import (
     SearchRun,
     best_metric,
+    fsync_now,
     search_score,
     study_score,
     fast_tpe_math,
@@ -717,6 +718,7 @@ def run_ray_search(
     notes = list(space.notes) + ([note] if note else []) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
                                  f"{s.cpus_per_trial} CPU / {s.gpus_per_trial} GPU each"
                                  + (f"; ASHA over recovery rungs {rungs} (reduction {s.rung_reduction})" if rungs else "")]
+    fsync_now()  # the journal's last trials, on disk before the search returns (studies.TrialDurableJournal)
     return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)
 
 

@@ -3,6 +3,7 @@ strategy searches, and what a finished search hands to the results stage."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import json
@@ -84,27 +85,88 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 class TrialDurableJournal(JournalFileBackend):
-    """Optuna's journal file, but `fsync`ed when a trial ends rather than after every record.
+    """Optuna's journal file, `fsync`ed when a trial ends, by a background thread, rather than after every record.
 
     Why by hand: `JournalFileBackend.append_logs` fsyncs each record, and a trial writes ~17 of them (one per
     suggested ratio, its record, its constraint, its state): 2-3 ms of a 60 ms ResNet-20 trial, for durability
-    that only matters for the records of a trial that finished. Every record is still written and flushed
-    under the journal's lock before `append_logs` returns (so other processes and a restart after a kill see
-    it), and the fsync at a trial's end (or a study-level change) makes everything before it durable too; what
-    an OS crash can lose is the unfinished trial's records, which a resume marks failed anyway."""
+    that only matters for the records of a trial that finished; and the one fsync at a trial's end still cost
+    0.5 ms of the ~8 ms a trial spends outside evaluation. Every record is written and flushed under the
+    journal's lock before `append_logs` returns, so other processes, and a restart after the search is killed,
+    see it at once. A trial's end asks `fsync_soon` to make the file durable, which a background thread does while
+    the next trial runs; a search ends with `fsync_now`, and so does the process (atexit). What an OS crash
+    or power loss can lose is the trials that ended in the last few milliseconds, which a resume runs again.
+    Study-level changes (a new study, its attributes) are written by Optuna itself, fsynced before returning."""
 
     _CHEAP = frozenset(int(op) for op in (JournalOperation.CREATE_TRIAL, JournalOperation.SET_TRIAL_PARAM,
                                           JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
                                           JournalOperation.SET_TRIAL_USER_ATTR, JournalOperation.SET_TRIAL_SYSTEM_ATTR))
+    _END = int(JournalOperation.SET_TRIAL_STATE_VALUES)
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         if not (hasattr(self, "_lock") and hasattr(self, "_file_path")) or any(
-                log.get("op_code") not in self._CHEAP for log in logs):
+                log.get("op_code") not in self._CHEAP and log.get("op_code") != self._END for log in logs):
             return super().append_logs(logs)  # (also if a future Optuna renames the private names used below)
         text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
         with get_lock_file(self._lock):
             with open(self._file_path, "ab") as f:
                 f.write(text.encode("utf-8"))
+        if any(log.get("op_code") == self._END for log in logs):
+            fsync_soon(self._file_path)
+
+
+_FSYNC = threading.Condition()
+_FSYNC_PENDING: set[str] = set()
+_FSYNC_KNOWN: set[str] = set()
+_FSYNC_THREAD: dict[int, threading.Thread] = {}  # by process id: a forked worker starts its own
+
+
+def fsync_soon(path: str) -> None:
+    """Have the background thread fsync `path` (see `TrialDurableJournal`)."""
+    with _FSYNC:
+        _FSYNC_PENDING.add(path)
+        _FSYNC_KNOWN.add(path)
+        if os.getpid() not in _FSYNC_THREAD:
+            t = threading.Thread(target=_fsync_loop, name="autoprune-journal-fsync", daemon=True)
+            _FSYNC_THREAD[os.getpid()] = t
+            t.start()
+        _FSYNC.notify()
+
+
+def _fsync_loop() -> None:
+    while True:
+        with _FSYNC:
+            while not _FSYNC_PENDING:
+                _FSYNC.wait()
+            paths = sorted(_FSYNC_PENDING)
+            _FSYNC_PENDING.clear()
+        for path in paths:
+            _fsync_path(path)
+
+
+def fsync_now() -> None:
+    """fsync every journal this process wrote a trial's end to, now (the end of a search; process exit)."""
+    with _FSYNC:
+        _FSYNC_PENDING.clear()
+        paths = sorted(_FSYNC_KNOWN)
+        _FSYNC_KNOWN.clear()
+    for path in paths:
+        _fsync_path(path)
+
+
+def _fsync_path(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError:  # moved away or deleted since: nothing of ours left to make durable
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        log.warning("cannot fsync the study journal %s: %s", path, e)
+    finally:
+        os.close(fd)
+
+
+atexit.register(fsync_now)
 
 
 class TrialBatchedJournalStorage(JournalStorage):

@@ -25,7 +25,7 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_metric, fast_tpe_math, search_score, study_score, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
+    SearchRun, TrialSeededSampler, best_metric, fsync_now, fast_tpe_math, search_score, study_score, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def run_search(
         plan, note = _one_plan_heuristic(space, strategy)
         notes += [note] if note else []
         _record_plans(study, space, session, [plan], show_progress=False)
+    fsync_now()  # the journal's last trials, on disk before the search returns (see TrialDurableJournal)
     return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)
 
 LATENCY_MARGIN = 0.98  # a one-plan heuristic under a latency budget aims to measure at most this x the limit ...
