@@ -79,6 +79,24 @@ def test_structured_random_plans(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
+def test_cost_estimate_of_one_group_changes_equals_the_counter(name: str) -> None:
+    # the budget projection's top-up changes one group at a time, and the estimate then recomputes only the
+    # layers that group touches: a walk of one- and two-group changes must still equal the counted model, step
+    # by step, and a fresh cost model's full recomputation
+    pm = build(name)
+    cm = CostModel(pm)
+    rng = random.Random(5)
+    ratios = {g: rng.uniform(0, pm.max_ratio) for g in pm.prunable_names}
+    for step in range(8):
+        for g in rng.sample(pm.prunable_names, 1 + step % 2):
+            ratios[g] = rng.uniform(0, pm.max_ratio)
+        plan = pm.plan(ratios)
+        small = pm.apply(plan, check=False)
+        assert cm.estimate(plan) == (count_macs(small, pm.example), count_params(small)), step
+        assert cm.estimate(plan) == CostModel(pm, cm.base_macs, cm.base_params).estimate(plan)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
 def test_costs_monotone_in_one_group(name: str) -> None:
     pm = build(name)
     rng = random.Random(2)

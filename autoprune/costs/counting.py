@@ -176,6 +176,40 @@ class _Layer:
     params: int
 
 
+def _layer_cost(layer: tuple, pruned: dict[str, list[int] | int]) -> tuple[int, int]:
+    """(MACs, parameters removed) of one `CostModel._flat` layer when the groups lose `pruned`."""
+    kind, cin, cout, groups, kprod, rows, bias, params, base_cout, keys, effects = layer
+    for gname, role_out, both, mult, counts in effects:
+        lost = pruned.get(gname)
+        if not lost:
+            continue
+        if isinstance(lost, int):
+            r = lost * mult
+        elif counts is not None:
+            r = sum(counts[i] for i in lost)
+        else:
+            r = len(lost) * mult
+        if both:
+            cin -= r
+            cout -= r
+        elif role_out:
+            cout -= r
+        else:
+            cin -= r
+    cin, cout = round(cin), round(cout)
+    if kind == "conv":
+        per = cin // groups * kprod
+        return rows * per * cout, params - (per * cout + (cout if bias else 0))
+    if kind == "dwconv":
+        return rows * kprod * cout, params - (kprod * cout + (cout if bias else 0))
+    if kind == "linear":
+        return rows * cin * cout, params - (cin * cout + (cout if bias else 0))
+    if kind == "mha":  # in-projections of q (rows) and k, v (key tokens), attention, out-projection
+        e = cout
+        return (2 * rows + 2 * keys) * e * e + 2 * kprod * e, params - (4 * e * e + (4 * e if bias else 0))
+    return 0, params - params * cout // max(base_cout, 1)
+
+
 class CostModel:
     """Analytic MACs/params of a plan from kept channel counts (no pruning, no forward).
 
@@ -241,6 +275,7 @@ class CostModel:
                     self.layers[name] = _Layer(name, "perchannel", c, c, 1, 1, 0, False, own)
         # per layer: list of (group, role, per-root-channel multiplier, per-root-channel counts or None);
         # the counts are set where root channels map unevenly onto a member (branches of a concatenation)
+        self._by_index: frozenset[str] | None = None
         self.effects: dict[str, list[tuple[str, str, float, list[int] | None]]] = {}
         for g in pm.groups:
             counts = pm.branch_counts.get(g.name, {})
@@ -289,57 +324,40 @@ class CostModel:
     def _estimate(self, pruned: dict[str, list[int] | int]) -> tuple[int, int]:
         """(MACs, params change) when each group loses the given root channels (or that many, evenly).
 
-        The budget projection calls this ~30 times a trial: it runs over `_flat`, the layers as plain tuples
-        with their effects attached, rather than over the dataclasses and dicts they come from."""
-        macs = 0
-        removed_params = 0
+        The budget projection calls this ~30 times a trial, two thirds of them (its top-up) for a plan that
+        differs from the one before in one group: each call keeps its per-layer costs, and a call that differs
+        from the last in at most two groups recomputes only the layers those groups touch (integers, so the
+        totals are exactly a full recomputation's). The layers are plain tuples (`_flat`), not dataclasses."""
         flat = self.__dict__.get("_flat_layers")
         if flat is None:
             flat = self._flat_layers = self._flat()
-        get = pruned.get
-        for kind, cin, cout, groups, kprod, rows, bias, params, base_cout, keys, effects in flat:
-            for gname, role_out, both, mult, counts in effects:
-                lost = get(gname)
-                if not lost:
-                    continue
-                if isinstance(lost, int):
-                    r = lost * mult
-                elif counts is not None:
-                    r = sum(counts[i] for i in lost)
-                else:
-                    r = len(lost) * mult
-                if both:
-                    cin -= r
-                    cout -= r
-                elif role_out:
-                    cout -= r
-                else:
-                    cin -= r
-            cin, cout = round(cin), round(cout)
-            if kind == "conv":
-                per = cin // groups * kprod
-                macs += rows * per * cout
-                new = per * cout + (cout if bias else 0)
-            elif kind == "dwconv":
-                macs += rows * kprod * cout
-                new = kprod * cout + (cout if bias else 0)
-            elif kind == "linear":
-                macs += rows * cin * cout
-                new = cin * cout + (cout if bias else 0)
-            elif kind == "mha":  # in-projections of q (rows) and k, v (key tokens), attention, out-projection
-                e = cout
-                macs += (2 * rows + 2 * keys) * e * e + 2 * kprod * e
-                new = 4 * e * e + (4 * e if bias else 0)
-            else:
-                new = params * cout // max(base_cout, 1)
-            removed_params += params - new
-        return macs, -removed_params
+        last = self.__dict__.get("_last_estimate")  # one immutable snapshot: safe to share between threads
+        if last is not None:
+            prev, costs, macs, removed = last
+            changed = [g for g in prev.keys() | pruned.keys() if prev.get(g) != pruned.get(g)]
+            if len(changed) <= 2:
+                costs = list(costs)
+                for i in {i for g in changed for i in self._layers_of.get(g, ())}:
+                    m, r = _layer_cost(flat[i], pruned)
+                    macs += m - costs[i][0]
+                    removed += r - costs[i][1]
+                    costs[i] = (m, r)
+                self._last_estimate = (dict(pruned), costs, macs, removed)
+                return macs, -removed
+        costs = [_layer_cost(L, pruned) for L in flat]
+        macs = sum(c[0] for c in costs)
+        removed = sum(c[1] for c in costs)
+        self._last_estimate = (dict(pruned), costs, macs, removed)
+        return macs, -removed
 
     def _flat(self) -> list[tuple]:
         out = []
-        for name, L in self.layers.items():
+        self._layers_of: dict[str, list[int]] = {}
+        for i, (name, L) in enumerate(self.layers.items()):
             both = L.kind in ("dwconv", "perchannel", "mha")
             effects = tuple((g, role == "out", both, mult, counts) for g, role, mult, counts in self.effects.get(name, ()))
+            for g, *_ in effects:
+                self._layers_of.setdefault(g, []).append(i)
             out.append((L.kind, L.cin, L.cout, L.groups, L.kprod, L.rows, L.bias, L.params, L.cout,
                         self._mha_keys.get(name, 0), effects))
         return out
@@ -365,12 +383,16 @@ class CostModel:
             kept = {**{g.name: g.channels for g in self.pm.groups}, **plan}
         pruned: dict[str, list[int] | int] = {g.name: g.channels - kept[g.name] for g in self.pm.groups
                                                if kept[g.name] < g.channels}
-        if not all(self.pm.counts_suffice(n) for n in pruned):
+        if self._by_index is None:  # the groups whose cost depends on which channels go (concatenations)
+            self._by_index = frozenset(g.name for g in self.pm.groups if not self.pm.counts_suffice(g.name))
+        if self._by_index and not self._by_index.isdisjoint(pruned):
             exact = plan if isinstance(plan, PruningPlan) else self.pm.plan_from_kept(kept)
             pruned = dict(self.pm.pruned_indices(exact))
         macs, dparams = self._estimate(pruned)
-        unmodelled = self.macs_offset - sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
-                                            if (s := self.slopes.get(g)))
+        unmodelled = self.macs_offset
+        if self.slopes:
+            unmodelled -= sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
+                              if (s := self.slopes.get(g)))
         return macs + round(unmodelled), self.total_params + dparams - self.base_params_est
 
     def _unstructured_nonzero(self, plan: PruningPlan) -> int:

@@ -7,6 +7,7 @@ physically smaller model whose output shape is unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
@@ -56,6 +57,12 @@ class GroupInfo:
         d = asdict(self)
         d["members"] = [asdict(m) for m in self.members]
         return d
+
+
+@functools.lru_cache(maxsize=256)
+def _step(round_to: int, multiple: int, conv_groups: int) -> int:
+    """The channel granularity of a group (its kept count is a multiple of it); cached: ~700 calls a trial."""
+    return math.lcm(max(1, round_to), multiple, conv_groups)
 
 
 def _own_copy(t: torch.Tensor) -> torch.Tensor:
@@ -326,7 +333,7 @@ class PrunableModel:
     def _kept_count(self, g: GroupInfo, ratio: float, round_to: int) -> int:
         """Channels group `g` keeps at `ratio`: rounded up to lcm(round_to, its multiple, its conv groups), at
         least min_keep (and, where the width must stay a multiple, at least one multiple)."""
-        step = math.lcm(max(1, round_to), g.multiple, g.conv_groups)
+        step = _step(round_to, g.multiple, g.conv_groups)
         keep = channels_kept(g.channels, ratio, step)
         if keep < g.min_keep:
             keep = min(g.channels, math.ceil(g.min_keep / step) * step)
