@@ -188,3 +188,35 @@ def test_autoprune_groups_shows_the_grouped_conv_groups_prunable(tmp_path, capsy
     rows = __import__("json").loads(capsys.readouterr().out)
     grouped = [r for r in rows if r["kind"] == "channels, grouped conv (4 conv groups)"]
     assert len(rows) == 11 and len(grouped) == 8 and all(r["prunable"] for r in rows)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES) + ["tiny_bert", "resnet20", "mobilenetv2", "resnext20"])
+def test_group_maps_cut_what_torch_prunings_walk_cuts(name: str) -> None:
+    # applying a plan reads each group's channels-to-layers map (one Torch-Pruning walk with every root channel)
+    # instead of walking Torch-Pruning's graph for every new set of channels: on every model, concatenations,
+    # grouped convs and attention heads included, the cuts must be exactly the walk's
+    if name == "tiny_bert":
+        from tests.test_transformers import bert_inputs, tiny_bert
+
+        pm = PrunableModel(tiny_bert(), bert_inputs(), ignore=["pooler.dense"])
+    elif name in FACTORIES:
+        pm, _ = build(name)
+    else:
+        from autoprune.model.zoo import ZOO
+
+        torch.manual_seed(0)
+        pm = PrunableModel(ZOO[name]().eval(), torch.randn(1, 1, 8, 8))
+    rng = random.Random(11)
+    mapped = 0
+    for _ in range(4):
+        plan = pm.plan({g: rng.uniform(0, pm.max_ratio) for g in pm.prunable_names})
+        pruned = pm.pruned_indices(plan)
+        got = pm._cuts(pruned)
+        want: dict = {}
+        for gname, idxs in pruned.items():
+            for k, (handler, ix) in pm._tp_items(gname, list(idxs)):
+                old = want.get(k, (handler, ()))[1]
+                want[k] = (handler, tuple(sorted({*old, *ix})))
+        assert {k: v[1] for k, v in got.items()} == {k: v[1] for k, v in want.items()}
+        mapped = sum(m is not False for m in pm._group_maps.values())
+    assert mapped >= len(pm._group_maps) // 2 > 0  # most groups take the map (a group it fails on takes the walk)
