@@ -227,8 +227,32 @@ WARM_PLAN = "warm_plan"  # user attribute of an enqueued warm start: the plan's 
 def record(trial: optuna.Trial, result: TrialResult, base: dict[str, float]) -> None:
     """Store the trial's result as ONE user attribute: every `set_user_attr` is a separate storage write (a
     locked journal append or an SQL transaction), and one per field cost ~20 % of a 280 ms trial."""
-    trial.set_constraint("budget", result.overshoot)  # first: a journal appends it with the record, in one write
+    set_budget_constraint(trial, result.overshoot)  # first: the journal appends it with the record, in one write
     trial.set_user_attr(RECORD_KEY, result.attrs(base["macs"], base["params"]))
+
+
+def set_budget_constraint(trial: Any, overshoot: float) -> None:
+    """`trial.set_constraint("budget", overshoot)`, without the read that `optuna.Trial.set_constraint` makes
+    first (to warn when a constraint is set twice; `record` sets it once).
+
+    Why: on the journal storage (`studies.TrialBatchedJournalStorage`) a read first appends the trial's
+    parameters, so the read cost one more locked append and a read-back of the file each trial; written
+    directly, the constraint goes out in the same append as the parameters and the record. The key is Optuna's
+    own (`_CONSTRAINTS_KEY`, read back by its samplers; a test asserts `trial.constraints` sees it); any other
+    trial (the Ray backend's) or Optuna without that name takes `set_constraint`."""
+    key = _optuna_constraints_key()
+    if type(trial) is optuna.Trial and key and math.isfinite(overshoot):
+        trial.storage.set_trial_system_attr(trial._trial_id, f"{key}:budget", float(overshoot))
+    else:
+        trial.set_constraint("budget", overshoot)
+
+
+def _optuna_constraints_key() -> str | None:
+    try:
+        from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+    except ImportError:
+        return None
+    return _CONSTRAINTS_KEY if isinstance(_CONSTRAINTS_KEY, str) else None
 
 
 def trial_attrs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
