@@ -552,7 +552,9 @@ class PrunableModel:
             for p in memo[id(m)]._parameters.values():
                 if p is not None and not p.requires_grad:
                     p.requires_grad_(True)
-        sync_attention_attributes(work, {name.rpartition(".")[0] for name, kind, _ in cuts if kind == "module"})
+        if self._attention_names():  # (a CNN has none: no walk)
+            touched = {name.rpartition(".")[0] for name, kind, _ in cuts if kind == "module"}
+            sync_attention_attributes(work, touched & self._attention_names())
         if any(m.training for m in base_mods.values()):  # the copy is in the base's mode, which is eval unless
             work.eval()                                   # someone switched it
         work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
@@ -570,6 +572,14 @@ class PrunableModel:
         if getattr(self, "_base_mods", None) is None:
             self._base_mods = dict(self.base.named_modules(remove_duplicate=False))
         return self._base_mods
+
+    def _attention_names(self) -> frozenset[str]:
+        """The base's modules whose head counts `sync_attention_attributes` keeps (BERT/ViT-style attention)."""
+        if getattr(self, "_attn_names", None) is None:
+            self._attn_names = frozenset(
+                n for n, m in self._base_modules().items()
+                if isinstance(m._modules.get("query"), nn.Linear) and isinstance(m.__dict__.get("attention_head_size"), int))
+        return self._attn_names
 
     def _shareable(self, name: str, handler: Any) -> list[torch.Tensor]:
         """The base tensors of layer `name` that `apply` may leave uncopied until they are cut: those of a layer
@@ -732,7 +742,7 @@ class PrunableModel:
         # the traced graph holds references that do not pickle (the Ray backend ships this object): rebuilt on use
         state = dict(self.__dict__)
         state["_base_graph"], state["_group_cuts"], state["_group_maps"] = None, {}, {}
-        for k in ("_base_mods", "_share_cache", "_slot_counts"):  # ids of this process's tensors
+        for k in ("_base_mods", "_share_cache", "_slot_counts", "_attn_names"):  # ids of this process's tensors
             state.pop(k, None)
         return state
 
