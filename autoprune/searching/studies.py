@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.costs.budgets import Budget
-from autoprune.searching.objective import trial_attrs
+from autoprune.searching.objective import RECORD_KEY, trial_attrs
 from autoprune.searching.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -488,9 +488,18 @@ def n_complete(study: optuna.Study) -> int:
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The best feasible completed trial by its value (what the search ranks by: the metric, or minus the loss
     under search.score: loss); the first objective of a multi-objective study."""
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if trial_attrs(t).get("feasible", True)]
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _feasible(t)]
     return max(feasible, key=lambda t: t.values[0], default=None)
+
+
+def _feasible(t: optuna.trial.FrozenTrial) -> bool:
+    """`trial_attrs(t).get("feasible", True)` without unpacking the whole record (the progress bar asks after
+    every trial, for every trial)."""
+    a = t.user_attrs
+    if "feasible" in a:
+        return bool(a["feasible"])
+    rec = a.get(RECORD_KEY)
+    return bool(rec.get("feasible", True)) if isinstance(rec, dict) else True
 
 
 def best_metric(study: optuna.Study) -> float | None:
