@@ -102,6 +102,14 @@ class TrialDurableJournal(JournalFileBackend):
                                           JournalOperation.SET_TRIAL_USER_ATTR, JournalOperation.SET_TRIAL_SYSTEM_ATTR))
     _END = int(JournalOperation.SET_TRIAL_STATE_VALUES)
 
+    def read_logs(self, log_number_from: int):
+        # the storage reads the journal before and after every operation (~13 times a trial), and mostly nothing
+        # was added: when the file still ends where the last read ended, skip opening it
+        end = getattr(self, "_log_number_offset", {}).get(log_number_from)
+        if end is not None and os.stat(self._file_path).st_size == end:
+            return iter(())
+        return super().read_logs(log_number_from)
+
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         if not (hasattr(self, "_lock") and hasattr(self, "_file_path")) or any(
                 log.get("op_code") not in self._CHEAP and log.get("op_code") != self._END for log in logs):
