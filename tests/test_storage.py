@@ -287,3 +287,27 @@ def test_journal_fsyncs_a_trials_end_in_the_background_and_everything_before_a_s
     api.search(spec, show_progress=False, test=False)
     mine = [who for who, p in synced if p == os.path.realpath(tmp_path / "s.journal")]
     assert mine and mine[-1] == threading.current_thread().name  # the search's own fsync, after its last trial
+
+
+def test_a_failed_journal_append_keeps_the_trials_parameters_for_the_next_write(tmp_path):
+    # the parameters a trial keeps in memory are dropped only once they are on file: an append that fails (a full
+    # disk) leaves them for the next write, and the finished trial is still whole
+    st = open_storage(str(tmp_path / "f.journal"))
+    study = optuna.create_study(storage=st, study_name="f", sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    real, calls = st._backend.append_logs, []
+
+    def failing_once(logs):
+        calls.append(len(logs))
+        if len(calls) == 1:
+            raise OSError("No space left on device")
+        return real(logs)
+
+    st._backend.append_logs = failing_once
+    with pytest.raises(OSError):
+        trial.set_user_attr("record", 1)  # appends the kept parameter with this record: fails
+    trial.set_user_attr("record", 2)
+    study.tell(trial, 0.5)
+    again = optuna.load_study(study_name="f", storage=open_storage(str(tmp_path / "f.journal"))).trials[0]
+    assert again.params == trial.params and again.user_attrs["record"] == 2 and calls[:2] == [2, 2]

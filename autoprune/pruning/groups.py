@@ -530,8 +530,12 @@ class PrunableModel:
         # the tensors `cut` is about to replace are not copied first: the copy refers to the base's until its
         # cut gives it its own (one tensor operation instead of two, for most of a CNN's tensors)
         base_mods = self._base_modules()
-        shared = {id(t): t for (name, kind, _), (handler, _i) in cuts.items() if kind == "module"
-                  for t in self._shareable(name, handler)}
+        fast: dict[str, list[torch.Tensor] | None] = {}  # a layer's tensors are shared only if `cut` slices it
+        for (name, kind, _), (handler, _i) in cuts.items():  # itself for every cut it gets in this plan
+            if kind == "module":
+                got = self._shareable(name, handler)
+                fast[name] = None if got is None or (name in fast and fast[name] is None) else got
+        shared = {id(t): t for ts in fast.values() if ts for t in ts}
         memo: dict[int, Any] = {}
         work = clone_module(self.base, share=shared.values(), memo=memo)
         for (name, kind, _), (handler, idxs) in cuts.items():
@@ -581,27 +585,25 @@ class PrunableModel:
                 if isinstance(m._modules.get("query"), nn.Linear) and isinstance(m.__dict__.get("attention_head_size"), int))
         return self._attn_names
 
-    def _shareable(self, name: str, handler: Any) -> list[torch.Tensor]:
-        """The base tensors of layer `name` that `apply` may leave uncopied until they are cut: those of a layer
-        `cut` slices itself (it replaces tensors, never writes them), each held in one slot of the whole model
-        (a tied weight is copied as usual)."""
+    def _shareable(self, name: str, handler: Any) -> list[torch.Tensor] | None:
+        """The base tensors of layer `name` that `apply` may leave uncopied until they are cut, when `cut` slices
+        it for `handler` itself (it replaces tensors, never writes them; None when Torch-Pruning's function
+        does): each held in one slot of the whole model (a tied weight is copied as usual)."""
         key = (name, getattr(handler, "__name__", ""), type(getattr(handler, "__self__", None)))
-        got = self._share_cache.get(key) if hasattr(self, "_share_cache") else None
-        if got is None:
-            if not hasattr(self, "_share_cache"):
-                self._share_cache: dict[tuple, list[torch.Tensor]] = {}
-                slots: dict[int, int] = {}
-                for m in self._base_modules().values():
-                    for t in (*m._parameters.values(), *m._buffers.values()):
-                        if t is not None:
-                            slots[id(t)] = slots.get(id(t), 0) + 1
-                self._slot_counts = slots
+        if getattr(self, "_share_cache", None) is None:
+            self._share_cache: dict[tuple, list[torch.Tensor] | None] = {}
+            slots: dict[int, int] = {}
+            for m in self._base_modules().values():
+                for t in (*m._parameters.values(), *m._buffers.values()):
+                    if t is not None:
+                        slots[id(t)] = slots.get(id(t), 0) + 1
+            self._slot_counts = slots
+        if key not in self._share_cache:
             m = self._base_modules()[name]
-            got = [] if fast_kind(m, handler, copy=True) is None else [
+            self._share_cache[key] = None if fast_kind(m, handler, copy=True) is None else [
                 t for t in (*m._parameters.values(), *m._buffers.values())
                 if t is not None and self._slot_counts.get(id(t)) == 1]
-            self._share_cache[key] = got
-        return got
+        return self._share_cache[key]
 
     def _cuts(self, pruned: dict[str, list[int]]) -> dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]]:
         """Every (layer, pruning function) a plan touches, with the union of the indices it removes there, in the

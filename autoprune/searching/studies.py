@@ -174,7 +174,17 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _fsync_after_fork() -> None:
+    # a forked child (multiprocessing workers) starts with no fsync thread and with a lock another of the
+    # parent's threads may have held at the fork
+    global _FSYNC
+    _FSYNC = threading.Condition()
+    _FSYNC_PENDING.clear()
+    _FSYNC_KNOWN.clear()
+
+
 atexit.register(fsync_now)
+os.register_at_fork(after_in_child=_fsync_after_fork)
 
 
 class TrialBatchedJournalStorage(JournalStorage):
@@ -208,8 +218,10 @@ class TrialBatchedJournalStorage(JournalStorage):
             return
         if not self._pending:
             return super()._write_log(op_code, extra_fields)
-        logs, self._pending = self._pending, []  # one append: what was kept, then this record
-        self._backend.append_logs([*logs, {"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields}])
+        # one append: what was kept, then this record (kept until the append succeeds: never dropped)
+        self._backend.append_logs([*self._pending, {"op_code": op_code, "worker_id": self._replay_result.worker_id,
+                                                     **extra_fields}])
+        self._pending = []
 
     def _sync_with_backend(self) -> None:
         if self._skip_sync:
@@ -220,8 +232,8 @@ class TrialBatchedJournalStorage(JournalStorage):
 
     def _flush(self) -> None:
         if self._pending:
-            logs, self._pending = self._pending, []
-            self._backend.append_logs(logs)
+            self._backend.append_logs(self._pending)
+            self._pending = []
 
     def __getstate__(self) -> dict[Any, Any]:
         with self._thread_lock:
