@@ -375,6 +375,9 @@ def test_score_loss_ranks_by_minus_the_val_loss_and_reports_the_metric(make_spec
 
     line = plots.best_so_far(load(s.run_dir))
     assert line[line.strategy == "optuna"].best.iloc[-1] == pytest.approx(result["best"]["metric"])
+    assert set(line.ranked_by) == {"val loss"}  # and the figure says so, where a step down would surprise
+    fig = plots.search_progress(load(s.run_dir))
+    assert "by val loss" in fig.layout.yaxis.title.text and all("by val loss" in h for h in fig.data[0].hovertext)
     # the ranking differs from the accuracy's somewhere, or the test shows nothing
     by_metric = sorted(done, key=lambda t: -trial_attrs(t)["metric"])
     by_score = sorted(done, key=lambda t: -t.values[0])

@@ -421,8 +421,9 @@ def sensitivity_heatmap(res) -> go.Figure:
 # ----------------------------------------------------------------------------------------------- progress
 def best_so_far(res, strategies: Sequence[str] | None = None) -> pd.DataFrame:
     """Per strategy, its completed trials in completion order with ``evaluation`` (1, 2, ...), ``elapsed_s``
-    (since that strategy's first trial started) and ``best`` (the metric of the best feasible trial so far, by the
-    search's score; NaN before the first)."""
+    (since that strategy's first trial started), ``best`` (the metric of the best feasible trial so far, by the
+    search's score; NaN before the first) and ``ranked_by`` ("metric", or "val loss" under search.score: loss,
+    where a better-ranked trial can have a lower metric and the line can step down)."""
     r = as_results(res)
     done = _completed(r, strategies)
     out = []
@@ -434,7 +435,10 @@ def best_so_far(res, strategies: Sequence[str] | None = None) -> pd.DataFrame:
         # the metric of the best feasible trial so far by what the search ranked (its score: the metric, or minus
         # the loss under search.score: loss), so the line ends at the reported best
         feasible = d.feasible.astype(bool)
-        key = (d.score if "score" in d and d.score.notna().any() else d.metric).where(feasible)
+        has_score = "score" in d and d.score.notna().any()
+        key = (d.score if has_score else d.metric).where(feasible)
+        # the score is the metric itself unless the search ranked by minus the val loss
+        d["ranked_by"] = "val loss" if has_score and (d.score.notna() & (d.score != d.metric)).any() else "metric"
         best, top, cur = [], None, float("nan")
         for k, m in zip(key, d.metric):
             if pd.notna(k) and (top is None or k > top):
@@ -442,7 +446,7 @@ def best_so_far(res, strategies: Sequence[str] | None = None) -> pd.DataFrame:
             best.append(cur)
         d["best"] = best
         out.append(d)
-    return pd.concat(out, ignore_index=True) if out else done.assign(evaluation=[], elapsed_s=[], best=[])
+    return pd.concat(out, ignore_index=True) if out else done.assign(evaluation=[], elapsed_s=[], best=[], ranked_by=[])
 
 
 def search_progress(res, strategies: Sequence[str] | None = None) -> go.Figure:
@@ -455,7 +459,8 @@ def search_progress(res, strategies: Sequence[str] | None = None) -> go.Figure:
         g = g[g.best.notna()]
         if g.empty:
             continue
-        hover = [f"<b>{s}</b> trial {int(n)}<br>best so far {b:.4f}" for n, b in zip(g.number, g.best)]
+        by = "" if g.ranked_by.iloc[0] == "metric" else "<br>(the best by val loss: search.score: loss)"
+        hover = [f"<b>{s}</b> trial {int(n)}<br>best so far {b:.4f}{by}" for n, b in zip(g.number, g.best)]
         for col, xcol in ((1, "evaluation"), (2, "elapsed_s")):
             fig.add_trace(go.Scatter(
                 x=g[xcol], y=g.best, mode="lines+markers" if len(g) > 1 else "markers", line_shape="hv",
@@ -468,7 +473,9 @@ def search_progress(res, strategies: Sequence[str] | None = None) -> go.Figure:
                       annotation_position="bottom right", name="unpruned")
     fig.update_xaxes(title_text="evaluations (completed trials)", row=1, col=1)
     fig.update_xaxes(title_text="wall time since the strategy started (s)", row=1, col=2)
-    fig.update_yaxes(title_text=f"best feasible {metric_name(r)} so far", row=1, col=1)
+    by_loss = "ranked_by" in d and (d.ranked_by == "val loss").any()
+    fig.update_yaxes(title_text=f"best feasible {metric_name(r)} so far"
+                     + (" (the best by val loss where search.score: loss)" if by_loss else ""), row=1, col=1)
     name = (r.spec or {}).get("name") or r.run_dir.name
     fig.update_layout(title=f"{name}: search progress", template=TEMPLATE)
     return fig
