@@ -196,7 +196,10 @@ def _layer_cost(layer: tuple, pruned: dict[str, list[int] | int]) -> tuple[int, 
             cout -= r
         else:
             cin -= r
-    cin, cout = round(cin), round(cout)
+    if cin.__class__ is not int:
+        cin = round(cin)
+    if cout.__class__ is not int:
+        cout = round(cout)
     if kind == "conv":
         per = cin // groups * kprod
         return rows * per * cout, params - (per * cout + (cout if bias else 0))
@@ -325,9 +328,10 @@ class CostModel:
         """(MACs, params change) when each group loses the given root channels (or that many, evenly).
 
         The budget projection calls this ~30 times a trial, two thirds of them (its top-up) for a plan that
-        differs from the one before in one group: each call keeps its per-layer costs, and a call that differs
-        from the last in at most two groups recomputes only the layers those groups touch (integers, so the
-        totals are exactly a full recomputation's). The layers are plain tuples (`_flat`), not dataclasses."""
+        differs from the one before in one group, and the end of its bisection for plans that differ in a few:
+        each call keeps its per-layer costs, and a call whose changed groups touch at most half the layers
+        recomputes only those (integers, so the totals are exactly a full recomputation's). The layers are
+        plain tuples (`_flat`), not dataclasses."""
         flat = self.__dict__.get("_flat_layers")
         if flat is None:
             flat = self._flat_layers = self._flat()
@@ -335,9 +339,10 @@ class CostModel:
         if last is not None:
             prev, costs, macs, removed = last
             changed = [g for g in prev.keys() | pruned.keys() if prev.get(g) != pruned.get(g)]
-            if len(changed) <= 2:
+            touched = {i for g in changed for i in self._layers_of.get(g, ())}
+            if 2 * len(touched) <= len(flat):
                 costs = list(costs)
-                for i in {i for g in changed for i in self._layers_of.get(g, ())}:
+                for i in touched:
                     m, r = _layer_cost(flat[i], pruned)
                     macs += m - costs[i][0]
                     removed += r - costs[i][1]
@@ -355,7 +360,8 @@ class CostModel:
         self._layers_of: dict[str, list[int]] = {}
         for i, (name, L) in enumerate(self.layers.items()):
             both = L.kind in ("dwconv", "perchannel", "mha")
-            effects = tuple((g, role == "out", both, mult, counts) for g, role, mult, counts in self.effects.get(name, ()))
+            effects = tuple((g, role == "out", both, int(mult) if float(mult).is_integer() else mult, counts)
+                            for g, role, mult, counts in self.effects.get(name, ()))  # integral: no rounding
             for g, *_ in effects:
                 self._layers_of.setdefault(g, []).append(i)
             out.append((L.kind, L.cin, L.cout, L.groups, L.kprod, L.rows, L.bias, L.params, L.cout,
