@@ -153,14 +153,20 @@ def test_four_autoprune_workers_share_one_study(storage, make_spec, tmp_path):
 
 
 def test_an_unclaimed_running_trial_is_failed_only_once_it_is_old(tmp_path, monkeypatch):
-    # a worker killed inside study.ask leaves a RUNNING trial with no worker attribute: it may still belong to a
+    # a trial autoprune's journal creates carries its worker's claim in its creation record; one created
+    # elsewhere (an older autoprune, Optuna itself) is RUNNING with no worker attribute: it may still belong to a
     # live worker that is sampling, so it is failed only after UNCLAIMED_STALE_S
     import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     from autoprune.searching import studies
 
     study = optuna.create_study(storage=studies.open_storage(str(tmp_path / "s.journal")), study_name="x")
-    trial = study.ask()
+    mine = study.ask()
+    assert mine.user_attrs["worker"] == studies.worker_id()  # claimed at creation, by this live process
+    plain = optuna.load_study(storage=JournalStorage(JournalFileBackend(str(tmp_path / "s.journal"))), study_name="x")
+    trial = plain.ask()
+    assert "worker" not in study.trials[trial.number].user_attrs
     assert studies.fail_stale_trials(study) == 0
     monkeypatch.setattr(studies, "UNCLAIMED_STALE_S", 0.0)
     assert studies.fail_stale_trials(study) == 1

@@ -195,13 +195,15 @@ class TrialBatchedJournalStorage(JournalStorage):
     evaluation). Here parameter and system-attribute records are kept in memory and appended together, in
     order, just before the storage next writes or reads anything else (the trial's result record, a sampler or
     pruner reading the study, the trial's end): every reader, in this process or another, sees them before the
-    trial's result and end are written, so a finished trial is on disk whole. User attributes (the worker's claim
-    on a trial, a result, a failure's reason) are written at once, as before. What a kill can lose is the
+    trial's result and end are written, so a finished trial is on disk whole. User attributes (a result, a
+    failure's reason) are written at once, as before; a trial this process creates for itself carries its
+    worker's claim in its creation record. What a kill can lose is the
     parameters of the trial that was running, which a resume marks failed anyway (`fail_stale_trials`). Optuna
     offers no batching for the journal; this relies on its `_write_log` / `_sync_with_backend` pair (a future
     Optuna without them writes every record through, as Optuna does)."""
 
     _BUFFERED = frozenset(int(op) for op in (JournalOperation.SET_TRIAL_PARAM, JournalOperation.SET_TRIAL_SYSTEM_ATTR))
+    _CREATE = int(JournalOperation.CREATE_TRIAL)
 
     def __init__(self, backend) -> None:
         self._pending: list[dict[str, Any]] = []
@@ -209,6 +211,10 @@ class TrialBatchedJournalStorage(JournalStorage):
         super().__init__(backend)
 
     def _write_log(self, op_code: int, extra_fields: dict[str, Any]) -> None:
+        if int(op_code) == self._CREATE and "state" not in extra_fields:
+            # a trial this process creates to run it (`study.ask`; an enqueued one has a template with its state):
+            # claimed by it in the same record (`fail_stale_trials`), not in a second append
+            extra_fields = {**extra_fields, "user_attrs": {"worker": worker_id()}}
         if int(op_code) in self._BUFFERED:
             trial = self._replay_result._trials.get(extra_fields.get("trial_id"))
             if trial is not None and trial.state.is_finished():  # what replaying it would raise, now
