@@ -278,15 +278,15 @@ def test_slicing_cut_equals_torch_pruning(name: str, monkeypatch) -> None:
         pm = build(name)
     fast: list[str] = []
 
-    def counting(m, handler, idxs, copy=False):
+    def counting(m, handler, idxs, copy=False, kind=slicing._UNKNOWN):
         before = handler.__self__.__class__.__name__, type(m).__name__
         fast.append(before)
-        slicing.cut(m, handler, idxs, copy)
+        slicing.cut(m, handler, idxs, copy, kind)
 
     for plan in random_plans(pm, 3, seed=7):
         monkeypatch.setattr(groups_mod, "cut", counting)
         ours = pm.apply(plan)
-        monkeypatch.setattr(groups_mod, "cut", lambda m, handler, idxs, copy=False: handler(m, idxs))
+        monkeypatch.setattr(groups_mod, "cut", lambda m, handler, idxs, copy=False, kind=None: handler(m, list(idxs)))
         theirs = pm.apply(plan)
         _same_modules(ours, theirs)
     kinds = {k for k in fast}

@@ -531,20 +531,24 @@ class PrunableModel:
         # cut gives it its own (one tensor operation instead of two, for most of a CNN's tensors)
         base_mods = self._base_modules()
         fast: dict[str, list[torch.Tensor] | None] = {}  # a layer's tensors are shared only if `cut` slices it
-        for (name, kind, _), (handler, _i) in cuts.items():  # itself for every cut it gets in this plan
+        kinds = {}  # itself for every cut it gets in this plan
+        for key, (handler, _i) in cuts.items():
+            name, kind, _ = key
             if kind == "module":
-                got = self._shareable(name, handler)
-                fast[name] = None if got is None or (name in fast and fast[name] is None) else got
+                kinds[key], got = self._shareable(name, handler)
+                fast[name] = None if kinds[key] is None or (name in fast and fast[name] is None) else got
         shared = {id(t): t for ts in fast.values() if ts for t in ts}
         memo: dict[int, Any] = {}
         work = clone_module(self.base, share=shared.values(), memo=memo)
-        for (name, kind, _), (handler, idxs) in cuts.items():
-            if kind == "module":
-                cut(memo[id(base_mods[name])], handler, idxs, copy=True)
-            else:  # a parameter a module owns directly (a ViT's cls_token): the handler returns the cut one
-                parent, _, leaf = name.rpartition(".")
-                owner = work.get_submodule(parent) if parent else work
-                setattr(owner, leaf, handler(getattr(owner, leaf), list(idxs)))
+        with torch.no_grad():  # the cuts make new leaf tensors: nothing to record
+            for key, (handler, idxs) in cuts.items():
+                name, kind, _ = key
+                if kind == "module":
+                    cut(memo[id(base_mods[name])], handler, idxs, copy=True, kind=kinds[key])
+                else:  # a parameter a module owns directly (a ViT's cls_token): the handler returns the cut one
+                    parent, _, leaf = name.rpartition(".")
+                    owner = work.get_submodule(parent) if parent else work
+                    setattr(owner, leaf, handler(getattr(owner, leaf), list(idxs)))
         if shared:  # what no cut replaced (a conv's bias when only its inputs go, a BatchNorm's step count): copied
             for name in {name for name, kind, _ in cuts if kind == "module"}:
                 m = memo[id(base_mods[name])]
@@ -585,13 +589,14 @@ class PrunableModel:
                 if isinstance(m._modules.get("query"), nn.Linear) and isinstance(m.__dict__.get("attention_head_size"), int))
         return self._attn_names
 
-    def _shareable(self, name: str, handler: Any) -> list[torch.Tensor] | None:
-        """The base tensors of layer `name` that `apply` may leave uncopied until they are cut, when `cut` slices
-        it for `handler` itself (it replaces tensors, never writes them; None when Torch-Pruning's function
-        does): each held in one slot of the whole model (a tied weight is copied as usual)."""
+    def _shareable(self, name: str, handler: Any) -> tuple[str | None, list[torch.Tensor]]:
+        """(`cut`'s own path for layer `name` and `handler`, as `fast_kind` names it, None when Torch-Pruning's
+        function cuts it; the base tensors of the layer that `apply` may then leave uncopied until they are cut,
+        since `cut` replaces tensors and never writes them: each held in one slot of the whole model, a tied
+        weight is copied as usual)."""
         key = (name, getattr(handler, "__name__", ""), type(getattr(handler, "__self__", None)))
         if getattr(self, "_share_cache", None) is None:
-            self._share_cache: dict[tuple, list[torch.Tensor] | None] = {}
+            self._share_cache: dict[tuple, tuple[str | None, list[torch.Tensor]]] = {}
             slots: dict[int, int] = {}
             for m in self._base_modules().values():
                 for t in (*m._parameters.values(), *m._buffers.values()):
@@ -600,9 +605,10 @@ class PrunableModel:
             self._slot_counts = slots
         if key not in self._share_cache:
             m = self._base_modules()[name]
-            self._share_cache[key] = None if fast_kind(m, handler, copy=True) is None else [
+            kind = fast_kind(m, handler, copy=True)
+            self._share_cache[key] = (kind, [] if kind is None else [
                 t for t in (*m._parameters.values(), *m._buffers.values())
-                if t is not None and self._slot_counts.get(id(t)) == 1]
+                if t is not None and self._slot_counts.get(id(t)) == 1])
         return self._share_cache[key]
 
     def _cuts(self, pruned: dict[str, list[int]]) -> dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]]:

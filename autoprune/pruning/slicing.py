@@ -45,13 +45,16 @@ def _plain_params(m: nn.Module, names: tuple[str, ...], copy: bool = False) -> b
         p = m._parameters.get(k)
         if p is not None and (type(p) is not nn.Parameter or (p.grad is not None and not copy)):
             return False
-    return not getattr(m, "parametrizations", None)
+    # (torch keeps a parametrization's modules in `_modules`: looked up there, without nn.Module.__getattr__'s
+    # AttributeError for the usual module that has none)
+    return not (m._modules.get("parametrizations") or m.__dict__.get("parametrizations"))
 
 
 def _slice(m: nn.Module, name: str, keep: torch.Tensor, dim: int) -> None:
     p = m._parameters[name]
     if p is not None:
-        m._parameters[name] = nn.Parameter(p.detach().index_select(dim, keep), requires_grad=p.requires_grad)
+        src = p.detach() if torch.is_grad_enabled() else p  # (no view needed where no graph is recorded)
+        m._parameters[name] = nn.Parameter(src.index_select(dim, keep), requires_grad=p.requires_grad)
 
 
 def fast_kind(module: nn.Module, handler: Any, copy: bool = False) -> str | None:
@@ -73,10 +76,15 @@ def fast_kind(module: nn.Module, handler: Any, copy: bool = False) -> str | None
     return None
 
 
-def cut(module: nn.Module, handler: Any, idxs: Sequence[int], copy: bool = False) -> None:
+_UNKNOWN = object()
+
+
+def cut(module: nn.Module, handler: Any, idxs: Sequence[int], copy: bool = False, kind: Any = _UNKNOWN) -> None:
     """Remove channels `idxs` of `module` the way Torch-Pruning's `handler` (a bound pruning function) would
-    (`copy`: `module` is a copy being made, see `_plain_params`)."""
-    kind = fast_kind(module, handler, copy) if idxs else None
+    (`copy`: `module` is a copy being made, see `_plain_params`; `kind`: `fast_kind(module, handler, copy)` when
+    the caller knows it already)."""
+    if kind is _UNKNOWN or not idxs:
+        kind = fast_kind(module, handler, copy) if idxs else None
     if kind == "dense":
         out = handler.__name__ == "prune_out_channels"
         width = ("out_channels" if out else "in_channels") if type(module) in _CONV else \
