@@ -50,6 +50,11 @@ def clone_module(module: nn.Module, share: Iterable[torch.Tensor] = (), memo: di
     return _clone(module, memo)
 
 
+def copy_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's copy as `clone_module` makes it (a parameter stays a parameter, with its requires_grad)."""
+    return _clone(t, {})
+
+
 def _clone(v: Any, memo: dict[int, Any]) -> Any:
     cls = type(v)
     if cls in _ATOMIC:

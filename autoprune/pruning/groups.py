@@ -20,7 +20,7 @@ import torch.nn.utils.prune as nn_prune
 import torch_pruning as tp
 
 from autoprune.pruning import criteria
-from autoprune.pruning.clone import clone_module
+from autoprune.pruning.clone import clone_module, copy_tensor
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan, channels_kept
@@ -63,13 +63,6 @@ class GroupInfo:
 def _step(round_to: int, multiple: int, conv_groups: int) -> int:
     """The channel granularity of a group (its kept count is a multiple of it); cached: ~700 calls a trial."""
     return math.lcm(max(1, round_to), multiple, conv_groups)
-
-
-def _own_copy(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's copy as `clone_module` makes it (a parameter stays a parameter, with its requires_grad)."""
-    if isinstance(t, nn.Parameter):
-        return nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
-    return t.detach().clone().requires_grad_(t.requires_grad)
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -530,14 +523,14 @@ class PrunableModel:
         # the tensors `cut` is about to replace are not copied first: the copy refers to the base's until its
         # cut gives it its own (one tensor operation instead of two, for most of a CNN's tensors)
         base_mods = self._base_modules()
-        fast: dict[str, list[torch.Tensor] | None] = {}  # a layer's tensors are shared only if `cut` slices it
-        kinds = {}  # itself for every cut it gets in this plan
-        for key, (handler, _i) in cuts.items():
+        kinds, tensors, slow = {}, {}, set()  # a layer's tensors are shared only if `cut` slices it itself for
+        for key, (handler, _i) in cuts.items():  # every cut it gets in this plan
             name, kind, _ = key
             if kind == "module":
-                kinds[key], got = self._shareable(name, handler)
-                fast[name] = None if kinds[key] is None or (name in fast and fast[name] is None) else got
-        shared = {id(t): t for ts in fast.values() if ts for t in ts}
+                kinds[key], tensors[name] = self._shareable(name, handler)
+                if kinds[key] is None:
+                    slow.add(name)
+        shared = {id(t): t for name, ts in tensors.items() if name not in slow for t in ts}
         memo: dict[int, Any] = {}
         work = clone_module(self.base, share=shared.values(), memo=memo)
         with torch.no_grad():  # the cuts make new leaf tensors: nothing to record
@@ -555,7 +548,7 @@ class PrunableModel:
                 for slots in (m._parameters, m._buffers):
                     for k, t in slots.items():
                         if t is not None and id(t) in shared and t is shared[id(t)]:
-                            slots[k] = _own_copy(t)
+                            slots[k] = copy_tensor(t)
         for m in base_mods.values():  # the copy's modules, without walking its tree again
             for p in memo[id(m)]._parameters.values():
                 if p is not None and not p.requires_grad:
@@ -655,15 +648,14 @@ class PrunableModel:
                 out.append((k, (handler, tuple(sorted(ix)))))
         return out
 
-    def _tp_items(self, gname: str, idxs: list[int], group: Any = None) -> list:
+    def _tp_items(self, gname: str, idxs: list[int]) -> list:
         """`_group_items` by Torch-Pruning itself: its dependency walk from the group's root (~0.1-1 ms)."""
-        template, dg, names = self._base_graph
-        if group is None:
-            root = template.get_submodule(gname)
-            group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
-            if not dg.check_pruning_group(group):
-                raise AutopruneError(f"group {gname!r}: pruning {len(idxs)} of {self.group(gname).channels} channels "
-                                     "would remove a whole layer")
+        template, dg, _ = self._base_graph
+        root = template.get_submodule(gname)
+        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        if not dg.check_pruning_group(group):
+            raise AutopruneError(f"group {gname!r}: pruning {len(idxs)} of {self.group(gname).channels} channels "
+                                 "would remove a whole layer")
         items: dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]] = {}
         for dep, ix in group:
             k = self._dep_key(dep)
@@ -728,8 +720,6 @@ class PrunableModel:
         rng = random.Random(g.channels)
         for frac in (0.25, 0.5, 0.75):
             n = max(1, min(g.channels - g.min_keep, round(frac * g.channels)))
-            if n <= 0:
-                break
             idxs = sorted(rng.sample(range(g.channels), n))
             try:
                 want = sorted(self._tp_items(gname, idxs), key=lambda kv: kv[0])

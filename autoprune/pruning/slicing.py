@@ -83,8 +83,10 @@ def cut(module: nn.Module, handler: Any, idxs: Sequence[int], copy: bool = False
     """Remove channels `idxs` of `module` the way Torch-Pruning's `handler` (a bound pruning function) would
     (`copy`: `module` is a copy being made, see `_plain_params`; `kind`: `fast_kind(module, handler, copy)` when
     the caller knows it already)."""
-    if kind is _UNKNOWN or not idxs:
-        kind = fast_kind(module, handler, copy) if idxs else None
+    if not idxs:
+        kind = None
+    elif kind is _UNKNOWN:
+        kind = fast_kind(module, handler, copy)
     if kind == "dense":
         out = handler.__name__ == "prune_out_channels"
         width = ("out_channels" if out else "in_channels") if type(module) in _CONV else \

@@ -101,6 +101,7 @@ class TrialDurableJournal(JournalFileBackend):
                                           JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
                                           JournalOperation.SET_TRIAL_USER_ATTR, JournalOperation.SET_TRIAL_SYSTEM_ATTR))
     _END = int(JournalOperation.SET_TRIAL_STATE_VALUES)
+    _OWN = _CHEAP | {_END}  # what this class writes itself; anything else (study-level) goes to Optuna's append
 
     def read_logs(self, log_number_from: int):
         # the storage reads the journal before and after every operation (~13 times a trial), and mostly nothing
@@ -112,7 +113,7 @@ class TrialDurableJournal(JournalFileBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         if not (hasattr(self, "_lock") and hasattr(self, "_file_path")) or any(
-                log.get("op_code") not in self._CHEAP and log.get("op_code") != self._END for log in logs):
+                log.get("op_code") not in self._OWN for log in logs):
             return super().append_logs(logs)  # (also if a future Optuna renames the private names used below)
         text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
         with get_lock_file(self._lock):
