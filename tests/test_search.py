@@ -271,7 +271,10 @@ def test_search_keeps_the_existing_heap_out_of_the_garbage_collector(monkeypatch
         assert gc.get_threshold() == (study_mod.GC_YOUNG_THRESHOLD, *own[1:])
         with study_mod.frozen_heap():  # a second search in a thread (the service): nothing is undone at its end
             pass
-        assert gc.get_threshold()[0] == study_mod.GC_YOUNG_THRESHOLD and gc.get_freeze_count() == seen[0]
+        # the inner end did not unfreeze (the count would be 0); a frozen object can still be freed by reference
+        # counting, so the count may drop by a few (an exact equality here failed once in CI-like runs)
+        assert gc.get_threshold()[0] == study_mod.GC_YOUNG_THRESHOLD
+        assert seen[0] - 100 <= gc.get_freeze_count() <= seen[0]
     assert seen[0] > 1000 and gc.get_freeze_count() == 0 and gc.get_threshold() == own
     with pytest.raises(RuntimeError):
         with study_mod.frozen_heap():
