@@ -98,6 +98,7 @@ class Session:
             self.cost_model,
             ratios=s.ratios,
             stop_drop=s.stop_drop,
+            skip_within=self.spec.search.tolerance if s.skip_insensitive else None,
             cache_dir=self.cache_dir / "sensitivity",
             show_progress=self.show_progress,
             map_fn=map_fn,

@@ -399,7 +399,8 @@ def sensitivity_curves(res, *, tolerance: float | None = None) -> go.Figure:
 
 def sensitivity_heatmap(res) -> go.Figure:
     """Group × ratio heatmap of the metric drop (groups top to bottom in network order; blank where the sweep
-    stopped early because the drop already exceeded ``sensitivity.stop_drop``)."""
+    stopped early because the drop already exceeded ``sensitivity.stop_drop``, and at the smaller ratios of a group
+    within the tolerance at its largest one, which ``sensitivity.skip_insensitive`` does not sweep)."""
     sens, _ = _sensitivity(res)
     order = list(dict.fromkeys(sens.group))
     z = sens.pivot_table(index="group", columns="ratio", values="drop", aggfunc="first").reindex(order)

@@ -34,7 +34,8 @@ class SensitivityResult:
     evaluations: int  # how many evaluations this call ran (0 when served from cache)
 
 
-def _key(pm: PrunableModel, ev: Evaluator, ratios: Sequence[float], stop_drop: float, extra: dict | None) -> str:
+def _key(pm: PrunableModel, ev: Evaluator, ratios: Sequence[float], stop_drop: float, extra: dict | None,
+         skip_within: float | None = None) -> str:
     settings = {
         "weights": weights_digest(pm.base),
         "criterion": pm.criterion,
@@ -55,6 +56,8 @@ def _key(pm: PrunableModel, ev: Evaluator, ratios: Sequence[float], stop_drop: f
         settings["task"] = task.describe()
     if getattr(ev, "reconstruct", False):  # only when on, so tables cached before the setting existed stay valid
         settings["reconstruct"] = True
+    if skip_within is not None:  # only when on, so tables swept in full stay valid for a full sweep
+        settings["skip_within"] = skip_within
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -69,16 +72,21 @@ def run_sensitivity(
     show_progress: bool = True,
     extra_key: dict | None = None,
     map_fn: Callable | None = None,
+    skip_within: float | None = None,
 ) -> SensitivityResult:
-    """Sweep every prunable group over `ratios` (clipped to max_ratio); one row per evaluation.
+    """Sweep every prunable group over `ratios` (clipped to max_ratio); one row per evaluation kept.
 
-    A group's sweep stops early once its drop exceeds `stop_drop`. `map_fn(fn, items)` can fan the
-    per-group sweeps out (e.g. over Ray); by default they run in this process.
+    A group's sweep stops early once its drop exceeds `stop_drop`. With `skip_within` (the search's
+    tolerance), each group is evaluated at its largest ratio first, and a group whose drop there is within
+    `skip_within` is insensitive: its smaller ratios are not evaluated (one row). Otherwise the sweep goes on
+    from the smallest ratio as without it (the largest ratio's evaluation is reused when the sweep gets there,
+    and left out of the table when it stops before, so that the table is the full sweep's). `map_fn(fn, items)`
+    can fan the per-group sweeps out (e.g. over Ray); by default they run in this process.
     """
-    ratios = [r for r in ratios if r <= pm.max_ratio + 1e-9]
+    ratios = sorted(r for r in ratios if r <= pm.max_ratio + 1e-9)
     path = parts = None
     if cache_dir is not None:
-        key = _key(pm, evaluator, ratios, stop_drop, extra_key)
+        key = _key(pm, evaluator, ratios, stop_drop, extra_key, skip_within)
         path = Path(cache_dir) / f"sensitivity-{key}.csv"
         if path.exists():
             df = pd.read_csv(path)
@@ -110,35 +118,48 @@ def run_sensitivity(
         log.info("sensitivity: %d of %d groups found in %s", len(done), len(names), parts)
     bar = progress(total=len(todo) * len(ratios), desc="sensitivity")
 
-    def sweep(name: str) -> list[dict]:
-        rows = []
-        g = pm.group(name)
-        last_kept = None
-        for r in ratios:
-            plan = pm.plan({name: r})
-            kept = pm.kept(plan)[name]
-            if kept == last_kept:  # rounding made this ratio identical to the previous one
+    def evaluate(name: str, r: float) -> dict:
+        plan = pm.plan({name: r})
+        metric = evaluator(pm.apply(plan, check=False))  # reconstructs from the plan the model carries
+        macs, params = cost_model.estimate(plan)
+        return dict(group=name, ratio=r, channels=pm.group(name).channels, channels_kept=pm.kept(plan)[name],
+                    metric=metric, drop=baseline - metric, macs=macs, macs_saved=base_macs - macs, params=params,
+                    params_saved=base_params - params)
+
+    def sweep(name: str) -> tuple[list[dict], int]:
+        rows, n = [], 0
+        probe = None
+        if skip_within is not None and len(ratios) > 1:  # the largest ratio first: is the group insensitive?
+            probe, n = evaluate(name, ratios[-1]), 1
+            if probe["drop"] <= skip_within:
+                bar.update(len(ratios))
+                rows = [probe]
+        if not rows:
+            last_kept = None
+            for r in ratios:
+                kept = pm.kept(pm.plan({name: r}))[name]
+                if kept == last_kept:  # rounding made this ratio identical to the previous one
+                    bar.update(1)
+                    continue
+                last_kept = kept
+                if probe is not None and r == ratios[-1]:
+                    row = probe
+                else:
+                    row, n = evaluate(name, r), n + 1
+                rows.append(row)
                 bar.update(1)
-                continue
-            last_kept = kept
-            metric = evaluator(pm.apply(plan, check=False))  # reconstructs from the plan the model carries
-            macs, params = cost_model.estimate(plan)
-            rows.append(
-                dict(group=name, ratio=r, channels=g.channels, channels_kept=kept, metric=metric, drop=baseline - metric,
-                     macs=macs, macs_saved=base_macs - macs, params=params, params_saved=base_params - params)
-            )
-            bar.update(1)
-            if baseline - metric > stop_drop:
-                bar.update(len(ratios) - ratios.index(r) - 1)
-                break
+                if row["drop"] > stop_drop:
+                    bar.update(len(ratios) - ratios.index(r) - 1)
+                    break
         if parts is not None:
             _write_atomic(parts / _part_name(name), pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
-        return rows
+        return rows, n
 
     mapper = map_fn or (lambda fn, items: [fn(i) for i in items])
-    new = dict(zip(todo, mapper(sweep, todo)))
+    swept = dict(zip(todo, mapper(sweep, todo)))
     bar.close()
-    n_eval += sum(len(rs) for rs in new.values())  # one row per evaluation
+    new = {n: rows for n, (rows, _) in swept.items()}
+    n_eval += sum(k for _, k in swept.values())
     frames = [done[n] if n in done else pd.DataFrame(new[n], columns=COLUMNS) for n in names]
     df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame(columns=COLUMNS)
     df = df[COLUMNS]
