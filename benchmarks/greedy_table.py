@@ -31,7 +31,7 @@ def tables(full: pd.DataFrame, tol: float) -> dict[str, pd.DataFrame]:
     largest one, and the insensitive groups' two largest ratios only."""
     top = full.ratio.max()
     ratios = sorted(full.ratio.unique())
-    skip, line, two = [], [], []
+    skip, line, two, quad = [], [], [], []
     for _, rows in full.groupby("group", sort=False):
         at_top = rows[rows.ratio == top]
         if len(at_top) and at_top["drop"].iloc[0] <= tol:  # insensitive
@@ -41,13 +41,19 @@ def tables(full: pd.DataFrame, tol: float) -> dict[str, pd.DataFrame]:
                 row = at_top.copy()
                 row["ratio"], row["drop"] = r, float(at_top["drop"].iloc[0]) * r / top
                 line.append(row)
+                row = at_top.copy()
+                row["ratio"], row["drop"] = r, max(float(at_top["drop"].iloc[0]), 0.0) * (r / top) ** 2
+                quad.append(row)
             line.append(at_top)
+            quad.append(at_top)
         else:
             skip.append(rows)
             two.append(rows)
             line.append(rows)
+            quad.append(rows)
     return {"full sweep": full, "skip_insensitive": pd.concat(skip), "skipped ratios filled in linearly": pd.concat(line),
-            "insensitive groups: two largest ratios": pd.concat(two)}
+            "insensitive groups: two largest ratios": pd.concat(two),
+            "skipped ratios filled in quadratically": pd.concat(quad)}
 
 
 def main(argv=None) -> None:
