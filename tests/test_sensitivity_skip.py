@@ -99,3 +99,23 @@ def test_the_setting_reaches_the_sweep_and_the_cache_keeps_them_apart(session, t
     assert off.evaluations == 1 + len(off.table) == 1 + n * len(session.spec.sensitivity.ratios)
     assert on.evaluations == 1 + len(on.table) == 1 + n
     assert on.table.ratio.tolist() == [max(session.spec.sensitivity.ratios)] * n
+
+
+def test_the_cli_marks_what_was_not_evaluated(session, tmp_path, capsys):
+    import yaml
+
+    from autoprune.app.cli import main
+
+    spec = session.spec.model_dump(mode="json")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**spec, "name": "skip-cli"}))
+    try:
+        main(["sensitivity", str(path), "--set", "sensitivity.skip_insensitive=true", "--set", "search.tolerance=1.0"])
+    except SystemExit as e:
+        assert not e.code
+    out = capsys.readouterr().out
+    n = len(session.pruner.prunable_names)
+    assert f"evaluations run: {1 + n}" in out
+    lines = [ln for ln in out.splitlines() if ln.split() and ln.split()[0] in session.pruner.prunable_names]
+    assert len(lines) == n and all(ln.split()[1:] == ["-", "-", ln.split()[-1]] for ln in lines), out
+    assert "-: not evaluated" in out and "nan" not in out.lower()

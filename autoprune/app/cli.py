@@ -96,7 +96,11 @@ def sensitivity(spec: str = SpecArg, sets: Optional[List[str]] = SetOpt) -> None
     df = res.table
     typer.echo(f"baseline (BN-recalibrated) val metric: {res.baseline_metric:.4f}; evaluations run: {res.evaluations}")
     if not df.empty:
-        typer.echo(df.pivot(index="group", columns="ratio", values="drop").round(3).to_string())
+        drops = df.pivot(index="group", columns="ratio", values="drop").round(3)
+        typer.echo(drops.to_string(na_rep="-"))
+        if drops.isna().any().any():
+            typer.echo("-: not evaluated (the group's drop passed sensitivity.stop_drop at a smaller ratio, or "
+                       "sensitivity.skip_insensitive skipped it: within search.tolerance at its largest ratio)")
     typer.echo(f"table: {s.run_dir / 'sensitivity.csv'}")
 
 
