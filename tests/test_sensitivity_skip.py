@@ -106,16 +106,24 @@ def test_the_cli_marks_what_was_not_evaluated(session, tmp_path, capsys):
 
     from autoprune.app.cli import main
 
+    full = sweep(session, stop_drop=0.5)
+    top = full.table[full.table.ratio == RATIOS[-1]].set_index("group")["drop"]
+    tol = float(top.sort_values().iloc[len(top) // 2 - 1]) + 1e-9  # some groups within it, some not
     spec = session.spec.model_dump(mode="json")
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({**spec, "name": "skip-cli"}))
     try:
-        main(["sensitivity", str(path), "--set", "sensitivity.skip_insensitive=true", "--set", "search.tolerance=1.0"])
+        main(["sensitivity", str(path), "--set", "sensitivity.skip_insensitive=true", "--set", f"search.tolerance={tol}"])
     except SystemExit as e:
         assert not e.code
     out = capsys.readouterr().out
-    n = len(session.pruner.prunable_names)
-    assert f"evaluations run: {1 + n}" in out
-    lines = [ln for ln in out.splitlines() if ln.split() and ln.split()[0] in session.pruner.prunable_names]
-    assert len(lines) == n and all(ln.split()[1:] == ["-", "-", ln.split()[-1]] for ln in lines), out
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.split() and ln.split()[0] in top.index}
+    assert len(rows) == len(top), out
+    for g, cells in rows.items():
+        if top[g] <= tol:  # insensitive: only its largest ratio was evaluated
+            assert cells[:2] == ["-", "-"] and float(cells[2]) == pytest.approx(top[g], abs=1e-3), out
+        else:  # the full sweep's numbers ('-' past where its drop passed stop_drop)
+            ref = full.table[full.table.group == g].set_index("ratio")["drop"]
+            want = [round(float(ref[r]), 3) if r in ref.index else "-" for r in RATIOS]
+            assert [c if c == "-" else float(c) for c in cells] == pytest.approx(want, abs=1e-3), out
     assert "-: not evaluated" in out and "nan" not in out.lower()
