@@ -92,13 +92,16 @@ def test_the_setting_reaches_the_sweep_and_the_cache_keeps_them_apart(session, t
     # a tolerance no drop exceeds: every group is insensitive, one evaluation each after the baseline's
     spec = session.spec.model_dump(mode="json")
     spec["search"]["tolerance"] = 1.0
+    # ratios of its own: the run root's cache must not serve another test's full table (0 evaluations)
+    ratios = [0.3, 0.55, 0.8]
+    spec["sensitivity"]["ratios"] = ratios
     off = api.session({**spec, "name": "skip-off"}, show_progress=False).sensitivity()
     on = api.session({**spec, "name": "skip-on", "sensitivity": {**spec["sensitivity"], "skip_insensitive": True}},
                      show_progress=False).sensitivity()
     n = len(session.pruner.prunable_names)
-    assert off.evaluations == 1 + len(off.table) == 1 + n * len(session.spec.sensitivity.ratios)
+    assert off.evaluations == 1 + len(off.table) == 1 + n * len(ratios)
     assert on.evaluations == 1 + len(on.table) == 1 + n
-    assert on.table.ratio.tolist() == [max(session.spec.sensitivity.ratios)] * n
+    assert on.table.ratio.tolist() == [max(ratios)] * n
 
 
 def test_the_cli_marks_what_was_not_evaluated(session, tmp_path, capsys):
