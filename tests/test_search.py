@@ -250,6 +250,7 @@ def test_timeout_stops_starting_trials_once_the_search_has_run_that_long(make_sp
     # the user is told: 1 of 50 trials, and that the sweep took (far more than) the whole limit
     note = [n for n in run.notes if "timeout_s" in n]
     assert len(note) == 1 and "after 1 of 50 trials" in note[0] and "search.priors: none" in note[0], run.notes
+    assert "sensitivity.skip_insensitive: true" in note[0]  # the cheaper sweep is offered while it is off
     spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 7, "timeout_s": 3600})
     run = run_search(_session(spec), show_progress=False)
     assert sum(t.state == TrialState.COMPLETE for t in run.study.trials) == 7

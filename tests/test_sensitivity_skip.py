@@ -130,3 +130,14 @@ def test_the_cli_marks_what_was_not_evaluated(session, tmp_path, capsys):
             want = [round(float(ref[r]), 3) if r in ref.index else "-" for r in RATIOS]
             assert [c if c == "-" else float(c) for c in cells] == pytest.approx(want, abs=1e-3), out
     assert "-: not evaluated" in out and "nan" not in out.lower()
+
+
+def test_a_timeout_note_offers_the_cheaper_sweep_only_while_it_is_off():
+    from autoprune.searching.studies import timeout_note
+
+    off = timeout_note(10.0, 3, 60, 8.0, sweep_skips=False)
+    on = timeout_note(10.0, 3, 60, 8.0, sweep_skips=True)
+    assert "after 3 of 60 trials" in off and "8.0 s of it (80%)" in off
+    assert "skip_insensitive: true" in off and "skip_insensitive" not in on
+    assert "search.priors: none" in off and "search.priors: none" in on
+    assert "skip_insensitive" not in timeout_note(10.0, 3, 60, 2.0, sweep_skips=False)  # the sweep was not the cost
