@@ -714,7 +714,8 @@ def run_ray_search(
     if n_complete(study) == 0:
         reasons = {t.user_attrs.get("fail_reason", "unknown") for t in study.trials if t.state == TrialState.FAIL}
         raise AutopruneError(f"every trial failed; reasons: {sorted(reasons)[:3]}")
-    note = timeout_note(s.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s, spec.sensitivity.skip_insensitive)
+    note = timeout_note(s.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s,
+                        sweep_skips=spec.sensitivity.skip_insensitive)
     notes = list(space.notes) + ([note] if note else []) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
                                  f"{s.cpus_per_trial} CPU / {s.gpus_per_trial} GPU each"
                                  + (f"; ASHA over recovery rungs {rungs} (reduction {s.rung_reduction})" if rungs else "")]

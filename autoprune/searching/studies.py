@@ -489,8 +489,7 @@ def study_score(study: optuna.Study, created: bool, score: str) -> str:
     return score
 
 
-def timeout_note(timeout_s: float | None, done: int, n_trials: int, prep_s: float,
-                 sweep_skips: bool = True) -> str | None:
+def timeout_note(timeout_s: float | None, done: int, n_trials: int, prep_s: float, *, sweep_skips: bool) -> str | None:
     """What `search.timeout_s` cost, when it stopped the search before `n_trials`: how many trials ran, and how
     much of the limit went to the sensitivity sweep (on a model with many groups the sweep alone can use most
     of it, and the user should know the search was the sweep plus a few trials). `sweep_skips`: whether the
@@ -499,10 +498,13 @@ def timeout_note(timeout_s: float | None, done: int, n_trials: int, prep_s: floa
         return None
     note = f"search.timeout_s ({timeout_s:g} s) stopped the search after {done} of {n_trials} trials"
     if prep_s > 0.05 * timeout_s:
-        note += (f"; the sensitivity sweep took {prep_s:.1f} s of it ({prep_s / timeout_s:.0%})"
-                 + ("; raise timeout_s, " + ("" if sweep_skips else "set sensitivity.skip_insensitive: true to "
-                                              "sweep fewer ratios (ResNeXt-20: half), ")
-                    + "or set search.priors: none to spend it on trials" if prep_s > 0.5 * timeout_s else ""))
+        note += f"; the sensitivity sweep took {prep_s:.1f} s of it ({prep_s / timeout_s:.0%})"
+        if prep_s > 0.5 * timeout_s:
+            fixes = ["raise timeout_s"]
+            if not sweep_skips:
+                fixes.append("set sensitivity.skip_insensitive: true to sweep fewer ratios (ResNeXt-20: half)")
+            fixes.append("set search.priors: none to spend it on trials")
+            note += "; " + ", ".join(fixes[:-1]) + ", or " + fixes[-1]
     return note
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 from autoprune.costs.counting import CostModel
 from autoprune.sensitivity.evaluate import Evaluator
 from autoprune.pruning.groups import PrunableModel
+from autoprune.pruning.plan import PruningPlan
 from autoprune._progress import progress
 from autoprune.model.loading import weights_digest
 
@@ -118,38 +119,38 @@ def run_sensitivity(
         log.info("sensitivity: %d of %d groups found in %s", len(done), len(names), parts)
     bar = progress(total=len(todo) * len(ratios), desc="sensitivity")
 
-    def evaluate(name: str, r: float) -> dict:
-        plan = pm.plan({name: r})
+    def evaluate(name: str, r: float, plan: PruningPlan, kept: int) -> dict:
         metric = evaluator(pm.apply(plan, check=False))  # reconstructs from the plan the model carries
         macs, params = cost_model.estimate(plan)
-        return dict(group=name, ratio=r, channels=pm.group(name).channels, channels_kept=pm.kept(plan)[name],
-                    metric=metric, drop=baseline - metric, macs=macs, macs_saved=base_macs - macs, params=params,
+        return dict(group=name, ratio=r, channels=pm.group(name).channels, channels_kept=kept, metric=metric,
+                    drop=baseline - metric, macs=macs, macs_saved=base_macs - macs, params=params,
                     params_saved=base_params - params)
 
     def sweep(name: str) -> tuple[list[dict], int]:
+        plans = [pm.plan({name: r}) for r in ratios]
+        kepts = [pm.kept(plan)[name] for plan in plans]
         rows, n = [], 0
         probe = None
         if skip_within is not None and len(ratios) > 1:  # the largest ratio first: is the group insensitive?
-            probe, n = evaluate(name, ratios[-1]), 1
+            probe, n = evaluate(name, ratios[-1], plans[-1], kepts[-1]), 1
             if probe["drop"] <= skip_within:
                 bar.update(len(ratios))
                 rows = [probe]
         if not rows:
             last_kept = None
-            for r in ratios:
-                kept = pm.kept(pm.plan({name: r}))[name]
-                if kept == last_kept:  # rounding made this ratio identical to the previous one
+            for i, r in enumerate(ratios):
+                if kepts[i] == last_kept:  # rounding made this ratio identical to the previous one
                     bar.update(1)
                     continue
-                last_kept = kept
-                if probe is not None and r == ratios[-1]:
+                last_kept = kepts[i]
+                if probe is not None and i == len(ratios) - 1:
                     row = probe
                 else:
-                    row, n = evaluate(name, r), n + 1
+                    row, n = evaluate(name, r, plans[i], kepts[i]), n + 1
                 rows.append(row)
                 bar.update(1)
                 if row["drop"] > stop_drop:
-                    bar.update(len(ratios) - ratios.index(r) - 1)
+                    bar.update(len(ratios) - i - 1)
                     break
         if parts is not None:
             _write_atomic(parts / _part_name(name), pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
