@@ -113,6 +113,45 @@ def test_evaluation_streams_and_stops_at_max_val_samples():
     assert sum(len(b[1]) for b in ev.iter_batches("val")) == 100
 
 
+def test_small_splits_are_collated_once_and_kept():
+    """A Dataset split is read once and its batches kept (the same batches, the same scores); a split over
+    BATCH_CACHE_NUMEL, an incomplete pass and a user's DataLoader are read again every time; pickling drops them."""
+    import pickle
+
+    from task_fixtures import dict_digits, kwargs_cnn
+
+    data = dict_digits()
+    val = Counting(data["val"])
+    data["val"] = val
+    ev = Evaluator(data, batch_size=32, calibration_batches=1, eval_batch_size=64)
+    model = kwargs_cnn()
+    first = ev.score_and_loss(model)
+    reads = val.reads
+    assert reads == len(val)
+    assert ev.score_and_loss(model) == first  # from the kept batches: identical metric and loss
+    assert val.reads == reads
+    ev.datasets["test"] = Counting(data["test"])
+    next(ev.iter_batches("test"))  # a pass stopped early keeps nothing
+    assert "test" not in ev._batch_cache
+    list(ev.iter_batches("test"))
+    assert ev.datasets["test"].reads == 64 + len(data["test"]) and "test" in ev._batch_cache
+    ev.max_val_samples = 50  # another limit: read again, then kept under the new one
+    assert sum(len(b[1]) for b in ev.iter_batches("val")) == 50
+    assert val.reads == reads + 64
+    assert "_batch_cache" in vars(ev) and pickle.loads(pickle.dumps(ev))._batch_cache == {}
+
+    small = Evaluator({**data, "val": Counting(data["val"].base)}, batch_size=32, calibration_batches=1)
+    small.BATCH_CACHE_NUMEL = 10  # every batch is larger: streamed each time
+    small.score(model), small.score(model)
+    assert small.datasets["val"].reads == 2 * len(val) and small._batch_cache == {}
+
+    loader = DataLoader(data["val"].base, batch_size=64)
+    streamed = Evaluator({**data, "val": loader}, batch_size=32, calibration_batches=1)
+    assert streamed.score(model) == pytest.approx(first[0])
+    streamed.score(model)
+    assert streamed._batch_cache == {}
+
+
 def test_user_dataloaders_are_used_as_they_are(runs_root):
     """A data factory may return DataLoaders (its own batch size and collation): evaluation and search use them."""
     spec = _spec(runs_root, "classification-dict", name="task-loaders",

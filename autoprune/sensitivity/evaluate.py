@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from autoprune.model.data import make_loader
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan
-from autoprune.model.task import Classification, Task, batch_len, call_model, make_task, slice_batch, to_device
+from autoprune.model.task import (Classification, Task, batch_len, call_model, make_task, slice_batch, tensors_of,
+                                  to_device)
 from autoprune.model.training import on_device, train_model
 
 if TYPE_CHECKING:
@@ -107,6 +108,11 @@ class Evaluator:
         self.max_val_samples = max_val_samples
         self.reconstruct = reconstruct
         self.pruner = pruner
+        self._batch_cache: dict[str, tuple] = {}  # split -> (its dataset, (limit, batch size), its batches)
+
+    def __getstate__(self) -> dict:
+        # the kept batches are a copy of the datasets, which travel anyway (Ray ships the objective): rebuilt there
+        return {**self.__dict__, "_batch_cache": {}}
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -120,10 +126,42 @@ class Evaluator:
     def teacher(self, model: nn.Module | None) -> None:
         self._teacher = model
 
+    # a split given as a Dataset is held in memory as collated batches, after its first pass, up to this many
+    # numbers (inputs and targets together); a larger split, or a user's DataLoader, is streamed every time
+    BATCH_CACHE_NUMEL = 20_000_000
+
     def iter_batches(self, split: str):
-        """Stream `(inputs, target)` of `split` in a fixed order from the user's data (nothing is held in
-        memory); `val` stops after `max_val_samples` samples."""
+        """`(inputs, target)` of `split` in a fixed order; `val` stops after `max_val_samples` samples.
+
+        A split that is a Dataset (not a DataLoader) and holds at most `BATCH_CACHE_NUMEL` numbers is collated
+        once and its batches kept: the same batches in the same order as streaming them, without collating every
+        sample again at each evaluation (1.7 ms of a ResNet-20 trial's 60-70 ms on digits' 360 val images).
+        Anything larger, and a user's own DataLoader (it may shuffle or stream), is streamed each time."""
+        data = self.datasets[split]
         limit = self.max_val_samples if split == "val" else None
+        key = (limit, self.eval_batch_size)
+        cached = self._batch_cache.get(split)
+        if cached is not None and cached[0] is data and cached[1] == key:
+            yield from cached[2]
+            return
+        if isinstance(data, DataLoader) or not hasattr(data, "__getitem__"):
+            yield from self._stream(split, limit)
+            return
+        kept: list[tuple] | None = []
+        numel = 0
+        for x, y in self._stream(split, limit):
+            if kept is not None:
+                numel += sum(t.numel() for t in tensors_of((x, y)))
+                if numel <= self.BATCH_CACHE_NUMEL:
+                    kept.append((x, y))
+                else:
+                    kept = None
+            yield x, y
+        if kept is not None:  # only a complete pass is kept (a caller may stop early)
+            self._batch_cache[split] = (data, key, kept)
+
+    def _stream(self, split: str, limit: int | None):
+        """Stream `(inputs, target)` of `split` from the user's data, batch by batch."""
         seen = 0
         for batch in make_loader(self.datasets[split], self.eval_batch_size, shuffle=False):
             x, y = self.task.split(batch)
@@ -216,7 +254,8 @@ class Evaluator:
 
     def prepare(self, model: nn.Module, plan: PruningPlan | None = None, pruner: PrunableModel | None = None) -> nn.Module:
         """Reconstruction (when enabled), BN recalibration, then the optional short fine-tune (in place)."""
-        model.to(self.device)
+        if any(t.device != torch.device(self.device) for t in (*model.parameters(), *model.buffers())):
+            model.to(self.device)  # (`.to` walks every module even when nothing moves: 0.3 ms of a ResNet-20 trial)
         if self.reconstruct:
             self.reconstruct_model(model, plan, pruner)
         recalibrate_bn(model, self.calibration, self.device)
