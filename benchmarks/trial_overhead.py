@@ -51,38 +51,46 @@ def legacy_apply_s(pm, plan) -> float:
 
 
 class ForwardClock:
-    """Times every model forward pass the evaluator makes (BN recalibration, val, a distillation teacher's):
-    `call_model`, patched where the evaluator and the task look it up. What a trial spends outside these calls
-    is "everything but the forward passes", the issue's measure; reconstruction's own forwards (off by default)
-    are not counted as forwards."""
+    """Times every model forward pass the evaluator makes (BN recalibration, val, a distillation teacher's) and
+    the least-squares reconstruction (`evaluation.reconstruct`, the proxy the issue asks for; its own forward
+    passes count as reconstruction): `call_model` and `reconstruct_plan`, patched where the evaluator and the
+    task look them up. What a trial spends outside both is the issue's "everything but forward/backward"."""
 
     def __init__(self) -> None:
-        self.spans: list[tuple[float, float]] = []  # (wall-clock start, seconds)
+        self.spans: dict[str, list[tuple[float, float]]] = {"forward": [], "reconstruct": []}  # (wall start, s)
+        self._depth = 0  # > 0 inside a reconstruction
+
+    def _timed(self, kind: str, fn):
+        def timed(*args, **kwargs):
+            t0, w0 = time.perf_counter(), time.time()
+            self._depth += kind == "reconstruct"
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= kind == "reconstruct"
+                if kind == "reconstruct" or not self._depth:
+                    self.spans[kind].append((w0, time.perf_counter() - t0))
+        return timed
 
     def __enter__(self) -> "ForwardClock":
         from autoprune.model import task
+        from autoprune.pruning import reconstruct
         from autoprune.sensitivity import evaluate
 
-        self._mods = (task, evaluate)
-        self._orig = task.call_model
-
-        def timed(model, inputs, _orig=self._orig):
-            t0, w0 = time.perf_counter(), time.time()
-            try:
-                return _orig(model, inputs)
-            finally:
-                self.spans.append((w0, time.perf_counter() - t0))
-
-        for m in self._mods:
-            m.call_model = timed
+        self._saved = [(m, n, getattr(m, n)) for m, n in ((task, "call_model"), (evaluate, "call_model"),
+                                                          (reconstruct, "call_model"),
+                                                          (reconstruct, "reconstruct_plan"))]
+        fwd = self._timed("forward", task.call_model)
+        for m, n, orig in self._saved:
+            setattr(m, n, fwd if n == "call_model" else self._timed("reconstruct", orig))
         return self
 
     def __exit__(self, *exc) -> None:
-        for m in self._mods:
-            m.call_model = self._orig
+        for m, n, orig in self._saved:
+            setattr(m, n, orig)
 
-    def within(self, start: float, end: float) -> float:
-        return sum(d for w, d in self.spans if start <= w <= end)
+    def within(self, kind: str, start: float, end: float) -> float:
+        return sum(d for w, d in self.spans[kind] if start <= w <= end)
 
 
 def run(name: str, trials: int, out: str) -> dict:
@@ -98,8 +106,9 @@ def run(name: str, trials: int, out: str) -> dict:
         if t.datetime_complete is None or "eval_s" not in a:
             continue
         total = (t.datetime_complete - t.datetime_start).total_seconds()
-        fwd = clock.within(t.datetime_start.timestamp(), t.datetime_complete.timestamp())
-        rows.append((total, a["prune_s"], a["eval_s"], fwd))
+        span = (t.datetime_start.timestamp(), t.datetime_complete.timestamp())
+        rows.append((total, a["prune_s"], a["eval_s"], clock.within("forward", *span),
+                     clock.within("reconstruct", *span)))
     done = [t for t in study.trials if t.datetime_complete is not None]
     # the whole loop, the time between trials included (a trial's end written, the progress bar, the next ask)
     loop_s = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
@@ -112,9 +121,10 @@ def run(name: str, trials: int, out: str) -> dict:
     # the share a user pays over the whole search: total non-evaluation time over total trial time (a median
     # trial hides the rare slow ones, e.g. a full garbage collection)
     mean_share = 1 - sum(r[2] for r in rows) / sum(r[0] for r in rows)
-    fwd_share = 1 - sum(r[3] for r in rows) / sum(r[0] for r in rows)
+    fwd_share = 1 - sum(r[3] + r[4] for r in rows) / sum(r[0] for r in rows)
     return {"model": name, "trials": len(rows), "trial_s": tot, "apply_s": prune, "eval_s": ev,
-            "forward_s": statistics.median(r[3] for r in rows), "forward_share": fwd_share,
+            "forward_s": statistics.median(r[3] for r in rows), "recon_s": statistics.median(r[4] for r in rows),
+            "forward_share": fwd_share,
             "other_s": max(tot - prune - ev, 0.0), "legacy_apply_s": legacy, "apply_only_s": new,
             "mean_share": mean_share, "loop_share": 1 - sum(r[2] for r in rows) / loop_s}
 
@@ -145,14 +155,15 @@ def main() -> None:
     rows = [run(m, args.trials, out) for m in args.models.split(",")]
     print("| model | trials | trial (median) | apply + cost | evaluation | other | non-evaluation share (medians) | "
           "non-evaluation share (all trials' time) | non-evaluation share (the whole loop) | "
-          "forward passes (median) | everything but the forward passes (all trials' time) | "
-          "apply before (copy + re-trace) | apply now |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "forward passes (median) | reconstruction (median) | everything but forward passes and reconstruction "
+          "(all trials' time) | apply before (copy + re-trace) | apply now |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = (r["trial_s"] - r["eval_s"]) / r["trial_s"]
         print(f"| {r['model']} | {r['trials']} | {r['trial_s'] * 1e3:.1f} ms | {r['apply_s'] * 1e3:.1f} ms | "
               f"{r['eval_s'] * 1e3:.1f} ms | {r['other_s'] * 1e3:.1f} ms | {share:.1%} | {r['mean_share']:.1%} | "
-              f"{r['loop_share']:.1%} | {r['forward_s'] * 1e3:.1f} ms | {r['forward_share']:.1%} | "
+              f"{r['loop_share']:.1%} | {r['forward_s'] * 1e3:.1f} ms | {r['recon_s'] * 1e3:.1f} ms | "
+              f"{r['forward_share']:.1%} | "
               f"{r['legacy_apply_s'] * 1e3:.0f} ms | {r['apply_only_s'] * 1e3:.1f} ms |")
 
 

@@ -52,3 +52,87 @@ def test_reconstruction_lowers_held_out_error(make_spec):
     improved = [name for name in report.layers
                 if layer_error(pruned, pm.base, name, held, kept) < layer_error(before, pm.base, name, held, kept)]
     assert len(improved) >= 0.8 * report.count, (improved, list(report.layers))
+
+
+def _counting_calls(model):
+    calls = {}
+    for n, m in model.named_modules():
+        if n:
+            m.register_forward_hook(lambda _m, _i, _o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+    return calls
+
+
+def test_capture_ends_the_forward_at_the_layer_and_gets_the_same_inputs():
+    from autoprune.pruning.reconstruct import _capture
+
+    torch.manual_seed(0)
+    model = ZOO["resnet20"]().eval()
+    xs = [x for x, _ in _calibration((1, 8, 8), n=3)]
+    calls = _counting_calls(model)
+    full = _capture(model, "layer1.0.conv2", xs, "in")
+    assert calls["fc"] == 3  # the whole model ran for each batch
+    calls.clear()
+    cut = _capture(model, "layer1.0.conv2", xs, "in", stop=True)
+    assert torch.equal(full, cut) and cut.shape[0] == 3 * 16
+    assert "fc" not in calls and "layer1.0.conv2" not in calls  # ended before the layer itself ran
+    assert calls["layer1.0.conv1"] == 3
+
+
+def test_base_outputs_are_captured_once_within_their_limit():
+    from autoprune.pruning.reconstruct import BaseOutputs, _capture_many
+
+    torch.manual_seed(0)
+    base = ZOO["resnet20"]().eval()
+    xs = [x for x, _ in _calibration((1, 8, 8), n=2)]
+    names = ["layer1.0.conv2", "layer2.0.conv2", "fc"]
+    want, counts = _capture_many(base, names, xs, "out")
+    assert counts == {n: 1 for n in names}
+    other = copy.deepcopy(base)  # before the counting hooks, which a deep copy would carry along
+    calls = _counting_calls(base)
+    kept = BaseOutputs()
+    for _ in range(3):
+        got, n_calls = kept.get(base, xs, names)
+        assert all(torch.equal(got[n], want[n]) for n in names) and n_calls == counts
+    assert calls["fc"] == 2  # one forward per batch, the first time only
+    small = BaseOutputs(max_numel=want["fc"].numel())  # room for the classifier's outputs only
+    small.get(base, xs, ["fc"])
+    calls.clear()
+    got, _ = small.get(base, xs, ["fc", "layer1.0.conv2"])
+    assert torch.equal(got["layer1.0.conv2"], want["layer1.0.conv2"]) and calls["fc"] == 2  # re-captured
+    assert list(small._outs) == ["fc"]
+    calls.clear()
+    kept.get(other, xs, names)  # another base: captured from it, not served from the first one's outputs
+    assert calls == {}  # the hooks are on `base`, and it did not run
+
+
+def test_reconstruction_of_a_layer_called_twice_uses_every_call():
+    """A layer run twice per forward (shared weights) is refit on both calls' inputs: no early end."""
+    from autoprune.pruning.reconstruct import reconstruct
+
+    class TwiceShared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 16)
+            self.b = torch.nn.Linear(16, 16)
+            self.c = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(torch.relu(self.b(torch.relu(self.b(h)))))
+
+    torch.manual_seed(0)
+    base = TwiceShared().eval()
+    pruned = copy.deepcopy(base)
+    keep = torch.arange(12)
+    with torch.no_grad():  # the hidden width 16 -> 12 where `b` is shared: its input and output both shrink
+        pruned.a = torch.nn.Linear(8, 12)
+        pruned.a.weight.copy_(base.a.weight[keep]); pruned.a.bias.copy_(base.a.bias[keep])
+        pruned.b = torch.nn.Linear(12, 12)
+        pruned.b.weight.copy_(base.b.weight[keep][:, keep]); pruned.b.bias.copy_(base.b.bias[keep])
+        pruned.c = torch.nn.Linear(12, 4)
+        pruned.c.weight.copy_(base.c.weight[:, keep]); pruned.c.bias.copy_(base.c.bias)
+    xs = [torch.randn(32, 8) for _ in range(2)]
+    report = reconstruct(pruned, base, xs, {"b": keep})
+    assert set(report.layers) == {"b", "c"}, report.skipped
+    before, after = report.layers["b"]
+    assert after < before  # fitted on 2 x 2 x 32 rows (both calls), which a single call's capture would not match

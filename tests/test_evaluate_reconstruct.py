@@ -47,8 +47,13 @@ def test_reconstruction_changes_the_proxy_and_every_path_uses_it(sessions):
     assert val_on >= val_off - 0.02, (val_on, val_off)
     assert val_on > val_off + 0.2, (val_on, val_off)
 
+    # the unpruned layers' outputs were captured once and are reused, for the same result
+    kept = on.evaluator._base_outputs
+    assert kept is not None and kept._outs and kept._refs[0] is pm.base
+    before = dict(kept._outs)
     # the explicit API and the search objective's path give the same number
     assert on.evaluator.evaluate_plan(pm, plan) == pytest.approx(val_on, abs=1e-6)
+    assert all(kept._outs[n] is t for n, t in before.items())
     space = SearchSpace.build(pm, Budget.from_spec(on.spec, pm, on.cost_model), None, 0.05)
     assert evaluate_plan(space, on.evaluator, on.cost_model, plan).metric == pytest.approx(val_on, abs=1e-6)
 

@@ -109,10 +109,12 @@ class Evaluator:
         self.reconstruct = reconstruct
         self.pruner = pruner
         self._batch_cache: dict[str, tuple] = {}  # split -> (its dataset, (limit, batch size), its batches)
+        self._recon_batches: tuple[str, list[tuple]] | None = None  # (device, calibration batches there)
+        self._base_outputs = None  # reconstruct.BaseOutputs: the unpruned layers' outputs, kept between candidates
 
     def __getstate__(self) -> dict:
         # the kept batches are a copy of the datasets, which travel anyway (Ray ships the objective): rebuilt there
-        return {**self.__dict__, "_batch_cache": {}}
+        return {**self.__dict__, "_batch_cache": {}, "_recon_batches": None, "_base_outputs": None}
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -180,6 +182,8 @@ class Evaluator:
 
     # teacher outputs are kept (on the CPU) up to this many numbers per split, else recomputed every time
     TEACHER_CACHE_NUMEL = 50_000_000
+    # the unpruned model's layer outputs that reconstruction fits to, kept up to this many numbers (on the device)
+    BASE_OUTPUTS_NUMEL = 50_000_000
 
     def _teacher_outputs(self, split: str, i: int, x) -> torch.Tensor:
         cache = self._teacher_out.setdefault(split, [])
@@ -246,10 +250,13 @@ class Evaluator:
         if plan is None:
             log.debug("reconstruction skipped: the model carries no plan of this pruner")
             return model
-        from autoprune.pruning.reconstruct import reconstruct_plan
+        from autoprune.pruning.reconstruct import BaseOutputs, reconstruct_plan
 
-        batches = [(to_device(x, self.device), y) for x, y in self.calibration]
-        reconstruct_plan(pruner, plan, model, batches)
+        if self._recon_batches is None or self._recon_batches[0] != self.device:  # moved once, kept
+            self._recon_batches = (self.device, [(to_device(x, self.device), y) for x, y in self.calibration])
+        if self._base_outputs is None:
+            self._base_outputs = BaseOutputs(self.BASE_OUTPUTS_NUMEL)
+        reconstruct_plan(pruner, plan, model, self._recon_batches[1], base_outputs=self._base_outputs)
         return model
 
     def prepare(self, model: nn.Module, plan: PruningPlan | None = None, pruner: PrunableModel | None = None) -> nn.Module:
