@@ -6,7 +6,9 @@ the val forward passes), and everything else (proposal, budget projection, stora
 
 Runs a real search per model (sensitivity priors off, so that only trials are timed) and reads each trial's
 `prune_s` (apply + cost estimate) and `eval_s` (the evaluator) from the study; "other" is the rest of the trial's
-wall time. The whole loop's share also counts the time between trials (a trial's end written, the progress bar,
+wall time. It also times, inside the evaluator, the model's forward passes and the least-squares reconstruction
+(`ForwardClock`), so the strict share, everything but forward passes and reconstruction, is printed too: the
+evaluator's own bookkeeping (BN resets, mode switches, the metric) counts as overhead there. The whole loop's share also counts the time between trials (a trial's end written, the progress bar,
 the next ask), from the first trial's start to the last one's end. It also times the previous way of applying a
 plan (copy, re-trace Torch-Pruning's graph, prune the groups one after another) on the same plans, for the
 before/after of issue 16's "a trial costs evaluation and nothing else". Prints a markdown table; a benchmark,
