@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def stack_batches(dataset: Dataset, batch_size: int, n_batches: int | None, seed: int, shuffle: bool = True,
                   task: Task | None = None) -> list[tuple]:
     """Draw `n_batches` batches once, as `(inputs, target)` pairs split by `task`, so that every evaluation
-    sees exactly the same data. Only for the few calibration batches: evaluation streams (`Evaluator.iter_batches`)."""
+    sees exactly the same data. Only for the few calibration batches: evaluation iterates `Evaluator.iter_batches`."""
     task = task or Classification()
     out = []
     for i, batch in enumerate(make_loader(dataset, batch_size, shuffle=shuffle, seed=seed)):
@@ -177,7 +177,7 @@ class Evaluator:
                 break
 
     def batches(self, split: str) -> list[tuple]:
-        """All batches of `split` as a list (small splits and tests only; evaluation streams)."""
+        """All batches of `split` as a list (small splits and tests only; evaluation iterates `iter_batches`)."""
         return list(self.iter_batches(split))
 
     # teacher outputs are kept (on the CPU) up to this many numbers per split, else recomputed every time
