@@ -136,3 +136,112 @@ def test_reconstruction_of_a_layer_called_twice_uses_every_call():
     assert set(report.layers) == {"b", "c"}, report.skipped
     before, after = report.layers["b"]
     assert after < before  # fitted on 2 x 2 x 32 rows (both calls), which a single call's capture would not match
+
+
+class _MLP(torch.nn.Module):
+    """a -> b -> c, with optional twists on how the forward runs (see the tests below)."""
+
+    def __init__(self, width=16, mode="plain"):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, width), torch.nn.Linear(width, width), torch.nn.Linear(width, 4)
+        self.mode = mode
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.mode == "skip-b" and x[0, 0] > 0:  # some batches never reach `b`
+            return self.c(h)
+        if self.mode == "fails" and x[0, 0] > 0:
+            raise ValueError("this batch breaks the model")
+        return self.c(torch.relu(self.b(h)))
+
+
+class _Reordered(_MLP):
+    def forward(self, x):  # `c` runs before `b`: the reverse of their registration (and refit) order
+        h = torch.relu(self.a(x))
+        return self.b(torch.relu(self.c(h)).repeat(1, 4)[:, : self.b.in_features])
+
+
+def _pruned_mlp(base, keep=12):
+    pruned = copy.deepcopy(base)
+    k = torch.arange(keep)
+    with torch.no_grad():
+        for name, rows, cols in (("a", k, None), ("b", k, k), ("c", None, k)):
+            old = getattr(base, name)
+            w = old.weight if rows is None else old.weight[rows]
+            w = w if cols is None else w[:, cols]
+            new = torch.nn.Linear(w.shape[1], w.shape[0])
+            new.weight.copy_(w)
+            new.bias.copy_(old.bias if rows is None else old.bias[rows])
+            setattr(pruned, name, new)
+    return pruned, {"a": k, "b": k}
+
+
+def _in_thread(fn, timeout=60):
+    """Run `fn` in a daemon thread: a deadlock fails the test instead of hanging the suite."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "reconstruction did not finish (deadlock?)"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.mark.parametrize("mode", ["plain", "skip-b"])
+def test_concurrent_refit_equals_the_layer_by_layer_one(monkeypatch, mode):
+    """Forced on (any forward 'pays'), the one-forward-per-batch refit gives the layer-by-layer weights; a batch
+    that never reaches a layer stops it, and the rest is refit layer by layer, to the same weights."""
+    from autoprune.pruning import reconstruct as R
+
+    torch.manual_seed(0)
+    base = _MLP(mode=mode).eval()
+    xs = [torch.randn(32, 8) - (1.0 if i % 2 else -1.0) * (mode == "skip-b") for i in range(4)]
+    slow, kept = _pruned_mlp(base)
+    fast = copy.deepcopy(slow)
+    rep_slow = R.reconstruct(slow, base, xs, kept, concurrent=False)
+    calls = []
+    orig = R._refit_concurrently
+    monkeypatch.setattr(R, "CONCURRENT_ROUND_S", 0.0)
+    monkeypatch.setattr(R, "_refit_concurrently", lambda *a: calls.append(orig(*a)) or calls[-1])
+    rep_fast = _in_thread(lambda: R.reconstruct(fast, base, xs, kept))
+    assert calls == ([2] if mode == "plain" else [0])  # both layers concurrently / none: b is skipped by a batch
+    assert set(rep_fast.layers) == set(rep_slow.layers) == {"b", "c"}
+    for name in ("b", "c"):
+        a, b = getattr(slow, name), getattr(fast, name)
+        assert torch.allclose(a.weight, b.weight, atol=1e-5) and torch.allclose(a.bias, b.bias, atol=1e-5), name
+    assert not torch.allclose(slow.b.weight, base.b.weight[:12, :12])  # it did refit
+
+
+def test_concurrent_refit_stops_on_another_order_and_raises_the_models_error(monkeypatch):
+    from autoprune.pruning import reconstruct as R
+
+    monkeypatch.setattr(R, "CONCURRENT_ROUND_S", 0.0)
+    torch.manual_seed(0)
+    base = _Reordered().eval()  # `c` runs before `b`, the reverse of the layer order
+    xs = [torch.randn(16, 8) for _ in range(3)]
+    slow, kept = _pruned_mlp(base)
+    fast = copy.deepcopy(slow)
+    R.reconstruct(slow, base, xs, kept, concurrent=False)
+    done = []
+    orig = R._refit_concurrently
+    monkeypatch.setattr(R, "_refit_concurrently", lambda *a: done.append(orig(*a)) or done[-1])
+    _in_thread(lambda: R.reconstruct(fast, base, xs, kept))
+    assert done == [0]  # out of order at once: nothing refit concurrently, all of it layer by layer
+    assert torch.allclose(slow.c.weight, fast.c.weight, atol=1e-5)
+
+    failing = _MLP(mode="fails").eval()
+    pruned, kept = _pruned_mlp(failing)
+    batches = [torch.randn(16, 8).abs() * (-1 if i < 2 else 1) for i in range(3)]  # the third batch fails
+    failing.mode = "plain"  # the unpruned model runs; the pruned one raises on the third batch
+    with pytest.raises(ValueError, match="breaks the model"):
+        _in_thread(lambda: R.reconstruct(pruned, failing, batches, kept))
