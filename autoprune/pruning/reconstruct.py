@@ -164,16 +164,16 @@ def refit_layer(layer: nn.Module, x_in: torch.Tensor, y_base: torch.Tensor, *, r
         a = _design(layer, x_in).double()
         t = _targets(layer, y_base).double()
         if layer.bias is not None:
-            a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+            a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], 1)
         rows = min(max_rows, max(8 * a.shape[1], 2048))
         if len(a) > rows:
-            idx = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))[:rows]
+            idx = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))[:rows].to(a.device)  # CPU draw: the same rows on any device
             a, t = a[idx], t[idx]
         # Solved as the ridge-regularised normal equations (A^T A + l*mean(diag) I) W = A^T Y with lstsq:
         # the same minimiser as lstsq on [A; sqrt(l') I], but a K x K system instead of a rows x K QR, which
         # was 5-10x slower on 2 CPU cores; the ridge keeps it well-posed when channels are collinear.
         gram = a.T @ a
-        gram += ridge * gram.diagonal().mean() * torch.eye(a.shape[1], dtype=a.dtype)
+        gram += ridge * gram.diagonal().mean() * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
         sol = torch.linalg.lstsq(gram, a.T @ t).solution  # (K[+1], C_out)
         if layer.bias is not None:
             layer.bias.copy_(sol[-1].to(layer.bias.dtype))
@@ -189,6 +189,19 @@ def refit_layer(layer: nn.Module, x_in: torch.Tensor, y_base: torch.Tensor, *, r
     return before, after
 
 
+def _device_of(model: nn.Module) -> torch.device | None:
+    p = next(model.parameters(), None)
+    return None if p is None else p.device
+
+
+def _base_on(base: nn.Module, pruned: nn.Module) -> nn.Module:
+    """`base`, or a copy of it on the pruned model's device when that is another (the original stays put)."""
+    dev = _device_of(pruned)
+    if dev is None or _device_of(base) in (None, dev):
+        return base
+    return clone_module(base).to(dev)
+
+
 class BaseOutputs:
     """The unpruned model's outputs of its layers on fixed calibration batches, kept between reconstructions
     (every candidate of a search is refit against the same targets: one forward of the unpruned model saved per
@@ -202,6 +215,16 @@ class BaseOutputs:
         self._outs: dict[str, torch.Tensor] = {}
         self._calls: dict[str, int] = {}
         self.forward_s = 0.0  # seconds of the last capture: one forward pass of the unpruned model over the batches
+        self._moved: tuple[nn.Module, torch.device, nn.Module] | None = None  # (base, device, its copy there)
+
+    def base_on(self, base: nn.Module, pruned: nn.Module) -> nn.Module:
+        """`_base_on`, with the copy kept for the next candidates."""
+        dev = _device_of(pruned)
+        if dev is None or _device_of(base) in (None, dev):
+            return base
+        if self._moved is None or self._moved[0] is not base or self._moved[1] != dev:
+            self._moved = (base, dev, _base_on(base, pruned))
+        return self._moved[2]
 
     def get(self, base: nn.Module, xs: list, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         key = (id(base), tuple(id(t) for t in tensors_of(xs)))
@@ -253,6 +276,8 @@ def reconstruct(pruned: nn.Module, base: nn.Module, batches: list, out_kept: dic
             todo.append(name)
     if not todo:
         return report
+    # the unpruned model runs where the pruned one is (a search on a GPU prunes copies of a base kept on the CPU)
+    base = base_outputs.base_on(base, pruned) if base_outputs is not None else _base_on(base, pruned)
     # the unpruned outputs never change: one forward of `base` records them all
     t0 = time.perf_counter()
     if base_outputs is not None:
@@ -371,7 +396,7 @@ def _refit_concurrently(pruned: nn.Module, xs: list, todo: list[str], refit: Cal
 def _select(y: torch.Tensor, idx: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
     """The kept output channels of `layer`'s output `y`: the last dimension of a Linear ([B, ..., C], tokens
     included), dimension 1 of a convolution ([B, C, ...])."""
-    return y if idx is None else y.index_select(-1 if isinstance(layer, nn.Linear) else 1, idx)
+    return y if idx is None else y.index_select(-1 if isinstance(layer, nn.Linear) else 1, idx.to(y.device))
 
 
 def layer_error(pruned: nn.Module, base: nn.Module, name: str, batches: list, out_kept: dict[str, torch.Tensor]) -> float:
