@@ -245,3 +245,18 @@ def test_concurrent_refit_stops_on_another_order_and_raises_the_models_error(mon
     failing.mode = "plain"  # the unpruned model runs; the pruned one raises on the third batch
     with pytest.raises(ValueError, match="breaks the model"):
         _in_thread(lambda: R.reconstruct(pruned, failing, batches, kept))
+
+
+def test_the_unpruned_model_runs_where_the_pruned_one_is():
+    """A search on a GPU prunes copies of a base kept on the CPU: reconstruction runs a copy of the base on the
+    pruned model's device (kept between candidates) and leaves the base where it is. ('meta' stands in for cuda.)"""
+    from autoprune.pruning.reconstruct import BaseOutputs, _base_on
+
+    base, here, there = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to("meta")
+    assert _base_on(base, here) is base
+    moved = _base_on(base, there)
+    assert moved is not base and moved.weight.device.type == "meta" and base.weight.device.type == "cpu"
+    kept = BaseOutputs()
+    first = kept.base_on(base, there)
+    assert kept.base_on(base, there) is first and first.weight.device.type == "meta"
+    assert kept.base_on(base, here) is base
