@@ -260,3 +260,29 @@ def test_the_unpruned_model_runs_where_the_pruned_one_is():
     first = kept.base_on(base, there)
     assert kept.base_on(base, there) is first and first.weight.device.type == "meta"
     assert kept.base_on(base, here) is base
+
+
+def test_concurrent_refit_that_cannot_start_every_thread_releases_the_others(monkeypatch):
+    """A thread that fails to start (a thread limit) must not leave the started ones waiting at the barrier."""
+    import threading
+
+    from autoprune.pruning import reconstruct as R
+
+    monkeypatch.setattr(R, "CONCURRENT_ROUND_S", 0.0)
+    torch.manual_seed(0)
+    base = _MLP().eval()
+    pruned, kept = _pruned_mlp(base)
+    xs = [torch.randn(16, 8) for _ in range(3)]
+    real_start, count = threading.Thread.start, [0]
+
+    def start(self):
+        if self.name.startswith("autoprune-refit-"):
+            count[0] += 1
+            if count[0] == 3:
+                raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        _in_thread(lambda: R.reconstruct(pruned, base, xs, kept))
+    assert not [t for t in threading.enumerate() if t.name.startswith("autoprune-refit-")]

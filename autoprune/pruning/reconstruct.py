@@ -338,7 +338,6 @@ def _refit_concurrently(pruned: nn.Module, xs: list, todo: list[str], refit: Cal
     nxt = [0]  # the next layer to refit
     errors: list[BaseException] = []
     local = threading.local()
-
     refitting = [False]
 
     def refit_next() -> None:  # the barrier's action: one thread, every batch waiting
@@ -378,14 +377,19 @@ def _refit_concurrently(pruned: nn.Module, xs: list, todo: list[str], refit: Cal
 
     handles = [pruned.get_submodule(name).register_forward_pre_hook(
         lambda m, args, name=name: hook(m, args, name)) for name in todo]
+    started: list[threading.Thread] = []
     try:
         pruned.eval()
-        workers = [threading.Thread(target=run, args=(i,), name=f"autoprune-refit-{i}") for i in range(n)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
+        for i in range(n):
+            t = threading.Thread(target=run, args=(i,), name=f"autoprune-refit-{i}", daemon=True)
+            t.start()  # may fail (a thread limit): the ones started must not wait at the barrier for it
+            started.append(t)
+    except BaseException:
+        barrier.abort()
+        raise
     finally:
+        for t in started:
+            t.join()
         for h in handles:
             h.remove()
     if errors:
