@@ -109,7 +109,7 @@ class Evaluator:
         self.reconstruct = reconstruct
         self.pruner = pruner
         self._batch_cache: dict[str, tuple] = {}  # split -> (its dataset, (limit, batch size), its batches)
-        self._recon_batches: tuple[str, list[tuple]] | None = None  # (device, calibration batches there)
+        self._recon_batches: tuple | None = None  # (device, the calibration list, its batches moved there)
         self._base_outputs = None  # reconstruct.BaseOutputs: the unpruned layers' outputs, kept between candidates
 
     def __getstate__(self) -> dict:
@@ -252,11 +252,13 @@ class Evaluator:
             return model
         from autoprune.pruning.reconstruct import BaseOutputs, reconstruct_plan
 
-        if self._recon_batches is None or self._recon_batches[0] != self.device:  # moved once, kept
-            self._recon_batches = (self.device, [(to_device(x, self.device), y) for x, y in self.calibration])
+        kept = self._recon_batches
+        if kept is None or kept[0] != self.device or kept[1] is not self.calibration:  # moved once, kept
+            kept = self._recon_batches = (self.device, self.calibration,
+                                          [(to_device(x, self.device), y) for x, y in self.calibration])
         if self._base_outputs is None:
             self._base_outputs = BaseOutputs(self.BASE_OUTPUTS_NUMEL)
-        reconstruct_plan(pruner, plan, model, self._recon_batches[1], base_outputs=self._base_outputs)
+        reconstruct_plan(pruner, plan, model, kept[2], base_outputs=self._base_outputs)
         return model
 
     def prepare(self, model: nn.Module, plan: PruningPlan | None = None, pruner: PrunableModel | None = None) -> nn.Module:
