@@ -95,3 +95,33 @@ def test_finetune_cli_polynomial_reaches_the_best_plan(make_spec, tmp_path, caps
     model = load_pruned(tmp_path / "ft")
     s = api.session(str(path), show_progress=False)
     assert widths(model) == widths(s.pruner.apply(api.plan_of(s.run_dir)))
+
+
+def test_finetune_trains_on_the_evaluation_device_and_returns_a_cpu_model(make_spec, monkeypatch):
+    """Every training step of a schedule gets the device it is given (the spec's `evaluation.device` through the
+    API); pruning steps and the returned model are on the CPU. The device is recorded, and the real training runs
+    on the CPU (this machine has no GPU: `benchmarks/gpu_check.py` runs it on one)."""
+    from autoprune.model import training
+
+    s = api.session(make_spec("resnet1d"), show_progress=False)
+    pm = s.pruner
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    seen = []
+    real = training.train_model
+
+    def recording(model, *a, device="cpu", **kw):
+        seen.append(device)
+        return real(model, *a, device="cpu", **kw)
+
+    monkeypatch.setattr(training, "train_model", recording)
+    model = finetune(pm, plan, s.target.datasets, schedule=Schedule("polynomial", steps=12, frequency=4), lr=1e-3,
+                     batch_size=64, device="cuda:7")
+    assert seen and set(seen) == {"cuda:7"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert widths(model) == widths(pm.apply(plan, check=False))
+
+    passed = {}
+    monkeypatch.setattr(api, "_finetune", lambda *a, **kw: passed.update(kw) or pm.apply(plan, check=False))
+    monkeypatch.setattr(api, "plan_of", lambda *a, **kw: plan)
+    api.finetune(s.spec, steps=5, show_progress=False)
+    assert passed["device"] == s.spec.evaluation.device == "cpu"

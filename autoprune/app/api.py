@@ -111,7 +111,8 @@ def finetune(
     model = _finetune(s.pruner, plan, s.target.datasets, schedule=sched, lr=lr, batch_size=s.spec.data.batch_size,
                      seed=s.spec.search.seed, show_progress=show_progress,
                      reconstruct_batches=s.evaluator.calibration if reconstruct else None,
-                     distill=s.spec.evaluation.recovery_distill)  # 0 (default): the task's loss alone
+                     distill=s.spec.evaluation.recovery_distill,  # 0 (default): the task's loss alone
+                     device=s.spec.evaluation.device)
     expected = widths(s.pruner.apply(plan, check=False))
     if widths(model) != expected:
         raise AutopruneError("fine-tuned model does not match the plan's architecture (internal error)")

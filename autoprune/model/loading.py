@@ -273,7 +273,9 @@ def load_target(spec: Spec, *, show_progress: bool = True) -> Target:
                 desc=f"train {spec.model.factory}",
                 show_progress=show_progress,
                 task=task,
+                device=spec.evaluation.device,  # where the search evaluates: a GPU when there is one
             )
+            model.cpu()  # the pruner traces and copies the unpruned model on the CPU
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(f".tmp{os.getpid()}")
             torch.save(model.state_dict(), tmp)

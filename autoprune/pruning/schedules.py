@@ -120,11 +120,13 @@ def finetune(
     reconstruct_batches: list | None = None,
     task=None,
     distill: float = 0.0,
+    device: str = "cpu",
 ) -> nn.Module:
     """Prune `pm.base` to `plan` following `schedule` while fine-tuning on the task's loss (by default `pm.task`,
     else classification; a distillation task learns from the unpruned `pm.base`); returns the final model.
     `distill > 0` adds that weight of knowledge distillation from the unpruned `pm.base` to the loss
-    (`train_model(distill=...)`, `evaluation.recovery_distill`)."""
+    (`train_model(distill=...)`, `evaluation.recovery_distill`). Training runs on `device` (the spec's
+    `evaluation.device`); pruning steps and the returned model are on the CPU, where `pm` traced the model."""
     from autoprune.model.training import train_model
 
     task = task or getattr(pm, "task", None)
@@ -137,9 +139,9 @@ def finetune(
         if p > done:  # train up to the next pruning point
             train_model(model, datasets["train"], epochs=1, lr=lr, batch_size=batch_size, seed=seed + i,
                         max_steps=p - done, show_progress=show_progress, desc="finetune", task=task, teacher=teacher,
-                        distill=distill)
+                        distill=distill, device=device)
             done = p
-        model = prune_to(pm, model, plan, schedule.fraction(p))
+        model = prune_to(pm, model.cpu(), plan, schedule.fraction(p))  # traced with pm's example, on the CPU
         if schedule.kind == "oneshot" and reconstruct_batches and plan.mode == "structured":
             from autoprune.pruning.reconstruct import reconstruct_plan
 
@@ -147,7 +149,8 @@ def finetune(
     if schedule.steps > done:
         train_model(model, datasets["train"], epochs=1, lr=lr, batch_size=batch_size, seed=seed + len(points),
                     max_steps=schedule.steps - done, show_progress=show_progress, desc="finetune", task=task,
-                    teacher=teacher, distill=distill)
+                    teacher=teacher, distill=distill, device=device)
+    model = model.cpu()
     if plan.mode == "unstructured":  # masks are not kept during training: re-apply the final sparsity
         model = prune_to(pm, model, plan, 1.0)
     return model.eval()
