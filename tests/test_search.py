@@ -399,3 +399,26 @@ def test_score_loss_needs_one_objective_and_no_rungs(make_spec, search):
 
     with pytest.raises((AutopruneError, ValueError), match="search.score: loss"):
         load_spec(make_spec("cnn1d", search=search))
+
+
+def test_an_unreachable_latency_budget_on_a_flat_device_says_why():
+    """When the most-pruned plan is still >= 80 % of the unpruned latency (a GPU at a small batch is launch-bound),
+    the unreachable-budget error says pruning hardly moves latency there and what to change; a budget that is
+    unreachable for other reasons does not get that sentence."""
+    from autoprune.errors import BudgetUnreachableError
+
+    torch.manual_seed(0)
+    pm = PrunableModel(ZOO["digits_cnn"](), torch.randn(1, 1, 8, 8))
+
+    def budget(floor: float) -> Budget:
+        # latency falls linearly with the mean ratio down to `floor` x the unpruned 10 ms at max_ratio
+        est = lambda p: 10.0 * (1 - (1 - floor) * sum(p.ratios.values()) / (pm.max_ratio * len(p.ratios)))  # noqa: E731
+        return Budget("latency_ms", 0.7, 7.0, 10.0, est, lambda m: 10.0)
+
+    with pytest.raises(BudgetUnreachableError, match="hardly changes the latency on this device") as flat:
+        SearchSpace.build(pm, budget(0.9), None, 0.05)
+    assert "larger budget.batch_size" in str(flat.value)
+    with pytest.raises(BudgetUnreachableError, match="is unreachable") as other:
+        SearchSpace.build(pm, budget(0.75), None, 0.05)
+    assert "hardly changes" not in str(other.value)
+    assert SearchSpace.build(pm, budget(0.5), None, 0.05).bounds  # reachable: no error
