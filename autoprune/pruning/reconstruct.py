@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoprune.model.task import call_model, tensors_of
+from autoprune.model.training import on_device
 from autoprune.pruning.clone import clone_module
 
 _CONV = (nn.Conv1d, nn.Conv2d)
@@ -197,9 +198,7 @@ def _device_of(model: nn.Module) -> torch.device | None:
 def _base_on(base: nn.Module, pruned: nn.Module) -> nn.Module:
     """`base`, or a copy of it on the pruned model's device when that is another (the original stays put)."""
     dev = _device_of(pruned)
-    if dev is None or _device_of(base) in (None, dev):
-        return base
-    return clone_module(base).to(dev)
+    return base if dev is None else on_device(base, dev)
 
 
 class BaseOutputs:
@@ -220,8 +219,6 @@ class BaseOutputs:
     def base_on(self, base: nn.Module, pruned: nn.Module) -> nn.Module:
         """`_base_on`, with the copy kept for the next candidates."""
         dev = _device_of(pruned)
-        if dev is None or _device_of(base) in (None, dev):
-            return base
         if self._moved is None or self._moved[0] is not base or self._moved[1] != dev:
             self._moved = (base, dev, _base_on(base, pruned))
         return self._moved[2]
@@ -279,11 +276,11 @@ def reconstruct(pruned: nn.Module, base: nn.Module, batches: list, out_kept: dic
     # the unpruned model runs where the pruned one is (a search on a GPU prunes copies of a base kept on the CPU)
     base = base_outputs.base_on(base, pruned) if base_outputs is not None else _base_on(base, pruned)
     # the unpruned outputs never change: one forward of `base` records them all
-    t0 = time.perf_counter()
     if base_outputs is not None:
         y_all, calls = base_outputs.get(base, xs, todo)
         forward_s = base_outputs.forward_s
     else:
+        t0 = time.perf_counter()
         y_all, calls = _capture_many(base, todo, xs, "out")
         forward_s = time.perf_counter() - t0
     x_all = None if sequential else _capture_many(pruned, todo, xs, "in")[0]
