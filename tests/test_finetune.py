@@ -125,3 +125,19 @@ def test_finetune_trains_on_the_evaluation_device_and_returns_a_cpu_model(make_s
     monkeypatch.setattr(api, "plan_of", lambda *a, **kw: plan)
     api.finetune(s.spec, steps=5, show_progress=False)
     assert passed["device"] == s.spec.evaluation.device == "cpu"
+
+
+def test_plain_cuda_names_the_device_a_model_moved_there_reports(monkeypatch):
+    # `evaluation.device: cuda`: a model moved there reports cuda:0, which never equalled torch.device("cuda"), so
+    # every score copied the model to the GPU again and `prepare` moved it again
+    from autoprune.model.training import on_device, resolve_device, same_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1) and resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert same_device(torch.device("cuda", 1), resolve_device("cuda"))
+    assert not same_device(torch.device("cuda", 0), resolve_device("cuda"))
+    assert same_device(torch.device("cpu"), resolve_device("cpu"))
+    assert not same_device(torch.device("cpu"), resolve_device("cuda"))
+    model = torch.nn.Linear(2, 2)
+    assert on_device(model, "cpu") is model

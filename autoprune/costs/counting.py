@@ -219,8 +219,9 @@ class CostModel:
     Written by hand because no counter predicts costs without building the pruned model, and a
     budget bisection needs ~20 cost queries per trial. One hook pass records every layer's shape;
     a group's members say which layers lose input or output channels, and how many per root
-    channel (flatten and concat mappings included). `exact` tells whether it reproduced the
-    counted costs of the unpruned model (models with attention matmuls are not modelled exactly).
+    channel (flatten and concat mappings included). `exact` tells whether it reproduces the counted MACs
+    (attention matmuls outside modules are fitted, see `_fit_offset`), `params_exact` the counted parameters
+    (tensors outside the modelled layers are fitted, see `_fit_params`).
     """
 
     def __init__(self, pm: PrunableModel, base_macs: int | None = None, base_params: int | None = None) -> None:
@@ -292,9 +293,15 @@ class CostModel:
         self.base_params = base_params if base_params is not None else self.total_params
         self.macs_offset = self.base_macs - self.base_macs_est
         self.slopes: dict[str, float] = {}  # group -> unmodelled MACs lost per root channel removed
+        self.param_slopes: dict[str, float] = {}  # group -> unmodelled parameters lost per root channel removed
         self.exact = self.macs_offset == 0
         if not self.exact:
             self._fit_offset()
+        # parameters outside the modelled layers: embeddings, a ViT's class token and position embeddings, a
+        # ConvNeXt's layer scale; fitted (`_fit_params`) where pruning shrinks them
+        self.params_exact = sum(L.params for L in self.layers.values()) == self.total_params
+        if not self.params_exact:
+            self._fit_params()
 
     def _fit_offset(self) -> None:
         """Attribute the unmodelled MACs (attention matmuls that are not modules: F.scaled_dot_product_attention,
@@ -323,6 +330,37 @@ class CostModel:
             self.exact = True
         else:
             self.slopes = {}
+
+    def _fit_params(self) -> None:
+        """Attribute the parameters the layers do not model (an `nn.Embedding`'s table, a ViT's class token and
+        position embeddings, a ConvNeXt's layer scale, any module-owned tensor Torch-Pruning cuts) to the groups
+        that shrink them: prune each group alone, count the parameters, keep what it lost per root channel.
+
+        Why: without it the estimate carried them at their unpruned size, so a BERT classifier whose hidden size
+        is a group was estimated at 1.7x its counted parameters, and a params budget was met with room to spare
+        that the search never used. Such a tensor loses a fixed number of entries per root channel of the one
+        group that cuts it, so the fit is exact; it is kept only if one plan pruning every group at once is then
+        counted exactly (a tensor two groups cut along two dimensions is not linear), else the unmodelled
+        parameters stay at their unpruned size (an estimate that is never below the count: budgets still hold).
+        Costs one copy and cut per group, no forward pass."""
+        pm = self.pm
+        slopes: dict[str, float] = {}
+        for name in pm.prunable_names:
+            plan = pm.plan({name: min(0.5, pm.max_ratio)})
+            lost = pm.pruned_indices(plan).get(name) or []
+            if not lost:
+                continue
+            _, dparams = self._estimate({name: lost})
+            modelled = self.total_params + dparams - self.base_params_est
+            slope = (modelled - count_params(pm.apply(plan, check=False))) / len(lost)
+            if slope:
+                slopes[name] = slope
+        self.param_slopes = slopes
+        check = pm.uniform_plan(min(0.5, pm.max_ratio))
+        if self.estimate(check)[1] == count_params(pm.apply(check, check=False)):
+            self.params_exact = True
+        else:
+            self.param_slopes = {}
 
     def _estimate(self, pruned: dict[str, list[int] | int]) -> tuple[int, int]:
         """(MACs, params change) when each group loses the given root channels (or that many, evenly).
@@ -399,7 +437,11 @@ class CostModel:
         if self.slopes:
             unmodelled -= sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
                               if (s := self.slopes.get(g)))
-        return macs + round(unmodelled), self.total_params + dparams - self.base_params_est
+        params = self.total_params + dparams - self.base_params_est
+        if self.param_slopes:
+            params -= sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
+                          if (s := self.param_slopes.get(g)))
+        return macs + round(unmodelled), round(params)
 
     def _unstructured_nonzero(self, plan: PruningPlan) -> int:
         mods = dict(self.pm.base.named_modules())

@@ -17,15 +17,30 @@ log = logging.getLogger(__name__)
 _KD_SKIPPED: set[str] = set()  # tasks warned about once: their outputs cannot be distilled
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a tensor moved there reports it: plain "cuda" is the current CUDA device ("cuda:0"), so that
+    a model already there compares equal (before, `evaluation.device: cuda` never did, and every score copied
+    the model). Other devices without an index compare by type."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
 def on_device(model: nn.Module, device: str) -> nn.Module:
     """`model` if it already lives on `device`, else a copy moved there (the unpruned model stays where it is:
     the pruner copies it and the costs are counted on it)."""
     p = next(model.parameters(), None)
-    if p is None or p.device == torch.device(device):
+    if p is None or same_device(p.device, resolve_device(device)):
         return model
     import copy
 
     return copy.deepcopy(model).to(device)
+
+
+def same_device(have: torch.device, want: torch.device) -> bool:
+    """A tensor on `have` is on `want` (a `resolve_device` result; one without an index matches any index)."""
+    return have == want or (want.index is None and have.type == want.type)
 
 
 def _shape(t: Any) -> str:

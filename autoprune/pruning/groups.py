@@ -7,9 +7,11 @@ physically smaller model whose output shape is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import threading
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Sequence
 
@@ -114,6 +116,53 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
     return n
 
 
+class _EndlessWalk(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Endless:
+    root: nn.Module  # a root layer whose dependency walk `_bounded_walks` stopped
+
+
+_WALK = threading.local()
+# a dependency walk that adds the same (layer, pruning function) more often than this never ends: a finite walk
+# adds one per path with distinct indices (a concatenation's branches), a cycle with shifting indices forever
+WALK_REPEATS = 64
+_TP_ADD_DEP = tp.dependency.group.Group.add_dep
+
+
+def _counted_add_dep(self, dep, idxs) -> None:
+    limit = getattr(_WALK, "limit", None)
+    if limit is not None:
+        seen = self.__dict__.setdefault("_autoprune_adds", {})
+        key = (id(dep.target), dep.handler)
+        n = seen[key] = seen.get(key, 0) + 1
+        if n > limit:
+            raise _EndlessWalk(dep.target)
+    _TP_ADD_DEP(self, dep, idxs)
+
+
+@contextlib.contextmanager
+def _bounded_walks(limit: int = WALK_REPEATS):
+    """Stop Torch-Pruning's dependency walks (`get_pruning_group`) made in this block, in this thread, that do not
+    end: `_EndlessWalk` instead of a hang.
+
+    Why by hand: Torch-Pruning's walk re-adds a (layer, function) whenever the indices that reach it differ, and
+    on a cycle whose index mapping shifts them (rotary position embeddings' `cat((-x2, x1))` in Llama or Qwen,
+    some positional encodings) it runs forever, at 100 % CPU, with no message (VainF/Torch-Pruning#527, #337,
+    #456; open). It offers no bound. Its `Group.add_dep` is wrapped, once, to count additions while a limit is
+    set in this thread; elsewhere the wrapper is a pass-through."""
+    if tp.dependency.group.Group.add_dep is not _counted_add_dep:
+        tp.dependency.group.Group.add_dep = _counted_add_dep
+    old = getattr(_WALK, "limit", None)
+    _WALK.limit = limit
+    try:
+        yield
+    finally:
+        _WALK.limit = old
+
+
 class PrunableModel:
     """The prunable groups of a model and the means to apply plans to copies of it."""
 
@@ -182,14 +231,45 @@ class PrunableModel:
             p.requires_grad_(True)
         try:
             with torch.enable_grad():
-                return tp.DependencyGraph().build_dependency(model, example_inputs=self.example)
+                # the outputs' tensors only: Torch-Pruning flattens tuples, lists and dicts but hands anything else
+                # (a transformers `Cache` of past keys and values, a string) back as an "output" and fails on it
+                return tp.DependencyGraph().build_dependency(model, example_inputs=self.example,
+                                                             output_transform=tensors_of)
         except Exception as e:
-            raise AutopruneError(f"Torch-Pruning cannot trace the model: {type(e).__name__}: {e}") from None
+            # a layer type Torch-Pruning has no pruning function for (transformers' GPT-2 `Conv1D`) is the usual cause
+            unknown = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()
+                              if next(m.parameters(recurse=False), None) is not None
+                              and not type(m).__module__.startswith("torch.nn")
+                              and tp.pruner.function.PrunerBox.get(tp.ops.module2type(m)) is None})
+            hint = (f" (layers with their own weights that Torch-Pruning has no pruning function for: "
+                    f"{', '.join(unknown[:5])})") if unknown else ""
+            raise AutopruneError(f"Torch-Pruning cannot trace the model: {type(e).__name__}: {e}{hint}") from None
 
     def _tp_groups(self, model: nn.Module, dg: tp.DependencyGraph):
+        """Torch-Pruning's `get_all_groups` (same roots, same order, same groups), except that a root whose
+        dependency walk does not end yields `_Endless(root)` instead of hanging (see `_bounded_walks`)."""
         mods = dict(model.named_modules())
-        ignored = [mods[n] for n in self.ignored]
-        return dg.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES))
+        ignored = {id(mods[n]) for n in self.ignored} | {id(m) for m in dg.IGNORED_LAYERS_IN_TRACING}
+        visited: set[int] = set()
+        for m in list(dg.module2node.keys()):
+            if id(m) in ignored or id(m) in visited or not isinstance(m, ROOT_TYPES):
+                continue
+            pruner = dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                with _bounded_walks():
+                    group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except _EndlessWalk:
+                yield _Endless(m)
+                continue
+            prunable = True
+            for dep, _ in group:
+                if dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(id(dep.target.module))
+                    prunable = prunable and id(dep.target.module) not in ignored
+            if prunable:
+                yield group
 
     def _find_groups(self) -> list[GroupInfo]:
         work = clone_module(self.base)
@@ -200,6 +280,13 @@ class PrunableModel:
         order = {n: i for i, n in enumerate(names.values())}
         found = []
         for grp in self._tp_groups(work, dg):
+            if isinstance(grp, _Endless):
+                name, width = names[id(grp.root)], dg.get_pruner_of_module(grp.root).get_out_channels(grp.root)
+                reason = ("Torch-Pruning's dependency walk from this layer does not end (its known issue with rotary "
+                          "position embeddings, VainF/Torch-Pruning#527): add it to pruning.ignore to skip the walk")
+                log.warning("group %s cannot be pruned (%s); it is left intact", name, reason)
+                found.append(GroupInfo(name, 0, width, (Member(name, "out", width),), (name,), False, reason))
+                continue
             root = grp[0].dep.target.module
             root_name = names[id(root)]
             channels = len(grp[0].idxs)
@@ -280,6 +367,10 @@ class PrunableModel:
                     idxs = self._select(g, n, list(range(g.channels)))
                     pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
                     pg.prune()
+                for slots in self._tied_slots():  # a weight two modules share must stay one tensor (`_retie`)
+                    if len({tuple(work.get_submodule(n)._parameters[k].shape) for n, k in slots}) > 1:
+                        raise RuntimeError("the cut would untie the weight shared by "
+                                           + " and ".join(f"{n}.{k}" for n, k in slots))
                 shape = self._forward_shape(work)
                 if shape != out_shape:
                     raise RuntimeError(f"output shape changed from {out_shape} to {shape}")
@@ -549,6 +640,7 @@ class PrunableModel:
                     for k, t in slots.items():
                         if t is not None and id(t) in shared and t is shared[id(t)]:
                             slots[k] = copy_tensor(t)
+        self._retie(memo)
         for m in base_mods.values():  # the copy's modules, without walking its tree again
             for p in memo[id(m)]._parameters.values():
                 if p is not None and not p.requires_grad:
@@ -573,6 +665,38 @@ class PrunableModel:
         if getattr(self, "_base_mods", None) is None:
             self._base_mods = dict(self.base.named_modules(remove_duplicate=False))
         return self._base_mods
+
+    def _tied_slots(self) -> list[list[tuple[str, str]]]:
+        """[(module name, parameter name), ...] of each parameter the base holds in more than one module."""
+        tied = self.__dict__.get("_tied")
+        if tied is None:
+            slots: dict[int, dict[tuple[int, str], tuple[str, str]]] = {}
+            for name, m in self._base_modules().items():
+                for k, t in m._parameters.items():
+                    if t is not None:  # (a module under two names holds it once)
+                        slots.setdefault(id(t), {}).setdefault((id(m), k), (name, k))
+            tied = self._tied = [list(v.values()) for v in slots.values() if len(v) > 1]
+        return tied
+
+    def _retie(self, memo: dict[int, Any]) -> int:
+        """Tie again, in the copy `memo` maps the base to, the parameters the base shares between modules (a language
+        model's output layer and its input embedding) that the cuts gave each module a copy of; returns how many.
+
+        Why: each layer is cut on its own (here and in Torch-Pruning), so a tied tensor came out as two equal
+        tensors: the pruned model counted the table twice (a tied Llama's parameters were estimated below the
+        count) and would train the two apart. A slot is re-tied only to a tensor equal to its own."""
+        mods = self._base_modules()
+        n = 0
+        for group in self._tied_slots():
+            owners = [(memo[id(mods[name])], k) for name, k in group if id(mods[name]) in memo]
+            tensors = [o._parameters[k] for o, k in owners]
+            first = tensors[0]
+            for (o, k), t in zip(owners[1:], tensors[1:]):
+                if t is not first and t is not None and first is not None and t.shape == first.shape \
+                        and t.dtype == first.dtype and t.device == first.device and torch.equal(t, first):
+                    o._parameters[k] = first
+                    n += 1
+        return n
 
     def _attention_names(self) -> frozenset[str]:
         """The base's modules whose head counts `sync_attention_attributes` keeps (BERT/ViT-style attention)."""

@@ -1,0 +1,153 @@
+"""`transformers` architectures beyond BERT/ViT/RegNet, built from small configs (random init, offline):
+
+- parameters outside the modelled conv/linear/norm layers (a classifier's embedding table when its hidden size is
+  a group, a DeiT's class and distillation tokens and position embeddings, a ConvNeXt's layer scale) are counted
+  exactly by the analytic cost model, so a params budget is the counted one;
+- tied weights (a masked or causal LM's output layer and its input embedding) stay one tensor after pruning;
+- a Llama-style decoder (rotary position embeddings, a `Cache` among its outputs), on which Torch-Pruning's
+  dependency walk never ends from the attention projections, builds in seconds: its MLP neurons are groups, the
+  attention projections are left intact with the reason, instead of a hang."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from autoprune.costs.counting import CostModel, count_macs, count_params  # noqa: E402
+from autoprune.model.task import call_model  # noqa: E402
+from autoprune.pruning.groups import PrunableModel  # noqa: E402
+
+
+def _tokens(batch: int, seq: int = 12) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1, 100, (batch, seq), generator=g)}
+
+
+def _image(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def bert_classifier():
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, num_labels=3)), _tokens
+
+
+def bert_masked_lm():
+    return transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40)), _tokens
+
+
+def deit():
+    return transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=10)), _image
+
+
+def convnext():
+    return transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        num_channels=3, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 2, 1], num_labels=10)), _image
+
+
+def tiny_llama(tie: bool = True):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=tie)), _tokens
+
+
+def _build(factory):
+    torch.manual_seed(0)
+    model, inputs = factory()
+    return PrunableModel(model.eval(), inputs(1)), inputs
+
+
+def _logits(model, x) -> torch.Tensor:
+    with torch.no_grad():
+        return call_model(model, x).logits
+
+
+@pytest.mark.parametrize("factory", [bert_classifier, deit, convnext])
+def test_parameters_outside_the_modelled_layers_are_counted_exactly(factory) -> None:
+    pm, inputs = _build(factory)
+    cm = CostModel(pm)
+    # some group shrinks a tensor no conv/linear/norm layer owns (an embedding table, a class token, a layer
+    # scale): before the fit those were carried at their unpruned size, and the estimate exceeded the count
+    assert cm.param_slopes and cm.params_exact and cm.exact
+    x = inputs(2)
+    want = _logits(pm.base, x).shape
+    rng = random.Random(0)
+    for plan in [pm.uniform_plan(0.5)] + [pm.plan({g: rng.uniform(0, pm.max_ratio) for g in pm.prunable_names})
+                                           for _ in range(2)]:
+        small = pm.apply(plan)
+        assert _logits(small, x).shape == want
+        assert cm.estimate(plan) == (count_macs(small, pm.example), count_params(small))
+        assert count_params(small) < cm.base_params
+
+
+def test_a_group_whose_cut_would_untie_a_shared_weight_is_left_intact() -> None:
+    # BERT's masked-LM head reads the word embeddings' table: the hidden size of the encoder (which the table's
+    # columns feed) and that of the head's transform (which the same table, as the decoder, reads) are two
+    # groups; cutting either would leave the table at two widths, i.e. two tensors
+    pm, inputs = _build(bert_masked_lm)
+    assert pm._tied_slots()[0] == [("bert.embeddings.word_embeddings", "weight"), ("cls.predictions.decoder", "weight")]
+    locked = {g.name: g.reason for g in pm.groups if not g.prunable}
+    assert set(locked) == {"bert.encoder.layer.1.output.dense", "cls.predictions.transform.dense"}
+    assert all("would untie the weight shared by bert.embeddings.word_embeddings.weight" in r for r in locked.values())
+    small = pm.apply(pm.uniform_plan(0.5))  # heads and FFN neurons still go
+    assert small.cls.predictions.decoder.weight is small.bert.embeddings.word_embeddings.weight
+    assert _logits(small, inputs(2)).shape == _logits(pm.base, inputs(2)).shape
+
+
+def _in_thread(fn, timeout_s: float):
+    """Run `fn` in a daemon thread: a walk that never ends fails the test instead of hanging the suite."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"still running after {timeout_s} s (a dependency walk that does not end?)"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_llama_builds_with_mlp_groups_and_its_attention_left_intact() -> None:
+    pm, inputs = _in_thread(lambda: _build(tiny_llama), 120)
+    by_name = {g.name: g for g in pm.groups}
+    attn = [g for n, g in by_name.items() if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")]
+    assert attn and all(not g.prunable and "does not end" in g.reason for g in attn)
+    mlp = [n for n in pm.prunable_names if n.endswith("mlp.up_proj")]
+    assert len(mlp) == 2  # the intermediate neurons of both layers
+    cm = CostModel(pm)
+    x = inputs(2)
+    want = _logits(pm.base, x)
+    assert torch.equal(_logits(pm.apply(pm.plan({})), x), want)
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    small = pm.apply(plan)
+    assert _logits(small, x).shape == want.shape
+    assert small.lm_head.weight is small.model.embed_tokens.weight  # tied before, tied after
+    assert small.model.layers[0].mlp.up_proj.out_features == 32
+    assert cm.exact and cm.params_exact
+    assert cm.estimate(plan) == (count_macs(small, pm.example), count_params(small))
+
+
+def test_gpt2_is_refused_with_the_layer_type_torch_pruning_does_not_know() -> None:
+    from autoprune.errors import AutopruneError
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    with pytest.raises(AutopruneError, match=r"cannot trace the model.*transformers\.pytorch_utils\.Conv1D"):
+        PrunableModel(model, _tokens(1))
