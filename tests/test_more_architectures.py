@@ -151,3 +151,24 @@ def test_gpt2_is_refused_with_the_layer_type_torch_pruning_does_not_know() -> No
         vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
     with pytest.raises(AutopruneError, match=r"cannot trace the model.*transformers\.pytorch_utils\.Conv1D"):
         PrunableModel(model, _tokens(1))
+
+
+@pytest.mark.parametrize("factory", [bert_classifier, bert_masked_lm, deit, convnext, tiny_llama])
+def test_pruned_models_round_trip_through_save_pretrained(factory, tmp_path) -> None:
+    # checkpoint key conversions (DeiT saves under its legacy names), a LayerNorm subclass (ConvNeXt's
+    # channels-first one), tied weights (the masked LM, the causal LM): each broke the autoprune-side reload before
+    from autoprune.exporting import hf as hfexport
+
+    pm, inputs = _in_thread(lambda: _build(factory), 120)
+    small = pm.apply(pm.uniform_plan(0.5))
+    hfexport.save_pretrained(small, tmp_path)
+    x = inputs(2)
+    want = _logits(small, x)
+    remote = transformers.AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    local = hfexport.from_pretrained(tmp_path)
+    assert type(local) is type(small) and type(remote).__name__ == f"Autopruned{type(small).__name__}"
+    for m in (local, remote):
+        assert torch.allclose(_logits(m, x), want, atol=1e-5)
+        assert count_params(m) == count_params(small)
+    if factory is tiny_llama:
+        assert local.lm_head.weight is local.model.embed_tokens.weight

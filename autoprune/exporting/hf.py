@@ -103,9 +103,12 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
                                 old.bias is not None, old.padding_mode)
             elif "BatchNorm" in kind:
                 new = type(old)(s["num"], old.eps, old.momentum, old.affine, old.track_running_stats)
-            elif kind == "LayerNorm":
-                new = nn.LayerNorm(s["shape"], eps=old.eps, elementwise_affine=old.elementwise_affine,
-                                   bias=old.bias is not None)
+            elif kind == "LayerNorm":  # resized in place: a subclass keeps what it adds (ConvNeXt's data_format)
+                new = old
+                new.normalized_shape = tuple(s["shape"])
+                for pname in ("weight", "bias"):
+                    if getattr(old, pname, None) is not None:
+                        setattr(new, pname, nn.Parameter(old.weight.new_empty(s["shape"])))
             elif kind == "Embedding":
                 new = nn.Embedding(s["num"], s["dim"], padding_idx=old.padding_idx)
             else:
@@ -189,7 +192,6 @@ def from_pretrained(path: str | Path, **kwargs) -> nn.Module:
     """Load a directory written by `save_pretrained` without remote code: the stock class from the config's
     `architectures`, resized to the recorded widths, then the weights."""
     import transformers
-    from safetensors.torch import load_file
 
     path = Path(path)
     cfg_file = path / "config.json"
@@ -199,17 +201,18 @@ def from_pretrained(path: str | Path, **kwargs) -> nn.Module:
     cls = getattr(transformers, str(arch).removeprefix("Autopruned"), None)
     if cls is None:
         raise AutopruneError(f"{path}/config.json names architecture {arch!r}, which transformers does not have")
-    config = transformers.AutoConfig.from_pretrained(path)
-    model = apply_shapes(cls(config), getattr(config, SHAPES_KEY, None) or {})
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    if not state:
+    if not list(path.glob("*.safetensors")):
         raise AutopruneError(f"{path} has no .safetensors weights")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise AutopruneError(f"{path}: the weights do not fit the recorded widths (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+
+    def __init__(self, config, *args, **kw):  # the stock class, resized as soon as it is built
+        cls.__init__(self, config, *args, **kw)
+        apply_shapes(self, getattr(config, SHAPES_KEY, None) or {})
+
+    # transformers' own loading (checkpoint key conversions, tied weights, dtype), on the resized class
+    resized = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    model, info = resized.from_pretrained(path, output_loading_info=True, **kwargs)
+    bad = {k: list(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise AutopruneError(f"{path}: the weights do not fit the recorded widths ({bad})")
+    model.__class__ = cls  # the subclass only added the resize at build time
     return model.eval()
