@@ -152,3 +152,15 @@ class BadOutputTask(Task):
 
 def bad_output_task() -> Task:
     return BadOutputTask()
+
+
+def convnext_digits(seed: int = 0) -> nn.Module:
+    """A small raw transformers ConvNextForImageClassification for sklearn digits (8x8, one channel): layer scale
+    parameters that no conv/linear/norm layer owns, and a channels-first LayerNorm subclass."""
+    import transformers
+
+    cfg = transformers.ConvNextConfig(num_channels=1, patch_size=2, hidden_sizes=[16, 32], depths=[1, 2],
+                                      num_stages=2, num_labels=10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.ConvNextForImageClassification(cfg).eval()

@@ -172,3 +172,29 @@ def test_pruned_models_round_trip_through_save_pretrained(factory, tmp_path) -> 
         assert count_params(m) == count_params(small)
     if factory is tiny_llama:
         assert local.lm_head.weight is local.model.embed_tokens.weight
+
+
+def test_a_params_budget_on_a_convnext_is_met_by_the_counted_model_and_used(runs_root) -> None:
+    # the layer scales are parameters no modelled layer owns: fitted, a params budget is the counted one
+    import yaml
+
+    from autoprune.app import api
+    from autoprune.exporting import hf as hfexport
+    from autoprune.exporting.files import load_pruned
+
+    spec = {"name": "convnext-digits-params50", "model": {"factory": "task_fixtures:convnext_digits"},
+            "data": {"factory": "autoprune.model.hfzoo:digits_dict", "batch_size": 64},
+            "task": {"kind": "classification"}, "train": {"epochs": 15, "lr": 0.003}, "budget": {"params": 0.5},
+            "search": {"n_trials": 8, "seed": 0}, "evaluation": {"calibration_batches": 4},
+            "output": str(runs_root)}
+    path = runs_root / "convnext.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    s = api.session(str(path), {}, show_progress=False)
+    assert s.cost_model.params_exact and s.cost_model.param_slopes
+    best = api.search(s, show_progress=False)["best"]
+    out = api.export(s.spec, show_progress=False, onnx=False)
+    costs = __import__("json").loads((out / "costs.json").read_text())
+    assert 0.45 < costs["params_ratio"] <= 0.5 and best["params_ratio"] == pytest.approx(costs["params_ratio"])
+    small = load_pruned(out)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(_logits(hfexport.from_pretrained(out / "hf"), x), _logits(small, x), atol=1e-5)

@@ -300,7 +300,7 @@ class CostModel:
         # parameters outside the modelled layers: embeddings, a ViT's class token and position embeddings, a
         # ConvNeXt's layer scale; fitted (`_fit_params`) where pruning shrinks them
         self.params_exact = sum(L.params for L in self.layers.values()) == self.total_params
-        if not self.params_exact:
+        if not self.params_exact and pm.mode == "structured":  # (an unstructured plan keeps every tensor's shape)
             self._fit_params()
 
     def _fit_offset(self) -> None:

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import threading
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Sequence
 
@@ -230,7 +231,11 @@ class PrunableModel:
         for p in model.parameters():
             p.requires_grad_(True)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), warnings.catch_warnings():
+                # Torch-Pruning warns at every trace that it will cut module-owned parameters (a ViT's class token,
+                # a ConvNeXt's layer scale) along their last dimension: the probes check that cut, and a search
+                # traces several copies, so the same lines came out 4-6 times
+                warnings.filterwarnings("ignore", message=r"Unwrapped parameters detected")
                 # the outputs' tensors only: Torch-Pruning flattens tuples, lists and dicts but hands anything else
                 # (a transformers `Cache` of past keys and values, a string) back as an "output" and fails on it
                 return tp.DependencyGraph().build_dependency(model, example_inputs=self.example,
