@@ -220,8 +220,8 @@ class CostModel:
     budget bisection needs ~20 cost queries per trial. One hook pass records every layer's shape;
     a group's members say which layers lose input or output channels, and how many per root
     channel (flatten and concat mappings included). `exact` tells whether it reproduces the counted MACs
-    (attention matmuls outside modules are fitted, see `_fit_offset`), `params_exact` the counted parameters
-    (tensors outside the modelled layers are fitted, see `_fit_params`).
+    (attention matmuls outside modules are fitted), `params_exact` the counted parameters (tensors outside
+    the modelled layers are fitted): see `_fit_unmodelled`.
     """
 
     def __init__(self, pm: PrunableModel, base_macs: int | None = None, base_params: int | None = None) -> None:
@@ -295,72 +295,54 @@ class CostModel:
         self.slopes: dict[str, float] = {}  # group -> unmodelled MACs lost per root channel removed
         self.param_slopes: dict[str, float] = {}  # group -> unmodelled parameters lost per root channel removed
         self.exact = self.macs_offset == 0
-        if not self.exact:
-            self._fit_offset()
         # parameters outside the modelled layers: embeddings, a ViT's class token and position embeddings, a
-        # ConvNeXt's layer scale; fitted (`_fit_params`) where pruning shrinks them
+        # ConvNeXt's layer scale (an unstructured plan keeps every tensor's shape: nothing to fit there)
         self.params_exact = sum(L.params for L in self.layers.values()) == self.total_params
-        if not self.params_exact and pm.mode == "structured":  # (an unstructured plan keeps every tensor's shape)
-            self._fit_params()
+        self._fit_unmodelled(macs=not self.exact, params=not self.params_exact and pm.mode == "structured")
 
-    def _fit_offset(self) -> None:
-        """Attribute the unmodelled MACs (attention matmuls that are not modules: F.scaled_dot_product_attention,
-        a transformers attention's matmuls) to the groups that shrink them: prune each group alone, count, and
-        keep the MACs lost per root channel. They are linear in the kept heads, so the estimate becomes exact;
-        it is kept only if one plan pruning every group at once is then counted exactly, else the offset stays
-        constant at its unpruned size (conservative)."""
+    def _fit_unmodelled(self, *, macs: bool, params: bool) -> None:
+        """Attribute what the layers do not model to the groups that shrink it: prune each group alone (one copy
+        and cut per group, counted for whichever of the two is fitted), keep what it lost per root channel.
+
+        - MACs (`slopes`): attention matmuls that are not modules (F.scaled_dot_product_attention, a
+          transformers attention's matmuls), linear in the kept heads.
+        - Parameters (`param_slopes`): an `nn.Embedding`'s table, a ViT's class token and position embeddings, a
+          ConvNeXt's layer scale, any module-owned tensor Torch-Pruning cuts; such a tensor loses a fixed number
+          of entries per root channel of the one group that cuts it. Without this the estimate carried them at
+          their unpruned size: a DistilBERT classifier was estimated at up to 3.6x its counted parameters, and a
+          params budget was met with room the search never used.
+
+        Each fit is kept only if one plan pruning every group at once is then counted exactly (a tensor two groups
+        cut along two dimensions is not linear); else that part stays constant at its unpruned size, an estimate
+        that is never below the count, so budgets still hold."""
         pm = self.pm
-        names = pm.prunable_names
-        if not names:
+        if not (macs or params) or not pm.prunable_names:
             return
         slopes: dict[str, float] = {}
-        for name in names:
-            plan = pm.plan({name: min(0.5, pm.max_ratio)})
-            lost = pm.pruned_indices(plan).get(name) or []
-            if not lost:
-                continue
-            macs, _ = self._estimate({name: lost})
-            counted = count_macs(pm.apply(plan, check=False), pm.example)
-            slope = (self.macs_offset - (counted - macs)) / len(lost)
-            if slope:
-                slopes[name] = slope
-        check = pm.uniform_plan(min(0.5, pm.max_ratio))
-        self.slopes = slopes
-        if self.estimate(check)[0] == count_macs(pm.apply(check, check=False), pm.example):
-            self.exact = True
-        else:
-            self.slopes = {}
-
-    def _fit_params(self) -> None:
-        """Attribute the parameters the layers do not model (an `nn.Embedding`'s table, a ViT's class token and
-        position embeddings, a ConvNeXt's layer scale, any module-owned tensor Torch-Pruning cuts) to the groups
-        that shrink them: prune each group alone, count the parameters, keep what it lost per root channel.
-
-        Why: without it the estimate carried them at their unpruned size, so a BERT classifier whose hidden size
-        is a group was estimated at 1.7x its counted parameters, and a params budget was met with room to spare
-        that the search never used. Such a tensor loses a fixed number of entries per root channel of the one
-        group that cuts it, so the fit is exact; it is kept only if one plan pruning every group at once is then
-        counted exactly (a tensor two groups cut along two dimensions is not linear), else the unmodelled
-        parameters stay at their unpruned size (an estimate that is never below the count: budgets still hold).
-        Costs one copy and cut per group, no forward pass."""
-        pm = self.pm
-        slopes: dict[str, float] = {}
+        param_slopes: dict[str, float] = {}
         for name in pm.prunable_names:
             plan = pm.plan({name: min(0.5, pm.max_ratio)})
             lost = pm.pruned_indices(plan).get(name) or []
             if not lost:
                 continue
-            _, dparams = self._estimate({name: lost})
-            modelled = self.total_params + dparams - self.base_params_est
-            slope = (modelled - count_params(pm.apply(plan, check=False))) / len(lost)
-            if slope:
+            est_macs, dparams = self._estimate({name: lost})
+            small = pm.apply(plan, check=False)
+            if macs and (slope := (self.macs_offset - (count_macs(small, pm.example) - est_macs)) / len(lost)):
                 slopes[name] = slope
-        self.param_slopes = slopes
+            if params and (slope := (self.total_params + dparams - self.base_params_est - count_params(small)) / len(lost)):
+                param_slopes[name] = slope
+        self.slopes, self.param_slopes = slopes, param_slopes
         check = pm.uniform_plan(min(0.5, pm.max_ratio))
-        if self.estimate(check)[1] == count_params(pm.apply(check, check=False)):
-            self.params_exact = True
-        else:
-            self.param_slopes = {}
+        small = pm.apply(check, check=False)
+        est_macs, est_params = self.estimate(check)
+        if macs:
+            self.exact = est_macs == count_macs(small, pm.example)
+            if not self.exact:
+                self.slopes = {}
+        if params:
+            self.params_exact = est_params == count_params(small)
+            if not self.params_exact:
+                self.param_slopes = {}
 
     def _estimate(self, pruned: dict[str, list[int] | int]) -> tuple[int, int]:
         """(MACs, params change) when each group loses the given root channels (or that many, evenly).
@@ -433,14 +415,8 @@ class CostModel:
             exact = plan if isinstance(plan, PruningPlan) else self.pm.plan_from_kept(kept)
             pruned = dict(self.pm.pruned_indices(exact))
         macs, dparams = self._estimate(pruned)
-        unmodelled = self.macs_offset
-        if self.slopes:
-            unmodelled -= sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
-                              if (s := self.slopes.get(g)))
-        params = self.total_params + dparams - self.base_params_est
-        if self.param_slopes:
-            params -= sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items()
-                          if (s := self.param_slopes.get(g)))
+        unmodelled = self.macs_offset - _fitted(self.slopes, pruned)
+        params = self.total_params + dparams - self.base_params_est - _fitted(self.param_slopes, pruned)
         return macs + round(unmodelled), round(params)
 
     def _unstructured_nonzero(self, plan: PruningPlan) -> int:
@@ -463,6 +439,13 @@ class CostModel:
             macs, _ = self._estimate({g.name: list(range(g.channels))})
             out[g.name] = (base - macs) / self.base_macs
         return out
+
+
+def _fitted(slopes: dict[str, float], pruned: dict[str, list[int] | int]) -> float:
+    """What `CostModel._fit_unmodelled`'s per-root-channel slopes say the groups' lost channels remove."""
+    if not slopes:
+        return 0.0
+    return sum(s * (v if isinstance(v, int) else len(v)) for g, v in pruned.items() if (s := slopes.get(g)))
 
 
 def _channels_of(m: nn.Module) -> int | None:

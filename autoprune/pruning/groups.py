@@ -124,6 +124,7 @@ class _EndlessWalk(Exception):
 @dataclass(frozen=True)
 class _Endless:
     root: nn.Module  # a root layer whose dependency walk `_bounded_walks` stopped
+    width: int  # its output channels
 
 
 _WALK = threading.local()
@@ -260,13 +261,14 @@ class PrunableModel:
             if id(m) in ignored or id(m) in visited or not isinstance(m, ROOT_TYPES):
                 continue
             pruner = dg.get_pruner_of_module(m)
-            if pruner is None or pruner.get_out_channels(m) is None:
+            width = None if pruner is None else pruner.get_out_channels(m)
+            if width is None:
                 continue
             try:
                 with _bounded_walks():
-                    group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+                    group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
             except _EndlessWalk:
-                yield _Endless(m)
+                yield _Endless(m, width)
                 continue
             prunable = True
             for dep, _ in group:
@@ -286,7 +288,7 @@ class PrunableModel:
         found = []
         for grp in self._tp_groups(work, dg):
             if isinstance(grp, _Endless):
-                name, width = names[id(grp.root)], dg.get_pruner_of_module(grp.root).get_out_channels(grp.root)
+                name, width = names[id(grp.root)], grp.width
                 reason = ("Torch-Pruning's dependency walk from this layer does not end (its known issue with rotary "
                           "position embeddings, VainF/Torch-Pruning#527): add it to pruning.ignore to skip the walk")
                 log.warning("group %s cannot be pruned (%s); it is left intact", name, reason)
