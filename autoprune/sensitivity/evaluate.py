@@ -299,7 +299,8 @@ class Evaluator:
             model.to(self.device)  # (`.to` walks every module even when nothing moves: 0.3 ms of a ResNet-20 trial)
         if self.reconstruct:
             self.reconstruct_model(model, plan, pruner)
-        recalibrate_bn(model, self.calibration, self.device, modules=mods)
+        recalibrate_bn(model, self.calibration, self.device,
+                       modules=None if self.reconstruct else mods)  # (a refit that swapped a module: walked again)
         if self.finetune_steps > 0:
             train_model(
                 model,
