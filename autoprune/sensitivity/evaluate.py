@@ -36,6 +36,24 @@ def stack_batches(dataset: Dataset, batch_size: int, n_batches: int | None, seed
     return out
 
 
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _plain_modes(mods: list[nn.Module]) -> bool:
+    """No module overrides `nn.Module.train` (what lets `_set_modes` stand in for `model.train(mode)`)."""
+    return all(type(m).train is nn.Module.train for m in mods)
+
+
+def _set_modes(mods: list[nn.Module], mode: bool) -> None:
+    """`m.training = mode` for each module, as `nn.Module.train` sets it.
+
+    Why by hand: BN recalibration switches modes three times per evaluation; `model.train()` walks the tree
+    each time, and `nn.Module.__setattr__` type-checks every value (together ~0.2 ms of a 55 ms ResNet-20
+    trial, issue 16's overhead bar). `training` is a plain instance attribute."""
+    for m in mods:
+        m.__dict__["training"] = mode
+
+
 def recalibrate_bn(model: nn.Module, batches: list[tuple], device: str = "cpu",
                    modules: list[nn.Module] | None = None) -> nn.Module:
     """Reset BatchNorm statistics and re-estimate them as an exact average over `batches` (`modules`: the
@@ -67,24 +85,6 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple], device: str = "cpu",
         _set_modes(mods, False)
         return model
     return model.eval()
-
-
-_BN = nn.modules.batchnorm._BatchNorm
-
-
-def _plain_modes(mods: list[nn.Module]) -> bool:
-    """No module overrides `nn.Module.train` (what lets `_set_modes` stand in for `model.train(mode)`)."""
-    return all(type(m).train is nn.Module.train for m in mods)
-
-
-def _set_modes(mods: list[nn.Module], mode: bool) -> None:
-    """`m.training = mode` for each module, as `nn.Module.train` sets it.
-
-    Why by hand: BN recalibration switches modes three times per evaluation; `model.train()` walks the tree
-    each time, and `nn.Module.__setattr__` type-checks every value (together ~0.2 ms of a 55 ms ResNet-20
-    trial, issue 16's overhead bar). `training` is a plain instance attribute."""
-    for m in mods:
-        m.__dict__["training"] = mode
 
 
 class Evaluator:
