@@ -157,6 +157,12 @@ class SearchSpec(_Section):
         default_factory=list, description="multi-fidelity search: fine-tune steps of each rung after the proxy "
         "(e.g. [50, 200]); successive halving (Optuna's pruner; Ray Tune's ASHA on the ray backend) promotes "
         "the best 1/rung_reduction of a rung to the next; a trial's metric is the one after its last rung; []: one fidelity (the proxy)")
+    centre: Literal["none", "lamp"] = Field(
+        "none", description="none: each trial proposes a pruning ratio per group; lamp: it proposes, per group, a "
+        "multiple (1/centre_span to centre_span) of the LAMP plan's kept width, all scaled by one factor onto the "
+        "budget (the search explores shapes around LAMP's); optuna strategy, one objective")
+    centre_span: float = Field(2.0, gt=1.0, description="how far a centred search may move a group's width from "
+                               "the reference plan's, as a factor either way")
     rung_reduction: int = Field(3, ge=2, description="successive halving's reduction factor")
     recovery_lr: float | None = Field(None, gt=0, description="learning rate of every recovery fine-tune: the "
                                       "rungs' and `autoprune finetune`'s (default train.lr / 10)")

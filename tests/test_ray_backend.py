@@ -140,6 +140,19 @@ def test_score_loss_reaches_tune_and_the_study(make_spec):
     assert result["best"]["trial"] == best.number and result["best"]["metric"] == trial_attrs(best)["metric"]
 
 
+def test_a_centred_search_reaches_tune_as_multipliers_around_lamp(make_spec):
+    spec = make_spec("cnn1d", budget={"macs": 0.3},
+                     search={"backend": "ray", "n_trials": 5, "priors": "none", "centre": "lamp"})
+    result = api.search(spec, show_progress=False, test=False)
+    study = stored_study(spec)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 5 and study.user_attrs["centre"] == "lamp" and result["search_centre"] == "lamp"
+    for t in done:  # Tune's searcher proposed in the centred space, and every plan was projected onto the budget
+        assert t.params and all(-1.0 <= v <= 1.0 for v in t.params.values())
+        assert trial_attrs(t)["feasible"] and trial_attrs(t)["macs_ratio"] <= 0.3 + 1e-9
+    lamp = [t for t in done if trial_attrs(t).get("warm_start") == "lamp"]
+    assert lamp and all(abs(v) < 1e-9 for v in lamp[0].params.values())  # LAMP's shape is the centre
+
 # ------------------------------------------------------------------ code to the workers, failures that say why
 USER_MODULE = """
 import torch.nn as nn

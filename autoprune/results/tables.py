@@ -207,6 +207,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         "evaluations": int(df.state.isin(["COMPLETE", "PRUNED"]).sum()) + run.sensitivity_evaluations,
         "sensitivity_evaluations": run.sensitivity_evaluations,
         "search_bounds": run.space.bounds,
+        "search_centre": run.space.centre_name,  # search.centre as used: "none" (a ratio per group) or "lamp"
         "notes": notes,
         "wall_s": round(run.wall_s, 2),
         "storage": storage_url(session.spec) if not session.spec.search.storage else "(configured storage)",

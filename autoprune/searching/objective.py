@@ -124,7 +124,7 @@ class Objective:
         self.base = {"macs": cost_model.base_macs, "params": cost_model.base_params}
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
-        return {n: trial.suggest_float(n, 0.0, self.space.bounds[n]) for n in self.space.dims}
+        return {n: trial.suggest_float(n, *self.space.param_range(n)) for n in self.space.dims}
 
     def warm_plan(self, trial: optuna.Trial) -> PruningPlan | None:
         """A warm start's own plan (enqueued with `WARM_PLAN`), when its estimated cost meets the budget.
@@ -138,6 +138,9 @@ class Objective:
         return plan if self.space.budget.estimate(plan) <= self.space.budget.limit else None
 
     def plan_for(self, proposal: dict[str, float]) -> PruningPlan:
+        if self.space.centre is not None:  # search.centre (projection mode only: see studies.resolve_centre)
+            plan, _ = self.space.project_centred(proposal)
+            return plan
         if self.budget_mode == "projection":
             plan, _ = self.space.project(proposal)
             return plan

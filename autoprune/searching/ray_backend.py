@@ -71,6 +71,7 @@ from autoprune.searching.studies import (
     best_metric,
     fsync_now,
     search_score,
+    study_centre,
     study_score,
     fast_tpe_math,
     timeout_note,
@@ -631,11 +632,12 @@ def run_ray_search(
         # the same warm starts as the local loop; Tune passes a point's config only, so here the sampler's
         # clipped view of each plan is what is evaluated (projected), not the plan itself
         sens = session.sensitivity().table if s.priors == "sensitivity" else None
-        warm = [(label, space.clip(plan.ratios)) for label, plan in strategies.warm_start_plans(space, sens)]
+        warm = [(label, space.point(plan)) for label, plan in strategies.warm_start_plans(space, sens)]
 
     # multi-fidelity as in the local loop: successive halving over the recovery rungs, here Tune's ASHA
     rungs = list(s.recovery_rungs) if len(objectives) == 1 else []
     score = study_score(study, created, search_score(spec, strategy))
+    study_centre(study, created, space)
     objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives, budget_mode=mode,
                           rungs=rungs, reduction=s.rung_reduction,
                           recovery_lr=spec.recovery_lr, seed=s.seed, score=score)
@@ -645,7 +647,7 @@ def run_ray_search(
                              n_obj=len(objectives), threads=threads),
         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
     )
-    param_space = {n: FloatDistribution(0.0, space.bounds[n]) for n in space.dims}
+    param_space = {n: FloatDistribution(*space.param_range(n)) for n in space.dims}
     metrics = [f"obj{i}" for i in range(len(objectives))]
     modes = ["max" if d == "maximize" else "min" for d in directions(objectives)]
     sampler_name = "random" if strategy == "random" else s.sampler

@@ -27,6 +27,11 @@ class SearchSpace:
     budget: Budget
     bounds: dict[str, float]  # upper bound of each prunable group's ratio
     notes: list[str] = field(default_factory=list)
+    # a centred space (search.centre): each group's kept fraction in a reference plan; a proposal is then one
+    # log-multiplier per group in [-1, 1], scaling that fraction by up to `span` either way (see `project_centred`)
+    centre: dict[str, float] | None = None
+    span: float = 2.0
+    centre_name: str = "none"  # search.centre as resolved for this space ("none" or "lamp")
 
     @classmethod
     def build(cls, pm: PrunableModel, budget: Budget, sensitivity: pd.DataFrame | None, tolerance: float) -> "SearchSpace":
@@ -71,6 +76,16 @@ class SearchSpace:
         """Groups with a non-zero upper bound: the search dimensions."""
         return [n for n in self.pm.prunable_names if self.bounds.get(n, 0) > 0]
 
+    def param_range(self, name: str) -> tuple[float, float]:
+        """What the sampler proposes for a group: its ratio in [0, bound], or in a centred space a log-multiplier
+        of the centre plan's kept width in [-1, 1]."""
+        return (-1.0, 1.0) if self.centre is not None else (0.0, self.bounds[name])
+
+    def point(self, plan: PruningPlan) -> dict[str, float]:
+        """The sampler's view of a plan (a warm start): its ratios clipped into the bounds, or in a centred space
+        the proposal closest to its shape (`centred_point`)."""
+        return self.centred_point(plan) if self.centre is not None else self.clip(plan.ratios)
+
     def clip(self, values: dict[str, float]) -> dict[str, float]:
         return {n: min(max(float(values.get(n, 0.0)), 0.0), self.bounds[n]) for n in self.dims}
 
@@ -101,6 +116,44 @@ class SearchSpace:
             else:
                 lo = mid
         return self.top_up(self.scaled(p, hi), p), True
+
+    def centred_ratios(self, u: dict[str, float], s: float) -> dict[str, float]:
+        """Ratios whose kept fractions are the centre's, times span**u, times one factor s, within the bounds."""
+        out = {}
+        for n in self.dims:
+            keep = s * self.centre[n] * self.span ** min(max(float(u.get(n, 0.0)), -1.0), 1.0)
+            out[n] = round(min(max(1.0 - keep, 0.0), self.bounds[n]), 6)
+        return out
+
+    def project_centred(self, u: dict[str, float], iters: int = 40, tol: float = 1e-3) -> tuple[PruningPlan, bool]:
+        """A centred proposal onto the budget: the largest common factor s on the kept widths (so relative
+        widths stay those proposed, a group at its bound or its full width aside) whose plan meets the budget,
+        then `top_up`. u = 0 everywhere gives the centre plan's shape."""
+        est, limit = self.budget.estimate, self.budget.limit
+        if est(self.pm.plan(self.centred_ratios(u, 0.0))) > limit:
+            return self.pm.plan(self.centred_ratios(u, 0.0)), False
+        lo, hi = 0.0, 1.0
+        while est(self.pm.plan(self.centred_ratios(u, hi))) <= limit:  # every group kept whole fits: no cut needed
+            if hi > 1e3:
+                return self.pm.plan(self.centred_ratios(u, hi)), True
+            lo, hi = hi, 2 * hi
+        for _ in range(iters):
+            if hi - lo <= tol * hi:
+                break
+            mid = (lo + hi) / 2
+            if est(self.pm.plan(self.centred_ratios(u, mid))) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        ratios = self.centred_ratios(u, lo)
+        return self.top_up(self.pm.plan(ratios), ratios), True
+
+    def centred_point(self, plan: PruningPlan) -> dict[str, float]:
+        """The proposal (log-multipliers, clipped to [-1, 1]) closest to a plan's shape, up to scale: what the
+        sampler is told a warm start was."""
+        logs = {n: math.log(max(1.0 - plan.ratios.get(n, 0.0), 1e-6) / self.centre[n], self.span) for n in self.dims}
+        shift = sorted(logs.values())[len(logs) // 2] if logs else 0.0  # scale is free: centre the median
+        return {n: min(max(v - shift, -1.0), 1.0) for n, v in logs.items()}
 
     def top_up(self, plan: PruningPlan, weights: dict[str, float] | None = None) -> PruningPlan:
         """Give channels back while the budget allows: one scaling factor moves every group by whole

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from autoprune.errors import AutopruneError
 from autoprune.costs.budgets import Budget
 from autoprune.searching.objective import RECORD_KEY, trial_attrs
+from autoprune.searching import strategies
 from autoprune.searching.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -449,7 +450,39 @@ def build_space(session, strategy: str) -> tuple[SearchSpace, int]:
         SearchSpace.build(session.pruner, budget, None, spec.search.tolerance)  # an unreachable budget fails now
         res = session.sensitivity()
         sens, n_eval = res.table, res.evaluations
-    return SearchSpace.build(session.pruner, budget, sens, spec.search.tolerance), n_eval
+    space = SearchSpace.build(session.pruner, budget, sens, spec.search.tolerance)
+    centre = resolve_centre(spec, strategy)
+    if centre != "none":
+        ref = strategies.ranked_plan(space, "lamp")  # (the only centre so far: the one benchmarked)
+        space.centre = {n: max(1.0 - ref.ratios.get(n, 0.0), 1e-3) for n in space.dims}
+        space.span = spec.search.centre_span
+        space.centre_name = centre
+    return space, n_eval
+
+
+def resolve_centre(spec, strategy: str) -> str:
+    """The reference plan a search's proposals are relative to (search.centre): only the optuna strategy with
+    the budget projection (one objective) uses one. A multi-objective search spreads its trials over the costs
+    (budget_mode: constraint), which one common scale onto the budget would undo; the random strategy stays the
+    plain baseline (a ratio per group, uniformly at random)."""
+    if strategy != "optuna" or resolve_budget_mode(spec) != "projection":
+        return "none"
+    return spec.search.centre
+
+
+def study_centre(study: optuna.Study, created: bool, space: SearchSpace) -> None:
+    """A study's proposals mean one thing for its whole life: a new study records its centre; resuming one made
+    with another (a study from before search.centre had none) is an error naming both, since its trials'
+    parameters would be read as another space's."""
+    centre = space.centre_name
+    if created:
+        if centre != "none":  # (absent means none: a default study pays no extra journal write)
+            study.set_user_attr("centre", centre)
+        return
+    stored = study.user_attrs.get("centre", "none")
+    if stored != centre:
+        raise AutopruneError(f"study {study.study_name!r} was searched with search.centre: {stored}; this run "
+                             f"would use {centre}: use another name or storage, or search.centre: {stored}")
 
 def create_or_load(storage, name: str, dirs: list[str], spec, strategy: str, mode: str) -> tuple[optuna.Study, bool]:
     try:

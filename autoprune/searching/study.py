@@ -25,7 +25,7 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_metric, fsync_now, fast_tpe_math, search_score, study_score, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
+    SearchRun, TrialSeededSampler, best_metric, fsync_now, fast_tpe_math, search_score, study_centre, study_score, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def run_search(
     if created and strategy == "optuna":
         _enqueue_warm_starts(study, space, session)
     score = study_score(study, created, search_score(spec, strategy))
+    study_centre(study, created, space)
 
     notes = list(space.notes)
     prep_s = time.perf_counter() - t0  # storage, the sensitivity sweep (unless cached), the study
@@ -172,11 +173,11 @@ def _one_plan_heuristic(space: SearchSpace, strategy: str) -> tuple[PruningPlan,
 
 
 def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session) -> None:
-    """The heuristics' plans (`strategies.warm_start_plans`), enqueued once at creation. The sampler sees their
-    ratios clipped into the bounds; the objective evaluates the plan itself (`WARM_PLAN`), not its projection."""
+    """The heuristics' plans (`strategies.warm_start_plans`), enqueued once at creation. The sampler sees them
+    as `SearchSpace.point` makes them (ratios clipped into the bounds; in a centred space, the closest proposal); the objective evaluates the plan itself (`WARM_PLAN`), not its projection."""
     sens = session.sensitivity().table if session.spec.search.priors == "sensitivity" else None
     for label, plan in strategies.warm_start_plans(space, sens):
-        study.enqueue_trial(space.clip(plan.ratios), user_attrs={"warm_start": label, WARM_PLAN: plan.ratios},
+        study.enqueue_trial(space.point(plan), user_attrs={"warm_start": label, WARM_PLAN: plan.ratios},
                             skip_if_exists=True)
 
 def _optimize(study: optuna.Study, objective: Objective, n_trials: int, show_progress: bool, *,
