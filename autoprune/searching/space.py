@@ -133,8 +133,8 @@ class SearchSpace:
         if est(self.pm.plan(self.centred_ratios(u, 0.0))) > limit:
             return self.pm.plan(self.centred_ratios(u, 0.0)), False
         lo, hi = 0.0, 1.0
-        while est(self.pm.plan(self.centred_ratios(u, hi))) <= limit:  # every group kept whole fits: no cut needed
-            if hi > 1e3:
+        while est(self.pm.plan(self.centred_ratios(u, hi))) <= limit:  # grow the factor until its plan is over
+            if hi > 1e3:  # every group whole still fits (a budget at or over the unpruned cost): nothing to cut
                 return self.pm.plan(self.centred_ratios(u, hi)), True
             lo, hi = hi, 2 * hi
         for _ in range(iters):
