@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 
@@ -106,16 +106,10 @@ class SearchSpace:
             # this direction saturates before the budget: fill the remaining groups uniformly
             plan, ok = self.fill(self.scaled(p, hi))
             return (self.top_up(plan, p), True) if ok else (plan, False)
-        lo = 0.0
-        for _ in range(iters):  # the plan is discrete (whole channels): a relative tolerance is enough
-            if hi - lo <= tol * hi:
-                break
-            mid = (lo + hi) / 2
-            if self.budget.estimate(self.scaled(p, mid)) <= self.budget.limit:
-                hi = mid
-            else:
-                lo = mid
-        return self.top_up(self.scaled(p, hi), p), True
+        # the plan is discrete (whole channels): a relative tolerance is enough
+        s = _bisect(lambda t: self.budget.estimate(self.scaled(p, t)) <= self.budget.limit, 0.0, hi,
+                    iters=iters, rel_tol=tol)
+        return self.top_up(self.scaled(p, s), p), True
 
     def centred_ratios(self, u: dict[str, float], s: float) -> dict[str, float]:
         """Ratios whose kept fractions are the centre's, times span**u, times one factor s, within the bounds."""
@@ -129,23 +123,17 @@ class SearchSpace:
         """A centred proposal onto the budget: the largest common factor s on the kept widths (so relative
         widths stay those proposed, a group at its bound or its full width aside) whose plan meets the budget,
         then `top_up`. u = 0 everywhere gives the centre plan's shape."""
-        est, limit = self.budget.estimate, self.budget.limit
-        if est(self.pm.plan(self.centred_ratios(u, 0.0))) > limit:
+        def fits(s: float) -> bool:
+            return self.budget.estimate(self.pm.plan(self.centred_ratios(u, s))) <= self.budget.limit
+
+        if not fits(0.0):
             return self.pm.plan(self.centred_ratios(u, 0.0)), False
         lo, hi = 0.0, 1.0
-        while est(self.pm.plan(self.centred_ratios(u, hi))) <= limit:  # grow the factor until its plan is over
+        while fits(hi):  # grow the factor until its plan is over
             if hi > 1e3:  # every group whole still fits (a budget at or over the unpruned cost): nothing to cut
                 return self.pm.plan(self.centred_ratios(u, hi)), True
             lo, hi = hi, 2 * hi
-        for _ in range(iters):
-            if hi - lo <= tol * hi:
-                break
-            mid = (lo + hi) / 2
-            if est(self.pm.plan(self.centred_ratios(u, mid))) <= limit:
-                lo = mid
-            else:
-                hi = mid
-        ratios = self.centred_ratios(u, lo)
+        ratios = self.centred_ratios(u, _bisect(fits, lo, hi, fits_high=False, iters=iters, rel_tol=tol))
         return self.top_up(self.pm.plan(ratios), ratios), True
 
     def centred_point(self, plan: PruningPlan) -> dict[str, float]:
@@ -192,30 +180,16 @@ class SearchSpace:
 
         if self.budget.estimate(at(1.0)) > self.budget.limit:
             return at(1.0), False
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            if hi - lo <= 1e-3:
-                break
-            mid = (lo + hi) / 2
-            if self.budget.estimate(at(mid)) <= self.budget.limit:
-                hi = mid
-            else:
-                lo = mid
-        return at(hi), True
+        return at(_bisect(lambda t: self.budget.estimate(at(t)) <= self.budget.limit, 0.0, 1.0, abs_tol=1e-3)), True
 
     # ------------------------------------------------------------ warm starts
     def uniform(self) -> PruningPlan:
         """One ratio for every group (within max_ratio), bisected to the budget."""
         names = self.pm.prunable_names
-        lo, hi = 0.0, self.pm.max_ratio
+        hi = self.pm.max_ratio
         if self.budget.estimate(self.pm.plan({n: hi for n in names})) > self.budget.limit:
             return self.pm.plan({n: hi for n in names})
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if self.budget.estimate(self.pm.plan({n: mid for n in names})) <= self.budget.limit:
-                hi = mid
-            else:
-                lo = mid
+        hi = _bisect(lambda r: self.budget.estimate(self.pm.plan({n: r for n in names})) <= self.budget.limit, 0.0, hi)
         # round *up*: a ratio rounded down can keep one more channel and overshoot the budget
         r = min(math.ceil(hi * 1e6) / 1e6, self.pm.max_ratio)
         return self.pm.plan({n: r for n in names})
@@ -251,6 +225,22 @@ class SearchSpace:
             step[best] += 1
             cost = self.budget.estimate(self.pm.plan(ratios))
         return self.pm.plan(ratios)
+
+
+def _bisect(fits: Callable[[float], bool], lo: float, hi: float, *, fits_high: bool = True, iters: int = 40,
+            rel_tol: float = 0.0, abs_tol: float = 0.0) -> float:
+    """The end of [lo, hi] that `fits` (hi when `fits_high`, else lo), narrowed by bisection to within
+    max(rel_tol * hi, abs_tol) of where `fits` turns, or for `iters` steps: the one search every projection onto
+    the budget makes (a cost is monotone in the scale being bisected)."""
+    for _ in range(iters):
+        if hi - lo <= max(rel_tol * hi, abs_tol):
+            break
+        mid = (lo + hi) / 2
+        if fits(mid) == fits_high:
+            hi = mid
+        else:
+            lo = mid
+    return hi if fits_high else lo
 
 
 def _fmt(x: float, budget: Budget) -> str:
