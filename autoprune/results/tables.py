@@ -187,6 +187,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         if test:
             best["metric_test"] = float(session.evaluator(model, "test"))
         break
+    bounds_binding = _bounds_binding(run, df, best)
     base = session.base_costs
     result = {
         "name": session.spec.name,
@@ -208,10 +209,13 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         "sensitivity_evaluations": run.sensitivity_evaluations,
         "search_bounds": run.space.bounds,
         "search_centre": run.space.centre_name,  # search.centre as used: "none" (a ratio per group) or "lamp"
+        "bounds_binding": bounds_binding,
         "notes": notes,
         "wall_s": round(run.wall_s, 2),
         "storage": storage_url(session.spec) if not session.spec.search.storage else "(configured storage)",
     }
+    if note := _bounds_note(bounds_binding):
+        result["notes"] = result["notes"] + [note]
     if best is None:
         result["notes"] = result["notes"] + ["no completed trial met the budget"]
     elif hint := _rerank_hint(best, float(session.baseline_metric), run.strategy, bool(k),
@@ -229,6 +233,45 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         tmp.write_text(json.dumps(result, indent=2, default=_json_default))
         os.replace(tmp, path)
     return result
+
+
+def _bounds_binding(run: SearchRun, df: pd.DataFrame, best: dict[str, Any] | None) -> dict[str, Any]:
+    """Where the sensitivity bounds bind (`SearchSpace.bound_contacts`): the groups the best plan prunes up to
+    its bound, and every warm start (a heuristic's own plan) that prunes some group past it, with its metric.
+    Empty unless the search had bounds below pruning.max_ratio (search.priors: sensitivity)."""
+    space = run.space
+    if best is None or not any(b < space.pm.max_ratio - 1e-9 for b in space.bounds.values()):
+        return {}
+    warm = {}
+    for _, row in df[df.warm_start.notna() & (df.state == "COMPLETE") & df.plan.notna()].iterrows():
+        past = {n: c for n, c in space.bound_contacts(PruningPlan.from_dict(json.loads(row.plan))).items() if c["past"]}
+        if past:
+            warm[str(row.warm_start)] = {"trial": int(row.number), "metric": float(row.metric), "groups": past}
+    return {"best": space.bound_contacts(PruningPlan.from_dict(best["plan"])), "warm_starts": warm}
+
+
+def _bounds_note(binding: dict[str, Any]) -> str | None:
+    """A note when the sensitivity bounds bind: the best plan prunes groups up to their bound, or a heuristic's
+    warm start prunes some past it (a shape no trial could propose). Why: the bounds come from a coarse grid
+    (each group pruned alone at 0.25 / 0.5 / 0.75 by default), so a group that loses more than the tolerance at
+    0.75 is held at 0.5; on three of the eight rows of the ten-seed peer benchmark LAMP's plan cut such a group
+    past its bound and recovered better than the search's best (README, "Why the search does not reach LAMP's
+    plans"). Nothing told a user that this is what shaped the search."""
+    at, warm = binding.get("best") or {}, binding.get("warm_starts") or {}
+    if not at and not warm:
+        return None
+
+    def fmt(groups: dict[str, dict], key: str) -> str:
+        items = [f"{n} {c[key]:.2f}" + (f" > {c['bound']:.2f}" if key == "ratio" else "") for n, c in groups.items()]
+        return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+    parts = [f"the best plan prunes {len(at)} group(s) up to their sensitivity bound ({fmt(at, 'bound')})"] if at else []
+    parts += [f"the {label} warm start (trial {w['trial']}, metric {w['metric']:.4f}) prunes past the bounds "
+              f"({fmt(w['groups'], 'ratio')})" for label, w in warm.items()]
+    return ("; ".join(parts) + ". A group's bound is the largest swept ratio at which, pruned alone, it lost no more "
+            "than search.tolerance before recovery, and no trial prunes past it; a plan past the bounds can still "
+            "recover better after fine-tuning (LAMP's did on three of the README's eight benchmark rows). "
+            "search.priors: none searches past them; sensitivity.ratios with points between a bound and the next "
+            "swept ratio makes them finer")
 
 
 DAMAGED = 0.2  # the best plan is this far (relative) under the unpruned model's metric before any recovery

@@ -194,6 +194,23 @@ class SearchSpace:
         r = min(math.ceil(hi * 1e6) / 1e6, self.pm.max_ratio)
         return self.pm.plan({n: r for n in names})
 
+    def bound_contacts(self, plan: PruningPlan) -> dict[str, dict]:
+        """The groups whose sensitivity bound `plan` reaches: those below `pruning.max_ratio` where it keeps no more
+        channels than the bound allows. Each gives the bound, the plan's own ratio (from its kept channels) and
+        whether it goes past the bound (keeps fewer: a heuristic's plan can, a searched one cannot)."""
+        pm = self.pm
+        bounded = [n for n in pm.prunable_names if self.bounds.get(n, pm.max_ratio) < pm.max_ratio - 1e-9]
+        if not bounded:
+            return {}
+        at = pm.kept(pm.plan({n: self.bounds[n] for n in bounded}))
+        kept = pm.kept(plan)
+        out = {}
+        for n in bounded:
+            if kept[n] <= at[n]:
+                out[n] = {"bound": float(self.bounds[n]), "ratio": round(1 - kept[n] / pm.group(n).channels, 4),
+                          "past": kept[n] < at[n]}
+        return out
+
     def greedy(self, sensitivity: pd.DataFrame) -> PruningPlan:
         """Sensitivity-greedy: repeatedly take the grid step with the smallest drop per cost saved."""
         curves: dict[str, list[tuple[float, float]]] = {}
