@@ -166,11 +166,12 @@ class SearchSpec(_Section):
     rung_reduction: int = Field(3, ge=2, description="successive halving's reduction factor")
     recovery_lr: float | None = Field(None, gt=0, description="learning rate of every recovery fine-tune: the "
                                       "rungs' and `autoprune finetune`'s (default train.lr / 10)")
-    score: Literal["metric", "loss"] = Field(
+    score: Literal["metric", "loss", "balanced"] = Field(
         "metric", description="what a trial's plan is ranked by, on val after the proxy's BN recalibration: "
         "metric (the task's metric) or loss (minus the task's loss, from the same forward pass: smoother than a "
-        "count of right answers); every trial records its metric, which the results report. Single objective, "
-        "no recovery_rungs")
+        "count of right answers) or balanced (an experiment for CNNs: the metric plus 0.1 x minus the coefficient of "
+        "variation of the pruned convolutions' widths); every trial records its metric, which the results report. "
+        "Single objective, no recovery_rungs")
     timeout_s: float | None = Field(None, gt=0, description="wall-time limit of the whole search, sensitivity "
                                     "sweep included: no trial starts once it has passed (n_trials stays the maximum; "
                                     "at least one trial runs; optuna and random strategies, both backends); None: none")
@@ -186,9 +187,9 @@ class SearchSpec(_Section):
     def _rungs_backend(self) -> "SearchSpec":
         if self.recovery_rungs and len(self.objectives) > 1:
             raise ValueError("recovery_rungs (multi-fidelity) needs one objective; got " + str(self.objectives))
-        if self.score == "loss" and (len(self.objectives) > 1 or self.recovery_rungs):
-            raise ValueError("search.score: loss ranks single-objective searches without recovery_rungs (a Pareto "
-                             "front and the rungs compare plans by the metric); set score: metric")
+        if self.score != "metric" and (len(self.objectives) > 1 or self.recovery_rungs):
+            raise ValueError(f"search.score: {self.score} ranks single-objective searches without recovery_rungs (a "
+                             "Pareto front and the rungs compare plans by the metric); set score: metric")
         return self
 
     @field_validator("objectives")

@@ -80,3 +80,4 @@ def test_no_bounds_no_note(make_spec):
     res = summarize(run, test=False)
     assert res["bounds_binding"] == {}
     assert not [n for n in res["notes"] if "bound" in n]
+

@@ -423,8 +423,9 @@ def sensitivity_heatmap(res) -> go.Figure:
 def best_so_far(res, strategies: Sequence[str] | None = None) -> pd.DataFrame:
     """Per strategy, its completed trials in completion order with ``evaluation`` (1, 2, ...), ``elapsed_s``
     (since that strategy's first trial started), ``best`` (the metric of the best feasible trial so far, by the
-    search's score; NaN before the first) and ``ranked_by`` ("metric", or "val loss" under search.score: loss,
-    where a better-ranked trial can have a lower metric and the line can step down)."""
+    search's score; NaN before the first) and ``ranked_by`` ("metric"; "val loss" under search.score: loss or
+    "metric + width balance" under search.score: balanced, where a better-ranked trial can have a lower metric and
+    the line can step down)."""
     r = as_results(res)
     done = _completed(r, strategies)
     out = []
@@ -439,7 +440,9 @@ def best_so_far(res, strategies: Sequence[str] | None = None) -> pd.DataFrame:
         has_score = "score" in d and d.score.notna().any()
         key = (d.score if has_score else d.metric).where(feasible)
         # the score is the metric itself unless the search ranked by minus the val loss
-        d["ranked_by"] = "val loss" if has_score and (d.score.notna() & (d.score != d.metric)).any() else "metric"
+        d["ranked_by"] = ("metric" if not has_score or not (d.score.notna() & (d.score != d.metric)).any() else
+                          "metric + width balance" if "width_balance" in d and d.width_balance.notna().any() else
+                          "val loss")
         best, top, cur = [], None, float("nan")
         for k, m in zip(key, d.metric):
             if pd.notna(k) and (top is None or k > top):
@@ -460,7 +463,8 @@ def search_progress(res, strategies: Sequence[str] | None = None) -> go.Figure:
         g = g[g.best.notna()]
         if g.empty:
             continue
-        by = "" if g.ranked_by.iloc[0] == "metric" else "<br>(the best by val loss: search.score: loss)"
+        by = {"metric": "", "val loss": "<br>(the best by val loss: search.score: loss)"}.get(
+            g.ranked_by.iloc[0], "<br>(the best by metric + width balance: search.score: balanced)")
         hover = [f"<b>{s}</b> trial {int(n)}<br>best so far {b:.4f}{by}" for n, b in zip(g.number, g.best)]
         for col, xcol in ((1, "evaluation"), (2, "elapsed_s")):
             fig.add_trace(go.Scatter(
@@ -474,9 +478,11 @@ def search_progress(res, strategies: Sequence[str] | None = None) -> go.Figure:
                       annotation_position="bottom right", name="unpruned")
     fig.update_xaxes(title_text="evaluations (completed trials)", row=1, col=1)
     fig.update_xaxes(title_text="wall time since the strategy started (s)", row=1, col=2)
-    by_loss = "ranked_by" in d and (d.ranked_by == "val loss").any()
+    ranked = set(d.ranked_by) if "ranked_by" in d else set()
     fig.update_yaxes(title_text=f"best feasible {metric_name(r)} so far"
-                     + (" (the best by val loss where search.score: loss)" if by_loss else ""), row=1, col=1)
+                     + (" (the best by val loss where search.score: loss)" if "val loss" in ranked else "")
+                     + (" (the best by metric + width balance where search.score: balanced)"
+                        if "metric + width balance" in ranked else ""), row=1, col=1)
     name = (r.spec or {}).get("name") or r.run_dir.name
     fig.update_layout(title=f"{name}: search progress", template=TEMPLATE)
     return fig

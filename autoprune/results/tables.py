@@ -28,7 +28,7 @@ from autoprune.searching.studies import SearchRun, open_storage, storage_url
 
 TRIAL_COLUMNS = ["strategy", "number", "state", "metric", "score", "macs", "params", "macs_ratio", "params_ratio", "cost",
                  "latency_ms", "feasible", "warm_start", "fail_reason", "duration_s", "prune_s", "eval_s", "plan",
-                 "datetime_start", "datetime_complete"]
+                 "datetime_start", "datetime_complete", "width_balance"]
 
 
 def result_path(run_dir: str | Path, strategy: str) -> Path:
@@ -65,6 +65,7 @@ def trials_frame(study: optuna.Study, strategy: str | None = None) -> pd.DataFra
             "plan": json.dumps(a.get("plan")) if a.get("plan") else None,
             "datetime_start": t.datetime_start,
             "datetime_complete": t.datetime_complete,
+            "width_balance": a.get("width_balance"),  # search.score: balanced
         })
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import optuna
 
 from autoprune.errors import TrialFailed
@@ -78,11 +79,35 @@ def evaluate_plan(space: SearchSpace, evaluator, cost_model, plan: PruningPlan, 
     if loss is not None and not math.isfinite(loss):
         raise TrialFailed(f"the task's loss is {loss}")
     extra = {"latency_ms": float(cost)} if space.budget.kind == "latency_ms" else {}  # predicted (latency stage)
+    value = None  # what the search ranks by, when not the metric
     if loss is not None:
         extra["val_loss"] = float(loss)
+        value = -float(loss)
+    if score == "balanced":
+        extra["width_balance"] = balance = width_balance(model)
+        value = float(metric) + BALANCE_WEIGHT * balance
     return TrialResult(plan, float(metric), int(macs), int(params), float(cost), space.budget.limit,
-                       cost <= space.budget.limit * (1 + 1e-9), t1 - t0, t2 - t1, extra,
-                       score=None if loss is None else -float(loss))
+                       cost <= space.budget.limit * (1 + 1e-9), t1 - t0, t2 - t1, extra, score=value)
+
+
+BALANCE_WEIGHT = 0.1  # search.score: balanced ranks by metric + this x width_balance (an experiment: see the README)
+
+
+def width_balance(model) -> float:
+    """Minus the coefficient of variation of the output widths of a pruned model's convolutions (of its linear
+    layers when it has none): 0 when every layer keeps the same number of channels, more negative the more they
+    differ. Why: on the ten-seed peer benchmark LAMP's plans keep nearly equal widths and recover better than
+    the search's on the rows LAMP wins, and this feature ranked plans by their recovered accuracy there
+    (`benchmarks/plan_features.py`). Widths of different kinds of layer (a transformer's heads and its MLP) do not
+    compare, so it means something for CNNs only."""
+    import torch.nn as nn
+
+    w = [m.out_channels for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))] or [
+        m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    if len(w) < 2:
+        return 0.0
+    arr = np.asarray(w, dtype=float)
+    return float(-arr.std() / arr.mean())
 
 
 def objective_values(result: TrialResult, objectives: list[str], base: dict[str, float]) -> list[float]:
@@ -111,7 +136,7 @@ class Objective:
     def __init__(self, space: SearchSpace, evaluator, cost_model, *, objectives: list[str], budget_mode: str,
                  rungs: list[int] | None = None, reduction: int = 3, recovery_lr: float = 1e-3,
                  seed: int = 0, score: str = "metric") -> None:
-        self.score = score  # "metric", or "loss" (search.score): what the trial's value is
+        self.score = score  # "metric", "loss" or "balanced" (search.score): what the trial's value is
         self.rungs = list(rungs or [])  # multi-fidelity: fine-tune steps after the proxy, one rung each
         self.reduction = reduction
         self.recovery_lr = recovery_lr

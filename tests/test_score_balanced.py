@@ -1,0 +1,51 @@
+"""search.score: balanced: trials ranked by the metric plus BALANCE_WEIGHT x the pruned model's width balance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autoprune.app.session import Session
+from autoprune.pruning.plan import PruningPlan
+from autoprune.searching.objective import trial_attrs
+from autoprune.spec import load_spec
+
+
+def test_score_balanced_ranks_by_the_metric_plus_the_width_balance(make_spec):
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoprune.app import api
+    from autoprune.results import plots
+    from autoprune.results.tables import load
+    from autoprune.searching.objective import BALANCE_WEIGHT, width_balance
+    from autoprune.searching.studies import open_storage, storage_url, study_name
+
+    spec = make_spec("resnet1d", budget={"macs": 0.3}, search={"n_trials": 8, "priors": "none", "score": "balanced"})
+    s = Session(load_spec(spec), show_progress=False)
+    result = api.search(s, show_progress=False, test=False)
+    study = optuna.load_study(storage=open_storage(storage_url(s.spec)), study_name=study_name(s.spec, "optuna"))
+    assert study.user_attrs["score"] == "balanced"
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 8
+    for t in done:
+        a = trial_attrs(t)
+        widths = [m.out_channels for m in s.pruner.apply(PruningPlan.from_dict(a["plan"])).modules()
+                  if isinstance(m, torch.nn.Conv1d)]
+        cv = torch.tensor(widths, dtype=torch.float64).std(unbiased=False) / torch.tensor(widths, dtype=torch.float64).mean()
+        assert a["width_balance"] == pytest.approx(-float(cv)) and a["width_balance"] < 0
+        assert t.values[0] == pytest.approx(a["metric"] + BALANCE_WEIGHT * a["width_balance"])
+    best = max((t for t in done if trial_attrs(t)["feasible"]), key=lambda t: t.values[0])
+    assert result["best"]["trial"] == best.number and result["best"]["metric"] == trial_attrs(best)["metric"]
+    # the balance tells plans apart: LAMP's (nearly equal widths) is more balanced than uniform's (the unpruned
+    # model's proportions), and the ranking differs from the metric's
+    warm = {trial_attrs(t)["warm_start"]: trial_attrs(t)["width_balance"] for t in done if "warm_start" in trial_attrs(t)}
+    assert warm["lamp"] > warm["uniform"]
+    assert [t.number for t in sorted(done, key=lambda t: -trial_attrs(t)["metric"])] != \
+        [t.number for t in sorted(done, key=lambda t: -t.values[0])]
+    assert set(plots.best_so_far(load(s.run_dir)).ranked_by) == {"metric + width balance"}
+    assert "width balance" in plots.search_progress(load(s.run_dir)).layout.yaxis.title.text
+    # a model with equal widths everywhere is perfectly balanced
+    assert width_balance(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))) == 0.0
+    with pytest.raises(Exception, match="search.score: balanced ranks single-objective"):
+        load_spec(make_spec("cnn1d", search={"score": "balanced", "objectives": ["accuracy", "macs"]}))
