@@ -169,9 +169,11 @@ class SearchSpec(_Section):
     score: Literal["metric", "loss", "balanced"] = Field(
         "metric", description="what a trial's plan is ranked by, on val after the proxy's BN recalibration: "
         "metric (the task's metric) or loss (minus the task's loss, from the same forward pass: smoother than a "
-        "count of right answers) or balanced (an experiment for CNNs: the metric plus 0.1 x minus the coefficient of "
+        "count of right answers) or balanced (an experiment for CNNs: the metric plus balance_weight x minus the coefficient of "
         "variation of the pruned convolutions' widths); every trial records its metric, which the results report. "
         "Single objective, no recovery_rungs")
+    balance_weight: float = Field(0.1, gt=0, description="under score: balanced, the weight of the width balance "
+                                  "added to the metric")
     timeout_s: float | None = Field(None, gt=0, description="wall-time limit of the whole search, sensitivity "
                                     "sweep included: no trial starts once it has passed (n_trials stays the maximum; "
                                     "at least one trial runs; optuna and random strategies, both backends); None: none")

@@ -25,7 +25,7 @@ def test_score_balanced_ranks_by_the_metric_plus_the_width_balance(make_spec):
     s = Session(load_spec(spec), show_progress=False)
     result = api.search(s, show_progress=False, test=False)
     study = optuna.load_study(storage=open_storage(storage_url(s.spec)), study_name=study_name(s.spec, "optuna"))
-    assert study.user_attrs["score"] == "balanced"
+    assert study.user_attrs["score"] == "balanced:0.1"
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 8
     for t in done:
@@ -47,5 +47,11 @@ def test_score_balanced_ranks_by_the_metric_plus_the_width_balance(make_spec):
     assert "width balance" in plots.search_progress(load(s.run_dir)).layout.yaxis.title.text
     # a model with equal widths everywhere is perfectly balanced
     assert width_balance(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))) == 0.0
+    # a resumed study keeps its weight: another one is an error naming both
+    from autoprune.errors import AutopruneError
+
+    other = {**spec, "search": {**spec["search"], "balance_weight": 0.2, "n_trials": 10}}
+    with pytest.raises(AutopruneError, match="balanced:0.1.*balanced:0.2"):
+        api.search(other, show_progress=False, test=False)
     with pytest.raises(Exception, match="search.score: balanced ranks single-objective"):
         load_spec(make_spec("cnn1d", search={"score": "balanced", "objectives": ["accuracy", "macs"]}))

@@ -83,14 +83,14 @@ def evaluate_plan(space: SearchSpace, evaluator, cost_model, plan: PruningPlan, 
     if loss is not None:
         extra["val_loss"] = float(loss)
         value = -float(loss)
-    if score == "balanced":
+    if score.startswith("balanced"):  # "balanced:W" (studies.search_score), W the weight
         extra["width_balance"] = balance = width_balance(model)
-        value = float(metric) + BALANCE_WEIGHT * balance
+        value = float(metric) + float(score.partition(":")[2] or BALANCE_WEIGHT) * balance
     return TrialResult(plan, float(metric), int(macs), int(params), float(cost), space.budget.limit,
                        cost <= space.budget.limit * (1 + 1e-9), t1 - t0, t2 - t1, extra, score=value)
 
 
-BALANCE_WEIGHT = 0.1  # search.score: balanced ranks by metric + this x width_balance (an experiment: see the README)
+BALANCE_WEIGHT = 0.1  # search.score: balanced ranks by metric + search.balance_weight (default this) x width_balance
 
 
 def width_balance(model) -> float:
@@ -136,7 +136,7 @@ class Objective:
     def __init__(self, space: SearchSpace, evaluator, cost_model, *, objectives: list[str], budget_mode: str,
                  rungs: list[int] | None = None, reduction: int = 3, recovery_lr: float = 1e-3,
                  seed: int = 0, score: str = "metric") -> None:
-        self.score = score  # "metric", "loss" or "balanced" (search.score): what the trial's value is
+        self.score = score  # "metric", "loss" or "balanced:W" (studies.search_score): what the trial's value is
         self.rungs = list(rungs or [])  # multi-fidelity: fine-tune steps after the proxy, one rung each
         self.reduction = reduction
         self.recovery_lr = recovery_lr

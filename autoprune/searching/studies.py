@@ -503,9 +503,13 @@ def create_or_load(storage, name: str, dirs: list[str], spec, strategy: str, mod
     return study, created
 
 def search_score(spec, strategy: str) -> str:
-    """What `strategy`'s trials are ranked by: search.score ("metric" or "loss": minus the task's loss) for the
-    optuna and random strategies; the heuristics and NetAdapt choose by the metric themselves."""
-    return spec.search.score if strategy in ("optuna", "random") else "metric"
+    """What `strategy`'s trials are ranked by: search.score ("metric"; "loss": minus the task's loss; "balanced:W":
+    the metric plus W x the width balance) for the optuna and random strategies; the heuristics and NetAdapt choose by the metric themselves."""
+    if strategy not in ("optuna", "random"):
+        return "metric"
+    if spec.search.score == "balanced":  # the weight is part of what the values mean: "balanced:0.1"
+        return f"balanced:{spec.search.balance_weight:g}"
+    return spec.search.score
 
 
 def study_score(study: optuna.Study, created: bool, score: str) -> str:
