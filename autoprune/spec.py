@@ -166,14 +166,16 @@ class SearchSpec(_Section):
     rung_reduction: int = Field(3, ge=2, description="successive halving's reduction factor")
     recovery_lr: float | None = Field(None, gt=0, description="learning rate of every recovery fine-tune: the "
                                       "rungs' and `autoprune finetune`'s (default train.lr / 10)")
-    score: Literal["metric", "loss", "balanced"] = Field(
-        "metric", description="what a trial's plan is ranked by, on val after the proxy's BN recalibration: "
-        "metric (the task's metric) or loss (minus the task's loss, from the same forward pass: smoother than a "
-        "count of right answers) or balanced (an experiment for CNNs: the metric plus balance_weight x minus the coefficient of "
-        "variation of the pruned convolutions' widths); every trial records its metric, which the results report. "
-        "Single objective, no recovery_rungs")
-    balance_weight: float = Field(0.1, gt=0, description="under score: balanced, the weight of the width balance "
-                                  "added to the metric")
+    score: Literal["auto", "metric", "loss", "balanced"] = Field(
+        "auto", description="what a trial's plan is ranked by, on val after the proxy's BN recalibration: metric (the "
+        "task's metric), loss (minus the task's loss, from the same forward pass: smoother than a count of right "
+        "answers), balanced (the metric plus balance_weight x the pruned model's width balance: minus the "
+        "coefficient of variation of its convolutions' output widths, 0 for a model with fewer than two "
+        "convolutions), or auto (the default): balanced for the optuna strategy with one objective and no "
+        "recovery_rungs, the metric otherwise. Every trial records its metric, which the results report. loss and "
+        "balanced: single objective, no recovery_rungs")
+    balance_weight: float = Field(0.2, gt=0, description="under score: balanced (and auto), the weight of the width "
+                                  "balance added to the metric")
     timeout_s: float | None = Field(None, gt=0, description="wall-time limit of the whole search, sensitivity "
                                     "sweep included: no trial starts once it has passed (n_trials stays the maximum; "
                                     "at least one trial runs; optuna and random strategies, both backends); None: none")
@@ -189,7 +191,7 @@ class SearchSpec(_Section):
     def _rungs_backend(self) -> "SearchSpec":
         if self.recovery_rungs and len(self.objectives) > 1:
             raise ValueError("recovery_rungs (multi-fidelity) needs one objective; got " + str(self.objectives))
-        if self.score != "metric" and (len(self.objectives) > 1 or self.recovery_rungs):
+        if self.score not in ("metric", "auto") and (len(self.objectives) > 1 or self.recovery_rungs):
             raise ValueError(f"search.score: {self.score} ranks single-objective searches without recovery_rungs (a "
                              "Pareto front and the rungs compare plans by the metric); set score: metric")
         return self

@@ -5,7 +5,9 @@ by image and seed (`peers.paired_delta`). A benchmark table, not a test.
     python benchmarks/variants_table.py "centre=r20:benchmarks/results/peers-10seeds-r20-centre-2026-11-27.csv,..."
 
 Each argument is LABEL=MODEL:CSV[,MODEL:CSV...], MODEL one of r20, rx, mb, m1d (the rows below); a row with fewer
-than ten seeds of a variant shows its mean only."""
+than ten seeds of a variant shows its mean only. `--rows "LABEL|CSV|SETTING|MODEL;..."` replaces the committed rows
+(the default and LAMP then come from each row's CSV): the held-out rows of the balanced-widths experiment were
+tabled this way."""
 
 from __future__ import annotations
 
@@ -44,11 +46,16 @@ def _delta(x: tuple[float, float, float] | None) -> str:
 
 
 def main(argv: list[str]) -> None:
+    rows = ROWS
+    if "--rows" in argv:  # other rows than the committed ones: --rows "LABEL|CSV|SETTING|MODEL;..." (default and
+        i = argv.index("--rows")  # LAMP are read from each row's CSV, e.g. a run of held-out models)
+        rows = [tuple(r.split("|")) for r in argv[i + 1].split(";")]
+        argv = argv[:i] + argv[i + 2:]
     variants = dict(a.split("=", 1) for a in argv)  # LABEL -> MODEL:CSV[,MODEL:CSV...]
     print("| model, MACs | default | LAMP | " + " | ".join(f"{k} | {k} − default | {k} − LAMP" for k in variants) + " |")
     print("|" + "---|" * (3 + 3 * len(variants)))
-    for label, csv, setting, key in ROWS:
-        base = _read(RESULTS / csv)
+    for label, csv, setting, key in rows:
+        base = _read(RESULTS / csv)  # (an absolute path stays itself)
         base = base[base.setting == setting]
         default, lamp = base[base.method == "autoprune"], base[base.method == "lamp"]
         cells = [label, f"{_mean(default)} ({default.search_wall_s.mean():.1f} s)", _mean(lamp)]

@@ -170,15 +170,22 @@ def test_sensitivity_curves_and_heatmap(res):
 def test_search_progress_best_so_far(res):
     fig = plots.search_progress(res)
     assert len(fig.data) == 2 * 3  # optuna, uniform, global; against evaluations and wall time
+    line = plots.best_so_far(res)
     for tr in fig.data:
-        assert list(tr.y) == sorted(tr.y)  # best so far never decreases
         s = tr.meta["strategy"]
         t = res.trials[(res.trials.strategy == s) & (res.trials.state == "COMPLETE") & res.trials.feasible]
-        assert tr.y[-1] == pytest.approx(t.metric.max())
+        # the line ends at the metric of the trial the search ranks best (by its score: the default search ranks
+        # by the metric plus the width balance, the heuristics by the metric)
+        assert tr.y[-1] == pytest.approx(t.loc[t.score.idxmax(), "metric"])
+        if set(line[line.strategy == s].ranked_by) == {"metric"}:
+            assert list(tr.y) == sorted(tr.y)  # the best metric so far never decreases
+    assert set(line[line.strategy == "optuna"].ranked_by) == {"metric + width balance"}
+    assert set(line[line.strategy != "optuna"].ranked_by) == {"metric"}
     ev = [t for t in fig.data if t.meta["x"] == "evaluation" and t.meta["strategy"] == "optuna"][0]
     assert max(ev.x) == N_TRIALS
     assert fig.layout.xaxis.title.text.startswith("evaluations") and fig.layout.xaxis2.title.text.startswith("wall time")
-    assert fig.layout.yaxis.title.text == "best feasible val accuracy so far"
+    assert fig.layout.yaxis.title.text == ("best feasible val accuracy so far (the best by metric + width balance "
+                                           "where search.score: balanced)")
 
 
 def test_html_report_from_the_cli(plot_run, tmp_path):

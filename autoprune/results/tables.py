@@ -86,7 +86,7 @@ def _record(row: pd.Series, plan: PruningPlan) -> dict[str, Any]:
         "trial": int(row.number),
         "metric_val": float(row.metric),
         "metric": float(row.metric),
-        "score": float(row.score),  # what the search ranked it by (search.score): the metric or minus the loss
+        "score": float(row.score),  # what the search ranked it by (search.score): the metric, metric + width balance, or minus the loss
         "macs": int(row.macs),
         "params": int(row.params),
         "macs_ratio": float(row.macs_ratio),

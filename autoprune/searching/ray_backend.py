@@ -636,7 +636,7 @@ def run_ray_search(
 
     # multi-fidelity as in the local loop: successive halving over the recovery rungs, here Tune's ASHA
     rungs = list(s.recovery_rungs) if len(objectives) == 1 else []
-    score = study_score(study, created, search_score(spec, strategy))
+    score = study_score(study, created, search_score(spec, strategy), auto=spec.search.score == "auto")
     study_centre(study, created, space)
     objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives, budget_mode=mode,
                           rungs=rungs, reduction=s.rung_reduction,

@@ -504,23 +504,33 @@ def create_or_load(storage, name: str, dirs: list[str], spec, strategy: str, mod
 
 def search_score(spec, strategy: str) -> str:
     """What `strategy`'s trials are ranked by: search.score ("metric"; "loss": minus the task's loss; "balanced:W":
-    the metric plus W x the width balance) for the optuna and random strategies; the heuristics and NetAdapt choose by the metric themselves."""
+    the metric plus W x the width balance) for the optuna and random strategies; the heuristics and NetAdapt choose
+    by the metric themselves. `auto` (the default) is balanced for the optuna strategy with one objective and no
+    recovery rungs (where the ten-seed benchmark measured it), and the metric elsewhere: a Pareto front and the
+    rungs compare plans by the metric, and the random strategy stays the plain baseline."""
     if strategy not in ("optuna", "random"):
         return "metric"
-    if spec.search.score == "balanced":  # the weight is part of what the values mean: "balanced:0.1"
+    score = spec.search.score
+    if score == "auto":
+        single = len(spec.search.objectives) == 1 and not spec.search.recovery_rungs
+        score = "balanced" if strategy == "optuna" and single else "metric"
+    if score == "balanced":  # the weight is part of what the values mean: "balanced:0.2"
         return f"balanced:{spec.search.balance_weight:g}"
-    return spec.search.score
+    return score
 
 
-def study_score(study: optuna.Study, created: bool, score: str) -> str:
+def study_score(study: optuna.Study, created: bool, score: str, *, auto: bool = False) -> str:
     """The score a study ranks by is kept with it: a new study records `score`; resuming one created with
-    another (a study from before search.score ranked by the metric) is an error, since its trials' values
-    would not be comparable."""
+    another is an error, since its trials' values would not be comparable, unless the score was left to `auto`
+    (search.score's default): then the study keeps its own (a study from before the default became balanced
+    resumes ranking by the metric, as it began)."""
     if created:
         study.set_user_attr("score", score)
         return score
     stored = study.user_attrs.get("score", "metric")
     if stored != score:
+        if auto:
+            return stored
         raise AutopruneError(f"study {study.study_name!r} ranks its trials by the {stored}; the spec asks for "
                              f"search.score: {score}: use another name or storage, or search.score: {stored}")
     return score

@@ -71,7 +71,7 @@ def run_search(
                                                               min_early_stopping_rate=0)
     if created and strategy == "optuna":
         _enqueue_warm_starts(study, space, session)
-    score = study_score(study, created, search_score(spec, strategy))
+    score = study_score(study, created, search_score(spec, strategy), auto=spec.search.score == "auto")
     study_centre(study, created, space)
 
     notes = list(space.notes)
