@@ -84,3 +84,19 @@ def test_console_script_exit_code_and_one_line(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [f"error: invalid spec {tmp_path / 'bad.yaml'}:",
                                      "  budget.macs: Value error, must be a fraction strictly between 0 and 1, got 2.0"]
+
+
+def test_demo_compares_every_strategy_after_the_same_recovery(make_spec, tmp_path, capsys):
+    """`autoprune demo` on a given spec: the search, the four baselines, the export, and each strategy's best plan
+    fine-tuned the same number of steps, compared after it (what the default search ranks plans for)."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(make_spec("cnn1d", budget={"macs": 0.5})))
+    code, out, err = _cli(["demo", "--spec", str(path), "--n-trials", "6", "--recover-steps", "20"], capsys)
+    assert code == 0, err
+    table = out.split("after the same 20-step fine-tune of each strategy's best plan", 1)[1].splitlines()[1:]
+    rows = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in table if ln.split() and ln.split()[0] in
+            ("optuna", "uniform", "global", "lamp", "netadapt")}
+    assert set(rows) == {"optuna", "uniform", "global", "lamp", "netadapt"}
+    assert all(len(v) == 2 and 0 < min(v) and max(v) <= 1 for v in rows.values())
+    run_dir = Path(make_spec("cnn1d")["output"])
+    assert len(list(run_dir.glob("*/recovered/*/manifest.json"))) == 5  # each recovered model exported
