@@ -26,13 +26,15 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from variants_table import RESULTS, ROWS, _read  # noqa: E402
 
+from autoprune.searching.objective import balance  # noqa: E402  (the search's own measure)
+
 
 MIXES = (0.1, 0.2)  # an exploratory score: the proxy plus this many times the balance
 
 
 def features(widths: str) -> dict[str, float]:
     w = np.array(json.loads(widths), dtype=float)
-    return {"min_width": w.min(), "balance": -w.std() / w.mean(), "harmonic_width": len(w) / np.sum(1.0 / w)}
+    return {"min_width": w.min(), "balance": balance(w), "harmonic_width": len(w) / np.sum(1.0 / w)}
 
 
 def main() -> None:

@@ -241,7 +241,7 @@ def _bounds_binding(run: SearchRun, df: pd.DataFrame, best: dict[str, Any] | Non
     its bound, and every warm start (a heuristic's own plan) that prunes some group past it, with its metric.
     Empty unless the search had bounds below pruning.max_ratio (search.priors: sensitivity)."""
     space = run.space
-    if best is None or not any(b < space.pm.max_ratio - 1e-9 for b in space.bounds.values()):
+    if best is None or not space.bounded:
         return {}
     warm = {}
     for _, row in df[df.warm_start.notna() & (df.state == "COMPLETE") & df.plan.notna()].iterrows():

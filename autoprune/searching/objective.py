@@ -103,10 +103,15 @@ def width_balance(model) -> float:
     average there and on held-out models (README, "Balanced widths")."""
     import torch.nn as nn
 
-    w = [m.out_channels for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    if len(w) < 2:
+    return balance([m.out_channels for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))])
+
+
+def balance(widths) -> float:
+    """Minus the coefficient of variation of a list of layer widths (0 for fewer than two): `width_balance`'s
+    measure, also what `benchmarks/plan_features.py` ranks the committed plans by."""
+    if len(widths) < 2:
         return 0.0
-    arr = np.asarray(w, dtype=float)
+    arr = np.asarray(widths, dtype=float)
     return float(-arr.std() / arr.mean())
 
 

@@ -194,12 +194,17 @@ class SearchSpace:
         r = min(math.ceil(hi * 1e6) / 1e6, self.pm.max_ratio)
         return self.pm.plan({n: r for n in names})
 
+    @property
+    def bounded(self) -> list[str]:
+        """The groups whose sensitivity bound is below `pruning.max_ratio` (none without priors)."""
+        return [n for n in self.pm.prunable_names if self.bounds.get(n, self.pm.max_ratio) < self.pm.max_ratio - 1e-9]
+
     def bound_contacts(self, plan: PruningPlan) -> dict[str, dict]:
         """The groups whose sensitivity bound `plan` reaches: those below `pruning.max_ratio` where it keeps no more
         channels than the bound allows. Each gives the bound, the plan's own ratio (from its kept channels) and
         whether it goes past the bound (keeps fewer: a heuristic's plan can, a searched one cannot)."""
         pm = self.pm
-        bounded = [n for n in pm.prunable_names if self.bounds.get(n, pm.max_ratio) < pm.max_ratio - 1e-9]
+        bounded = self.bounded
         if not bounded:
             return {}
         at = pm.kept(pm.plan({n: self.bounds[n] for n in bounded}))
