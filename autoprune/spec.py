@@ -134,7 +134,11 @@ class SearchSpec(_Section):
         default_factory=lambda: ["accuracy"]
     )
     n_trials: int = Field(60, gt=0)
-    priors: Literal["sensitivity", "none"] = "sensitivity"
+    priors: Literal["auto", "sensitivity", "none"] = Field(
+        "auto", description="sensitivity: sweep each group before the search for its bound and the "
+        "sensitivity-greedy warm start; none: no sweep, every group in [0, max_ratio]; auto (the default): "
+        "sensitivity, unless timeout_s is set, the sweep is not cached, and it would take more than half of "
+        "the time left (its evaluations at most x one evaluation of the unpruned model, timed)")
     budget_mode: Literal["projection", "constraint"] | None = Field(
         None, description="projection (default for one objective) or constraint (default for several)"
     )

@@ -90,13 +90,53 @@ def test_demo_compares_every_strategy_after_the_same_recovery(make_spec, tmp_pat
     """`autoprune demo` on a given spec: the search, the four baselines, the export, and each strategy's best plan
     fine-tuned the same number of steps, compared after it (what the default search ranks plans for)."""
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(make_spec("cnn1d", budget={"macs": 0.5})))
+    spec = make_spec("cnn1d", budget={"macs": 0.5})
+    path.write_text(yaml.safe_dump(spec))
     code, out, err = _cli(["demo", "--spec", str(path), "--n-trials", "6", "--recover-steps", "20"], capsys)
     assert code == 0, err
-    table = out.split("after the same 20-step fine-tune of each strategy's best plan", 1)[1].splitlines()[1:]
+    rows = _recovered_rows(out, 20)
+    assert set(rows) == {"optuna", "uniform", "global", "lamp", "netadapt"}
+    assert all(0 < min(v[:3]) and max(v[:3]) <= 1 and v[3] <= 0.5 + 1e-9 for v in rows.values())
+    run_dir = Path(spec["output"]) / spec["name"]
+    assert len(list(run_dir.glob("recovered/*/manifest.json"))) == 5  # each recovered model exported
+
+
+def _recovered_rows(out: str, steps: int) -> dict[str, list[float]]:
+    """The after-recovery table the CLI prints: strategy -> [val_before, val, test, macs_ratio]."""
+    table = out.split(f"after the same {steps}-step fine-tune of each strategy's best plan", 1)[1].splitlines()[1:]
     rows = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in table if ln.split() and ln.split()[0] in
             ("optuna", "uniform", "global", "lamp", "netadapt")}
-    assert set(rows) == {"optuna", "uniform", "global", "lamp", "netadapt"}
-    assert all(len(v) == 2 and 0 < min(v) and max(v) <= 1 for v in rows.values())
-    run_dir = Path(make_spec("cnn1d")["output"])
-    assert len(list(run_dir.glob("*/recovered/*/manifest.json"))) == 5  # each recovered model exported
+    assert all(len(v) == 4 for v in rows.values())
+    return rows
+
+
+def test_search_baselines_compare_after_recovery_and_the_report_reads_it_back(make_spec, tmp_path, capsys):
+    from autoprune.results.tables import load
+
+    spec = make_spec("cnn1d", search={"n_trials": 4, "priors": "none"})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code, out, err = _cli(["search", str(path), "--recover-steps", "10"], capsys)
+    assert code == 2 and "--baselines" in err  # a comparison needs the baselines
+    code, out, err = _cli(["search", str(path), "--baselines", "--recover-steps", "10"], capsys)
+    assert code == 0, err
+    rows = _recovered_rows(out, 10)
+    assert sorted(rows) == ["global", "lamp", "optuna", "uniform"]
+    run_dir = Path(spec["output"]) / spec["name"]
+    res = load(run_dir)
+    summary = res.summary().set_index("strategy")
+    assert (summary.recovered_steps == 10).all()
+    for st, (val_before, val, test, macs) in rows.items():
+        assert summary.loc[st, "metric_val"] == pytest.approx(val_before, abs=1e-4)
+        assert summary.loc[st, "recovered_test"] == pytest.approx(test, abs=1e-4)
+    code, out, err = _cli(["report", str(run_dir)], capsys)
+    assert code == 0 and "recovered_test" in out
+    # a recovery of another plan than the strategy's best (a search resumed since) is not reported
+    rec = run_dir / "recovered" / "lamp" / "recovery.json"
+    data = json.loads(rec.read_text())
+    data["plan"]["ratios"] = {k: 0.0 for k in data["plan"]["ratios"]}
+    rec.write_text(json.dumps(data))
+    assert load(run_dir).recovered("lamp") is None and load(run_dir).recovered("uniform")["steps"] == 10
+    # without --recover-steps the baselines are compared before recovery, and the CLI says so
+    code, out, err = _cli(["search", str(path), "--baselines"], capsys)
+    assert code == 0 and "--recover-steps 300" in out

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import pandas as pd
 
 from autoprune import settings
 from autoprune.errors import AutopruneError
 from autoprune.pruning.schedules import Schedule, finetune as _finetune, widths
 from autoprune.exporting.files import export_model
 from autoprune.pruning.plan import PruningPlan
-from autoprune.results.tables import load, result_path, summarize
+from autoprune.results.tables import RECOVERY_FILE, load, result_path, summarize
 from autoprune.searching.study import run_search
 from autoprune.app.session import Session
 from autoprune.spec import Spec, load_spec
@@ -121,8 +123,37 @@ def finetune(
     manifest = export_model(model, out, plan=plan, model_spec=s.spec.model.model_dump(),
                             pruning=s.spec.pruning.model_dump(), base_costs=s.base_costs, metrics=metrics, onnx=False,
                             example=s.target.example_input, task=s.spec.task.model_dump())
-    return {"schedule": schedule, "steps": steps, "lr": lr, "metrics": metrics, "costs": manifest["costs"],
-            "out": str(out)}
+    record = {"strategy": strategy, "schedule": schedule, "steps": steps, "lr": lr, "metrics": metrics,
+              "plan": plan.to_dict()}
+    (out / RECOVERY_FILE).write_text(json.dumps(record, indent=2))  # what `autoprune report` reads back
+    return {**{k: record[k] for k in ("schedule", "steps", "lr", "metrics")}, "costs": manifest["costs"], "out": str(out)}
 
 
-__all__ = ["session", "search", "export", "finetune", "plan_of", "load", "result_path", "Session"]
+def recover(
+    spec: Spec | str | Path | dict,
+    *,
+    strategies: Sequence[str] = ("optuna", "uniform", "global", "lamp"),
+    steps: int = 300,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """Fine-tune each strategy's best plan the same `steps` (one-shot, lr search.recovery_lr, else train.lr / 10)
+    and compare them after it: one row per strategy (val and test before and after). Each recovered model goes to
+    RUN/recovered/STRATEGY, where `autoprune report` finds it. Why: the default search ranks plans by how they
+    should recover (the metric plus the width balance), not by the metric before recovery, so a comparison before
+    recovery can rank its plan under a heuristic's that recovers worse (README: the peer benchmark)."""
+    s = session(spec, show_progress=show_progress)
+    res = load(s.run_dir)
+    rows = []
+    for st in strategies:
+        if not (res.results.get(st) or {}).get("best"):
+            raise AutopruneError(f"no plan of strategy {st!r} to recover in {s.run_dir}; run `autoprune search` "
+                                 f"with --strategy {st} (or --baselines) first")
+        r = finetune(s.spec, strategy=st, steps=steps, out=s.run_dir / "recovered" / st, show_progress=show_progress)
+        b = res.results[st]["best"]
+        rows.append({"strategy": st, "val_before": b.get("metric_val"), "test_before": b.get("metric_test"),
+                     "steps": steps, "val": r["metrics"]["val"], "test": r["metrics"]["test"],
+                     "macs_ratio": b.get("macs_ratio")})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["session", "search", "export", "finetune", "recover", "plan_of", "load", "result_path", "Session"]

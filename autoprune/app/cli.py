@@ -113,19 +113,38 @@ def search(
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL or journal path (default: RUN/study.journal)."),
     backend: Optional[str] = typer.Option(None, help="optuna (in process) | ray (Ray Tune)"),
     baselines: bool = typer.Option(False, "--baselines", help="Also run uniform, global and lamp at the same budget."),
+    recover_steps: int = typer.Option(0, "--recover-steps", help="With --baselines: fine-tune every strategy's best "
+                                      "plan this many steps, the same for all, and compare them after it (the "
+                                      "default search ranks plans by how they should recover); 0: compare before."),
     sets: Optional[List[str]] = SetOpt,
 ) -> None:
     """Run or resume a budget-constrained search; writes RUN/result.json and prints the best plan."""
     from autoprune.app import api
 
     s = _session(spec, sets, {"search.strategy": strategy, "search.sampler": sampler, "search.backend": backend})
+    if recover_steps and not baselines:
+        raise typer.BadParameter("--recover-steps compares strategies after recovery: add --baselines (or fine-tune "
+                                 "the best plan alone with `autoprune finetune`)", param_hint="--recover-steps")
     t0 = time.perf_counter()
     result = api.search(s, n_trials=n_trials, storage=storage)
     _print_result(result)
     if baselines:
         for b in ("uniform", "global", "lamp"):
             _print_result(api.search(s, strategy=b, storage=storage), short=True)
+        if recover_steps > 0:
+            _print_recovered(api.recover(s.spec, strategies=(s.spec.search.strategy, "uniform", "global", "lamp"),
+                                         steps=recover_steps))
+        elif s.spec.search.strategy == "optuna":
+            typer.echo("(val/test before recovery; the search ranks plans by how they should recover: compare "
+                       "after the same fine-tune with --recover-steps 300)")
     typer.echo(f"run directory: {s.run_dir}   ({time.perf_counter() - t0:.1f} s)")
+
+
+def _print_recovered(df) -> None:
+    steps = int(df.steps.iloc[0])
+    cols = ["strategy", "val_before", "val", "test", "macs_ratio"]
+    typer.echo(f"\nafter the same {steps}-step fine-tune of each strategy's best plan (lr search.recovery_lr, else "
+               f"train.lr / 10; val_before: before it):\n" + df[cols].round(4).to_string(index=False))
 
 
 def _print_result(r: dict, short: bool = False) -> None:
@@ -228,17 +247,8 @@ def demo(
     out = api.export(s.spec, strategy="optuna", onnx=True)
     typer.echo("\n" + load(s.run_dir).summary().to_string(index=False))
     if recover_steps > 0:
-        # the search ranks plans by how they should recover (the metric plus the width balance), not by the metric
-        # before recovery, so the comparison that matters is after the same fine-tune (as on the README's benchmark)
-        import pandas as pd
-
-        rows = []
-        for st in ("optuna", "uniform", "global", "lamp", "netadapt"):
-            r = api.finetune(s.spec, strategy=st, steps=recover_steps, out=s.run_dir / "recovered" / st,
-                             show_progress=False)
-            rows.append({"strategy": st, "val": round(r["metrics"]["val"], 4), "test": round(r["metrics"]["test"], 4)})
-        typer.echo(f"\nafter the same {recover_steps}-step fine-tune of each strategy's best plan "
-                   "(lr search.recovery_lr, else train.lr / 10):\n" + pd.DataFrame(rows).to_string(index=False))
+        _print_recovered(api.recover(s.spec, strategies=("optuna", "uniform", "global", "lamp", "netadapt"),
+                                     steps=recover_steps))
     typer.echo(f"\nexported the best model to {out}; report: autoprune report {s.run_dir}")
 
 

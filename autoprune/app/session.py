@@ -5,13 +5,15 @@ Each stage is built lazily and once; the search, the CLI, the service and the no
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
 from autoprune.costs.counting import CostModel, CostReport, cost_report
 from autoprune.sensitivity.evaluate import Evaluator
 from autoprune.pruning.groups import PrunableModel
-from autoprune.sensitivity.sweep import SensitivityResult, run_sensitivity
+from autoprune.sensitivity.sweep import SensitivityResult, run_sensitivity, sensitivity_cached, sweep_evaluations
 from autoprune.spec import Spec, load_spec
 from autoprune.model.loading import Target, cache_dir_for, load_target
 
@@ -87,22 +89,43 @@ class Session:
         """The unpruned model's metric on val, as trained (no recalibration)."""
         return self.evaluator.score(self.target.model, "val")
 
+    def _sweep_args(self) -> dict:
+        s = self.spec.sensitivity
+        return dict(ratios=s.ratios, stop_drop=s.stop_drop, cache_dir=self.cache_dir / "sensitivity",
+                    skip_within=self.spec.search.tolerance if s.skip_insensitive else None)
+
+    def sensitivity_cached(self) -> bool:
+        """Whether the sensitivity sweep is on disk already (then it costs no evaluation)."""
+        if getattr(self, "_sensitivity", None) is not None:
+            return True
+        return sensitivity_cached(self.pruner, self.evaluator, **self._sweep_args())
+
+    def sweep_estimate(self) -> tuple[int, float]:
+        """(the most evaluations the sweep can take, seconds of one evaluation): the unpruned model evaluated once,
+        timed; the sweep then reuses that evaluation as its baseline."""
+        if getattr(self, "_baseline_eval", None) is None:
+            pm = self.pruner
+            t = time.perf_counter()
+            metric = float(self.evaluator(pm.apply(pm.plan({}))))
+            self._baseline_eval = (metric, time.perf_counter() - t)
+        return sweep_evaluations(self.pruner, self.spec.sensitivity.ratios), self._baseline_eval[1]
+
     def sensitivity(self, map_fn=None) -> SensitivityResult:
         """Sensitivity of every group (cached by weights and settings); a copy lands in the run directory."""
         if getattr(self, "_sensitivity", None) is not None:
             return self._sensitivity
-        s = self.spec.sensitivity
+        measured = getattr(self, "_baseline_eval", None)
         res = run_sensitivity(
             self.pruner,
             self.evaluator,
             self.cost_model,
-            ratios=s.ratios,
-            stop_drop=s.stop_drop,
-            skip_within=self.spec.search.tolerance if s.skip_insensitive else None,
-            cache_dir=self.cache_dir / "sensitivity",
             show_progress=self.show_progress,
             map_fn=map_fn,
+            baseline=measured[0] if measured else None,
+            **self._sweep_args(),
         )
+        if measured and res.evaluations:  # the sweep's baseline was `sweep_estimate`'s evaluation: count it
+            res = replace(res, evaluations=res.evaluations + 1)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         res.table.to_csv(self.run_dir / "sensitivity.csv", index=False)
         res.table.to_parquet(self.run_dir / "sensitivity.parquet", index=False)

@@ -194,7 +194,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         "name": session.spec.name,
         "strategy": run.strategy,
         "sampler": session.spec.search.sampler if run.strategy == "optuna" else None,
-        "priors": session.spec.search.priors if run.strategy == "optuna" else "none",
+        "priors": run.priors,
         "budget_mode": run.budget_mode,
         "budget": {"kind": budget.kind, "fraction": budget.fraction, "limit": budget.limit, "base": budget.base},
         "baseline": {"metric_val": float(session.baseline_metric), "metric": float(session.baseline_metric), "macs": base.macs, "params": base.params},
@@ -307,6 +307,8 @@ def _json_default(o: Any) -> Any:
 
 
 # ------------------------------------------------------------------ reading a run back
+RECOVERY_FILE = "recovery.json"  # written by api.finetune beside the fine-tuned model: steps, lr, plan, metrics
+
 @dataclass
 class RunResults:
     """A run directory read back: result files and every study's trials as DataFrames."""
@@ -324,14 +326,19 @@ class RunResults:
         return self.results.get("optuna") or next(iter(self.results.values()), None)
 
     def summary(self) -> pd.DataFrame:
-        """One row per strategy: its best plan's metrics and costs."""
+        """One row per strategy: its best plan's metrics and costs; with `recovered_val`/`recovered_test` (and
+        `recovered_steps`) when its best plan was fine-tuned by `api.recover` (RUN/recovered/STRATEGY: the same
+        steps for each strategy), so that strategies compare after recovery too."""
         rows = []
         for s, r in self.results.items():
             b = r.get("best") or {}
+            rec = self.recovered(s)
             rows.append({
                 "strategy": s,
                 "metric_val": b.get("metric_val"),
                 "metric_test": b.get("metric_test"),
+                **({"recovered_steps": rec["steps"], "recovered_val": rec["metrics"]["val"],
+                    "recovered_test": rec["metrics"]["test"]} if rec else {}),
                 "macs_ratio": b.get("macs_ratio"),
                 "params_ratio": b.get("params_ratio"),
                 "latency_ms": b.get("latency_ms"),
@@ -341,6 +348,16 @@ class RunResults:
                 "wall_s": r.get("wall_s"),
             })
         return pd.DataFrame(rows)
+
+    def recovered(self, strategy: str) -> dict | None:
+        """The record `api.recover` left for `strategy` (RUN/recovered/STRATEGY/recovery.json), if its plan is still
+        the strategy's best (a search resumed since may have found another: then its recovery no longer applies)."""
+        path = self.run_dir / "recovered" / strategy / RECOVERY_FILE
+        best = (self.results.get(strategy) or {}).get("best")
+        if not best or not path.exists():
+            return None
+        rec = json.loads(path.read_text())
+        return rec if rec.get("plan", {}).get("ratios") == best["plan"]["ratios"] else None
 
 
 def load(run: str | Path, *, storage: str | None = None) -> RunResults:

@@ -79,6 +79,8 @@ from autoprune.searching.studies import (
     n_complete,
     n_done,
     build_space,
+    resolve_priors,
+    stored_priors,
     fail_stale_trials,
     make_sampler,
     open_storage,
@@ -616,14 +618,21 @@ def run_ray_search(
     t0 = time.perf_counter()
     # on a cluster, ship what unpickling the model, data and task needs (built here anyway, before sensitivity)
     init_ray(spec, ship=(session.evaluator, session.pruner) if _is_cluster(s.ray_address) and not ray.is_initialized() else ())
-    if strategy == "optuna" and s.priors == "sensitivity":
-        session.sensitivity(map_fn=ray_map_for(spec))  # one Ray task per group; build_space reuses the result
-    space, sens_evals = build_space(session, strategy)
     storage_obj = open_storage(storage_url(spec, storage))
+    name = study_name(spec, strategy)
+    left = s.timeout_s - (time.perf_counter() - t0) if s.timeout_s else None
+    # (the estimate is the sweep run serially: on a cluster its Ray tasks run side by side, so it errs towards
+    # skipping; search.priors: sensitivity sweeps regardless)
+    priors, priors_note = resolve_priors(session, strategy, stored=stored_priors(storage_obj, name), time_left_s=left)
+    if priors == "sensitivity":
+        session.sensitivity(map_fn=ray_map_for(spec))  # one Ray task per group; build_space reuses the result
+    space, sens_evals = build_space(session, strategy, priors)
+    sens_evals += bool(priors_note)  # the evaluation that timed the skipped sweep
     mode = resolve_budget_mode(spec)
     objectives = list(s.objectives)
-    name = study_name(spec, strategy)
     study, created = create_or_load(storage_obj, name, directions(objectives), spec, strategy, mode)
+    if created and strategy == "optuna" and priors_note:  # auto skipped the sweep: a resume keeps the space
+        study.set_user_attr("priors", priors)
     fail_stale_trials(study)
     prep_s = time.perf_counter() - t0  # Ray's start, the sensitivity sweep (unless cached), the study
 
@@ -631,7 +640,7 @@ def run_ray_search(
     if created and strategy == "optuna":
         # the same warm starts as the local loop; Tune passes a point's config only, so here the sampler's
         # clipped view of each plan is what is evaluated (projected), not the plan itself
-        sens = session.sensitivity().table if s.priors == "sensitivity" else None
+        sens = session.sensitivity().table if priors == "sensitivity" else None
         warm = [(label, space.point(plan)) for label, plan in strategies.warm_start_plans(space, sens)]
 
     # multi-fidelity as in the local loop: successive halving over the recovery rungs, here Tune's ASHA
@@ -718,11 +727,11 @@ def run_ray_search(
         raise AutopruneError(f"every trial failed; reasons: {sorted(reasons)[:3]}")
     note = timeout_note(s.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s,
                         sweep_skips=spec.sensitivity.skip_insensitive)
-    notes = list(space.notes) + ([note] if note else []) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
+    notes = list(space.notes) + ([priors_note] if priors_note else []) + ([note] if note else []) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
                                  f"{s.cpus_per_trial} CPU / {s.gpus_per_trial} GPU each"
                                  + (f"; ASHA over recovery rungs {rungs} (reduction {s.rung_reduction})" if rungs else "")]
     fsync_now()  # the journal's last trials, on disk before the search returns (studies.TrialDurableJournal)
-    return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)
+    return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes, priors)
 
 
 class _ProgressCallback(tune.Callback):

@@ -44,6 +44,7 @@ class SearchRun:
     wall_s: float
     sensitivity_evaluations: int = 0
     notes: list[str] = field(default_factory=list)
+    priors: str = "none"  # what the search used: "sensitivity" or "none" (`resolve_priors`)
 
     @property
     def n_complete(self) -> int:
@@ -440,11 +441,62 @@ def resolve_budget_mode(spec) -> str:
         return spec.search.budget_mode
     return "projection" if len(spec.search.objectives) == 1 else "constraint"
 
-def build_space(session, strategy: str) -> tuple[SearchSpace, int]:
-    """The search space for a strategy; sensitivity priors only where the strategy uses them."""
+# Under search.timeout_s, `priors: auto` sweeps only when the sweep can take at most this share of the time left:
+# the sweep is worth its time only through the trials that use its bounds and warm start, so at least half the
+# limit stays theirs. Chosen before measuring, not fitted: on ResNeXt-20 at FastNAS's wall time the sweep alone
+# took more than the whole limit.
+SWEEP_SHARE = 0.5
+
+
+def stored_priors(storage, name: str) -> str | None:
+    """The priors a study in `storage` was searched with under `auto`: "none" when it recorded that the time limit
+    skipped its sweep, else "sensitivity" (only that skip is recorded: one journal write fewer for every other
+    study); None when there is no such study yet."""
+    try:
+        sid = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return storage.get_study_user_attrs(sid).get("priors", "sensitivity")
+
+
+def resolve_priors(session, strategy: str, *, stored: str | None = None,
+                   time_left_s: float | None = None) -> tuple[str, str | None]:
+    """("sensitivity" or "none", a note or None): whether this search sweeps sensitivity first.
+
+    Only the optuna strategy uses priors. search.priors: sensitivity or none is taken as it is. auto (the default)
+    is sensitivity, unless search.timeout_s is set, the sweep is not cached, and the sweep would take more than
+    SWEEP_SHARE of the time left (`time_left_s`): its evaluations at most (`Session.sweep_estimate`) times one
+    evaluation of the unpruned model, timed (the sweep reuses it as its baseline). A resumed study keeps the
+    priors it was created with (`stored`), so its trials stay in one space."""
+    if strategy != "optuna":
+        return "none", None
+    asked = session.spec.search.priors
+    if asked != "auto":
+        return asked, None
+    if stored in ("sensitivity", "none"):
+        return stored, None
+    limit = session.spec.search.timeout_s
+    if not limit or session.sensitivity_cached():
+        return "sensitivity", None
+    left = limit if time_left_s is None else time_left_s
+    n_evals, per_eval = session.sweep_estimate()
+    if n_evals * per_eval <= SWEEP_SHARE * left:
+        return "sensitivity", None
+    return "none", (f"search.priors: auto skipped the sensitivity sweep: up to {n_evals} evaluations at "
+                    f"{per_eval:.2f} s (~{n_evals * per_eval:.0f} s) would take over {SWEEP_SHARE:.0%} of the "
+                    f"{left:.0f} s that search.timeout_s left, so every trial searched each group in "
+                    f"[0, max_ratio] with the uniform, global and LAMP warm starts; raise timeout_s, or set "
+                    f"search.priors: sensitivity to sweep anyway")
+
+
+def build_space(session, strategy: str, priors: str | None = None) -> tuple[SearchSpace, int]:
+    """The search space for a strategy; sensitivity priors only where the strategy uses them (`priors`: what
+    `resolve_priors` decided; None: resolve it here, without a time limit)."""
     spec = session.spec
     budget = Budget.from_spec(spec, session.pruner, session.cost_model)
-    use_priors = strategy == "optuna" and spec.search.priors == "sensitivity"
+    if priors is None:
+        priors = resolve_priors(session, strategy)[0]
+    use_priors = strategy == "optuna" and priors == "sensitivity"
     sens, n_eval = None, 0
     if use_priors:
         SearchSpace.build(session.pruner, budget, None, spec.search.tolerance)  # an unreachable budget fails now

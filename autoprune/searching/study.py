@@ -25,7 +25,7 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_metric, fsync_now, fast_tpe_math, search_score, study_centre, study_score, timeout_note, build_space, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
+    SearchRun, TrialSeededSampler, best_metric, fsync_now, fast_tpe_math, search_score, study_centre, study_score, timeout_note, build_space, resolve_priors, stored_priors, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,13 @@ def run_search(
 
     t0 = time.perf_counter()
     storage_obj = open_storage(storage_url(spec, storage))  # fail on bad storage before sensitivity analysis
-    space, sens_evals = build_space(session, strategy)
+    name = study_name(spec, strategy)
+    left = spec.search.timeout_s - (time.perf_counter() - t0) if spec.search.timeout_s else None
+    priors, priors_note = resolve_priors(session, strategy, stored=stored_priors(storage_obj, name), time_left_s=left)
+    space, sens_evals = build_space(session, strategy, priors)
+    sens_evals += bool(priors_note)  # the evaluation that timed the skipped sweep
     mode = resolve_budget_mode(spec)
     objectives = list(spec.search.objectives) if strategy in ("optuna", "random") else ["accuracy"]
-    name = study_name(spec, strategy)
     study, created = create_or_load(storage_obj, name, directions(objectives), spec, strategy, mode)
     fail_stale_trials(study)
     # seeded with seed + the number of this process's first trial: a resumed run does not replay itself and
@@ -70,11 +73,13 @@ def run_search(
         study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=spec.search.rung_reduction,
                                                               min_early_stopping_rate=0)
     if created and strategy == "optuna":
-        _enqueue_warm_starts(study, space, session)
+        if priors_note:  # auto skipped the sweep for the time limit: a resume keeps the study's space
+            study.set_user_attr("priors", priors)
+        _enqueue_warm_starts(study, space, session, priors)
     score = study_score(study, created, search_score(spec, strategy), auto=spec.search.score == "auto")
     study_centre(study, created, space)
 
-    notes = list(space.notes)
+    notes = list(space.notes) + ([priors_note] if priors_note else [])
     prep_s = time.perf_counter() - t0  # storage, the sensitivity sweep (unless cached), the study
     if strategy in ("optuna", "random"):
         objective = Objective(space, session.evaluator, session.cost_model, objectives=objectives,
@@ -93,7 +98,7 @@ def run_search(
         notes += [note] if note else []
         _record_plans(study, space, session, [plan], show_progress=False)
     fsync_now()  # the journal's last trials, on disk before the search returns (see TrialDurableJournal)
-    return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes)
+    return SearchRun(session, study, space, strategy, mode, time.perf_counter() - t0, sens_evals, notes, priors)
 
 LATENCY_MARGIN = 0.98  # a one-plan heuristic under a latency budget aims to measure at most this x the limit ...
 LATENCY_MARGIN_MIN = 0.90  # ... or less by the measurement's own upper spread, down to this
@@ -172,10 +177,10 @@ def _one_plan_heuristic(space: SearchSpace, strategy: str) -> tuple[PruningPlan,
                   f"measures within {margin:.0%} of it: {measured / limit:.1%}")
 
 
-def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session) -> None:
+def _enqueue_warm_starts(study: optuna.Study, space: SearchSpace, session, priors: str) -> None:
     """The heuristics' plans (`strategies.warm_start_plans`), enqueued once at creation. The sampler sees them
     as `SearchSpace.point` makes them (ratios clipped into the bounds; in a centred space, the closest proposal); the objective evaluates the plan itself (`WARM_PLAN`), not its projection."""
-    sens = session.sensitivity().table if session.spec.search.priors == "sensitivity" else None
+    sens = session.sensitivity().table if priors == "sensitivity" else None
     for label, plan in strategies.warm_start_plans(space, sens):
         study.enqueue_trial(space.point(plan), user_attrs={"warm_start": label, WARM_PLAN: plan.ratios},
                             skip_if_exists=True)

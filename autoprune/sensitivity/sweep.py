@@ -74,6 +74,7 @@ def run_sensitivity(
     extra_key: dict | None = None,
     map_fn: Callable | None = None,
     skip_within: float | None = None,
+    baseline: float | None = None,
 ) -> SensitivityResult:
     """Sweep every prunable group over `ratios` (clipped to max_ratio); one row per evaluation kept.
 
@@ -82,7 +83,8 @@ def run_sensitivity(
     `skip_within` is insensitive: its smaller ratios are not evaluated (one row). Otherwise the sweep goes on
     from the smallest ratio as without it (the largest ratio's evaluation is reused when the sweep gets there,
     and left out of the table when it stops before, so that the table is the full sweep's). `map_fn(fn, items)`
-    can fan the per-group sweeps out (e.g. over Ray); by default they run in this process.
+    can fan the per-group sweeps out (e.g. over Ray); by default they run in this process. `baseline`: the
+    unpruned model's metric through `evaluator`, when the caller measured it already (`sweep_estimate`).
     """
     ratios = sorted(r for r in ratios if r <= pm.max_ratio + 1e-9)
     path = parts = None
@@ -101,6 +103,9 @@ def run_sensitivity(
     base_file = parts / "baseline.json" if parts is not None else None
     if base_file is not None and base_file.exists():
         baseline = float(json.loads(base_file.read_text())["baseline_metric"])
+    elif baseline is not None:
+        if base_file is not None:
+            _write_atomic(base_file, json.dumps({"baseline_metric": baseline}))
     else:
         baseline = evaluator(pm.apply(pm.plan({})))
         n_eval += 1
@@ -173,6 +178,20 @@ def run_sensitivity(
                 f.unlink()
             parts.rmdir()
     return SensitivityResult(df, baseline, path, n_eval)
+
+
+def sensitivity_cached(pm: PrunableModel, evaluator: Evaluator, *, ratios: Sequence[float], stop_drop: float,
+                       cache_dir: str | Path, extra_key: dict | None = None, skip_within: float | None = None) -> bool:
+    """Whether `run_sensitivity` with these arguments would be served from its cache (no evaluation)."""
+    ratios = sorted(r for r in ratios if r <= pm.max_ratio + 1e-9)
+    key = _key(pm, evaluator, ratios, stop_drop, extra_key, skip_within)
+    return (Path(cache_dir) / f"sensitivity-{key}.csv").exists()
+
+
+def sweep_evaluations(pm: PrunableModel, ratios: Sequence[float]) -> int:
+    """The most evaluations a sweep over `ratios` can take: the unpruned baseline and every group at every ratio
+    up to `max_ratio` (early stops, rounding and `skip_within` make it fewer)."""
+    return 1 + len(pm.prunable_names) * sum(r <= pm.max_ratio + 1e-9 for r in ratios)
 
 
 def _part_name(group: str) -> str:
