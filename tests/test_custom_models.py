@@ -6,6 +6,7 @@ does, and the latency table and a latency-budget search work after concatenation
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,22 @@ def test_group_maps_cut_what_torch_prunings_walk_cuts(name: str) -> None:
         assert {k: v[1] for k, v in got.items()} == {k: v[1] for k, v in want.items()}
         mapped = sum(m is not False for m in pm._group_maps.values())
     assert mapped >= len(pm._group_maps) // 2 > 0  # most groups take the map (a group it fails on takes the walk)
+
+
+def test_regnet_digits_factory_and_its_spec_load_and_prune_on_dict_batches() -> None:
+    """`hfzoo.regnet_digits` (the held-out RegNetY of the README's balanced-widths check) through its bundled spec:
+    16 groups (8 grouped convs, the squeeze-and-excitation convs), a plan at the spec's budget keeps the output."""
+    pytest.importorskip("transformers")
+    from autoprune.model.hfzoo import digits_dict, regnet_digits
+    from autoprune.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "regnet-digits-macs50.yaml")
+    assert spec.model.factory == "autoprune.model.hfzoo:regnet_digits" and spec.budget.macs == 0.5
+    model = regnet_digits()
+    batch = torch.stack([digits_dict()["val"][i]["pixel_values"] for i in range(3)])
+    pm = PrunableModel(model, batch[:1])
+    assert len(pm.groups) == 16 and sum(g.conv_groups > 1 for g in pm.groups) == 8
+    small = pm.apply(pm.uniform_plan(0.5))
+    with torch.no_grad():
+        assert small(pixel_values=batch).logits.shape == model(pixel_values=batch).logits.shape == (3, 10)
+    assert count_macs(small, batch[:1]) < count_macs(model, batch[:1])

@@ -189,6 +189,23 @@ def vit_digits(hidden_size: int = 64, num_layers: int = 3, head_size: int = 16, 
     return model.eval()
 
 
+def regnet_digits(embedding_size: int = 16, hidden_sizes: tuple[int, ...] = (16, 32, 64),
+                  depths: tuple[int, ...] = (1, 1, 2), groups_width: int = 8, layer_type: str = "y",
+                  num_labels: int = 10, seed: int = 0) -> torch.nn.Module:
+    """A small raw `transformers` RegNetForImageClassification for 8x8 one-channel images (sklearn digits): grouped
+    3x3 convs (`groups_width` channels a group) and, with layer_type "y", squeeze-and-excitation in every block.
+    Built from a `RegNetConfig`, random init seeded by `seed` (the global RNG is left as it was); trained through
+    the spec's `train:` section. `model(pixel_values=x).logits` is `[batch, num_labels]`."""
+    transformers = _require_transformers()
+    config = transformers.RegNetConfig(num_channels=1, embedding_size=embedding_size, hidden_sizes=list(hidden_sizes),
+                                       depths=list(depths), groups_width=groups_width, layer_type=layer_type,
+                                       num_labels=num_labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.RegNetForImageClassification(config)
+    return model.eval()
+
+
 class DictDigits(Dataset):
     """Dict items `{"pixel_values": FloatTensor[1, 8, 8], "labels": int64 scalar}` over (x, y) tensors."""
 
