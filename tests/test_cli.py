@@ -64,6 +64,7 @@ def test_search_report_export_through_the_cli(make_spec, tmp_path, capsys):
     code, out, err = _cli(["search", str(path), "--set", "search.n_trials=4"], capsys)
     assert code == 0, err
     assert "[optuna] val" in out and "4 trials, 0 failed" in out
+    assert "note: no priors: every group searched in [0, max_ratio]" in out  # result.json's notes, printed
     run_dir = Path(spec["output"]) / spec["name"]
     code, out, err = _cli(["report", str(run_dir), "--format", "json"], capsys)
     assert code == 0 and json.loads(out)["optuna"]["n_trials_complete"] == 4

@@ -54,3 +54,21 @@ def test_explicit_sensitivity_priors_sweep_under_any_limit_and_a_cached_sweep_is
     cached = _search(make_spec("cnn1d", search={"n_trials": 2, "timeout_s": 1e-3}, sensitivity={"stop_drop": 0.64}))
     assert cached.priors == "sensitivity" and cached.sensitivity_evaluations == 0
     assert not any("skipped" in n for n in cached.notes)
+
+
+def test_the_cli_time_limit_flag_reaches_the_search_and_its_note_is_printed(make_spec, tmp_path, capsys):
+    import yaml
+
+    from autoprune.app.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(make_spec("cnn1d", search={"n_trials": 3}, sensitivity={"stop_drop": 0.65})))
+    try:
+        main(["search", str(path), "--timeout-s", "0.001"])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "note: search.priors: auto skipped the sensitivity sweep" in out
+    assert "note: search.timeout_s (0.001 s) stopped the search after 1 of 3 trials" in out

@@ -112,6 +112,9 @@ def search(
     sampler: Optional[str] = typer.Option(None, help="tpe | nsga2 | gp | random"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL or journal path (default: RUN/study.journal)."),
     backend: Optional[str] = typer.Option(None, help="optuna (in process) | ray (Ray Tune)"),
+    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="Wall-time limit of the search, sensitivity "
+                                              "sweep included (search.timeout_s): no trial starts after it; the "
+                                              "default priors skip a sweep that would take over half of it."),
     baselines: bool = typer.Option(False, "--baselines", help="Also run uniform, global and lamp at the same budget."),
     recover_steps: int = typer.Option(0, "--recover-steps", help="With --baselines: fine-tune every strategy's best "
                                       "plan this many steps, the same for all, and compare them after it (the "
@@ -121,7 +124,8 @@ def search(
     """Run or resume a budget-constrained search; writes RUN/result.json and prints the best plan."""
     from autoprune.app import api
 
-    s = _session(spec, sets, {"search.strategy": strategy, "search.sampler": sampler, "search.backend": backend})
+    s = _session(spec, sets, {"search.strategy": strategy, "search.sampler": sampler, "search.backend": backend,
+                              "search.timeout_s": timeout_s})
     if recover_steps and not baselines:
         raise typer.BadParameter("--recover-steps compares strategies after recovery: add --baselines (or fine-tune "
                                  "the best plan alone with `autoprune finetune`)", param_hint="--recover-steps")
@@ -152,6 +156,8 @@ def _print_result(r: dict, short: bool = False) -> None:
     head = f"[{r['strategy']}] "
     if not b:
         typer.echo(head + "no plan met the budget")
+        for note in r.get("notes") or []:
+            typer.echo(f"note: {note}")
         return
     typer.echo(head + f"val {b['metric_val']:.4f}  test {b.get('metric_test', float('nan')):.4f}  "
                f"MACs {b['macs_ratio']:.3f}  params {b['params_ratio']:.3f}  "
@@ -159,6 +165,8 @@ def _print_result(r: dict, short: bool = False) -> None:
                f"{r['n_trials_complete']} trials, {r['n_trials_failed']} failed)")
     if not short:
         typer.echo(f"plan: {b['summary']}")
+        for note in r.get("notes") or []:  # what the search decided or noticed, with what to change (result.json too)
+            typer.echo(f"note: {note}")
 
 
 @app.command()
