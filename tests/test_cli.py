@@ -131,7 +131,7 @@ def test_search_baselines_compare_after_recovery_and_the_report_reads_it_back(ma
         assert summary.loc[st, "metric_val"] == pytest.approx(val_before, abs=1e-4)
         assert summary.loc[st, "recovered_test"] == pytest.approx(test, abs=1e-4)
     code, out, err = _cli(["report", str(run_dir)], capsys)
-    assert code == 0 and "recovered_test" in out
+    assert code == 0 and "recovered_test" in out and "--recover-steps 300" not in out
     # a recovery of another plan than the strategy's best (a search resumed since) is not reported
     rec = run_dir / "recovered" / "lamp" / "recovery.json"
     data = json.loads(rec.read_text())
@@ -141,3 +141,7 @@ def test_search_baselines_compare_after_recovery_and_the_report_reads_it_back(ma
     # without --recover-steps the baselines are compared before recovery, and the CLI says so
     code, out, err = _cli(["search", str(path), "--baselines"], capsys)
     assert code == 0 and "--recover-steps 300" in out
+    for d in (run_dir / "recovered").iterdir():  # no recovery on record: the report says how to compare after one
+        (d / "recovery.json").unlink()
+    code, out, err = _cli(["report", str(run_dir)], capsys)
+    assert code == 0 and "recovered_test" not in out and "--recover-steps 300" in out

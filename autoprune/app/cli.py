@@ -193,7 +193,12 @@ def report(
         if not res.results:
             typer.echo("no finished search yet; trials so far:")
         else:
-            typer.echo(res.summary().to_string(index=False))
+            summary = res.summary()
+            typer.echo(summary.to_string(index=False))
+            if "optuna" in res.results and len(res.results) > 1 and "recovered_test" not in summary:
+                typer.echo("(metrics before recovery; the search ranks plans by how they should recover: compare the "
+                           "strategies after the same fine-tune with `autoprune search SPEC --baselines "
+                           "--recover-steps 300`)")
         counts = res.trials.groupby(["strategy", "state"]).size().unstack(fill_value=0) if not res.trials.empty else None
         if counts is not None:
             typer.echo("\ntrials by state:\n" + counts.to_string())
