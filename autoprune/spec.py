@@ -137,7 +137,7 @@ class SearchSpec(_Section):
     priors: Literal["auto", "sensitivity", "none"] = Field(
         "auto", description="sensitivity: sweep each group before the search for its bound and the "
         "sensitivity-greedy warm start; none: no sweep, every group in [0, max_ratio]; auto (the default): "
-        "sensitivity, unless timeout_s is set, the sweep is not cached, and it would take more than half of "
+        "sensitivity, unless timeout_s is set, the sweep is not cached, and it would take more than 2/3 of "
         "the time left (its evaluations at most x one evaluation of the unpruned model, timed)")
     budget_mode: Literal["projection", "constraint"] | None = Field(
         None, description="projection (default for one objective) or constraint (default for several)"

@@ -114,7 +114,7 @@ def search(
     backend: Optional[str] = typer.Option(None, help="optuna (in process) | ray (Ray Tune)"),
     timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="Wall-time limit of the search, sensitivity "
                                               "sweep included (search.timeout_s): no trial starts after it; the "
-                                              "default priors skip a sweep that would take over half of it."),
+                                              "default priors skip a sweep that would take over 2/3 of it."),
     baselines: bool = typer.Option(False, "--baselines", help="Also run uniform, global and lamp at the same budget."),
     recover_steps: int = typer.Option(0, "--recover-steps", help="With --baselines: fine-tune every strategy's best "
                                       "plan this many steps, the same for all, and compare them after it (the "
