@@ -141,3 +141,6 @@ def test_a_timeout_note_offers_the_cheaper_sweep_only_while_it_is_off():
     assert "skip_insensitive: true" in off and "skip_insensitive" not in on
     assert "search.priors: none" in off and "search.priors: none" in on
     assert "skip_insensitive" not in timeout_note(10.0, 3, 60, 2.0, sweep_skips=False)  # the sweep was not the cost
+    # a sweep that search.priors: auto chose (it fitted 2/3 of the limit) is not second-guessed
+    chosen = timeout_note(10.0, 3, 60, 6.0, sweep_skips=True, auto_swept=True)
+    assert chosen.endswith("6.0 s of it (60%); raise timeout_s") and "priors" not in chosen

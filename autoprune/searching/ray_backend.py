@@ -726,7 +726,8 @@ def run_ray_search(
         reasons = {t.user_attrs.get("fail_reason", "unknown") for t in study.trials if t.state == TrialState.FAIL}
         raise AutopruneError(f"every trial failed; reasons: {sorted(reasons)[:3]}")
     note = timeout_note(s.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s,
-                        sweep_skips=spec.sensitivity.skip_insensitive)
+                        sweep_skips=spec.sensitivity.skip_insensitive,
+                        auto_swept=spec.search.priors == "auto" and priors == "sensitivity")
     notes = list(space.notes) + ([priors_note] if priors_note else []) + ([note] if note else []) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
                                  f"{s.cpus_per_trial} CPU / {s.gpus_per_trial} GPU each"
                                  + (f"; ASHA over recovery rungs {rungs} (reduction {s.rung_reduction})" if rungs else "")]

@@ -89,7 +89,8 @@ def run_search(
         deadline = t0 + spec.search.timeout_s if spec.search.timeout_s else None
         _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs), deadline=deadline)
         note = timeout_note(spec.search.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s,
-                            sweep_skips=spec.sensitivity.skip_insensitive)
+                            sweep_skips=spec.sensitivity.skip_insensitive,
+                            auto_swept=spec.search.priors == "auto" and priors == "sensitivity")
         notes += [note] if note else []
     elif strategy == "netadapt":
         _run_netadapt(study, space, session, n_trials, show_progress)
