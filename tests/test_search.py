@@ -242,8 +242,9 @@ def test_upper_bounds_stop_at_the_first_failure_and_open_when_every_ratio_passes
 
 def test_timeout_stops_starting_trials_once_the_search_has_run_that_long(make_spec):
     # search.timeout_s counts the sensitivity sweep too: a limit that has passed by the time trials start leaves
-    # exactly one trial (at least one always runs); n_trials stays the maximum
-    spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 50, "timeout_s": 1e-3})
+    # exactly one trial (at least one always runs); n_trials stays the maximum. (priors: sensitivity sweeps under any
+    # limit, and then the note suggests priors: none; auto would not sweep here unless the sweep is cached)
+    spec = make_spec("cnn1d", budget={"macs": 0.5}, search={"n_trials": 50, "timeout_s": 1e-3, "priors": "sensitivity"})
     run = run_search(_session(spec), show_progress=False)
     states = [t.state for t in run.study.trials]
     assert states[0] == TrialState.COMPLETE and set(states[1:]) == {TrialState.WAITING}  # warm starts left queued
