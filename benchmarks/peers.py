@@ -14,7 +14,7 @@ Methods (--methods):
   autoprune-rerank  the same plus search.rerank_top_k 3, rerank_steps 50 (3 best + the heuristic plans re-ranked)
   autoprune-tm the default search held to FastNAS's wall time: search.timeout_s = the `fastnas` row's search wall
                time at the same budget and seed (needs `fastnas` in --methods; runs after it); the default
-               search.priors: auto then skips the sensitivity sweep when it would take over half of that time
+               search.priors: auto then skips the sensitivity sweep when it would take over 2/3 of that time
   uniform, global, lamp, netadapt, random
                `api.search(session, strategy=...)`, the heuristics `autoprune search --strategy` selects
   fastnas      ModelOpt `mtp.prune(mode="fastnas")`, channel divisor 4 on every Conv2d/BatchNorm2d/Linear

@@ -79,8 +79,9 @@ from autoprune.searching.studies import (
     n_complete,
     n_done,
     build_space,
-    resolve_priors,
-    stored_priors,
+    auto_swept,
+    choose_priors,
+    keep_priors,
     fail_stale_trials,
     make_sampler,
     open_storage,
@@ -620,19 +621,17 @@ def run_ray_search(
     init_ray(spec, ship=(session.evaluator, session.pruner) if _is_cluster(s.ray_address) and not ray.is_initialized() else ())
     storage_obj = open_storage(storage_url(spec, storage))
     name = study_name(spec, strategy)
-    left = s.timeout_s - (time.perf_counter() - t0) if s.timeout_s else None
     # (the estimate is the sweep run serially: on a cluster its Ray tasks run side by side, so it errs towards
     # skipping; search.priors: sensitivity sweeps regardless)
-    priors, priors_note = resolve_priors(session, strategy, stored=stored_priors(storage_obj, name), time_left_s=left)
+    priors, priors_note, timing_evals = choose_priors(session, strategy, storage_obj, name, t0)
     if priors == "sensitivity":
         session.sensitivity(map_fn=ray_map_for(spec))  # one Ray task per group; build_space reuses the result
     space, sens_evals = build_space(session, strategy, priors)
-    sens_evals += bool(priors_note)  # the evaluation that timed the skipped sweep
+    sens_evals += timing_evals
     mode = resolve_budget_mode(spec)
     objectives = list(s.objectives)
     study, created = create_or_load(storage_obj, name, directions(objectives), spec, strategy, mode)
-    if created and strategy == "optuna" and priors_note:  # auto skipped the sweep: a resume keeps the space
-        study.set_user_attr("priors", priors)
+    keep_priors(study, created, priors, priors_note)
     fail_stale_trials(study)
     prep_s = time.perf_counter() - t0  # Ray's start, the sensitivity sweep (unless cached), the study
 
@@ -727,7 +726,7 @@ def run_ray_search(
         raise AutopruneError(f"every trial failed; reasons: {sorted(reasons)[:3]}")
     note = timeout_note(s.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s,
                         sweep_skips=spec.sensitivity.skip_insensitive,
-                        auto_swept=spec.search.priors == "auto" and priors == "sensitivity")
+                        auto_swept=auto_swept(spec, priors))
     notes = list(space.notes) + ([priors_note] if priors_note else []) + ([note] if note else []) + [f"ray backend: {s.max_concurrent_trials} concurrent trial(s), "
                                  f"{s.cpus_per_trial} CPU / {s.gpus_per_trial} GPU each"
                                  + (f"; ASHA over recovery rungs {rungs} (reduction {s.rung_reduction})" if rungs else "")]

@@ -491,6 +491,29 @@ def resolve_priors(session, strategy: str, *, stored: str | None = None,
                     f"search.priors: sensitivity to sweep anyway")
 
 
+def choose_priors(session, strategy: str, storage, name: str, t0: float) -> tuple[str, str | None, int]:
+    """What both backends do before building the space: `resolve_priors` for the study `name` in `storage`, with
+    the time left of search.timeout_s since `t0` (`time.perf_counter()` at the search's start). Returns the
+    priors, the note, and the evaluations spent on deciding: 1 when the sweep was timed and then skipped (a sweep
+    that runs reuses the timing evaluation as its baseline and counts it itself)."""
+    limit = session.spec.search.timeout_s
+    left = limit - (time.perf_counter() - t0) if limit else None
+    priors, note = resolve_priors(session, strategy, stored=stored_priors(storage, name), time_left_s=left)
+    return priors, note, int(note is not None)
+
+
+def keep_priors(study: optuna.Study, created: bool, priors: str, note: str | None) -> None:
+    """A new study whose sweep `auto` skipped for the time limit records it (`stored_priors`), so that a resume
+    searches the same space."""
+    if created and note is not None:
+        study.set_user_attr("priors", priors)
+
+
+def auto_swept(spec, priors: str) -> bool:
+    """Whether the sweep ran because `search.priors: auto` chose it (what `timeout_note` needs to know)."""
+    return spec.search.priors == "auto" and priors == "sensitivity"
+
+
 def build_space(session, strategy: str, priors: str | None = None) -> tuple[SearchSpace, int]:
     """The search space for a strategy; sensitivity priors only where the strategy uses them (`priors`: what
     `resolve_priors` decided; None: resolve it here, without a time limit)."""

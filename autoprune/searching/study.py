@@ -25,7 +25,7 @@ from autoprune.searching import strategies
 from autoprune.searching.objective import WARM_PLAN, Objective, TrialFailed, directions, evaluate_plan, objective_values, record, trial_attrs
 from autoprune.searching.space import SearchSpace
 from autoprune.searching.studies import (
-    SearchRun, TrialSeededSampler, best_metric, fsync_now, fast_tpe_math, search_score, study_centre, study_score, timeout_note, build_space, resolve_priors, stored_priors, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
+    SearchRun, TrialSeededSampler, best_metric, fsync_now, fast_tpe_math, search_score, study_centre, study_score, timeout_note, build_space, auto_swept, choose_priors, keep_priors, create_or_load, fail_stale_trials, n_complete, n_done, open_storage, resolve_budget_mode, storage_url, study_name,
 )
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,9 @@ def run_search(
     t0 = time.perf_counter()
     storage_obj = open_storage(storage_url(spec, storage))  # fail on bad storage before sensitivity analysis
     name = study_name(spec, strategy)
-    left = spec.search.timeout_s - (time.perf_counter() - t0) if spec.search.timeout_s else None
-    priors, priors_note = resolve_priors(session, strategy, stored=stored_priors(storage_obj, name), time_left_s=left)
+    priors, priors_note, timing_evals = choose_priors(session, strategy, storage_obj, name, t0)
     space, sens_evals = build_space(session, strategy, priors)
-    sens_evals += bool(priors_note)  # the evaluation that timed the skipped sweep
+    sens_evals += timing_evals
     mode = resolve_budget_mode(spec)
     objectives = list(spec.search.objectives) if strategy in ("optuna", "random") else ["accuracy"]
     study, created = create_or_load(storage_obj, name, directions(objectives), spec, strategy, mode)
@@ -72,9 +71,8 @@ def run_search(
     if rungs:  # multi-fidelity: successive halving over the recovery rungs (Optuna's own pruner)
         study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=spec.search.rung_reduction,
                                                               min_early_stopping_rate=0)
+    keep_priors(study, created, priors, priors_note)
     if created and strategy == "optuna":
-        if priors_note:  # auto skipped the sweep for the time limit: a resume keeps the study's space
-            study.set_user_attr("priors", priors)
         _enqueue_warm_starts(study, space, session, priors)
     score = study_score(study, created, search_score(spec, strategy), auto=spec.search.score == "auto")
     study_centre(study, created, space)
@@ -90,7 +88,7 @@ def run_search(
         _optimize(study, objective, n_trials, show_progress, count_pruned=bool(rungs), deadline=deadline)
         note = timeout_note(spec.search.timeout_s, n_done(study, bool(rungs)), n_trials, prep_s,
                             sweep_skips=spec.sensitivity.skip_insensitive,
-                            auto_swept=spec.search.priors == "auto" and priors == "sensitivity")
+                            auto_swept=auto_swept(spec, priors))
         notes += [note] if note else []
     elif strategy == "netadapt":
         _run_netadapt(study, space, session, n_trials, show_progress)

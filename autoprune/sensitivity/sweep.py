@@ -86,18 +86,17 @@ def run_sensitivity(
     can fan the per-group sweeps out (e.g. over Ray); by default they run in this process. `baseline`: the
     unpruned model's metric through `evaluator`, when the caller measured it already (`sweep_estimate`).
     """
-    ratios = sorted(r for r in ratios if r <= pm.max_ratio + 1e-9)
+    ratios = _swept(pm, ratios)
     path = parts = None
     if cache_dir is not None:
-        key = _key(pm, evaluator, ratios, stop_drop, extra_key, skip_within)
-        path = Path(cache_dir) / f"sensitivity-{key}.csv"
+        path = _cache_file(pm, evaluator, ratios, stop_drop, extra_key, skip_within, cache_dir)
         if path.exists():
             df = pd.read_csv(path)
             meta = json.loads(path.with_suffix(".json").read_text())
             log.info("sensitivity served from cache %s", path)
             return SensitivityResult(df, float(meta["baseline_metric"]), path, 0)
         # every finished group is persisted on its own as it completes, so a killed sweep resumes
-        parts = Path(cache_dir) / f"sensitivity-{key}.parts"
+        parts = path.with_suffix(".parts")
         parts.mkdir(parents=True, exist_ok=True)
     n_eval = 0
     base_file = parts / "baseline.json" if parts is not None else None
@@ -183,15 +182,24 @@ def run_sensitivity(
 def sensitivity_cached(pm: PrunableModel, evaluator: Evaluator, *, ratios: Sequence[float], stop_drop: float,
                        cache_dir: str | Path, extra_key: dict | None = None, skip_within: float | None = None) -> bool:
     """Whether `run_sensitivity` with these arguments would be served from its cache (no evaluation)."""
-    ratios = sorted(r for r in ratios if r <= pm.max_ratio + 1e-9)
-    key = _key(pm, evaluator, ratios, stop_drop, extra_key, skip_within)
-    return (Path(cache_dir) / f"sensitivity-{key}.csv").exists()
+    return _cache_file(pm, evaluator, _swept(pm, ratios), stop_drop, extra_key, skip_within, cache_dir).exists()
 
 
 def sweep_evaluations(pm: PrunableModel, ratios: Sequence[float]) -> int:
     """The most evaluations a sweep over `ratios` can take: the unpruned baseline and every group at every ratio
     up to `max_ratio` (early stops, rounding and `skip_within` make it fewer)."""
-    return 1 + len(pm.prunable_names) * sum(r <= pm.max_ratio + 1e-9 for r in ratios)
+    return 1 + len(pm.prunable_names) * len(_swept(pm, ratios))
+
+
+def _swept(pm: PrunableModel, ratios: Sequence[float]) -> list[float]:
+    """The ratios a sweep evaluates: those up to `max_ratio`, in order."""
+    return sorted(r for r in ratios if r <= pm.max_ratio + 1e-9)
+
+
+def _cache_file(pm: PrunableModel, evaluator: Evaluator, ratios: Sequence[float], stop_drop: float,
+                extra_key: dict | None, skip_within: float | None, cache_dir: str | Path) -> Path:
+    """Where a finished sweep with these settings is cached (its `.json` and `.parts` sit beside it)."""
+    return Path(cache_dir) / f"sensitivity-{_key(pm, evaluator, ratios, stop_drop, extra_key, skip_within)}.csv"
 
 
 def _part_name(group: str) -> str:
