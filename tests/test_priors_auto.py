@@ -1,4 +1,4 @@
-"""search.priors: auto: under search.timeout_s the sensitivity sweep runs only when it fits in half the time left."""
+"""search.priors: auto: under search.timeout_s the sensitivity sweep runs only when it fits in 2/3 of the time left."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _warm_starts(run) -> list[str]:
     return sorted(a["warm_start"] for a in (trial_attrs(t) for t in run.study.trials) if "warm_start" in a)
 
 
-def test_auto_priors_skip_a_sweep_that_would_outlast_half_the_time_limit_and_a_resume_keeps_that(make_spec):
+def test_auto_priors_skip_a_sweep_that_would_outlast_two_thirds_of_the_time_limit_and_a_resume_keeps_that(make_spec):
     spec = make_spec("cnn1d", search={"n_trials": 4, "timeout_s": 1e-3}, sensitivity={"stop_drop": 0.61})
     run = _search(spec)
     assert run.priors == "none"
