@@ -197,7 +197,7 @@ def spec_for(args, budget: tuple[str, float], seed: int, method: str, timeout_s:
     else:
         spec["budget"] = {"macs": value}  # replaced: exactly one budget kind
     spec = _merge(spec, {"search": {"seed": seed}})
-    if args.split_per_seed:  # every method at this seed: the seed's own data split and the model trained on it
+    if getattr(args, "split_per_seed", False):  # every method at this seed: the seed's own data split and the model trained on it
         spec = _merge(spec, {"data": {"kwargs": {"seed": seed}}})
     if method == "autoprune-mf":  # the default search plus multi-fidelity rungs (search.recovery_rungs)
         spec = _merge(spec, {"search": {"recovery_rungs": [50, 200], "rung_reduction": 3}})

@@ -92,6 +92,11 @@ def test_peers_set_overrides_win_over_quick(tmp_path):
     assert lamp["search"]["n_trials"] == 12 and lamp["pruning"]["max_ratio"] == 0.9  # --quick only
     tm = peers.spec_for(args, ("macs", 0.3), 1, "autoprune-tm", timeout_s=7.5)
     assert tm["search"]["timeout_s"] == 7.5
+    assert "seed" not in (ours["data"]["kwargs"] or {})  # one data split for every seed unless asked
+    # --split-per-seed: every method at seed k gets data split k (and so the model trained on it)
+    args.split_per_seed = True
+    for method in ("autoprune", "lamp", "fastnas"):
+        assert peers.spec_for(args, ("macs", 0.3), 7, method)["data"]["kwargs"]["seed"] == 7
 
 
 def test_proxy_study_tables_rank_and_pick_per_budget_and_seed(tmp_path, capsys):
@@ -140,3 +145,11 @@ def test_peers_paired_delta_resamples_images_paired_by_seed():
     d, lo, hi = peers.paired_delta(close, ref)
     assert d == pytest.approx(1.0) and lo <= 0 < hi
     assert peers.paired_delta(pd.DataFrame({"seed": [5], "test_correct": ["1" * n]}), ref) is None  # no common seed
+    # better on images 0-39 under seed 0, worse on the same positions under seed 1: with one test set for every
+    # seed, each draw takes those positions for both seeds and they cancel; with a split per seed (--split-per-seed)
+    # the positions are different images, resampled on their own, and the interval has width
+    base = pd.DataFrame({"seed": [0, 1], "test_correct": ["0" * 40 + "1" * 360, "1" * n]})
+    mixed = pd.DataFrame({"seed": [0, 1], "test_correct": ["1" * n, "0" * 40 + "1" * 360]})
+    assert peers.paired_delta(mixed, base) == (0.0, 0.0, 0.0)
+    d, lo, hi = peers.paired_delta(mixed.assign(split_seed=[0, 1]), base.assign(split_seed=[0, 1]))
+    assert d == 0.0 and lo < -0.5 and hi > 0.5
