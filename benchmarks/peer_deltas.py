@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref", default="fastnas", help="the method every other is compared with")
     a = p.parse_args(argv)
     runs = pd.concat([pd.read_csv(c, dtype={"test_correct": str}) for c in a.csv], ignore_index=True)
+    dup = runs[runs.duplicated(["setting", "method", "seed"], keep=False)]
+    if not dup.empty:  # a paired difference needs one run per method, setting and seed
+        r = dup.iloc[0]
+        raise SystemExit(f"{r.method} at {r.setting}, seed {r.seed} is in more than one of the files: pass files "
+                         "whose methods do not overlap")
     print(table(runs, a.ref))
 
 
