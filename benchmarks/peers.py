@@ -7,6 +7,7 @@ seeds; every final model is counted by one counter (torch.utils.flop_counter.Flo
 
     python benchmarks/peers.py                                   # ResNet-20 / digits, 50 % and 30 % MACs, seeds 0,1,2
     python benchmarks/peers.py --quick                           # smoke test: 50 %, seed 0, short fine-tunes
+    python benchmarks/peers.py --split-per-seed --seeds 1,2,3,4,5,6,7,8,9,10   # a data split and a model per seed
 
 Methods (--methods):
   autoprune    `api.search(session)` with the spec's (default) search section: TPE, sensitivity priors, 60 trials
