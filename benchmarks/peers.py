@@ -392,7 +392,7 @@ def table(runs: pd.DataFrame, args) -> str:
                 "search wall s": mean_pm(r.search_wall_s, 1, 1),
                 "evaluations": mean_pm(r.evals.astype(float), 1, 0),
             })
-        base = g.drop_duplicates("seed").baseline_test.dropna()  # one per seed (differs with --split-per-seed)
+        base = g.dropna(subset=["baseline_test"]).drop_duplicates("seed").baseline_test  # one a seed (--split-per-seed)
         what = f"{setting[3:]} % latency" if setting.startswith("lat") else f"{setting[4:]} % MACs"
         unpruned = (f" (unpruned test {100 * base.iloc[0]:.2f} {unit})" if base.nunique() == 1 else
                     f" (a data split per seed; unpruned test {mean_pm(base, 100)} {unit})")

@@ -156,17 +156,16 @@ def _print_result(r: dict, short: bool = False) -> None:
     head = f"[{r['strategy']}] "
     if not b:
         typer.echo(head + "no plan met the budget")
-        for note in r.get("notes") or []:
-            typer.echo(f"note: {note}")
-        return
-    typer.echo(head + f"val {b['metric_val']:.4f}  test {b.get('metric_test', float('nan')):.4f}  "
-               f"MACs {b['macs_ratio']:.3f}  params {b['params_ratio']:.3f}  "
-               f"(budget {r['budget']['kind']} <= {r['budget']['limit']:,.4g}; baseline val {r['baseline']['metric_val']:.4f}; "
-               f"{r['n_trials_complete']} trials, {r['n_trials_failed']} failed)")
-    if not short:
+    else:
+        typer.echo(head + f"val {b['metric_val']:.4f}  test {b.get('metric_test', float('nan')):.4f}  "
+                   f"MACs {b['macs_ratio']:.3f}  params {b['params_ratio']:.3f}  "
+                   f"(budget {r['budget']['kind']} <= {r['budget']['limit']:,.4g}; baseline val {r['baseline']['metric_val']:.4f}; "
+                   f"{r['n_trials_complete']} trials, {r['n_trials_failed']} failed)")
+        if short:
+            return
         typer.echo(f"plan: {b['summary']}")
-        for note in r.get("notes") or []:  # what the search decided or noticed, with what to change (result.json too)
-            typer.echo(f"note: {note}")
+    for note in r.get("notes") or []:  # what the search decided or noticed, with what to change (result.json too)
+        typer.echo(f"note: {note}")
 
 
 @app.command()
