@@ -461,8 +461,26 @@ def parse(argv=None):
     return a
 
 
+def check_split_per_seed(spec_path: str) -> None:
+    """--split-per-seed passes each seed to the spec's data factory as `seed`: refuse, before anything runs, a
+    factory that takes no such argument (else the first seed would fail inside the data loading, with the
+    factory's own TypeError, after the first method's set-up)."""
+    import inspect
+
+    from autoprune.model.factories import import_object
+
+    factory = yaml.safe_load(Path(spec_path).read_text())["data"]["factory"]
+    params = inspect.signature(import_object(factory)).parameters.values()
+    if not any(p.name == "seed" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        raise SystemExit(f"--split-per-seed gives each seed its own data split through the data factory's `seed` "
+                         f"argument, and {factory} takes none: add one (the split's random seed) or leave out "
+                         f"--split-per-seed")
+
+
 def main(argv=None) -> Path:
     args = parse(argv)
+    if args.split_per_seed:  # before the output directory is wiped
+        check_split_per_seed(args.spec)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists():

@@ -97,6 +97,15 @@ def test_peers_set_overrides_win_over_quick(tmp_path):
     args.split_per_seed = True
     for method in ("autoprune", "lamp", "fastnas"):
         assert peers.spec_for(args, ("macs", 0.3), 7, method)["data"]["kwargs"]["seed"] == 7
+    peers.check_split_per_seed(args.spec)  # digits takes a seed: accepted
+    # a data factory without one is refused before anything runs (the output directory is left alone)
+    own = tmp_path / "own.yaml"
+    own.write_text(Path(args.spec).read_text().replace("autoprune.model.data:digits", "autoprune.model.data:default_cache_dir"))
+    out = tmp_path / "keep"
+    out.mkdir()
+    with pytest.raises(SystemExit, match="takes none: add one"):
+        peers.main(["--spec", str(own), "--split-per-seed", "--out", str(out), "--methods", "lamp"])
+    assert out.exists()
 
 
 def test_proxy_study_tables_rank_and_pick_per_budget_and_seed(tmp_path, capsys):

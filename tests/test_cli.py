@@ -145,3 +145,16 @@ def test_search_baselines_compare_after_recovery_and_the_report_reads_it_back(ma
         (d / "recovery.json").unlink()
     code, out, err = _cli(["report", str(run_dir)], capsys)
     assert code == 0 and "recovered_test" not in out and "--recover-steps 300" in out
+
+
+def test_notes_fold_to_the_width_with_the_text_indented():
+    from autoprune.app.cli import wrap_note
+
+    note = ("search.priors: auto skipped the sensitivity sweep: it would take 12.3 s of the 10.0 s left; "
+            "set search.priors: sensitivity to sweep anyway, or raise search.timeout_s")
+    out = wrap_note(note, width=60)
+    lines = out.splitlines()
+    assert len(lines) == 4 and all(len(line) <= 60 for line in lines)
+    assert lines[0].startswith("note: search.priors: auto") and all(line.startswith("      ") for line in lines[1:])
+    assert " ".join(line.strip() for line in lines) == "note: " + note  # nothing lost or broken inside a word
+    assert wrap_note("short", width=60) == "note: short"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -165,7 +167,15 @@ def _print_result(r: dict, short: bool = False) -> None:
             return
         typer.echo(f"plan: {b['summary']}")
     for note in r.get("notes") or []:  # what the search decided or noticed, with what to change (result.json too)
-        typer.echo(f"note: {note}")
+        typer.echo(wrap_note(note))
+
+
+def wrap_note(note: str, width: int | None = None) -> str:
+    """`note: ...` folded to the terminal's width (at least 60 columns; 100 when there is no terminal), the
+    continuation lines indented under the text, so that a note of several sentences reads as a paragraph."""
+    width = width or max(shutil.get_terminal_size((100, 24)).columns, 60)
+    return textwrap.fill(note, width=width, initial_indent="note: ", subsequent_indent="      ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 @app.command()
