@@ -119,8 +119,22 @@ def test_search_baselines_compare_after_recovery_and_the_report_reads_it_back(ma
     path.write_text(yaml.safe_dump(spec))
     code, out, err = _cli(["search", str(path), "--recover-steps", "10"], capsys)
     assert code == 2 and "--baselines" in err  # a comparison needs the baselines
-    code, out, err = _cli(["search", str(path), "--baselines", "--recover-steps", "10"], capsys)
+    from autoprune.app import session as session_mod
+
+    opened = []
+    real_init = session_mod.Session.__init__
+
+    def counting_init(self, *a, **k):
+        opened.append(1)
+        real_init(self, *a, **k)
+
+    session_mod.Session.__init__ = counting_init
+    try:
+        code, out, err = _cli(["search", str(path), "--baselines", "--recover-steps", "10"], capsys)
+    finally:
+        session_mod.Session.__init__ = real_init
     assert code == 0, err
+    assert len(opened) == 1  # the search, the baselines and the four recoveries share one session (was one each)
     rows = _recovered_rows(out, 10)
     assert sorted(rows) == ["global", "lamp", "optuna", "uniform"]
     run_dir = Path(spec["output"]) / spec["name"]

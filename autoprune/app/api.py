@@ -63,7 +63,7 @@ def plan_of(run_dir: str | Path, *, strategy: str = "optuna", trial: int | None 
 
 
 def export(
-    spec: Spec | str | Path | dict,
+    spec: Spec | str | Path | dict | Session,
     *,
     out: str | Path | None = None,
     plan: PruningPlan | None = None,
@@ -72,8 +72,9 @@ def export(
     onnx: bool = True,
     show_progress: bool = True,
 ) -> Path:
-    """Apply the best (or a given) plan, recalibrate BN, and write the smaller model to `out`."""
-    s = session(spec, show_progress=show_progress)
+    """Apply the best (or a given) plan, recalibrate BN, and write the smaller model to `out` (`spec`: a spec, or a
+    session already open, whose model, data and graph are reused)."""
+    s = spec if isinstance(spec, Session) else session(spec, show_progress=show_progress)
     plan = plan or plan_of(s.run_dir, strategy=strategy, trial=trial)
     s.pruner.validate(plan)
     model = s.pruner.apply(plan)
@@ -87,7 +88,7 @@ def export(
 
 
 def finetune(
-    run: str | Path,
+    run: str | Path | Session,
     *,
     schedule: str = "oneshot",
     steps: int | None = None,
@@ -103,8 +104,9 @@ def finetune(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune a run's best plan with a schedule, export it, and return metrics and costs. The loss is the task's
-    plus `evaluation.recovery_distill` times the distillation term from the unpruned model (0: the task's alone)."""
-    s = session(run, show_progress=show_progress)
+    plus `evaluation.recovery_distill` times the distillation term from the unpruned model (0: the task's alone).
+    `run`: a run directory, its spec, or a session already open (its model, data and graph are reused)."""
+    s = run if isinstance(run, Session) else session(run, show_progress=show_progress)
     plan = plan_of(s.run_dir, strategy=strategy)
     steps = 300 if steps is None else steps
     lr = lr if lr is not None else s.spec.recovery_lr  # search.recovery_lr, else train.lr / 10
@@ -130,7 +132,7 @@ def finetune(
 
 
 def recover(
-    spec: Spec | str | Path | dict,
+    spec: Spec | str | Path | dict | Session,
     *,
     strategies: Sequence[str] = ("optuna", "uniform", "global", "lamp"),
     steps: int = 300,
@@ -141,14 +143,15 @@ def recover(
     RUN/recovered/STRATEGY, where `autoprune report` finds it. Why: the default search ranks plans by how they
     should recover (the metric plus the width balance), not by the metric before recovery, so a comparison before
     recovery can rank its plan under a heuristic's that recovers worse (README: the peer benchmark)."""
-    s = session(spec, show_progress=show_progress)
+    s = spec if isinstance(spec, Session) else session(spec, show_progress=show_progress)
     res = load(s.run_dir)
     rows = []
     for st in strategies:
         if not (res.results.get(st) or {}).get("best"):
             raise AutopruneError(f"no plan of strategy {st!r} to recover in {s.run_dir}; run `autoprune search` "
                                  f"with --strategy {st} (or --baselines) first")
-        r = finetune(s.spec, strategy=st, steps=steps, out=s.run_dir / "recovered" / st, show_progress=show_progress)
+        # one session for every strategy: the model, data, graph and evaluator are built once, not per strategy
+        r = finetune(s, strategy=st, steps=steps, out=s.run_dir / "recovered" / st, show_progress=show_progress)
         b = res.results[st]["best"]
         rows.append({"strategy": st, "val_before": b.get("metric_val"), "test_before": b.get("metric_test"),
                      "steps": steps, "val": r["metrics"]["val"], "test": r["metrics"]["test"],

@@ -138,7 +138,7 @@ def search(
         for b in ("uniform", "global", "lamp"):
             _print_result(api.search(s, strategy=b, storage=storage), short=True)
         if recover_steps > 0:
-            _print_recovered(api.recover(s.spec, strategies=(s.spec.search.strategy, "uniform", "global", "lamp"),
+            _print_recovered(api.recover(s, strategies=(s.spec.search.strategy, "uniform", "global", "lamp"),
                                          steps=recover_steps))
         elif s.spec.search.strategy == "optuna":
             typer.echo("(val/test before recovery; the search ranks plans by how they should recover: compare "
@@ -266,10 +266,10 @@ def demo(
     _print_result(api.search(s))
     for b in ("uniform", "global", "lamp", "netadapt"):
         _print_result(api.search(s, strategy=b), short=True)
-    out = api.export(s.spec, strategy="optuna", onnx=True)
+    out = api.export(s, strategy="optuna", onnx=True)
     typer.echo("\n" + load(s.run_dir).summary().to_string(index=False))
     if recover_steps > 0:
-        _print_recovered(api.recover(s.spec, strategies=("optuna", "uniform", "global", "lamp", "netadapt"),
+        _print_recovered(api.recover(s, strategies=("optuna", "uniform", "global", "lamp", "netadapt"),
                                      steps=recover_steps))
     typer.echo(f"\nexported the best model to {out}; report: autoprune report {s.run_dir}")
 
