@@ -508,7 +508,8 @@ def main(argv=None) -> Path:
     cmd = "python benchmarks/peers.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     started = datetime.now(timezone.utc)
     mach = machine()
-    log(f"start: {cmd} on {mach}; autoprune from {PKG_ROOT} (git {git_rev(PKG_ROOT)}), spec {args.spec}")
+    rev = git_rev(PKG_ROOT)  # the code this run imports: read now, not when the tables are written (later commits)
+    log(f"start: {cmd} on {mach}; autoprune from {PKG_ROOT} (git {rev}), spec {args.spec}")
     rows, base = [], {}
     for budget in budgets:
         for seed in seeds:
@@ -525,7 +526,7 @@ def main(argv=None) -> Path:
     header = [
         f"- command: `{cmd}`",
         f"- machine: {mach}",
-        f"- autoprune: git {git_rev(PKG_ROOT)}; spec `{Path(args.spec).name}` with its budget overridden",
+        f"- autoprune: git {rev}; spec `{Path(args.spec).name}` with its budget overridden",
         f"- started {started:%Y-%m-%d %H:%M} UTC, finished {finished:%H:%M} UTC ({(finished - started).total_seconds() / 60:.1f} min)",
         f"- recovery (every method): {args.ft_steps} Adam steps, lr {args.ft_lr} cosine, batch {yaml.safe_load(Path(args.spec).read_text())['data']['batch_size']}, "
         f"the task's loss on train ({runs['metric'].iloc[0] if 'metric' in runs else 'accuracy'} task: "
