@@ -286,3 +286,50 @@ def test_concurrent_refit_that_cannot_start_every_thread_releases_the_others(mon
     with pytest.raises(RuntimeError, match="can't start new thread"):
         _in_thread(lambda: R.reconstruct(pruned, base, xs, kept))
     assert not [t for t in threading.enumerate() if t.name.startswith("autoprune-refit-")]
+
+
+def test_the_ridge_solve_gives_the_same_bits_every_call():
+    """The refit's solve, repeated on the same system: the same solution to the last bit (LAPACK's `gelsy`, what
+    `torch.linalg.lstsq` used on the CPU, changed the last bits from call to call here)."""
+    from autoprune.pruning.reconstruct import _solve_ridge
+
+    torch.manual_seed(0)
+    a = torch.randn(2048, 64, dtype=torch.double)
+    gram = a.T @ a + 1e-3 * torch.eye(64, dtype=torch.double)
+    rhs = torch.randn(64, 8, dtype=torch.double)
+    sols = [_solve_ridge(gram, rhs) for _ in range(8)]
+    assert all(torch.equal(sols[0], s) for s in sols[1:])
+
+
+def test_reconstruction_is_reproducible_bit_for_bit(monkeypatch):
+    """The same plan refit again gives the same weights to the last bit, layer by layer and concurrently, and the
+    concurrent refit gives the layer-by-layer one's exact weights (same inputs, in the same order)."""
+    from autoprune.pruning import reconstruct as R
+
+    torch.manual_seed(0)
+    base = _MLP(width=128, mode="plain").eval()
+    xs = [torch.randn(256, 8) for _ in range(4)]
+    pruned, kept = _pruned_mlp(base, keep=96)
+    monkeypatch.setattr(R, "CONCURRENT_ROUND_S", 0.0)  # the concurrent refit forced on: any forward "pays"
+    runs = []
+    for concurrent in (False, False, True, True):
+        model = copy.deepcopy(pruned)
+        _in_thread(lambda: R.reconstruct(model, base, xs, kept, concurrent=concurrent))
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert not torch.equal(runs[0]["b.weight"], pruned.b.weight)  # it did refit
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+
+
+def test_the_ridge_solve_falls_back_to_least_squares_on_a_singular_system():
+    from autoprune.pruning.reconstruct import _solve_ridge
+
+    torch.manual_seed(0)
+    a = torch.randn(64, 6, dtype=torch.double)
+    gram = a.T @ a + 1e-3 * torch.eye(6, dtype=torch.double)
+    rhs = torch.randn(6, 3, dtype=torch.double)
+    assert torch.allclose(_solve_ridge(gram, rhs), torch.linalg.solve(gram, rhs), atol=1e-10)
+    singular = torch.zeros(4, 4, dtype=torch.double)  # every input zero: no ridge either
+    singular[0, 0] = 2.0
+    sol = _solve_ridge(singular, torch.ones(4, 2, dtype=torch.double))
+    assert torch.allclose(sol, torch.linalg.pinv(singular) @ torch.ones(4, 2, dtype=torch.double))  # minimum norm

@@ -7,8 +7,8 @@ layer produced in the unpruned model, and refit its weights (and bias) so that
 
     min_W || unfold(X_pruned) @ W^T + b - Y_base ||^2          (+ a small ridge term for stability)
 
-with `torch.linalg.lstsq` on the unfolded inputs (im2col, `F.unfold`) for convolutions and on the plain inputs
-for linear layers. Layers are refit in forward order, each on the inputs produced by the already-refit layers
+through its ridge-regularised normal equations (`_solve_ridge`) on the unfolded inputs (im2col, `F.unfold`) for
+convolutions and on the plain inputs for linear layers. Layers are refit in forward order, each on the inputs produced by the already-refit layers
 before it, so errors do not accumulate. Torch-Pruning has no reconstruction step, hence this module.
 """
 
@@ -170,12 +170,12 @@ def refit_layer(layer: nn.Module, x_in: torch.Tensor, y_base: torch.Tensor, *, r
         if len(a) > rows:
             idx = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))[:rows].to(a.device)  # CPU draw: the same rows on any device
             a, t = a[idx], t[idx]
-        # Solved as the ridge-regularised normal equations (A^T A + l*mean(diag) I) W = A^T Y with lstsq:
-        # the same minimiser as lstsq on [A; sqrt(l') I], but a K x K system instead of a rows x K QR, which
-        # was 5-10x slower on 2 CPU cores; the ridge keeps it well-posed when channels are collinear.
+        # Solved as the ridge-regularised normal equations (A^T A + l*mean(diag) I) W = A^T Y: the same
+        # minimiser as lstsq on [A; sqrt(l') I], but a K x K system instead of a rows x K QR, which was 5-10x
+        # slower on 2 CPU cores; the ridge keeps it well-posed when channels are collinear.
         gram = a.T @ a
         gram += ridge * gram.diagonal().mean() * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-        sol = torch.linalg.lstsq(gram, a.T @ t).solution  # (K[+1], C_out)
+        sol = _solve_ridge(gram, a.T @ t)  # (K[+1], C_out)
         if layer.bias is not None:
             layer.bias.copy_(sol[-1].to(layer.bias.dtype))
             sol = sol[:-1]
@@ -188,6 +188,21 @@ def refit_layer(layer: nn.Module, x_in: torch.Tensor, y_base: torch.Tensor, *, r
                 layer.bias.copy_(b0)
             raise FloatingPointError(f"refit did not lower the error ({before:.4g} -> {after:.4g})")
     return before, after
+
+
+def _solve_ridge(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """W with gram @ W = rhs, for the ridge normal equations' symmetric positive definite `gram`: a Cholesky
+    solve, or, when `gram` is not positive definite (every input zero, so the ridge term is zero too), the
+    least-squares solution (SVD-based `gelsd` on the CPU, which handles a singular system).
+
+    Why not `torch.linalg.lstsq` with its default driver, as before: on the CPU that is LAPACK's `gelsy`, whose
+    result changed in the last bits from one call to the next on the same inputs (seen on this machine's torch
+    2.13 CPU wheel, one thread or two), so a reconstruction, and a search scored with it, was not reproducible
+    bit for bit. The Cholesky solve gave the same bits on every call, and is 2-3x faster on these systems."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.lstsq(gram, rhs, driver="gelsd" if gram.device.type == "cpu" else None).solution
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
