@@ -111,7 +111,8 @@ def _recovered_rows(out: str, steps: int) -> dict[str, list[float]]:
     return rows
 
 
-def test_search_baselines_compare_after_recovery_and_the_report_reads_it_back(make_spec, tmp_path, capsys):
+def test_search_baselines_compare_after_recovery_and_the_report_reads_it_back(make_spec, tmp_path, capsys,
+                                                                               monkeypatch):
     from autoprune.results.tables import load
 
     spec = make_spec("cnn1d", search={"n_trials": 4, "priors": "none"})
@@ -119,20 +120,12 @@ def test_search_baselines_compare_after_recovery_and_the_report_reads_it_back(ma
     path.write_text(yaml.safe_dump(spec))
     code, out, err = _cli(["search", str(path), "--recover-steps", "10"], capsys)
     assert code == 2 and "--baselines" in err  # a comparison needs the baselines
-    from autoprune.app import session as session_mod
+    from autoprune.app.session import Session
 
-    opened = []
-    real_init = session_mod.Session.__init__
-
-    def counting_init(self, *a, **k):
-        opened.append(1)
-        real_init(self, *a, **k)
-
-    session_mod.Session.__init__ = counting_init
-    try:
-        code, out, err = _cli(["search", str(path), "--baselines", "--recover-steps", "10"], capsys)
-    finally:
-        session_mod.Session.__init__ = real_init
+    opened, real_init = [], Session.__init__
+    monkeypatch.setattr(Session, "__init__", lambda self, *a, **k: opened.append(1) or real_init(self, *a, **k))
+    code, out, err = _cli(["search", str(path), "--baselines", "--recover-steps", "10"], capsys)
+    monkeypatch.undo()
     assert code == 0, err
     assert len(opened) == 1  # the search, the baselines and the four recoveries share one session (was one each)
     rows = _recovered_rows(out, 10)

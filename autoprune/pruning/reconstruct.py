@@ -8,8 +8,8 @@ layer produced in the unpruned model, and refit its weights (and bias) so that
     min_W || unfold(X_pruned) @ W^T + b - Y_base ||^2          (+ a small ridge term for stability)
 
 through its ridge-regularised normal equations (`_solve_ridge`) on the unfolded inputs (im2col, `F.unfold`) for
-convolutions and on the plain inputs for linear layers. Layers are refit in forward order, each on the inputs produced by the already-refit layers
-before it, so errors do not accumulate. Torch-Pruning has no reconstruction step, hence this module.
+convolutions and on the plain inputs for linear layers. Layers are refit in forward order, each on the inputs
+produced by the already-refit layers before it, so errors do not accumulate. Torch-Pruning has no reconstruction step, hence this module.
 """
 
 from __future__ import annotations
