@@ -11,8 +11,9 @@ wall time. It also times, inside the evaluator, the model's forward passes and t
 evaluator's own bookkeeping (BN resets, mode switches, the metric) counts as overhead there. The whole loop's share also counts the time between trials (a trial's end written, the progress bar,
 the next ask), from the first trial's start to the last one's end. It also times the previous way of applying a
 plan (copy, re-trace Torch-Pruning's graph, prune the groups one after another) on the same plans, for the
-before/after of issue 16's "a trial costs evaluation and nothing else". Prints a markdown table; a benchmark,
-not a test.
+before/after of issue 16's "a trial costs evaluation and nothing else". A second table splits what a trial spends
+outside the forward passes: the sampler's proposal, the budget projection, apply + cost, the record's storage
+write, the evaluator's own work and the rest. Prints markdown tables; a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ class ForwardClock:
     task look them up. What a trial spends outside both is the issue's "everything but forward/backward"."""
 
     def __init__(self) -> None:
-        self.spans: dict[str, list[tuple[float, float]]] = {"forward": [], "reconstruct": []}  # (wall start, s)
+        # (wall start, s) per kind; "sample", "project" and "record" split what a trial spends outside evaluation
+        self.spans: dict[str, list[tuple[float, float]]] = {k: [] for k in ("forward", "reconstruct", "sample",
+                                                                             "project", "record")}
         self._depth = 0  # > 0 inside a reconstruction
 
     def _timed(self, kind: str, fn):
@@ -85,10 +88,19 @@ class ForwardClock:
         fwd = self._timed("forward", task.call_model)
         for m, n, orig in self._saved:
             setattr(m, n, fwd if n == "call_model" else self._timed("reconstruct", orig))
+        from autoprune.searching import objective
+
+        # the sampler's proposal (Optuna's TPE, through the trial's suggest_float calls), the budget projection,
+        # and the trial's record written to the storage
+        self._parts = [(objective.Objective, "suggest", "sample"), (objective.Objective, "plan_for", "project"),
+                       (objective, "record", "record")]
+        self._saved_parts = [(owner, n, owner.__dict__[n]) for owner, n, _ in self._parts]
+        for owner, n, kind in self._parts:
+            setattr(owner, n, self._timed(kind, owner.__dict__[n]))
         return self
 
     def __exit__(self, *exc) -> None:
-        for m, n, orig in self._saved:
+        for m, n, orig in self._saved + self._saved_parts:
             setattr(m, n, orig)
 
     def within(self, kind: str, start: float, end: float) -> float:
@@ -110,7 +122,8 @@ def run(name: str, trials: int, out: str) -> dict:
         total = (t.datetime_complete - t.datetime_start).total_seconds()
         span = (t.datetime_start.timestamp(), t.datetime_complete.timestamp())
         rows.append((total, a["prune_s"], a["eval_s"], clock.within("forward", *span),
-                     clock.within("reconstruct", *span)))
+                     clock.within("reconstruct", *span), clock.within("sample", *span),
+                     clock.within("project", *span), clock.within("record", *span)))
     done = [t for t in study.trials if t.datetime_complete is not None]
     # the whole loop, the time between trials included (a trial's end written, the progress bar, the next ask)
     loop_s = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
@@ -128,7 +141,12 @@ def run(name: str, trials: int, out: str) -> dict:
             "forward_s": statistics.median(r[3] for r in rows), "recon_s": statistics.median(r[4] for r in rows),
             "forward_share": fwd_share,
             "other_s": max(tot - prune - ev, 0.0), "legacy_apply_s": legacy, "apply_only_s": new,
-            "mean_share": mean_share, "loop_share": 1 - sum(r[2] for r in rows) / loop_s}
+            "mean_share": mean_share, "loop_share": 1 - sum(r[2] for r in rows) / loop_s,
+            # outside the forward passes, per trial (medians): what each part costs
+            "sample_s": statistics.median(r[5] for r in rows), "project_s": statistics.median(r[6] for r in rows),
+            "record_s": statistics.median(r[7] for r in rows),
+            "evaluator_own_s": statistics.median(r[2] - r[3] - r[4] for r in rows),
+            "rest_s": statistics.median(r[0] - r[1] - r[2] - r[5] - r[6] - r[7] for r in rows)}
 
 
 def _timed(fn) -> float:
@@ -167,6 +185,15 @@ def main() -> None:
               f"{r['loop_share']:.1%} | {r['forward_s'] * 1e3:.1f} ms | {r['recon_s'] * 1e3:.1f} ms | "
               f"{r['forward_share']:.1%} | "
               f"{r['legacy_apply_s'] * 1e3:.0f} ms | {r['apply_only_s'] * 1e3:.1f} ms |")
+    print("\nOutside the forward passes, per trial (medians, ms): the sampler's proposal (TPE, `suggest_float`), the "
+          "budget projection, applying the plan with its cost estimate, the record's storage write, the evaluator's "
+          "own work (BN resets, mode switches, the metric), and the rest (trial creation, the end written, Optuna's "
+          "loop).\n")
+    print("| model | sampling | projection | apply + cost | record | evaluator's own work | the rest |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | " + " | ".join(f"{r[k] * 1e3:.2f}" for k in (
+            "sample_s", "project_s", "apply_s", "record_s", "evaluator_own_s", "rest_s")) + " |")
 
 
 if __name__ == "__main__":
