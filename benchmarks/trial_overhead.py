@@ -80,28 +80,27 @@ class ForwardClock:
     def __enter__(self) -> "ForwardClock":
         from autoprune.model import task
         from autoprune.pruning import reconstruct
+        from autoprune.searching import objective
         from autoprune.sensitivity import evaluate
 
-        self._saved = [(m, n, getattr(m, n)) for m, n in ((task, "call_model"), (evaluate, "call_model"),
-                                                          (reconstruct, "call_model"),
-                                                          (reconstruct, "reconstruct_plan"))]
-        fwd = self._timed("forward", task.call_model)
-        for m, n, orig in self._saved:
-            setattr(m, n, fwd if n == "call_model" else self._timed("reconstruct", orig))
-        from autoprune.searching import objective
-
-        # the sampler's proposal (Optuna's TPE, through the trial's suggest_float calls), the budget projection,
-        # and the trial's record written to the storage
-        self._parts = [(objective.Objective, "suggest", "sample"), (objective.Objective, "plan_for", "project"),
-                       (objective, "record", "record")]
-        self._saved_parts = [(owner, n, owner.__dict__[n]) for owner, n, _ in self._parts]
-        for owner, n, kind in self._parts:
-            setattr(owner, n, self._timed(kind, owner.__dict__[n]))
+        fwd = self._timed("forward", task.call_model)  # one wrapper wherever the task and the evaluator look it up
+        timed = {  # (owner, name) -> the kind its time counts as
+            (task, "call_model"): "forward", (evaluate, "call_model"): "forward",
+            (reconstruct, "call_model"): "forward", (reconstruct, "reconstruct_plan"): "reconstruct",
+            # the sampler's proposal (Optuna's TPE, through the trial's suggest_float calls), the budget
+            # projection, and the trial's record written to the storage
+            (objective.Objective, "suggest"): "sample", (objective.Objective, "plan_for"): "project",
+            (objective, "record"): "record",
+        }
+        self._saved = [(owner, n, owner.__dict__[n]) for owner, n in timed]
+        for owner, n, orig in self._saved:
+            kind = timed[owner, n]
+            setattr(owner, n, fwd if kind == "forward" else self._timed(kind, orig))
         return self
 
     def __exit__(self, *exc) -> None:
-        for m, n, orig in self._saved + self._saved_parts:
-            setattr(m, n, orig)
+        for owner, n, orig in self._saved:
+            setattr(owner, n, orig)
 
     def within(self, kind: str, start: float, end: float) -> float:
         return sum(d for w, d in self.spans[kind] if start <= w <= end)
