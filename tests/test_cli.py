@@ -100,6 +100,12 @@ def test_demo_compares_every_strategy_after_the_same_recovery(make_spec, tmp_pat
     assert all(0 < min(v[:3]) and max(v[:3]) <= 1 and v[3] <= 0.5 + 1e-9 for v in rows.values())
     run_dir = Path(spec["output"]) / spec["name"]
     assert len(list(run_dir.glob("recovered/*/manifest.json"))) == 5  # each recovered model exported
+    assert "recovered_test" not in out.split("after the same", 1)[0]
+    # again on the same run: the table before the recovery does not show the first run's recovery, which is redone
+    code, out2, err = _cli(["demo", "--spec", str(path), "--n-trials", "6", "--recover-steps", "20"], capsys)
+    assert code == 0, err
+    assert "recovered_test" not in out2.split("after the same", 1)[0]
+    assert _recovered_rows(out2, 20) == rows  # the same plans recover to the same numbers
 
 
 def _recovered_rows(out: str, steps: int) -> dict[str, list[float]]:

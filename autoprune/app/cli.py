@@ -267,7 +267,10 @@ def demo(
     for b in ("uniform", "global", "lamp", "netadapt"):
         _print_result(api.search(s, strategy=b), short=True)
     out = api.export(s, strategy="optuna", onnx=True)
-    typer.echo("\n" + load(s.run_dir).summary().to_string(index=False))
+    summary = load(s.run_dir).summary()
+    if recover_steps > 0:  # a recovery of an earlier run on record would show here, then be redone below
+        summary = summary.drop(columns=[c for c in summary.columns if c.startswith("recovered_")])
+    typer.echo("\n" + summary.to_string(index=False))
     if recover_steps > 0:
         _print_recovered(api.recover(s, strategies=("optuna", "uniform", "global", "lamp", "netadapt"),
                                      steps=recover_steps))
