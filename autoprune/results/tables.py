@@ -256,7 +256,7 @@ def _bounds_note(binding: dict[str, Any]) -> str | None:
     warm start prunes some past it (a shape no trial could propose). Why: the bounds come from a coarse grid
     (each group pruned alone at 0.25 / 0.5 / 0.75 by default), so a group that loses more than the tolerance at
     0.75 is held at 0.5; on three of the eight rows of the ten-seed peer benchmark LAMP's plan cut such a group
-    past its bound and recovered better than the search's best (README, "Why the search does not reach LAMP's
+    past its bound and recovered better than the search's best (benchmarks/README.md, "Why the search does not reach LAMP's
     plans"). Nothing told a user that this is what shaped the search."""
     at, warm = binding.get("best") or {}, binding.get("warm_starts") or {}
     if not at and not warm:

@@ -100,7 +100,7 @@ def width_balance(model) -> float:
     compare. Why: after the same fine-tune, plans with balanced widths recovered better than the proxy alone
     predicts on the ten-seed peer benchmark (LAMP's plans keep nearly equal widths and won the rows the search
     lost; `benchmarks/plan_features.py`), and ranking by the metric plus 0.2 x this was level or better on
-    average there and on held-out models (README, "Balanced widths")."""
+    average there and on held-out models (benchmarks/README.md, "Balanced widths")."""
     import torch.nn as nn
 
     return balance([m.out_channels for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))])

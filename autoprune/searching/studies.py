@@ -443,7 +443,7 @@ def resolve_budget_mode(spec) -> str:
 
 # Under search.timeout_s, `priors: auto` sweeps only when the sweep can take at most this share of the time left:
 # the sweep is worth its time only through the trials that use its bounds and warm start, so a third of the limit
-# stays theirs. Set from the README's ten-seed runs at FastNAS's wall time, not before them: it was 1/2 first, which
+# stays theirs. Set from the ten-seed runs at FastNAS's wall time (benchmarks/README.md), not before them: it was 1/2 first, which
 # skipped ResNet-20's sweep at ~55 % of the limit, and sweeping there was better (+0.36 pp at 30 % MACs, with ~35
 # trials after it against 60 without); ResNeXt-20's sweep (~130 % of its limit) is skipped under either, and
 # sweeping first there had cost 1.1 pp at 30 %.
@@ -620,7 +620,7 @@ def timeout_note(timeout_s: float | None, done: int, n_trials: int, prep_s: floa
     of it, and the user should know the search was the sweep plus a few trials). `sweep_skips`: whether the
     sweep already skipped insensitive groups' smaller ratios (`sensitivity.skip_insensitive`). `auto_swept`:
     `priors: auto` chose the sweep because it fitted its share of the limit; then `priors: none` is not
-    suggested (on the README's held-out check such a sweep was worth +0.5 pp over skipping it)."""
+    suggested (on the benchmark log's held-out check, benchmarks/README.md, such a sweep was worth +0.5 pp over skipping it)."""
     if not timeout_s or done >= n_trials:
         return None
     note = f"search.timeout_s ({timeout_s:g} s) stopped the search after {done} of {n_trials} trials"
