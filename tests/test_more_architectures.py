@@ -1,8 +1,9 @@
 """`transformers` architectures beyond BERT/ViT/RegNet, built from small configs (random init, offline):
 
 - parameters outside the modelled conv/linear/norm layers (a classifier's embedding table when its hidden size is
-  a group, a DeiT's class and distillation tokens and position embeddings, a ConvNeXt's layer scale) are counted
-  exactly by the analytic cost model, so a params budget is the counted one;
+  a group, a DeiT's class and distillation tokens and position embeddings, a ConvNeXt's or BEiT's layer scale) are
+  counted exactly by the analytic cost model, so a params budget is the counted one, and cut along their own
+  dimension;
 - tied weights (a masked or causal LM's output layer and its input embedding) stay one tensor after pruning;
 - a Llama-style decoder (rotary position embeddings, a `Cache` among its outputs), on which Torch-Pruning's
   dependency walk never ends from the attention projections, builds in seconds: its MLP neurons are groups, the
@@ -55,6 +56,14 @@ def convnext():
         num_channels=3, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 2, 1], num_labels=10)), _image
 
 
+def beit():
+    # layer scales (`lambda_1`, `lambda_2`: one value per hidden channel) beside a class token: directly owned
+    # parameters cut along different dimensions
+    return transformers.BeitForImageClassification(transformers.BeitConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=10)), _image
+
+
 def tiny_llama(tie: bool = True):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -72,7 +81,7 @@ def _logits(model, x) -> torch.Tensor:
         return call_model(model, x).logits
 
 
-@pytest.mark.parametrize("factory", [bert_classifier, deit, convnext])
+@pytest.mark.parametrize("factory", [bert_classifier, deit, convnext, beit])
 def test_parameters_outside_the_modelled_layers_are_counted_exactly(factory) -> None:
     pm, inputs = _build(factory)
     cm = CostModel(pm)
@@ -88,6 +97,33 @@ def test_parameters_outside_the_modelled_layers_are_counted_exactly(factory) -> 
         assert _logits(small, x).shape == want
         assert cm.estimate(plan) == (count_macs(small, pm.example), count_params(small))
         assert count_params(small) < cm.base_params
+
+
+@pytest.mark.parametrize("factory", [deit, beit])
+def test_directly_owned_parameters_are_cut_as_torch_pruning_cuts_them(factory) -> None:
+    # Torch-Pruning's one ParameterPruner serves every such parameter and its dependency walk sets the dimension
+    # before each cut; `apply` cuts from a cache, without the walk, and once cut a BEiT's (hidden,) layer scales
+    # along its class token's dimension 2 (IndexError). The same plan pruned group by group by Torch-Pruning
+    # itself must give the same parameters and outputs.
+    import copy
+
+    pm, inputs = _build(factory)
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    small = pm.apply(plan)
+    ref = copy.deepcopy(pm.base)
+    dg = pm.trace(ref)
+    for name, idxs in pm.pruned_indices(plan).items():
+        root = ref.get_submodule(name)
+        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+    want = dict(ref.named_parameters())
+    got = dict(small.named_parameters())
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    if factory is beit:
+        assert small.beit.layers[0].lambda_1.shape == small.beit.embeddings.cls_token.shape[-1:]
+        assert small.beit.embeddings.cls_token.shape[-1] < 32
+    x = inputs(2)
+    assert _logits(small, x).shape == _logits(pm.base, x).shape
 
 
 def test_a_group_whose_cut_would_untie_a_shared_weight_is_left_intact() -> None:
@@ -153,7 +189,7 @@ def test_gpt2_is_refused_with_the_layer_type_torch_pruning_does_not_know() -> No
         PrunableModel(model, _tokens(1))
 
 
-@pytest.mark.parametrize("factory", [bert_classifier, bert_masked_lm, deit, convnext, tiny_llama])
+@pytest.mark.parametrize("factory", [bert_classifier, bert_masked_lm, deit, convnext, beit, tiny_llama])
 def test_pruned_models_round_trip_through_save_pretrained(factory, tmp_path) -> None:
     # checkpoint key conversions (DeiT saves under its legacy names), a LayerNorm subclass (ConvNeXt's
     # channels-first one), tied weights (the masked LM, the causal LM): each broke the autoprune-side reload before

@@ -209,6 +209,8 @@ class PrunableModel:
         self._base_graph: tuple | None = None  # (pristine copy of the base, its traced graph, module names)
         self._group_cuts: dict[tuple[str, tuple[int, ...]], list] = {}
         self._group_maps: dict[str, tuple | bool] = {}  # see _group_map
+        # the dimension each directly owned parameter is cut along (Torch-Pruning's per-parameter pruning_dim)
+        self._param_dims: dict[str, int] = {}
         self.groups: list[GroupInfo] = self._find_groups()
         if check_groups:
             self._check_groups()
@@ -637,6 +639,10 @@ class PrunableModel:
                 if kind == "module":
                     cut(memo[id(base_mods[name])], handler, idxs, copy=True, kind=kinds[key])
                 else:  # a parameter a module owns directly (a ViT's cls_token): the handler returns the cut one
+                    # Torch-Pruning's one ParameterPruner serves every parameter: its Dependency sets the
+                    # parameter's dimension before each call, and so must this (a BEiT cut its (hidden,) layer
+                    # scales along the class token's dimension 2)
+                    handler.__self__.pruning_dim = self._param_dims[name]
                     parent, _, leaf = name.rpartition(".")
                     owner = work.get_submodule(parent) if parent else work
                     setattr(owner, leaf, handler(getattr(owner, leaf), list(idxs)))
@@ -799,6 +805,7 @@ class PrunableModel:
         t = dep.target
         if t.type == tp.ops.OPTYPE.PARAMETER:
             name, kind = dg._param_to_name[t.module], "parameter"
+            self._param_dims[name] = t.pruning_dim
         elif id(t.module) in names:
             name, kind = names[id(t.module)], "module"
         else:  # functional ops (add, cat, reshape) have no weights to cut
