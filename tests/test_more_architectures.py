@@ -64,6 +64,13 @@ def beit():
         intermediate_size=64, num_labels=10)), _image
 
 
+def tiny_opt():
+    # its position embedding is an nn.Embedding subclass with an offset and its own forward signature
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=40, word_embed_proj_dim=32)), _tokens
+
+
 def tiny_llama(tie: bool = True):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -189,10 +196,11 @@ def test_gpt2_is_refused_with_the_layer_type_torch_pruning_does_not_know() -> No
         PrunableModel(model, _tokens(1))
 
 
-@pytest.mark.parametrize("factory", [bert_classifier, bert_masked_lm, deit, convnext, beit, tiny_llama])
+@pytest.mark.parametrize("factory", [bert_classifier, bert_masked_lm, deit, convnext, beit, tiny_opt, tiny_llama])
 def test_pruned_models_round_trip_through_save_pretrained(factory, tmp_path) -> None:
     # checkpoint key conversions (DeiT saves under its legacy names), a LayerNorm subclass (ConvNeXt's
-    # channels-first one), tied weights (the masked LM, the causal LM): each broke the autoprune-side reload before
+    # channels-first one), tied weights (the masked LM, the causal LM), an Embedding subclass (OPT's positions,
+    # rebuilt as a plain nn.Embedding): each broke the autoprune-side reload before
     from autoprune.exporting import hf as hfexport
 
     pm, inputs = _in_thread(lambda: _build(factory), 120)
@@ -208,6 +216,9 @@ def test_pruned_models_round_trip_through_save_pretrained(factory, tmp_path) -> 
         assert count_params(m) == count_params(small)
     if factory is tiny_llama:
         assert local.lm_head.weight is local.model.embed_tokens.weight
+    for m in (local, remote):  # every resized layer keeps its class (a subclass its own forward)
+        assert ({n: type(mod) for n, mod in m.named_modules() if n}
+                == {n: type(mod) for n, mod in small.named_modules() if n})
 
 
 def test_a_params_budget_on_a_convnext_is_met_by_the_counted_model_and_used(runs_root) -> None:

@@ -84,8 +84,8 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
-    """Resize `model`'s modules to `shapes` (written by autoprune's `pruned_shapes`): new layers of the pruned
-    sizes, directly owned parameters of the pruned shapes (values come from the checkpoint) and the attention
+    """Resize `model`'s modules to `shapes` (written by autoprune's `pruned_shapes`): its layers resized in place
+    to the pruned sizes, directly owned parameters of the pruned shapes (values come from the checkpoint) and the attention
     attributes. Copied into modeling_autoprune.py."""
     import torch.nn as nn  # the copy in modeling_autoprune.py runs without autoprune
 
@@ -95,26 +95,38 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
         old = getattr(owner, leaf) if leaf else model
         s = entry.get("sizes")
         if s:
+            # resized in place, not rebuilt: a subclass keeps what it adds and its own constructor's meaning
+            # (ConvNeXt's channels-first LayerNorm, OPT's position embedding with its offset and own forward,
+            # which a plain nn.Embedding had replaced)
+            def fresh(t, shape):  # values come from the checkpoint
+                if t is None or shape is None:
+                    return t
+                new_t = t.new_empty(shape)
+                return nn.Parameter(new_t, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new_t
+
             kind = s["type"]
             if kind == "Linear":
-                new = nn.Linear(s["in"], s["out"], bias=s["bias"])
+                old.in_features, old.out_features = s["in"], s["out"]
+                want = {"weight": [s["out"], s["in"]], "bias": [s["out"]]}
             elif kind.startswith("Conv"):
-                new = type(old)(s["in"], s["out"], old.kernel_size, old.stride, old.padding, old.dilation, s["groups"],
-                                old.bias is not None, old.padding_mode)
+                old.in_channels, old.out_channels, old.groups = s["in"], s["out"], s["groups"]
+                w = [s["in"], s["out"] // s["groups"]] if old.transposed else [s["out"], s["in"] // s["groups"]]
+                want = {"weight": w + list(old.kernel_size), "bias": [s["out"]]}
             elif "BatchNorm" in kind:
-                new = type(old)(s["num"], old.eps, old.momentum, old.affine, old.track_running_stats)
-            elif kind == "LayerNorm":  # resized in place: a subclass keeps what it adds (ConvNeXt's data_format)
-                new = old
-                new.normalized_shape = tuple(s["shape"])
-                for pname in ("weight", "bias"):
-                    if getattr(old, pname, None) is not None:
-                        setattr(new, pname, nn.Parameter(old.weight.new_empty(s["shape"])))
+                old.num_features = s["num"]
+                want = {k: [s["num"]] for k in ("weight", "bias", "running_mean", "running_var")}
+            elif kind == "LayerNorm":
+                old.normalized_shape = tuple(s["shape"])
+                want = {"weight": list(s["shape"]), "bias": list(s["shape"])}
             elif kind == "Embedding":
-                new = nn.Embedding(s["num"], s["dim"], padding_idx=old.padding_idx)
+                old.num_embeddings, old.embedding_dim = s["num"], s["dim"]
+                want = {"weight": [s["num"], s["dim"]]}
             else:
                 raise ValueError(f"cannot resize {name} ({kind})")
-            new = new.to(device=old.weight.device, dtype=old.weight.dtype)
-            setattr(owner, leaf, new)
+            for tname, shape in want.items():
+                slots = old._parameters if tname in old._parameters else old._buffers
+                if tname in slots:
+                    slots[tname] = fresh(slots[tname], shape)
         target = model.get_submodule(name) if name else model
         for pname, shape in entry.get("parameters", {}).items():
             old_p = getattr(target, pname)
