@@ -245,3 +245,106 @@ def test_a_params_budget_on_a_convnext_is_met_by_the_counted_model_and_used(runs
     small = load_pruned(out)
     x = torch.randn(3, 1, 8, 8)
     assert torch.allclose(_logits(hfexport.from_pretrained(out / "hf"), x), _logits(small, x), atol=1e-5)
+
+
+def _text(batch: int) -> dict:
+    x = _tokens(batch)
+    return {**x, "attention_mask": torch.ones_like(x["input_ids"])}
+
+
+_TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=40)
+# name -> (model from a small config, inputs, prunable groups, groups in all); the counts are what autoprune finds
+# today, each group left intact with its reason (README, "Other transformers architectures")
+SURVEY = {
+    "albert": (lambda: transformers.AlbertForSequenceClassification(
+        transformers.AlbertConfig(**_TEXT, embedding_size=16)), _text, 4, 4),
+    "electra": (lambda: transformers.ElectraForSequenceClassification(
+        transformers.ElectraConfig(**_TEXT, embedding_size=16)), _text, 6, 6),
+    "xlm-roberta": (lambda: transformers.XLMRobertaModel(transformers.XLMRobertaConfig(**_TEXT, pad_token_id=1)),
+                    _text, 4, 5),
+    "mpnet": (lambda: transformers.MPNetModel(transformers.MPNetConfig(**_TEXT)), _text, 2, 4),
+    "t5-encoder": (lambda: transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)), _text, 2, 3),
+    "bloom": (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=100, hidden_size=32,
+                                                                              n_layer=2, n_head=4)), _text, 3, 5),
+    "phi": (lambda: transformers.PhiForCausalLM(transformers.PhiConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=40)), _text, 3, 9),
+    "dinov2": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2)),
+        lambda n: {"pixel_values": _image(n)}, 4, 4),
+    "clip-vision": (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64)), lambda n: {"pixel_values": _image(n)}, 4, 4),
+    "swin": (lambda: transformers.SwinForImageClassification(transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=10)),
+        _image, 3, 6),
+    "segformer": (lambda: transformers.SegformerForImageClassification(transformers.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+        num_labels=10, patch_sizes=[7, 3], strides=[4, 2])), _image, 3, 7),
+    "efficientnet": (lambda: transformers.EfficientNetForImageClassification(transformers.EfficientNetConfig(
+        image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=10)), _image,
+        22, 22),
+    "distilbert": (lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=40)), _text, 6, 6),
+    "roberta": (lambda: transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(**_TEXT, pad_token_id=1)), _text, 6, 6),
+    "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=40)), _text, 3, 9),
+    "resnet": (lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)), _image, 6, 6),
+    "mobilenetv2": (lambda: transformers.MobileNetV2ForImageClassification(transformers.MobileNetV2Config(
+        image_size=32, depth_multiplier=0.35, num_labels=10)), _image, 25, 25),
+    "wav2vec2": (lambda: transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2, num_labels=3)),
+        lambda n: {"input_values": torch.randn(n, 800, generator=torch.Generator().manual_seed(0))}, 6, 8),
+}
+
+
+def _first(out) -> torch.Tensor:
+    return out[0] if not hasattr(out, "keys") else next(iter(out.values()))
+
+
+@pytest.mark.parametrize("name", sorted(SURVEY))
+def test_more_transformers_prune_count_and_round_trip(name, tmp_path) -> None:
+    """Each architecture from a small config: the groups it finds, a half-pruned model of the same output shape,
+    MACs and parameters estimated as counted, and a save_pretrained / from_pretrained round trip with the same
+    outputs and module classes."""
+    from autoprune.exporting import hf as hfexport
+
+    build, inputs, n_prunable, n_groups = SURVEY[name]
+    torch.manual_seed(0)
+    pm = _in_thread(lambda: PrunableModel(build().eval(), inputs(1)), 120)
+    if n_groups is not None:
+        assert (len(pm.prunable_names), len(pm.groups)) == (n_prunable, n_groups)
+    assert all(g.reason for g in pm.groups if not g.prunable)  # each one left intact says why
+    plan = pm.uniform_plan(0.5)
+    small = pm.apply(plan)
+    x = inputs(2)
+    with torch.no_grad():
+        want = _first(call_model(small, x))
+        assert want.shape == _first(call_model(pm.base, x)).shape
+    assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
+    assert count_params(small) < count_params(pm.base)
+    hfexport.save_pretrained(small, tmp_path)
+    back = hfexport.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(_first(call_model(back, x)), want, atol=1e-5)
+    # by name: a parametrized layer's class (Wav2Vec2's weight-normed positional conv) is made per instance
+    assert ({n: type(m).__name__ for n, m in back.named_modules()}
+            == {n: type(m).__name__ for n, m in small.named_modules()})
+
+
+def test_gpt_neox_is_refused_with_one_error() -> None:
+    # Torch-Pruning's concatenation index mapping fails on its rotary concatenation (a channel count it cannot infer)
+    from autoprune.errors import AutopruneError
+
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=40)).eval()
+    with pytest.raises(AutopruneError, match="Torch-Pruning cannot trace the model"):
+        PrunableModel(model, _tokens(1))

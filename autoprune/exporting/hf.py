@@ -104,21 +104,21 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
                 new_t = t.new_empty(shape)
                 return nn.Parameter(new_t, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new_t
 
-            kind = s["type"]
-            if kind == "Linear":
+            kind = s["type"]  # told apart by class, not name: EfficientNet's depthwise conv is a Conv2d subclass
+            if isinstance(old, nn.Linear):
                 old.in_features, old.out_features = s["in"], s["out"]
                 want = {"weight": [s["out"], s["in"]], "bias": [s["out"]]}
-            elif kind.startswith("Conv"):
+            elif isinstance(old, nn.modules.conv._ConvNd):
                 old.in_channels, old.out_channels, old.groups = s["in"], s["out"], s["groups"]
                 w = [s["in"], s["out"] // s["groups"]] if old.transposed else [s["out"], s["in"] // s["groups"]]
                 want = {"weight": w + list(old.kernel_size), "bias": [s["out"]]}
-            elif "BatchNorm" in kind:
+            elif isinstance(old, nn.modules.batchnorm._BatchNorm):
                 old.num_features = s["num"]
                 want = {k: [s["num"]] for k in ("weight", "bias", "running_mean", "running_var")}
-            elif kind == "LayerNorm":
+            elif isinstance(old, nn.LayerNorm):
                 old.normalized_shape = tuple(s["shape"])
                 want = {"weight": list(s["shape"]), "bias": list(s["shape"])}
-            elif kind == "Embedding":
+            elif isinstance(old, nn.Embedding):
                 old.num_embeddings, old.embedding_dim = s["num"], s["dim"]
                 want = {"weight": [s["num"], s["dim"]]}
             else:
