@@ -186,17 +186,51 @@ def test_a_llama_builds_with_mlp_groups_and_its_attention_left_intact() -> None:
     assert cm.estimate(plan) == (count_macs(small, pm.example), count_params(small))
 
 
-def test_gpt2_is_refused_with_the_layer_type_torch_pruning_does_not_know() -> None:
-    from autoprune.errors import AutopruneError
-
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
-    with pytest.raises(AutopruneError, match=r"cannot trace the model.*transformers\.pytorch_utils\.Conv1D"):
-        PrunableModel(model, _tokens(1))
+def tiny_gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)), _tokens
 
 
-@pytest.mark.parametrize("factory", [bert_classifier, bert_masked_lm, deit, convnext, beit, tiny_opt, tiny_llama])
+def test_gpt2_conv1d_layers_are_pruned_as_torch_pruning_would_with_their_pruner() -> None:
+    # GPT-2's linear layers are transformers' `Conv1D` (weight [in, out]), which Torch-Pruning has no functions
+    # for (it was refused); its key/value cache's concatenation broke the trace too (traced without the cache now)
+    from autoprune.pruning.groups import Conv1DPruner
+    import copy
+
+    pm, inputs = _build(tiny_gpt2)
+    by_name = {g.name: g for g in pm.groups}
+    assert set(pm.prunable_names) == {"transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc",
+                                      "transformer.h.1.mlp.c_proj"}  # MLP neurons of each layer, the hidden size
+    assert by_name["transformer.h.1.mlp.c_proj"].channels == 32 and by_name["transformer.h.0.mlp.c_fc"].channels == 128
+    # the fused q/k/v projection: its heads are left intact, with the reason
+    assert all(not by_name[f"transformer.h.{i}.attn.c_attn"].prunable and by_name[f"transformer.h.{i}.attn.c_attn"].reason
+               for i in (0, 1))
+    assert {pm.kind(by_name[n]) for n in pm.prunable_names} == {"neurons"}
+    plan = pm.plan({"transformer.h.0.mlp.c_fc": 0.5, "transformer.h.1.mlp.c_fc": 0.25, "transformer.h.1.mlp.c_proj": 0.5})
+    small = pm.apply(plan)
+    assert small.transformer.h[0].mlp.c_fc.weight.shape == (16, 64) and small.transformer.h[0].mlp.c_fc.nf == 64
+    assert small.transformer.h[1].mlp.c_proj.weight.shape == (96, 16)
+    assert small.lm_head.weight is small.transformer.wte.weight and small.lm_head.weight.shape == (100, 16)
+    ref = copy.deepcopy(pm.base)  # the same plan cut group by group by Torch-Pruning with the same pruner
+    dg = pm.trace(ref)
+    assert isinstance(dg.get_pruner_of_module(ref.transformer.h[0].mlp.c_fc), Conv1DPruner)
+    for name, idxs in pm.pruned_indices(plan).items():
+        root = ref.get_submodule(name)
+        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+    # (Torch-Pruning unties the output layer from the embedding, cutting each on its own: the same values)
+    got, want = (dict(m.named_parameters(remove_duplicate=False)) for m in (small, ref))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    x = inputs(2)
+    assert torch.allclose(_logits(small, x), _logits(ref, x))
+    assert _logits(small, x).shape == _logits(pm.base, x).shape
+    cm = CostModel(pm)
+    assert cm.exact and cm.params_exact
+    assert cm.estimate(plan) == (count_macs(small, pm.example), count_params(small))
+    assert pm.base.config.use_cache  # traced without the cache, the user's config left as it was
+
+
+@pytest.mark.parametrize("factory", [bert_classifier, bert_masked_lm, deit, convnext, beit, tiny_opt, tiny_llama,
+                                     tiny_gpt2])
 def test_pruned_models_round_trip_through_save_pretrained(factory, tmp_path) -> None:
     # checkpoint key conversions (DeiT saves under its legacy names), a LayerNorm subclass (ConvNeXt's
     # channels-first one), tied weights (the masked LM, the causal LM), an Embedding subclass (OPT's positions,
@@ -216,6 +250,8 @@ def test_pruned_models_round_trip_through_save_pretrained(factory, tmp_path) -> 
         assert count_params(m) == count_params(small)
     if factory is tiny_llama:
         assert local.lm_head.weight is local.model.embed_tokens.weight
+    if factory is tiny_gpt2:
+        assert local.lm_head.weight is local.transformer.wte.weight
     for m in (local, remote):  # every resized layer keeps its class (a subclass its own forward)
         assert ({n: type(mod) for n, mod in m.named_modules() if n}
                 == {n: type(mod) for n, mod in small.named_modules() if n})
@@ -271,6 +307,10 @@ SURVEY = {
     "phi": (lambda: transformers.PhiForCausalLM(transformers.PhiConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=40)), _text, 3, 9),
+    # traced without its key/value cache: with it, Torch-Pruning's concatenation mapping failed on the cache
+    "gpt-neox": (lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=40)), _text, 3, 5),
     "dinov2": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2)),
         lambda n: {"pixel_values": _image(n)}, 4, 4),
@@ -338,13 +378,33 @@ def test_more_transformers_prune_count_and_round_trip(name, tmp_path) -> None:
             == {n: type(m).__name__ for n, m in small.named_modules()})
 
 
-def test_gpt_neox_is_refused_with_one_error() -> None:
-    # Torch-Pruning's concatenation index mapping fails on its rotary concatenation (a channel count it cannot infer)
-    from autoprune.errors import AutopruneError
+def test_a_pruned_gpt2_exports_to_onnx_and_runs_in_onnxruntime(tmp_path) -> None:
+    # the exporter hands keyword inputs over positionally and GPT-2's forward, decorated, then got 'use_cache' twice
+    ort = pytest.importorskip("onnxruntime")
+    from autoprune.model.onnx import export_onnx
 
-    torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=40)).eval()
-    with pytest.raises(AutopruneError, match="Torch-Pruning cannot trace the model"):
-        PrunableModel(model, _tokens(1))
+    pm, inputs = _build(tiny_gpt2)
+    small = pm.apply(pm.plan({n: 0.5 for n in pm.prunable_names}))
+    x = {**inputs(2), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    path = export_onnx(small, x, tmp_path / "model.onnx")
+    sess = ort.InferenceSession(str(path))
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    got = sess.run(None, {k: v.numpy() for k, v in x.items()})[0]
+    assert torch.allclose(torch.from_numpy(got), _logits(small, x), atol=1e-4)
+    assert not small.training  # left in the mode it was in
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama])
+def test_reconstruction_leaves_an_output_layer_tied_to_the_embedding_alone(factory) -> None:
+    # the refit writes a layer's weight in place: refitting the output layer of a tied LM rewrote its input
+    # embedding table too
+    from autoprune.pruning.reconstruct import reconstruct_plan
+
+    pm, inputs = _in_thread(lambda: _build(factory), 120)
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    small = pm.apply(plan)
+    emb = small.get_input_embeddings().weight
+    before = emb.detach().clone()
+    report = reconstruct_plan(pm, plan, small, [inputs(4)])
+    assert "lm_head" in report.skipped and "tied" in report.skipped["lm_head"]
+    assert small.lm_head.weight is emb and torch.equal(emb, before)

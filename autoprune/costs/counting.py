@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from autoprune.pruning.groups import ROOT_TYPES, GroupInfo, PrunableModel, _PER_CHANNEL
+from autoprune.pruning.groups import ROOT_TYPES, GroupInfo, HFConv1D, PrunableModel, _PER_CHANNEL, in_width, out_width
 from autoprune.pruning.plan import PruningPlan
 from autoprune.model.task import batch_len, call_model, to_device
 
@@ -234,7 +234,7 @@ class CostModel:
         for name, m in mods.items():
             if isinstance(m, ROOT_TYPES):
                 def hook(mod, _i, out, name=name):
-                    c = mod.out_channels if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else mod.out_features
+                    c = out_width(mod)
                     rows[name] = rows.get(name, 0) + out.numel() // c  # output positions in the whole example batch
                 hooks.append(m.register_forward_hook(hook))
             elif isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim:
@@ -266,8 +266,8 @@ class CostModel:
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and name in rows:
                 dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
                 self.layers[name] = _Layer(name, "dwconv" if dw else "conv", m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), rows[name], m.bias is not None, own)
-            elif isinstance(m, nn.Linear) and name in rows:
-                self.layers[name] = _Layer(name, "linear", m.in_features, m.out_features, 1, 1, rows[name], m.bias is not None, own)
+            elif isinstance(m, (nn.Linear, HFConv1D)) and name in rows:
+                self.layers[name] = _Layer(name, "linear", in_width(m), out_width(m), 1, 1, rows[name], m.bias is not None, own)
             elif isinstance(m, nn.MultiheadAttention) and name in attn:
                 e = m.embed_dim
                 self.layers[name] = _Layer(name, "mha", e, e, m.num_heads, attn[name][2], attn[name][0], m.in_proj_bias is not None,

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
+from autoprune.pruning.groups import HFConv1D
 
 SHAPES_KEY = "autoprune_shapes"
 CODE_FILE = "modeling_autoprune.py"
@@ -51,6 +52,8 @@ def _module_sizes(m: nn.Module) -> dict[str, Any] | None:
         return {"type": "LayerNorm", "shape": list(m.normalized_shape)}
     if isinstance(m, nn.Embedding):
         return {"type": "Embedding", "num": m.num_embeddings, "dim": m.embedding_dim}
+    if isinstance(m, HFConv1D):  # GPT-2's linear layer, weight [in, out]
+        return {"type": "Conv1D", "in": m.weight.shape[0], "out": m.weight.shape[1]}
     return None
 
 
@@ -121,6 +124,9 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
             elif isinstance(old, nn.Embedding):
                 old.num_embeddings, old.embedding_dim = s["num"], s["dim"]
                 want = {"weight": [s["num"], s["dim"]]}
+            elif kind == "Conv1D":  # transformers' GPT-2 linear layer: weight [in, out], widths nx and nf
+                old.nx, old.nf = s["in"], s["out"]
+                want = {"weight": [s["in"], s["out"]], "bias": [s["out"]]}
             else:
                 raise ValueError(f"cannot resize {name} ({kind})")
             for tname, shape in want.items():

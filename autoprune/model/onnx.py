@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
+from autoprune.model.task import tensors_of
 
 
 def export_onnx(model: nn.Module, example: Any, path: str | Path) -> Path:
@@ -20,11 +21,38 @@ def export_onnx(model: nn.Module, example: Any, path: str | Path) -> Path:
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17)
         elif isinstance(example, dict):
             names = list(example)
-            torch.onnx.export(model, (), str(path), kwargs=dict(example), dynamo=False, input_names=names,
-                              dynamic_axes={n: {0: "batch"} for n in names}, opset_version=17)
+            axes = {n: {0: "batch"} for n in names}
+            try:
+                torch.onnx.export(model, (), str(path), kwargs=dict(example), dynamo=False, input_names=names,
+                                  dynamic_axes=axes, opset_version=17)
+            except Exception as first:  # noqa: BLE001 - retried below, raised if the retry fails too
+                # the exporter passes keyword inputs positionally, which a forward whose decorators add keywords of
+                # their own rejects (GPT-2: "got multiple values for argument 'use_cache'"), and it takes no
+                # `Cache` among the outputs (GPT-2's LM head model): the same inputs by name through a wrapper, its
+                # outputs' tensors as a tuple
+                try:
+                    torch.onnx.export(_ByName(model, names), tuple(example.values()), str(path), dynamo=False,
+                                      input_names=names, dynamic_axes=axes, opset_version=17)
+                except Exception:  # noqa: BLE001 - the first error is the one that says what the model does
+                    raise first from None
         else:
             torch.onnx.export(model, tuple(example), str(path), dynamo=False, opset_version=17)
     except Exception as e:
         raise AutopruneError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                              "export without ONNX (--no-onnx) or replace the unsupported op") from None
     return Path(path)
+
+
+class _ByName(nn.Module):
+    """`model(**dict(zip(names, args)))`, returning the output's tensors as a tuple (a `transformers` output with a
+    key/value cache flattened): what the TorchScript exporter can trace for a model that takes keyword inputs only."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+        # in the model's mode: the exporter restores the wrapper's mode afterwards, and with it the model's
+        # (a new module is in training mode, which left the exported model with its dropout on)
+        self.training = model.training
+
+    def forward(self, *args):
+        return tuple(tensors_of(self.model(**dict(zip(self.names, args)))))

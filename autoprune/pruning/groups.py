@@ -7,6 +7,7 @@ physically smaller model whose output shape is unchanged.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import logging
@@ -30,7 +31,66 @@ from autoprune.pruning.plan import PruningPlan, channels_kept
 from autoprune.model.task import call_model, output_signature, tensors_of
 
 log = logging.getLogger(__name__)
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class HFConv1D(abc.ABC):
+    """`transformers.pytorch_utils.Conv1D` (GPT-2's linear layer, weight stored [in, out]), matched by class
+    without importing `transformers` (`isinstance(m, HFConv1D)`)."""
+
+    @classmethod
+    def __subclasshook__(cls, C):
+        return any(k.__name__ == "Conv1D" and k.__module__ == "transformers.pytorch_utils" for k in C.__mro__) \
+            or NotImplemented
+
+
+class Conv1DPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning's pruning functions for `HFConv1D`, which it has none for: a linear layer whose weight is
+    stored transposed ([in, out]), its widths in `nx` (in) and `nf` (out). Written here because Torch-Pruning
+    takes a layer type's functions from the caller (`customized_pruners`) and ships none for it."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[1])) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, HFConv1D)
+
+
+def out_width(m: nn.Module) -> int:
+    """The output channels of a `ROOT_TYPES` layer."""
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, HFConv1D):
+        return m.weight.shape[1]
+    return m.out_channels
+
+
+def in_width(m: nn.Module) -> int:
+    """The input channels of a `ROOT_TYPES` layer."""
+    if isinstance(m, nn.Linear):
+        return m.in_features
+    if isinstance(m, HFConv1D):
+        return m.weight.shape[0]
+    return m.in_channels
+
+
 _PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -115,6 +175,22 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
                 m.num_attention_heads = q.out_features // size
                 n += 1
     return n
+
+
+@contextlib.contextmanager
+def _no_cache(model: nn.Module):
+    """A `transformers` model traced without its key/value cache (`config.use_cache = False` meanwhile): GPT-2
+    concatenates the cache's past keys with the new ones, a concatenation whose channel count Torch-Pruning cannot
+    infer (its index mapping failed), and the cache is not part of what pruning changes."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 class _EndlessWalk(Exception):
@@ -241,10 +317,13 @@ class PrunableModel:
                 warnings.filterwarnings("ignore", message=r"Unwrapped parameters detected")
                 # the outputs' tensors only: Torch-Pruning flattens tuples, lists and dicts but hands anything else
                 # (a transformers `Cache` of past keys and values, a string) back as an "output" and fails on it
-                return tp.DependencyGraph().build_dependency(model, example_inputs=self.example,
-                                                             output_transform=tensors_of)
+                custom = {type(m): Conv1DPruner() for m in model.modules() if isinstance(m, HFConv1D)}
+                with _no_cache(model):
+                    return tp.DependencyGraph().build_dependency(model, example_inputs=self.example,
+                                                                 output_transform=tensors_of,
+                                                                 customized_pruners=custom or None)
         except Exception as e:
-            # a layer type Torch-Pruning has no pruning function for (transformers' GPT-2 `Conv1D`) is the usual cause
+            # a layer type Torch-Pruning has no pruning function for is the usual cause
             unknown = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()
                               if next(m.parameters(recurse=False), None) is not None
                               and not type(m).__module__.startswith("torch.nn")
@@ -903,7 +982,7 @@ class PrunableModel:
         mods = dict(self.base.named_modules())
         layers = [mods[n] for n in g.layers if n in mods]
         members = [mods[m.module] for m in g.members if m.module in mods]
-        if layers and all(isinstance(m, nn.Linear) for m in layers):
+        if layers and all(isinstance(m, (nn.Linear, HFConv1D)) for m in layers):
             if g.multiple > 1 and len(layers) >= 3:
                 return f"attention heads ({g.channels // g.multiple} of {g.multiple})"
             return "neurons"

@@ -270,7 +270,8 @@ def reconstruct(pruned: nn.Module, base: nn.Module, batches: list, out_kept: dic
     before any refit (two forward passes in all; faster, but later layers then see shifted inputs); the default refits in forward order, each layer on the
     inputs of the already-refit layers before it (one forward per layer, each ended once that layer has its
     input, when the layer runs once per forward). Grouped convolutions are skipped (depthwise layers lose input and output
-    channels together and need no refit). `base_outputs` keeps the unpruned model's outputs between calls.
+    channels together and need no refit), and so is a layer whose weight another module holds too (a language
+    model's output layer tied to its embedding table, which the refit would rewrite). `base_outputs` keeps the unpruned model's outputs between calls.
     With `concurrent` (and several batches, every layer run once per forward, the layers' outputs under
     `CONCURRENT_MAX_NUMEL`), the same sequential refit runs in one forward pass per batch (`_refit_concurrently`).
     """
@@ -280,10 +281,17 @@ def reconstruct(pruned: nn.Module, base: nn.Module, batches: list, out_kept: dic
         return report
     was_training = pruned.training
     todo = []
+    owners: dict[int, int] = {}  # parameter -> how many modules hold it (a tied output layer and embedding: 2)
+    for m in pruned.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
     for name in layers if layers is not None else consumers(pruned, base):
         layer = pruned.get_submodule(name)
         if isinstance(layer, _CONV) and layer.groups != 1:
             report.skipped[name] = "grouped convolution"
+        elif owners.get(id(layer.weight), 0) > 1:  # the refit writes the weight in place: the other holder too
+            report.skipped[name] = "weight tied to another module's (refitting it would change that one too)"
         else:
             todo.append(name)
     if not todo:

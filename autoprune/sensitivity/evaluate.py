@@ -262,7 +262,7 @@ class Evaluator:
             mods = dict(model.named_modules())
             for name, k in kept.items():
                 m = mods.get(name)
-                width = getattr(m, "out_channels", getattr(m, "out_features", None))
+                width = getattr(m, "out_channels", getattr(m, "out_features", getattr(m, "nf", None)))
                 if width is not None and width != k:
                     return None
         except Exception:
