@@ -283,6 +283,48 @@ def test_a_params_budget_on_a_convnext_is_met_by_the_counted_model_and_used(runs
     assert torch.allclose(_logits(hfexport.from_pretrained(out / "hf"), x), _logits(small, x), atol=1e-5)
 
 
+def _image64(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def tiny_detr():
+    return transformers.DetrForObjectDetection(transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=transformers.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], out_features=["stage4"]),
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5, num_labels=3)), \
+        lambda n: {"pixel_values": _image64(n)}
+
+
+def test_a_detr_backbone_with_frozen_batchnorms_is_pruned_as_torch_pruning_would_with_their_pruner() -> None:
+    import copy
+
+    from autoprune.pruning.groups import FrozenBatchNorm, FrozenBatchNormPruner
+
+    pm, inputs = _build(tiny_detr)
+    base_before = {k: v.clone() for k, v in pm.base.state_dict().items()}
+    backbone = [n for n in pm.prunable_names if n.startswith("model.backbone.")]
+    assert len(backbone) == 12  # every conv of the ResNet backbone
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    small = pm.apply(plan)
+    frozen = {n: m for n, m in small.named_modules() if isinstance(m, FrozenBatchNorm)}
+    assert frozen and any(m.running_mean.shape[0] < pm.base.get_submodule(n).running_mean.shape[0]
+                          for n, m in frozen.items())
+    ref = copy.deepcopy(pm.base)
+    dg = pm.trace(ref)
+    assert isinstance(dg.get_pruner_of_module(ref.get_submodule(next(iter(frozen)))), FrozenBatchNormPruner)
+    for name, idxs in pm.pruned_indices(plan).items():
+        root = ref.get_submodule(name)
+        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+    got, want = small.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    x = inputs(2)
+    with torch.no_grad():
+        assert torch.equal(call_model(small, x).logits, call_model(ref, x).logits)
+        assert call_model(small, x).pred_boxes.shape == call_model(pm.base, x).pred_boxes.shape
+    assert all(torch.equal(v, base_before[k]) for k, v in pm.base.state_dict().items())  # the base is untouched
+
+
 def _text(batch: int) -> dict:
     x = _tokens(batch)
     return {**x, "attention_mask": torch.ones_like(x["input_ids"])}
@@ -311,6 +353,12 @@ SURVEY = {
     "gpt-neox": (lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=40)), _text, 3, 5),
+    # detectors: a ViT one, and DETR with its ResNet backbone's frozen BatchNorms (buffers, not parameters: the
+    # whole backbone was locked before they had pruning functions)
+    "yolos": (lambda: transformers.YolosForObjectDetection(transformers.YolosConfig(
+        image_size=[64, 64], patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_detection_tokens=5, num_labels=3)), lambda n: {"pixel_values": _image64(n)}, 6, 10),
+    "detr": (lambda: tiny_detr()[0], lambda n: {"pixel_values": _image64(n)}, 19, 22),
     "dinov2": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2)),
         lambda n: {"pixel_values": _image(n)}, 4, 4),

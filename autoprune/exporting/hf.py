@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
-from autoprune.pruning.groups import HFConv1D
+from autoprune.pruning.groups import FrozenBatchNorm, HFConv1D
 
 SHAPES_KEY = "autoprune_shapes"
 CODE_FILE = "modeling_autoprune.py"
@@ -54,6 +54,8 @@ def _module_sizes(m: nn.Module) -> dict[str, Any] | None:
         return {"type": "Embedding", "num": m.num_embeddings, "dim": m.embedding_dim}
     if isinstance(m, HFConv1D):  # GPT-2's linear layer, weight [in, out]
         return {"type": "Conv1D", "in": m.weight.shape[0], "out": m.weight.shape[1]}
+    if isinstance(m, FrozenBatchNorm):  # a detector backbone's BatchNorm, its per-channel tensors buffers
+        return {"type": "FrozenBatchNorm", "num": m.running_mean.shape[0]}
     return None
 
 
@@ -127,6 +129,10 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
             elif kind == "Conv1D":  # transformers' GPT-2 linear layer: weight [in, out], widths nx and nf
                 old.nx, old.nf = s["in"], s["out"]
                 want = {"weight": [s["in"], s["out"]], "bias": [s["out"]]}
+            elif kind == "FrozenBatchNorm":  # buffers, not parameters (DETR's backbone)
+                if isinstance(getattr(old, "num_features", None), int):
+                    old.num_features = s["num"]
+                want = {k: [s["num"]] for k in ("weight", "bias", "running_mean", "running_var")}
             else:
                 raise ValueError(f"cannot resize {name} ({kind})")
             for tname, shape in want.items():

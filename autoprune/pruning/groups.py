@@ -70,6 +70,40 @@ class Conv1DPruner(tp.pruner.function.BasePruningFunc):
         return layer.weight.shape[0]
 
 
+class FrozenBatchNorm(abc.ABC):
+    """A frozen BatchNorm (`transformers`' DETR-family `*FrozenBatchNorm2d`, torchvision's `FrozenBatchNorm2d`): its
+    per-channel `weight`, `bias`, `running_mean` and `running_var` are buffers, not parameters. Matched by class
+    name, without importing either library."""
+
+    @classmethod
+    def __subclasshook__(cls, C):
+        return any(k.__name__.endswith("FrozenBatchNorm2d") for k in C.__mro__) or NotImplemented
+
+
+class FrozenBatchNormPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning's pruning functions for `FrozenBatchNorm`, which it has none for: a detector's backbone (DETR's
+    ResNet) was locked whole, every conv feeding one left intact. In and out channels are the same channels."""
+
+    _BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        keep = torch.tensor(sorted(set(range(self.get_out_channels(layer))) - set(idxs)), dtype=torch.long)
+        for b in self._BUFFERS:  # new tensors, never written in place (the base's stay as they were)
+            t = layer._buffers.get(b)
+            if t is not None:
+                layer._buffers[b] = t.index_select(0, keep.to(t.device))
+        if isinstance(getattr(layer, "num_features", None), int):
+            layer.num_features = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.running_mean.shape[0]
+
+    get_in_channels = get_out_channels
+
+
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, HFConv1D)
 
 
@@ -318,6 +352,9 @@ class PrunableModel:
                 # the outputs' tensors only: Torch-Pruning flattens tuples, lists and dicts but hands anything else
                 # (a transformers `Cache` of past keys and values, a string) back as an "output" and fails on it
                 custom = {type(m): Conv1DPruner() for m in model.modules() if isinstance(m, HFConv1D)}
+                custom.update({type(m): FrozenBatchNormPruner() for m in model.modules()
+                               if isinstance(m, FrozenBatchNorm) and isinstance(m._buffers.get("running_mean"),
+                                                                                  torch.Tensor)})
                 with _no_cache(model):
                     return tp.DependencyGraph().build_dependency(model, example_inputs=self.example,
                                                                  output_transform=tensors_of,
