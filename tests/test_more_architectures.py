@@ -194,7 +194,7 @@ def tiny_gpt2():
 def test_gpt2_conv1d_layers_are_pruned_as_torch_pruning_would_with_their_pruner() -> None:
     # GPT-2's linear layers are transformers' `Conv1D` (weight [in, out]), which Torch-Pruning has no functions
     # for (it was refused); its key/value cache's concatenation broke the trace too (traced without the cache now)
-    from autoprune.pruning.groups import Conv1DPruner
+    from autoprune.pruning.layers import Conv1DPruner
     import copy
 
     pm, inputs = _build(tiny_gpt2)
@@ -299,7 +299,7 @@ def tiny_detr():
 def test_a_detr_backbone_with_frozen_batchnorms_is_pruned_as_torch_pruning_would_with_their_pruner() -> None:
     import copy
 
-    from autoprune.pruning.groups import FrozenBatchNorm, FrozenBatchNormPruner
+    from autoprune.pruning.layers import FrozenBatchNorm, FrozenBatchNormPruner
 
     pm, inputs = _build(tiny_detr)
     base_before = {k: v.clone() for k, v in pm.base.state_dict().items()}

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from autoprune.pruning.groups import ROOT_TYPES, GroupInfo, HFConv1D, PrunableModel, _PER_CHANNEL, in_width, out_width
+from autoprune.pruning.groups import ROOT_TYPES, GroupInfo, PrunableModel, _PER_CHANNEL
+from autoprune.pruning.layers import HFConv1D, in_width, out_width
 from autoprune.pruning.plan import PruningPlan
 from autoprune.model.task import batch_len, call_model, to_device
 

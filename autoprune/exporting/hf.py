@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
-from autoprune.pruning.groups import FrozenBatchNorm, HFConv1D
+from autoprune.pruning.layers import FrozenBatchNorm, HFConv1D
 
 SHAPES_KEY = "autoprune_shapes"
 CODE_FILE = "modeling_autoprune.py"

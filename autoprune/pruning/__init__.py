@@ -1,2 +1,2 @@
-"""The pruning stage: prunable groups (one Torch-Pruning dependency graph), importance criteria, plans,
-least-squares reconstruction and fine-tuning schedules."""
+"""The pruning stage: prunable groups (one Torch-Pruning dependency graph), pruning functions for the layer types
+Torch-Pruning lacks (`layers`), importance criteria, plans, least-squares reconstruction and fine-tuning schedules."""
