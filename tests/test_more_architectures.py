@@ -325,6 +325,25 @@ def test_a_detr_backbone_with_frozen_batchnorms_is_pruned_as_torch_pruning_would
     assert all(torch.equal(v, base_before[k]) for k, v in pm.base.state_dict().items())  # the base is untouched
 
 
+def tiny_deberta():
+    return transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**_TEXT))
+
+
+def test_deberta_heads_go_whole_and_its_head_count_follows() -> None:
+    # DeBERTa reshapes to (heads, -1): a cut of 4 channels (half a head of 8) passed the probe, and the pruned
+    # attention regrouped every head's channels into heads of 7
+    torch.manual_seed(0)
+    pm = PrunableModel(tiny_deberta().eval(), _text(1))
+    heads = [g for g in pm.groups if g.name.endswith("attention.self.value_proj")]
+    assert heads and all(g.multiple == 8 and pm.kind(g) == "attention heads (4 of 8)" for g in heads)
+    small = pm.apply(pm.plan({g.name: 0.5 for g in heads}))
+    att = small.deberta.encoder.layer[0].attention.self
+    assert att.query_proj.out_features == att.value_proj.out_features == 16
+    assert (att.num_attention_heads, att.all_head_size, att.attention_head_size) == (2, 16, 8)
+    with torch.no_grad():
+        assert call_model(small, _text(2)).logits.shape == (2, 2)
+
+
 def _text(batch: int) -> dict:
     x = _tokens(batch)
     return {**x, "attention_mask": torch.ones_like(x["input_ids"])}
@@ -374,6 +393,30 @@ SURVEY = {
     "efficientnet": (lambda: transformers.EfficientNetForImageClassification(transformers.EfficientNetConfig(
         image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=10)), _image,
         22, 22),
+    "deberta-v2": (lambda: tiny_deberta(), _text, 6, 6),
+    "bart": (lambda: transformers.BartForSequenceClassification(transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40, num_labels=3)),
+        lambda n: {"input_ids": torch.cat([_tokens(n, 11)["input_ids"].clamp(3, 99), torch.full((n, 1), 2)], 1)}, 6, 8),
+    "mistral": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=40)), _text, 3, 9),
+    "whisper-encoder": (lambda: transformers.WhisperForAudioClassification(transformers.WhisperConfig(
+        d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=80,
+        max_source_positions=30, num_labels=3)),
+        lambda n: {"input_features": torch.randn(n, 80, 60, generator=torch.Generator().manual_seed(0))}, 5, 7),
+    # a weight-standardised Conv2d subclass with its own forward and constructor (kept by the in-place resize)
+    "bit": (lambda: transformers.BitForImageClassification(transformers.BitConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_groups=4, num_labels=10)), _image, 7, 7),
+    "levit": (lambda: transformers.LevitForImageClassification(transformers.LevitConfig(
+        image_size=32, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[8, 8, 8],
+        down_ops=[["Subsample", 8, 2, 4, 2, 2], ["Subsample", 8, 3, 4, 2, 2]], num_labels=10)), _image, 9, 16),
+    "convnextv2": (lambda: transformers.ConvNextV2ForImageClassification(transformers.ConvNextV2Config(
+        hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], num_labels=10)), _image, 8, 8),
+    "mobilenetv1": (lambda: transformers.MobileNetV1ForImageClassification(transformers.MobileNetV1Config(
+        image_size=32, depth_multiplier=0.25, num_labels=10)), _image, 14, 14),
+    "poolformer": (lambda: transformers.PoolFormerForImageClassification(transformers.PoolFormerConfig(
+        hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=10)), _image, 8, 8),
     "distilbert": (lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
         vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=40)), _text, 6, 6),
     "roberta": (lambda: transformers.RobertaForSequenceClassification(

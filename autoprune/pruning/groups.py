@@ -108,7 +108,7 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
     qualified names of the modules to look at (default: all)."""
     n = 0
     for m in (model.modules() if only is None else (model.get_submodule(x) for x in only)):
-        q = getattr(m, "query", None)
+        q = _query_of(m)
         size = getattr(m, "attention_head_size", None)
         if isinstance(q, nn.Linear) and isinstance(size, int) and size > 0 and hasattr(m, "num_attention_heads"):
             if getattr(m, "all_head_size", None) != q.out_features:
@@ -132,6 +132,16 @@ def _no_cache(model: nn.Module):
         yield
     finally:
         config.use_cache = True
+
+
+def _query_of(m: nn.Module) -> nn.Module | None:
+    """The query projection of a BERT-style attention module: `query` (BERT, ViT), `query_proj` (DeBERTa)."""
+    q = m._modules.get("query")
+    return q if q is not None else m._modules.get("query_proj")
+
+
+# attributes by which `transformers` attention modules name their head size
+HEAD_SIZE_ATTRIBUTES = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")
 
 
 class _EndlessWalk(Exception):
@@ -424,7 +434,7 @@ class PrunableModel:
                 err = probe({g.name: g.conv_groups})
                 if err is None:
                     continue
-                for d in (d for d in range(2, g.channels // 2 + 1) if g.channels % d == 0 and g.conv_groups == 1):
+                for d in self._multiples_to_try(g):
                     if g.channels - d >= g.min_keep and probe({g.name: d}) is None:
                         mark(i, multiple=d)
                         break
@@ -443,6 +453,20 @@ class PrunableModel:
                 "no prunable group found: "
                 + ("; ".join(f"{g.name}: {g.reason}" for g in self.groups) or "Torch-Pruning found no conv/linear layer outside pruning.ignore and the classifier")
             )
+
+    def _multiples_to_try(self, g: GroupInfo) -> list[int]:
+        """The channel multiples the first probe tries for a group whose single-channel cut fails: the head size of
+        the attention module its root projects for, first (when it divides the width), then every divisor of the
+        width from 2 up. Why the head size first: an attention that reshapes to (heads, -1) accepts any cut that
+        leaves the width divisible by its head count, so the smallest such divisor (DeBERTa: 4 of a head size of
+        8) passed the probe and cut across heads, regrouping every head's channels."""
+        if g.conv_groups != 1:
+            return []
+        divisors = [d for d in range(2, g.channels // 2 + 1) if g.channels % d == 0]
+        parent = self.base.get_submodule(g.name.rpartition(".")[0]) if "." in g.name else self.base
+        sizes = [getattr(parent, a, None) for a in HEAD_SIZE_ATTRIBUTES]
+        head = next((h for h in sizes if isinstance(h, int) and 1 < h < g.channels and g.channels % h == 0), None)
+        return [head] + [d for d in divisors if d != head] if head else divisors
 
     def _kept_count(self, g: GroupInfo, ratio: float, round_to: int) -> int:
         """Channels group `g` keeps at `ratio`: rounded up to lcm(round_to, its multiple, its conv groups), at
@@ -736,7 +760,7 @@ class PrunableModel:
         if getattr(self, "_attn_names", None) is None:
             self._attn_names = frozenset(
                 n for n, m in self._base_modules().items()
-                if isinstance(m._modules.get("query"), nn.Linear) and isinstance(m.__dict__.get("attention_head_size"), int))
+                if isinstance(_query_of(m), nn.Linear) and isinstance(m.__dict__.get("attention_head_size"), int))
         return self._attn_names
 
     def _shareable(self, name: str, handler: Any) -> tuple[str | None, list[torch.Tensor]]:
