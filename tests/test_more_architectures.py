@@ -415,6 +415,8 @@ SURVEY = {
         hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], num_labels=10)), _image, 8, 8),
     "mobilenetv1": (lambda: transformers.MobileNetV1ForImageClassification(transformers.MobileNetV1Config(
         image_size=32, depth_multiplier=0.25, num_labels=10)), _image, 14, 14),
+    "swiftformer": (lambda: transformers.SwiftFormerForImageClassification(transformers.SwiftFormerConfig(
+        embed_dims=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=10)), _image, 17, 17),
     "poolformer": (lambda: transformers.PoolFormerForImageClassification(transformers.PoolFormerConfig(
         hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=10)), _image, 8, 8),
     "distilbert": (lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
