@@ -344,6 +344,25 @@ def test_deberta_heads_go_whole_and_its_head_count_follows() -> None:
         assert call_model(small, _text(2)).logits.shape == (2, 2)
 
 
+@pytest.mark.parametrize("name", ["bart", "whisper-encoder", "opt"])
+def test_bart_style_attention_keeps_its_head_count_after_a_head_cut(name) -> None:
+    # `num_heads` beside `q_proj` and `head_dim`: Whisper reshapes its keys and values with it, so its heads were
+    # left intact ("shape [1, -1, 4, 8] is invalid"); BART and OPT ran, with a `num_heads` that no longer held
+    if name == "opt":
+        build, inputs = lambda: tiny_opt()[0], _tokens
+    else:
+        build, inputs = SURVEY[name][0], SURVEY[name][1]
+    torch.manual_seed(0)
+    pm = PrunableModel(build().eval(), inputs(1))
+    heads = [g for g in pm.groups if g.name.endswith("v_proj")]
+    assert heads and all(g.prunable and g.multiple == 8 for g in heads)
+    small = pm.apply(pm.plan({g.name: 0.5 for g in heads}))
+    attn = [m for m in small.modules() if hasattr(m, "q_proj") and hasattr(m, "num_heads")]
+    assert attn and all(m.q_proj.out_features == 16 and m.num_heads == 2 and m.head_dim == 8 for m in attn)
+    with torch.no_grad():
+        assert _first(call_model(small, inputs(2))).shape == _first(call_model(pm.base, inputs(2))).shape
+
+
 def _text(batch: int) -> dict:
     x = _tokens(batch)
     return {**x, "attention_mask": torch.ones_like(x["input_ids"])}
@@ -376,7 +395,7 @@ SURVEY = {
     # whole backbone was locked before they had pruning functions)
     "yolos": (lambda: transformers.YolosForObjectDetection(transformers.YolosConfig(
         image_size=[64, 64], patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_detection_tokens=5, num_labels=3)), lambda n: {"pixel_values": _image64(n)}, 6, 10),
+        intermediate_size=64, num_detection_tokens=5, num_labels=3)), lambda n: {"pixel_values": _image64(n)}, 8, 10),
     "detr": (lambda: tiny_detr()[0], lambda n: {"pixel_values": _image64(n)}, 19, 22),
     "dinov2": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2)),
@@ -404,7 +423,7 @@ SURVEY = {
     "whisper-encoder": (lambda: transformers.WhisperForAudioClassification(transformers.WhisperConfig(
         d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=80,
         max_source_positions=30, num_labels=3)),
-        lambda n: {"input_features": torch.randn(n, 80, 60, generator=torch.Generator().manual_seed(0))}, 5, 7),
+        lambda n: {"input_features": torch.randn(n, 80, 60, generator=torch.Generator().manual_seed(0))}, 7, 7),
     # a weight-standardised Conv2d subclass with its own forward and constructor (kept by the in-place resize)
     "bit": (lambda: transformers.BitForImageClassification(transformers.BitConfig(
         embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_groups=4, num_labels=10)), _image, 7, 7),
@@ -501,3 +520,32 @@ def test_reconstruction_leaves_an_output_layer_tied_to_the_embedding_alone(facto
     report = reconstruct_plan(pm, plan, small, [inputs(4)])
     assert "lm_head" in report.skipped and "tied" in report.skipped["lm_head"]
     assert small.lm_head.weight is emb and torch.equal(emb, before)
+
+
+@pytest.mark.parametrize("name", ["opt", "bart", "whisper-encoder", "bert"])
+def test_a_head_cut_computes_what_silencing_that_head_computes(name) -> None:
+    # removing heads must equal keeping them with their output-projection inputs zeroed (a head's q and k only
+    # weigh its own v). With `num_heads` left stale, OPT's pruned attention reshaped its keys and values across
+    # heads and tokens: the shapes held, the numbers did not
+    import copy
+
+    if name in ("opt", "bert"):
+        build, inputs = (lambda: tiny_opt()[0]) if name == "opt" else (lambda: bert_classifier()[0]), _tokens
+    else:
+        build, inputs = SURVEY[name][0], SURVEY[name][1]
+    torch.manual_seed(0)
+    pm = PrunableModel(build().eval(), inputs(1))
+    heads = [g.name for g in pm.groups if g.name.endswith(("self_attn.v_proj", "attention.self.value"))]
+    plan = pm.plan({heads[0]: 0.5})
+    idxs = pm.pruned_indices(plan)[heads[0]]
+    assert len(idxs) == 16 and all(i % 8 == 0 for i in idxs[::8])  # two whole heads of 8
+    silenced = copy.deepcopy(pm.base)
+    with torch.no_grad():
+        attn = heads[0].rpartition(".")[0]
+        out = (silenced.get_submodule(attn).out_proj if name != "bert"
+               else silenced.get_submodule(attn.rpartition(".")[0]).output.dense)
+        out.weight[:, idxs] = 0
+        x = inputs(2)
+        want = _first(call_model(silenced, x))
+        got = _first(call_model(pm.apply(plan), x))
+    assert torch.allclose(got, want, atol=1e-5)

@@ -103,19 +103,40 @@ def find_output_layers(model: nn.Module, example) -> list[str]:
 def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = None) -> int:
     """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
     (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
-    Linear layers) from the pruned widths, so that the modules and their repr tell the truth; returns how many
+    Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`) from the pruned widths, so that the modules and their repr tell the truth; returns how many
     modules were updated. Torch-Pruning prunes the weights but does not know these attributes. `only`: the
     qualified names of the modules to look at (default: all)."""
     n = 0
     for m in (model.modules() if only is None else (model.get_submodule(x) for x in only)):
-        q = _query_of(m)
-        size = getattr(m, "attention_head_size", None)
-        if isinstance(q, nn.Linear) and isinstance(size, int) and size > 0 and hasattr(m, "num_attention_heads"):
+        style = _head_style(m, pruned=True)
+        if style == "bert":
+            q, size = _query_of(m), m.attention_head_size
             if getattr(m, "all_head_size", None) != q.out_features:
                 m.all_head_size = q.out_features
                 m.num_attention_heads = q.out_features // size
                 n += 1
+        elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
+            heads = m.q_proj.out_features // m.head_dim
+            if m.num_heads != heads:
+                m.num_heads = heads
+                n += 1
     return n
+
+
+def _head_style(m: nn.Module, pruned: bool = False) -> str | None:
+    """Which head-count attributes an attention module keeps: "bert" (`num_attention_heads`, `attention_head_size`,
+    `all_head_size` beside `query`/`query_proj`), "bart" (`num_heads` and `head_dim` beside `q_proj`, as in BART,
+    OPT, Whisper, where `num_heads` times `head_dim` is the q projection's width, until heads are cut: `pruned`),
+    or None."""
+    d = m.__dict__
+    size = d.get("attention_head_size")
+    if isinstance(_query_of(m), nn.Linear) and isinstance(size, int) and size > 0 and "num_attention_heads" in d:
+        return "bert"
+    q, head, heads = m._modules.get("q_proj"), d.get("head_dim"), d.get("num_heads")
+    if isinstance(q, nn.Linear) and isinstance(head, int) and isinstance(heads, int) and head > 0 \
+            and (pruned or q.out_features == head * heads):
+        return "bart"
+    return None
 
 
 @contextlib.contextmanager
@@ -406,6 +427,8 @@ class PrunableModel:
                     idxs = self._select(g, n, list(range(g.channels)))
                     pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
                     pg.prune()
+                if self._attention_names():  # the head counts, as `apply` sets them
+                    sync_attention_attributes(work, self._attention_names())
                 for slots in self._tied_slots():  # a weight two modules share must stay one tensor (`_retie`)
                     if len({tuple(work.get_submodule(n)._parameters[k].shape) for n, k in slots}) > 1:
                         raise RuntimeError("the cut would untie the weight shared by "
@@ -760,7 +783,7 @@ class PrunableModel:
         if getattr(self, "_attn_names", None) is None:
             self._attn_names = frozenset(
                 n for n, m in self._base_modules().items()
-                if isinstance(_query_of(m), nn.Linear) and isinstance(m.__dict__.get("attention_head_size"), int))
+                if _head_style(m) is not None)
         return self._attn_names
 
     def _shareable(self, name: str, handler: Any) -> tuple[str | None, list[torch.Tensor]]:
