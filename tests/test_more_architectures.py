@@ -522,30 +522,37 @@ def test_reconstruction_leaves_an_output_layer_tied_to_the_embedding_alone(facto
     assert small.lm_head.weight is emb and torch.equal(emb, before)
 
 
-@pytest.mark.parametrize("name", ["opt", "bart", "whisper-encoder", "bert"])
-def test_a_head_cut_computes_what_silencing_that_head_computes(name) -> None:
-    # removing heads must equal keeping them with their output-projection inputs zeroed (a head's q and k only
-    # weigh its own v). With `num_heads` left stale, OPT's pruned attention reshaped its keys and values across
-    # heads and tokens: the shapes held, the numbers did not
+HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_opt()[0], _tokens),
+         "deit": (lambda: deit()[0], _image), "beit": (lambda: beit()[0], _image),
+         **{n: SURVEY[n][:2] for n in ("albert", "electra", "xlm-roberta", "roberta", "distilbert", "deberta-v2",
+                                       "bart", "whisper-encoder", "wav2vec2", "dinov2", "clip-vision", "segformer",
+                                       "yolos", "detr")}}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_a_head_cut_computes_what_silencing_those_heads_computes(name) -> None:
+    """Removing heads must equal keeping them with their inputs to the output projection zeroed (a head's q and k
+    only weigh its own v), for every head group of the model. With `num_heads` left stale, OPT's pruned attention
+    reshaped its keys and values across heads and tokens: the shapes held, the numbers did not."""
     import copy
 
-    if name in ("opt", "bert"):
-        build, inputs = (lambda: tiny_opt()[0]) if name == "opt" else (lambda: bert_classifier()[0]), _tokens
-    else:
-        build, inputs = SURVEY[name][0], SURVEY[name][1]
+    build, inputs = HEADS[name]
     torch.manual_seed(0)
     pm = PrunableModel(build().eval(), inputs(1))
-    heads = [g.name for g in pm.groups if g.name.endswith(("self_attn.v_proj", "attention.self.value"))]
-    plan = pm.plan({heads[0]: 0.5})
-    idxs = pm.pruned_indices(plan)[heads[0]]
-    assert len(idxs) == 16 and all(i % 8 == 0 for i in idxs[::8])  # two whole heads of 8
-    silenced = copy.deepcopy(pm.base)
-    with torch.no_grad():
-        attn = heads[0].rpartition(".")[0]
-        out = (silenced.get_submodule(attn).out_proj if name != "bert"
-               else silenced.get_submodule(attn.rpartition(".")[0]).output.dense)
-        out.weight[:, idxs] = 0
-        x = inputs(2)
-        want = _first(call_model(silenced, x))
-        got = _first(call_model(pm.apply(plan), x))
-    assert torch.allclose(got, want, atol=1e-5)
+    mods = dict(pm.base.named_modules())
+    groups = [g for g in pm.groups if g.prunable and pm.kind(g).startswith("attention heads")]
+    assert groups
+    x = inputs(2)
+    for g in groups:
+        out = [m.module for m in g.members
+               if m.role == "in" and isinstance(mods[m.module], torch.nn.Linear) and m.count == g.channels]
+        assert len(out) == 1, (g.name, out)  # the output projection: reads the heads' values, channel for channel
+        plan = pm.plan({g.name: 0.5})
+        idxs = pm.pruned_indices(plan)[g.name]
+        assert len(idxs) == g.channels // 2 and len(idxs) % g.multiple == 0
+        silenced = copy.deepcopy(pm.base)
+        with torch.no_grad():
+            silenced.get_submodule(out[0]).weight[:, idxs] = 0
+            want = _first(call_model(silenced, x))
+            got = _first(call_model(pm.apply(plan), x))
+        assert torch.allclose(got, want, atol=1e-5), g.name
