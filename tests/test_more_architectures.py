@@ -556,3 +556,45 @@ def test_a_head_cut_computes_what_silencing_those_heads_computes(name) -> None:
             want = _first(call_model(silenced, x))
             got = _first(call_model(pm.apply(plan), x))
         assert torch.allclose(got, want, atol=1e-5), g.name
+
+
+NEURONS = {**{n: SURVEY[n][:2] for n in SURVEY}, **HEADS, "gpt2": (lambda: tiny_gpt2()[0], _tokens),
+           "llama": (lambda: tiny_llama()[0], _tokens)}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in NEURONS if n not in (
+    "segformer", "efficientnet", "bit", "mobilenetv1", "poolformer", "resnet", "mobilenetv2", "swiftformer")))
+def test_a_neuron_cut_computes_what_zeroing_those_neurons_computes(name) -> None:
+    """Removing a feed-forward block's neurons must equal keeping them with their consumer's inputs zeroed, for
+    every neuron group read by one layer (GPT-2's `Conv1D` consumer holds its weight as [in, out])."""
+    import copy
+
+    from autoprune.pruning.layers import HFConv1D
+
+    build, inputs = NEURONS[name]
+    torch.manual_seed(0)
+    pm = _in_thread(lambda: PrunableModel(build().eval(), inputs(1)), 120)
+    mods = dict(pm.base.named_modules())
+    x = inputs(2)
+    checked = 0
+    for g in pm.groups:
+        if not g.prunable or pm.kind(g) != "neurons":
+            continue
+        out = [m.module for m in g.members if m.role == "in" and isinstance(mods[m.module], (torch.nn.Linear, HFConv1D))
+               and m.count == g.channels]
+        if len(out) != 1:  # a hidden size, read by every block: no single layer to compare with
+            continue
+        plan = pm.plan({g.name: 0.5})
+        idxs = pm.pruned_indices(plan)[g.name]
+        zeroed = copy.deepcopy(pm.base)
+        with torch.no_grad():
+            layer = zeroed.get_submodule(out[0])
+            if isinstance(layer, HFConv1D):
+                layer.weight[idxs, :] = 0
+            else:
+                layer.weight[:, idxs] = 0
+            want = _first(call_model(zeroed, x))
+            got = _first(call_model(pm.apply(plan), x))
+        assert torch.allclose(got, want, atol=1e-5), g.name
+        checked += 1
+    assert checked >= 1
