@@ -90,8 +90,8 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
     """Resize `model`'s modules to `shapes` (written by autoprune's `pruned_shapes`): its layers resized in place
-    to the pruned sizes, directly owned parameters of the pruned shapes (values come from the checkpoint) and the attention
-    attributes. Copied into modeling_autoprune.py."""
+    to the pruned sizes, directly owned parameters of the pruned shapes (values come from the checkpoint) and the
+    attention attributes. Copied into modeling_autoprune.py."""
     import torch.nn as nn  # the copy in modeling_autoprune.py runs without autoprune
 
     for name, entry in shapes.items():

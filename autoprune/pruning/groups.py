@@ -103,9 +103,10 @@ def find_output_layers(model: nn.Module, example) -> list[str]:
 def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = None) -> int:
     """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
     (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
-    Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`) from the pruned widths, so that the modules and their repr tell the truth; returns how many
-    modules were updated. Torch-Pruning prunes the weights but does not know these attributes. `only`: the
-    qualified names of the modules to look at (default: all)."""
+    Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`) from the pruned widths, so that the
+    modules compute with the heads they have (Whisper and OPT reshape with `num_heads`) and their repr tells the
+    truth; returns how many modules were updated. Torch-Pruning prunes the weights but does not know these
+    attributes. `only`: the qualified names of the modules to look at (default: all)."""
     n = 0
     for m in (model.modules() if only is None else (model.get_submodule(x) for x in only)):
         style = _head_style(m, pruned=True)

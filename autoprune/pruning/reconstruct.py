@@ -271,7 +271,8 @@ def reconstruct(pruned: nn.Module, base: nn.Module, batches: list, out_kept: dic
     inputs of the already-refit layers before it (one forward per layer, each ended once that layer has its
     input, when the layer runs once per forward). Grouped convolutions are skipped (depthwise layers lose input and output
     channels together and need no refit), and so is a layer whose weight another module holds too (a language
-    model's output layer tied to its embedding table, which the refit would rewrite). `base_outputs` keeps the unpruned model's outputs between calls.
+    model's output layer tied to its embedding table, which the refit would rewrite). `base_outputs` keeps the
+    unpruned model's outputs between calls.
     With `concurrent` (and several batches, every layer run once per forward, the layers' outputs under
     `CONCURRENT_MAX_NUMEL`), the same sequential refit runs in one forward pass per batch (`_refit_concurrently`).
     """
