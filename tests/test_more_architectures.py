@@ -405,7 +405,7 @@ SURVEY = {
         intermediate_size=64)), lambda n: {"pixel_values": _image(n)}, 4, 4),
     "swin": (lambda: transformers.SwinForImageClassification(transformers.SwinConfig(
         image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=10)),
-        _image, 3, 6),
+        _image, 5, 6),  # heads too: their relative-position bias columns are cut per head
     "segformer": (lambda: transformers.SegformerForImageClassification(transformers.SegformerConfig(
         num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
         num_labels=10, patch_sizes=[7, 3], strides=[4, 2])), _image, 3, 7),
@@ -526,7 +526,7 @@ HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_o
          "deit": (lambda: deit()[0], _image), "beit": (lambda: beit()[0], _image),
          **{n: SURVEY[n][:2] for n in ("albert", "electra", "xlm-roberta", "roberta", "distilbert", "deberta-v2",
                                        "bart", "whisper-encoder", "wav2vec2", "dinov2", "clip-vision", "segformer",
-                                       "yolos", "detr")}}
+                                       "yolos", "detr", "swin")}}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))

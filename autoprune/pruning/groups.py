@@ -118,22 +118,24 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
                 n += 1
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
             heads = m.q_proj.out_features // m.head_dim
-            if m.num_heads != heads:
-                m.num_heads = heads
+            attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
+            if getattr(m, attr) != heads:
+                setattr(m, attr, heads)
                 n += 1
     return n
 
 
 def _head_style(m: nn.Module, pruned: bool = False) -> str | None:
     """Which head-count attributes an attention module keeps: "bert" (`num_attention_heads`, `attention_head_size`,
-    `all_head_size` beside `query`/`query_proj`), "bart" (`num_heads` and `head_dim` beside `q_proj`, as in BART,
-    OPT, Whisper, where `num_heads` times `head_dim` is the q projection's width, until heads are cut: `pruned`),
-    or None."""
+    `all_head_size` beside `query`/`query_proj`), "bart" (`num_heads`, or Swin's `num_attention_heads`, and
+    `head_dim` beside `q_proj`, as in BART, OPT, Whisper, where the head count times `head_dim` is the q
+    projection's width, until heads are cut: `pruned`), or None."""
     d = m.__dict__
     size = d.get("attention_head_size")
     if isinstance(_query_of(m), nn.Linear) and isinstance(size, int) and size > 0 and "num_attention_heads" in d:
         return "bert"
-    q, head, heads = m._modules.get("q_proj"), d.get("head_dim"), d.get("num_heads")
+    q, head = m._modules.get("q_proj"), d.get("head_dim")
+    heads = d.get("num_heads", d.get("num_attention_heads"))  # Swin's attention names it the BERT way
     if isinstance(q, nn.Linear) and isinstance(head, int) and isinstance(heads, int) and head > 0 \
             and (pruned or q.out_features == head * heads):
         return "bart"
@@ -291,10 +293,14 @@ class PrunableModel:
                 # the outputs' tensors only: Torch-Pruning flattens tuples, lists and dicts but hands anything else
                 # (a transformers `Cache` of past keys and values, a string) back as an "output" and fails on it
                 custom = custom_pruners(model)
+                # per-head tables are cut per head by `_cut_head_tables`: Torch-Pruning reaches them but cuts them
+                # as channels (a Swin table of 4 head columns lost all 4 to a cut of 8 channels, one head)
+                tables = [model.get_parameter(t) for _, _, ts in self._head_tables().values() for t in ts]
                 with _no_cache(model):
                     return tp.DependencyGraph().build_dependency(model, example_inputs=self.example,
                                                                  output_transform=tensors_of,
-                                                                 customized_pruners=custom or None)
+                                                                 customized_pruners=custom or None,
+                                                                 ignored_params=tables or None)
         except Exception as e:
             # a layer type Torch-Pruning has no pruning function for is the usual cause
             unknown = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()
@@ -420,6 +426,7 @@ class PrunableModel:
         def probe(sizes: dict[str, int]) -> str | None:
             """Prune `sizes[g]` channels of each group on one copy; None if the output shape survives."""
             work = clone_module(self.base)
+            removed_q: dict[str, set[int]] = {}
             try:
                 dg = self.trace(work)
                 for name, n in sizes.items():
@@ -427,9 +434,15 @@ class PrunableModel:
                     root = work.get_submodule(name)
                     idxs = self._select(g, n, list(range(g.channels)))
                     pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+                    if self._head_tables():  # which query channels go: the heads whose bias columns go too
+                        qs = {id(work.get_submodule(q)): q for q, _, _ in self._head_tables().values()}
+                        for dep, ix in pg:
+                            if id(dep.target.module) in qs and dg.is_out_channel_pruning_fn(dep.handler):
+                                removed_q.setdefault(qs[id(dep.target.module)], set()).update(int(i) for i in ix)
                     pg.prune()
                 if self._attention_names():  # the head counts, as `apply` sets them
                     sync_attention_attributes(work, self._attention_names())
+                self._cut_head_tables(work, removed_q)
                 for slots in self._tied_slots():  # a weight two modules share must stay one tensor (`_retie`)
                     if len({tuple(work.get_submodule(n)._parameters[k].shape) for n, k in slots}) > 1:
                         raise RuntimeError("the cut would untie the weight shared by "
@@ -729,6 +742,9 @@ class PrunableModel:
         if self._attention_names():  # (a CNN has none: no walk)
             touched = {name.rpartition(".")[0] for name, kind, _ in cuts if kind == "module"}
             sync_attention_attributes(work, touched & self._attention_names())
+        if self._head_tables():
+            self._cut_head_tables(work, {q: idxs for (q, kind, fn), (_, idxs) in cuts.items()
+                                         if kind == "module" and fn == "prune_out_channels"})
         if any(m.training for m in base_mods.values()):  # the copy is in the base's mode, which is eval unless
             work.eval()                                   # someone switched it
         work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
@@ -786,6 +802,48 @@ class PrunableModel:
                 n for n, m in self._base_modules().items()
                 if _head_style(m) is not None)
         return self._attn_names
+
+    def _head_tables(self) -> dict[str, tuple[str, int, list[str]]]:
+        """Attention modules with per-head tables Torch-Pruning does not cut: attention module -> (its query
+        projection, head size, the qualified names of its `relative_position_bias_table` parameters, one column
+        per head: Swin's). Cut by `_cut_head_tables`."""
+        if getattr(self, "_tables", None) is None:
+            mods = self._base_modules()
+            found: dict[str, tuple[str, int, list[str]]] = {}
+            for n, m in mods.items():
+                q_leaf = next((k for k in ("query", "query_proj", "q_proj") if isinstance(m._modules.get(k), nn.Linear)),
+                              None)
+                size = next((m.__dict__[a] for a in ("attention_head_size", "head_dim")
+                             if isinstance(m.__dict__.get(a), int) and m.__dict__[a] > 0), None)
+                if q_leaf is None or size is None:
+                    continue
+                heads = m._modules[q_leaf].out_features // size
+                tables = [f"{n}.{p}" if n else p for p, t in m.named_parameters()
+                          if p.rpartition(".")[2] == "relative_position_bias_table" and t.dim() == 2
+                          and t.shape[1] == heads]
+                if tables:
+                    found[n] = (f"{n}.{q_leaf}" if n else q_leaf, size, tables)
+            self._tables = found
+        return self._tables
+
+    def _cut_head_tables(self, work: nn.Module, removed_q: dict[str, Any]) -> None:
+        """Cut, in `work`, the per-head bias columns (`_head_tables`) of the heads whose query channels went
+        (`removed_q`: query projection -> removed output channels). Why by hand: Swin adds a relative-position
+        bias per head to the attention scores, read from a table with one column per head, which Torch-Pruning
+        cuts as if its columns were channels (a cut of one head of 8 channels took all 4 columns), so Swin's heads
+        were left intact."""
+        for q, size, tables in self._head_tables().values():
+            idxs = removed_q.get(q)
+            if not idxs:
+                continue
+            gone = {int(i) // size for i in idxs}
+            for t in tables:
+                parent, _, leaf = t.rpartition(".")
+                owner = work.get_submodule(parent) if parent else work
+                table = owner._parameters[leaf]
+                keep = torch.tensor([h for h in range(table.shape[1]) if h not in gone], dtype=torch.long)
+                owner._parameters[leaf] = nn.Parameter(table.detach().index_select(1, keep.to(table.device)),
+                                                       requires_grad=table.requires_grad)
 
     def _shareable(self, name: str, handler: Any) -> tuple[str | None, list[torch.Tensor]]:
         """(`cut`'s own path for layer `name` and `handler`, as `fast_kind` names it, None when Torch-Pruning's
