@@ -203,7 +203,8 @@ def test_gpt2_conv1d_layers_are_pruned_as_torch_pruning_would_with_their_pruner(
                                       "transformer.h.1.mlp.c_proj"}  # MLP neurons of each layer, the hidden size
     assert by_name["transformer.h.1.mlp.c_proj"].channels == 32 and by_name["transformer.h.0.mlp.c_fc"].channels == 128
     # the fused q/k/v projection: its heads are left intact, with the reason
-    assert all(not by_name[f"transformer.h.{i}.attn.c_attn"].prunable and by_name[f"transformer.h.{i}.attn.c_attn"].reason
+    assert all(not by_name[f"transformer.h.{i}.attn.c_attn"].prunable
+               and "a fused query/key/value projection (96 = 3 x 32 channels)" in by_name[f"transformer.h.{i}.attn.c_attn"].reason
                for i in (0, 1))
     assert {pm.kind(by_name[n]) for n in pm.prunable_names} == {"neurons"}
     plan = pm.plan({"transformer.h.0.mlp.c_fc": 0.5, "transformer.h.1.mlp.c_fc": 0.25, "transformer.h.1.mlp.c_proj": 0.5})

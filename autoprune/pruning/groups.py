@@ -24,7 +24,7 @@ import torch_pruning as tp
 
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
-from autoprune.pruning.layers import HFConv1D, custom_pruners
+from autoprune.pruning.layers import HFConv1D, custom_pruners, in_width
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan, channels_kept
@@ -476,7 +476,7 @@ class PrunableModel:
                         mark(i, multiple=d)
                         break
                 else:
-                    mark(i, prunable=False, reason=err)
+                    mark(i, prunable=False, reason=self._fused_qkv_reason(g, err))
         # probe 2: remove about half (rounded to the group's multiple)
         idx = [i for i, g in enumerate(self.groups) if g.prunable]
         half = {i: self.groups[i].channels - self._kept_count(self.groups[i], 0.5, 1) for i in idx}
@@ -490,6 +490,17 @@ class PrunableModel:
                 "no prunable group found: "
                 + ("; ".join(f"{g.name}: {g.reason}" for g in self.groups) or "Torch-Pruning found no conv/linear layer outside pruning.ignore and the classifier")
             )
+
+    def _fused_qkv_reason(self, g: GroupInfo, err: str) -> str:
+        """`err`, said in words when the group is a fused query/key/value projection (GPT-2's `c_attn`, BLOOM's and
+        GPT-NeoX's `query_key_value`): three times as wide as the output projection that reads its values. Its
+        heads would have to go in q, k and v at once, which no cut of one group of channels does."""
+        mods = self._base_modules()
+        if any(m.role == "in" and isinstance(mods.get(m.module), ROOT_TYPES) and 3 * in_width(mods[m.module]) == g.channels
+               for m in g.members):
+            return (f"a fused query/key/value projection ({g.channels} = 3 x {g.channels // 3} channels): autoprune "
+                    f"does not cut the heads of q, k and v together yet, so it is left intact ({err})")
+        return err
 
     def _multiples_to_try(self, g: GroupInfo) -> list[int]:
         """The channel multiples the first probe tries for a group whose single-channel cut fails: the head size of
