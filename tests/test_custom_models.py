@@ -240,3 +240,41 @@ def test_regnet_digits_factory_and_its_spec_load_and_prune_on_dict_batches() -> 
     with torch.no_grad():
         assert small(pixel_values=batch).logits.shape == model(pixel_values=batch).logits.shape == (3, 10)
     assert count_macs(small, batch[:1]) < count_macs(model, batch[:1])
+
+
+class _Recurrent(nn.Module):
+    """Token ids -> a recurrent layer -> a hidden linear layer -> logits (the linear layer is the prunable group)."""
+
+    def __init__(self, rnn: nn.RNNBase, width: int) -> None:
+        super().__init__()
+        self.emb, self.rnn = nn.Embedding(100, rnn.input_size), rnn
+        self.fc1, self.fc2 = nn.Linear(width, 64), nn.Linear(64, 5)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.emb(x))
+        return self.fc2(torch.relu(self.fc1(h[:, -1])))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru-2-layers-bidirectional", "lstm-projected", "rnn"])
+def test_recurrent_layers_are_counted_and_a_macs_budget_sees_them(kind: str) -> None:
+    # torch runs an LSTM/GRU/RNN as one aten op that FlopCounterMode has no formula for: an LSTM classifier counted
+    # only its linear head
+    rnn, per_step = {
+        "lstm": (nn.LSTM(32, 48, batch_first=True), 4 * 48 * (32 + 48)),
+        "gru-2-layers-bidirectional": (nn.GRU(32, 24, num_layers=2, bidirectional=True, batch_first=True),
+                                       2 * 3 * 24 * (32 + 24) + 2 * 3 * 24 * (48 + 24)),
+        "lstm-projected": (nn.LSTM(32, 48, proj_size=16, batch_first=True), 4 * 48 * (32 + 16) + 48 * 16),
+        "rnn": (nn.RNN(32, 40, batch_first=True), 40 * (32 + 40)),
+    }[kind]
+    torch.manual_seed(0)
+    width = (rnn.proj_size or rnn.hidden_size) * (2 if rnn.bidirectional else 1)
+    model = _Recurrent(rnn, width).eval()
+    x = torch.randint(0, 100, (2, 12))
+    head = 2 * (width * 64 + 64 * 5)  # the linear layers, batch of 2
+    assert count_macs(model, x) == head + per_step * 2 * 12
+    pm = PrunableModel(model, x)
+    cm = CostModel(pm)
+    plan = pm.plan({"fc1": 0.5})
+    small = pm.apply(plan)
+    assert cm.estimate(plan) == (count_macs(small, x), count_params(small))
+    assert count_macs(small, x) - per_step * 2 * 12 == 2 * (width * 32 + 32 * 5)  # the recurrent part stays
