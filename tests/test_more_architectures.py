@@ -199,14 +199,13 @@ def test_gpt2_conv1d_layers_are_pruned_as_torch_pruning_would_with_their_pruner(
 
     pm, inputs = _build(tiny_gpt2)
     by_name = {g.name: g for g in pm.groups}
-    assert set(pm.prunable_names) == {"transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc",
-                                      "transformer.h.1.mlp.c_proj"}  # MLP neurons of each layer, the hidden size
+    assert set(pm.prunable_names) == {"transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc",  # MLP neurons,
+                                      "transformer.h.1.mlp.c_proj",  # the hidden size,
+                                      "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}  # the heads
     assert by_name["transformer.h.1.mlp.c_proj"].channels == 32 and by_name["transformer.h.0.mlp.c_fc"].channels == 128
-    # the fused q/k/v projection: its heads are left intact, with the reason
-    assert all(not by_name[f"transformer.h.{i}.attn.c_attn"].prunable
-               and "a fused query/key/value projection (96 = 3 x 32 channels)" in by_name[f"transformer.h.{i}.attn.c_attn"].reason
-               for i in (0, 1))
-    assert {pm.kind(by_name[n]) for n in pm.prunable_names} == {"neurons"}
+    # the fused q/k/v projection: its heads go whole, 3 x 8 channels a head
+    assert all(by_name[f"transformer.h.{i}.attn.c_attn"].multiple == 24 for i in (0, 1))
+    assert {pm.kind(by_name[n]) for n in pm.prunable_names} == {"neurons", "attention heads, fused q/k/v (4 of 8)"}
     plan = pm.plan({"transformer.h.0.mlp.c_fc": 0.5, "transformer.h.1.mlp.c_fc": 0.25, "transformer.h.1.mlp.c_proj": 0.5})
     small = pm.apply(plan)
     assert small.transformer.h[0].mlp.c_fc.weight.shape == (16, 64) and small.transformer.h[0].mlp.c_fc.nf == 64
@@ -489,6 +488,31 @@ def test_more_transformers_prune_count_and_round_trip(name, tmp_path) -> None:
     # by name: a parametrized layer's class (Wav2Vec2's weight-normed positional conv) is made per instance
     assert ({n: type(m).__name__ for n, m in back.named_modules()}
             == {n: type(m).__name__ for n, m in small.named_modules()})
+
+
+def test_gpt2_heads_go_whole_in_q_k_and_v_and_compute_what_silencing_them_computes() -> None:
+    # the fused c_attn ([q | k | v], split by `split_size`): a head is 8 channels in each of the three blocks;
+    # Torch-Pruning maps every block to the same input of c_proj (96 indices into 32), which refused every cut
+    import copy
+
+    pm, inputs = _build(tiny_gpt2)
+    plan = pm.plan({"transformer.h.0.attn.c_attn": 0.5, "transformer.h.1.attn.c_attn": 0.75})
+    cut = pm.pruned_indices(plan)
+    for name, n_heads in (("transformer.h.0.attn.c_attn", 2), ("transformer.h.1.attn.c_attn", 3)):
+        heads = sorted({i // 8 for i in cut[name] if i < 32})
+        assert len(heads) == n_heads
+        assert cut[name] == sorted(s * 32 + h * 8 + j for s in range(3) for h in heads for j in range(8))
+    small = pm.apply(plan)
+    a0, a1 = small.transformer.h[0].attn, small.transformer.h[1].attn
+    assert (a0.split_size, a0.num_heads, tuple(a0.c_attn.weight.shape), tuple(a0.c_proj.weight.shape)) == (16, 2, (32, 48), (16, 32))
+    assert (a1.split_size, a1.num_heads) == (8, 1)
+    silenced = copy.deepcopy(pm.base)
+    with torch.no_grad():
+        for layer, name in enumerate(("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn")):
+            silenced.transformer.h[layer].attn.c_proj.weight[[i - 64 for i in cut[name] if i >= 64], :] = 0
+    x = inputs(2)
+    assert torch.allclose(_logits(small, x), _logits(silenced, x), atol=1e-5)
+    assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
 
 
 def test_a_pruned_gpt2_exports_to_onnx_and_runs_in_onnxruntime(tmp_path) -> None:

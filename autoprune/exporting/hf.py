@@ -32,7 +32,8 @@ SHAPES_KEY = "autoprune_shapes"
 CODE_FILE = "modeling_autoprune.py"
 # integer attributes of attention (and similar) modules that follow the pruned widths
 ATTRIBUTES = ("num_attention_heads", "all_head_size", "attention_head_size", "num_heads", "head_dim", "embed_dim",
-              "num_key_value_heads", "num_key_value_groups", "hidden_size", "intermediate_size", "inner_dim")
+              "num_key_value_heads", "num_key_value_groups", "hidden_size", "intermediate_size", "inner_dim",
+              "split_size")
 
 
 def is_hf(model: nn.Module) -> bool:

@@ -24,7 +24,7 @@ import torch_pruning as tp
 
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
-from autoprune.pruning.layers import HFConv1D, custom_pruners, in_width
+from autoprune.pruning.layers import HFConv1D, custom_pruners, in_width, out_width
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan, channels_kept
@@ -116,6 +116,11 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
                 m.all_head_size = q.out_features
                 m.num_attention_heads = q.out_features // size
                 n += 1
+        elif style == "gpt2":  # a fused q/k/v projection split in three by `split_size`
+            split = out_width(m.c_attn) // 3
+            if m.split_size != split:
+                m.split_size, m.num_heads = split, split // m.head_dim
+                n += 1
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
             heads = m.q_proj.out_features // m.head_dim
             attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
@@ -131,6 +136,10 @@ def _head_style(m: nn.Module, pruned: bool = False) -> str | None:
     `head_dim` beside `q_proj`, as in BART, OPT, Whisper, where the head count times `head_dim` is the q
     projection's width, until heads are cut: `pruned`), or None."""
     d = m.__dict__
+    c_attn = m._modules.get("c_attn")
+    if isinstance(c_attn, ROOT_TYPES) and all(isinstance(d.get(a), int) for a in ("split_size", "head_dim", "num_heads")) \
+            and (pruned or out_width(c_attn) == 3 * d["split_size"]):
+        return "gpt2"
     size = d.get("attention_head_size")
     if isinstance(_query_of(m), nn.Linear) and isinstance(size, int) and size > 0 and "num_attention_heads" in d:
         return "bert"
@@ -462,14 +471,27 @@ class PrunableModel:
                 (log.info if expected else log.warning)("group %s cannot be pruned (%s); it is left intact",
                                                         self.groups[i].name, changes.get("reason"))
 
+        # a fused q/k/v projection's heads go whole, in q, k and v at once: one head (3 x head size channels) a step,
+        # and its output projection reads one channel per three of its channels (the cost model's multiplier)
+        for i, g in enumerate(self.groups):
+            lay = self._fused_layout(g) if g.prunable else None
+            if lay is not None:
+                mods = self._base_modules()
+                mark(i, multiple=3 * lay[1], members=tuple(
+                    replace(m, count=g.channels // 3) if m.role == "in" and isinstance(mods.get(m.module), ROOT_TYPES)
+                    and 3 * in_width(mods[m.module]) == g.channels else m for m in g.members))
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
-        # (a group touching grouped convs removes one channel from each conv group)
+        # (a group touching grouped convs removes one channel from each conv group; a fused q/k/v one, one head)
         idx = [i for i, g in enumerate(self.groups) if g.prunable]
-        if probe({self.groups[i].name: self.groups[i].conv_groups for i in idx}) is not None:
+        first = {i: max(self.groups[i].conv_groups, self.groups[i].multiple) for i in idx}
+        if probe({self.groups[i].name: first[i] for i in idx}) is not None:
             for i in idx:
                 g = self.groups[i]
-                err = probe({g.name: g.conv_groups})
+                err = probe({g.name: first[i]})
                 if err is None:
+                    continue
+                if g.multiple > 1:  # a fused q/k/v projection: no other step to try
+                    mark(i, prunable=False, reason=self._fused_qkv_reason(g, err))
                     continue
                 for d in self._multiples_to_try(g):
                     if g.channels - d >= g.min_keep and probe({g.name: d}) is None:
@@ -490,6 +512,32 @@ class PrunableModel:
                 "no prunable group found: "
                 + ("; ".join(f"{g.name}: {g.reason}" for g in self.groups) or "Torch-Pruning found no conv/linear layer outside pruning.ignore and the classifier")
             )
+
+    def _fused_layout(self, g: GroupInfo) -> tuple[int, int] | None:
+        """(width of each of q, k and v; head size) when group `g` is rooted at a fused query/key/value projection
+        whose attention splits it in three equal blocks by `split_size` and reshapes them by `head_dim` (GPT-2's
+        `c_attn`: [q | k | v]); else None. Layouts interleaved per head (BLOOM, GPT-NeoX) are not read."""
+        if "." not in g.name:
+            return None
+        parent = self.base.get_submodule(g.name.rpartition(".")[0])
+        split, head = parent.__dict__.get("split_size"), parent.__dict__.get("head_dim")
+        root = self._base_modules().get(g.name)
+        if not (isinstance(split, int) and isinstance(head, int) and 0 < head < split and split % head == 0):
+            return None
+        if not isinstance(root, ROOT_TYPES) or g.channels != 3 * split or g.name.rpartition(".")[2] != "c_attn":
+            return None
+        return split, head
+
+    def _fused_heads(self, g: GroupInfo, n_prune: int, head_scores: torch.Tensor) -> list[int]:
+        """The channels of the `n_prune // (3 x head size)` heads with the lowest scores, in q, k and v alike."""
+        split, head = self._fused_layout(g)
+        heads = torch.argsort(head_scores, stable=True)[: n_prune // (3 * head)].tolist()
+        return sorted(s * split + h * head + j for s in range(3) for h in heads for j in range(head))
+
+    def _fused_head_scores(self, g: GroupInfo, channel_scores: torch.Tensor) -> torch.Tensor:
+        """A fused q/k/v group's per-head score: the sum over the head's channels in q, k and v."""
+        split, head = self._fused_layout(g)
+        return channel_scores.reshape(3, split // head, head).sum((0, 2))
 
     def _fused_qkv_reason(self, g: GroupInfo, err: str) -> str:
         """`err`, said in words when the group is a fused query/key/value projection (GPT-2's `c_attn`, BLOOM's and
@@ -530,9 +578,11 @@ class PrunableModel:
     def _select(self, g: GroupInfo, n_prune: int, order: list[int]) -> list[int]:
         """The first `n_prune` channels of `order`, skipping any that would empty a concatenated branch
         (grouped convs: the same count from each conv group, ranked by position in `order`)."""
-        if g.conv_groups > 1:
+        if g.conv_groups > 1 or self._fused_layout(g) is not None:
             rank = torch.empty(g.channels)
             rank[torch.tensor(order[: g.channels], dtype=torch.long)] = torch.arange(g.channels, dtype=torch.float)
+            if g.conv_groups == 1:  # a fused q/k/v projection: whole heads, ranked by their channels' positions
+                return self._fused_heads(g, n_prune, self._fused_head_scores(g, rank))
             return self._select_conv_groups(g, n_prune, rank)
         segs = self._segments.get(g.name, [])
         if not segs:
@@ -595,6 +645,8 @@ class PrunableModel:
     def _select_blocks(self, g: GroupInfo, n_prune: int, criterion: str) -> list[int]:
         """Whole aligned blocks of `g.multiple` channels (attention heads: q/k/v widths must stay a multiple of the
         head size), the blocks with the lowest summed channel score first."""
+        if self._fused_layout(g) is not None:  # a head is three blocks, one in each of q, k and v
+            return self._fused_heads(g, n_prune, self._fused_head_scores(g, self.scores(criterion)[g.name]))
         scores = self.scores(criterion)[g.name].reshape(-1, g.multiple).sum(1)
         blocks = torch.argsort(scores, stable=True)[: n_prune // g.multiple].tolist()
         return sorted(b * g.multiple + i for b in blocks for i in range(g.multiple))
@@ -905,6 +957,8 @@ class PrunableModel:
     def _group_items(self, gname: str, idxs: list[int]) -> list:
         """[((layer, kind, pruning function name), (function, sorted indices))] that removing root channels `idxs`
         of group `gname` cuts: from the group's map (`_group_map`) where it has one, else from Torch-Pruning."""
+        if self._fused_layout(self.group(gname)) is not None and self.group(gname).multiple > 1:
+            return self._fused_items(gname, idxs)
         gmap = self._group_maps.get(gname)
         if gmap is None:
             gmap = self._group_maps[gname] = self._group_map(gname)
@@ -921,6 +975,26 @@ class PrunableModel:
             if ix:
                 out.append((k, (handler, tuple(sorted(ix)))))
         return out
+
+    def _fused_items(self, gname: str, idxs: list[int]) -> list:
+        """`_group_items` for a fused q/k/v projection (`_fused_layout`), whose `idxs` are whole heads in q, k and v.
+        Torch-Pruning maps each of its channels to the same index of the output projection's input, past the split
+        (q, k and v channel i all to input i, 96 indices into 32), so its whole-layer check refused every head cut;
+        the output projection reads the values: v's channel 2 x split + i is its input i."""
+        template, dg, _ = self._base_graph
+        split, _head = self._fused_layout(self.group(gname))
+        root = template.get_submodule(gname)
+        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        items: dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]] = {}
+        for dep, ix in group:
+            k = self._dep_key(dep)
+            if k is None:
+                continue
+            ix = {int(i) for i in ix}
+            if dg.is_in_channel_pruning_fn(dep.handler) and 3 * dg.get_in_channels(dep.target.module) == 3 * split:
+                ix = {i - 2 * split for i in ix if i >= 2 * split}
+            items[k] = (dep.handler, tuple(sorted(ix | set(items.get(k, (0, ()))[1]))))
+        return [kv for kv in items.items() if kv[1][1]]
 
     def _tp_items(self, gname: str, idxs: list[int]) -> list:
         """`_group_items` by Torch-Pruning itself: its dependency walk from the group's root (~0.1-1 ms)."""
@@ -1040,6 +1114,9 @@ class PrunableModel:
         mods = dict(self.base.named_modules())
         layers = [mods[n] for n in g.layers if n in mods]
         members = [mods[m.module] for m in g.members if m.module in mods]
+        if self._fused_layout(g) is not None and g.multiple > 1:
+            split, head = self._fused_layout(g)
+            return f"attention heads, fused q/k/v ({split // head} of {head})"
         if layers and all(isinstance(m, (nn.Linear, HFConv1D)) for m in layers):
             if g.multiple > 1 and len(layers) >= 3:
                 return f"attention heads ({g.channels // g.multiple} of {g.multiple})"
