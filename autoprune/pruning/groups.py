@@ -991,7 +991,7 @@ class PrunableModel:
             if k is None:
                 continue
             ix = {int(i) for i in ix}
-            if dg.is_in_channel_pruning_fn(dep.handler) and 3 * dg.get_in_channels(dep.target.module) == 3 * split:
+            if dg.is_in_channel_pruning_fn(dep.handler) and dg.get_in_channels(dep.target.module) == split:
                 ix = {i - 2 * split for i in ix if i >= 2 * split}
             items[k] = (dep.handler, tuple(sorted(ix | set(items.get(k, (0, ()))[1]))))
         return [kv for kv in items.items() if kv[1][1]]
