@@ -167,6 +167,26 @@ class SDPABlockNet(nn.Module):
         return self.head(t.mean(1))
 
 
+class UNet(nn.Module):
+    """A small segmentation UNet: two down steps, transposed-conv up steps, skips concatenated with the upsampled
+    features, a per-pixel 4-class output (the output keeps the input's spatial size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1, self.e2, self.e3 = _cbr2(1, 8), _cbr2(8, 16), _cbr2(16, 32)
+        self.pool = nn.MaxPool2d(2)
+        self.up2, self.d2 = nn.ConvTranspose2d(32, 16, 2, stride=2), _cbr2(32, 16)
+        self.up1, self.d1 = nn.ConvTranspose2d(16, 8, 2, stride=2), _cbr2(16, 8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.e1(x)
+        b = self.e2(self.pool(a))
+        c = self.e3(self.pool(b))
+        d = self.d2(torch.cat([self.up2(c), b], 1))
+        return self.out(self.d1(torch.cat([self.up1(d), a], 1)))
+
+
 FACTORIES = {
     "concat_resnet2d": ConcatResNet2d,
     "grouped_conv": GroupedConvNet,
@@ -175,6 +195,7 @@ FACTORIES = {
     "concat_resnet1d": ConcatResNet1d,
     "mha_block": MHABlockNet,
     "sdpa_block": SDPABlockNet,
+    "unet": UNet,
 }
 INPUT_SHAPES = {
     "concat_resnet2d": (1, 8, 8),
@@ -184,4 +205,5 @@ INPUT_SHAPES = {
     "concat_resnet1d": (1, 40),
     "mha_block": (1, 40),
     "sdpa_block": (1, 40),
+    "unet": (1, 8, 8),
 }
