@@ -118,8 +118,9 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
                 old.in_channels, old.out_channels, old.groups = s["in"], s["out"], s["groups"]
                 w = [s["in"], s["out"] // s["groups"]] if old.transposed else [s["out"], s["in"] // s["groups"]]
                 want = {"weight": w + list(old.kernel_size), "bias": [s["out"]]}
-            elif isinstance(old, nn.modules.batchnorm._BatchNorm):
-                old.num_features = s["num"]
+            elif isinstance(old, nn.modules.batchnorm._BatchNorm) or kind == "FrozenBatchNorm":  # (frozen: buffers)
+                if isinstance(getattr(old, "num_features", None), int):
+                    old.num_features = s["num"]
                 want = {k: [s["num"]] for k in ("weight", "bias", "running_mean", "running_var")}
             elif isinstance(old, nn.LayerNorm):
                 old.normalized_shape = tuple(s["shape"])
@@ -130,10 +131,6 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
             elif kind == "Conv1D":  # transformers' GPT-2 linear layer: weight [in, out], widths nx and nf
                 old.nx, old.nf = s["in"], s["out"]
                 want = {"weight": [s["in"], s["out"]], "bias": [s["out"]]}
-            elif kind == "FrozenBatchNorm":  # buffers, not parameters (DETR's backbone)
-                if isinstance(getattr(old, "num_features", None), int):
-                    old.num_features = s["num"]
-                want = {k: [s["num"]] for k in ("weight", "bias", "running_mean", "running_var")}
             else:
                 raise ValueError(f"cannot resize {name} ({kind})")
             for tname, shape in want.items():

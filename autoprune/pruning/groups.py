@@ -167,14 +167,22 @@ def _no_cache(model: nn.Module):
         config.use_cache = True
 
 
+_QUERY_NAMES = ("query", "query_proj")  # a BERT-style attention's query projection: BERT and ViT's, DeBERTa's
+
+
 def _query_of(m: nn.Module) -> nn.Module | None:
     """The query projection of a BERT-style attention module: `query` (BERT, ViT), `query_proj` (DeBERTa)."""
-    q = m._modules.get("query")
-    return q if q is not None else m._modules.get("query_proj")
+    q = m._modules.get(_QUERY_NAMES[0])
+    return q if q is not None else m._modules.get(_QUERY_NAMES[1])
 
 
 # attributes by which `transformers` attention modules name their head size
 HEAD_SIZE_ATTRIBUTES = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")
+
+
+def _head_sizes(m: nn.Module) -> list[int]:
+    """The positive head sizes module `m` names (`HEAD_SIZE_ATTRIBUTES`, in that order)."""
+    return [h for h in (getattr(m, a, None) for a in HEAD_SIZE_ATTRIBUTES) if isinstance(h, int) and h > 0]
 
 
 class _EndlessWalk(Exception):
@@ -436,6 +444,9 @@ class PrunableModel:
             """Prune `sizes[g]` channels of each group on one copy; None if the output shape survives."""
             work = clone_module(self.base)
             removed_q: dict[str, set[int]] = {}
+            # the query projections of attentions with per-head tables: which of their channels go, the heads whose
+            # bias columns go too
+            qs = {id(work.get_submodule(q)): q for q, _, _ in self._head_tables().values()}
             try:
                 dg = self.trace(work)
                 for name, n in sizes.items():
@@ -443,11 +454,9 @@ class PrunableModel:
                     root = work.get_submodule(name)
                     idxs = self._select(g, n, list(range(g.channels)))
                     pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
-                    if self._head_tables():  # which query channels go: the heads whose bias columns go too
-                        qs = {id(work.get_submodule(q)): q for q, _, _ in self._head_tables().values()}
-                        for dep, ix in pg:
-                            if id(dep.target.module) in qs and dg.is_out_channel_pruning_fn(dep.handler):
-                                removed_q.setdefault(qs[id(dep.target.module)], set()).update(int(i) for i in ix)
+                    for dep, ix in (pg if qs else ()):
+                        if id(dep.target.module) in qs and dg.is_out_channel_pruning_fn(dep.handler):
+                            removed_q.setdefault(qs[id(dep.target.module)], set()).update(int(i) for i in ix)
                     pg.prune()
                 if self._attention_names():  # the head counts, as `apply` sets them
                     sync_attention_attributes(work, self._attention_names())
@@ -476,10 +485,8 @@ class PrunableModel:
         for i, g in enumerate(self.groups):
             lay = self._fused_layout(g) if g.prunable else None
             if lay is not None:
-                mods = self._base_modules()
                 mark(i, multiple=3 * lay[1], members=tuple(
-                    replace(m, count=g.channels // 3) if m.role == "in" and isinstance(mods.get(m.module), ROOT_TYPES)
-                    and 3 * in_width(mods[m.module]) == g.channels else m for m in g.members))
+                    replace(m, count=g.channels // 3) if self._reads_a_third(g, m) else m for m in g.members))
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
         # (a group touching grouped convs removes one channel from each conv group; a fused q/k/v one, one head)
         idx = [i for i, g in enumerate(self.groups) if g.prunable]
@@ -517,14 +524,14 @@ class PrunableModel:
         """(width of each of q, k and v; head size) when group `g` is rooted at a fused query/key/value projection
         whose attention splits it in three equal blocks by `split_size` and reshapes them by `head_dim` (GPT-2's
         `c_attn`: [q | k | v]); else None. Layouts interleaved per head (BLOOM, GPT-NeoX) are not read."""
-        if "." not in g.name:
+        parent_name, _, leaf = g.name.rpartition(".")
+        if leaf != "c_attn" or not parent_name:
             return None
-        parent = self.base.get_submodule(g.name.rpartition(".")[0])
-        split, head = parent.__dict__.get("split_size"), parent.__dict__.get("head_dim")
-        root = self._base_modules().get(g.name)
-        if not (isinstance(split, int) and isinstance(head, int) and 0 < head < split and split % head == 0):
+        parent = self.base.get_submodule(parent_name)
+        if _head_style(parent) != "gpt2":  # its `c_attn` is three `split_size` blocks, with `head_dim`
             return None
-        if not isinstance(root, ROOT_TYPES) or g.channels != 3 * split or g.name.rpartition(".")[2] != "c_attn":
+        split, head = parent.split_size, parent.head_dim
+        if not (0 < head < split and split % head == 0) or g.channels != 3 * split:
             return None
         return split, head
 
@@ -543,12 +550,16 @@ class PrunableModel:
         """`err`, said in words when the group is a fused query/key/value projection (GPT-2's `c_attn`, BLOOM's and
         GPT-NeoX's `query_key_value`): three times as wide as the output projection that reads its values. Its
         heads would have to go in q, k and v at once, which no cut of one group of channels does."""
-        mods = self._base_modules()
-        if any(m.role == "in" and isinstance(mods.get(m.module), ROOT_TYPES) and 3 * in_width(mods[m.module]) == g.channels
-               for m in g.members):
+        if any(self._reads_a_third(g, m) for m in g.members):
             return (f"a fused query/key/value projection ({g.channels} = 3 x {g.channels // 3} channels): autoprune "
                     f"does not cut the heads of q, k and v together yet, so it is left intact ({err})")
         return err
+
+    def _reads_a_third(self, g: GroupInfo, m: Member) -> bool:
+        """Whether member `m` of group `g` is a layer reading a third of the group's width: the output projection of
+        a fused query/key/value projection, which reads its values."""
+        layer = self._base_modules().get(m.module)
+        return m.role == "in" and isinstance(layer, ROOT_TYPES) and 3 * in_width(layer) == g.channels
 
     def _multiples_to_try(self, g: GroupInfo) -> list[int]:
         """The channel multiples the first probe tries for a group whose single-channel cut fails: the head size of
@@ -560,8 +571,7 @@ class PrunableModel:
             return []
         divisors = [d for d in range(2, g.channels // 2 + 1) if g.channels % d == 0]
         parent = self.base.get_submodule(g.name.rpartition(".")[0]) if "." in g.name else self.base
-        sizes = [getattr(parent, a, None) for a in HEAD_SIZE_ATTRIBUTES]
-        head = next((h for h in sizes if isinstance(h, int) and 1 < h < g.channels and g.channels % h == 0), None)
+        head = next((h for h in _head_sizes(parent) if 1 < h < g.channels and g.channels % h == 0), None)
         return [head] + [d for d in divisors if d != head] if head else divisors
 
     def _kept_count(self, g: GroupInfo, ratio: float, round_to: int) -> int:
@@ -874,10 +884,8 @@ class PrunableModel:
             mods = self._base_modules()
             found: dict[str, tuple[str, int, list[str]]] = {}
             for n, m in mods.items():
-                q_leaf = next((k for k in ("query", "query_proj", "q_proj") if isinstance(m._modules.get(k), nn.Linear)),
-                              None)
-                size = next((m.__dict__[a] for a in ("attention_head_size", "head_dim")
-                             if isinstance(m.__dict__.get(a), int) and m.__dict__[a] > 0), None)
+                q_leaf = next((k for k in (*_QUERY_NAMES, "q_proj") if isinstance(m._modules.get(k), nn.Linear)), None)
+                size = next(iter(_head_sizes(m)), None)
                 if q_leaf is None or size is None:
                     continue
                 heads = m._modules[q_leaf].out_features // size
