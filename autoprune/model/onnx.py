@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,31 @@ from autoprune.model.task import tensors_of
 def export_onnx(model: nn.Module, example: Any, path: str | Path) -> Path:
     """ONNX via the TorchScript exporter (dynamo=False needs no onnxscript); a clear error on unsupported ops.
     A dict example becomes named ONNX inputs (its keys), a tuple positional ones."""
+    with _eager_grouped_attention(model):
+        return _export(model, example, path)
+
+
+@contextlib.contextmanager
+def _eager_grouped_attention(model: nn.Module):
+    """A `transformers` model with grouped-query attention (Llama, Qwen2, Mistral with fewer key/value heads than
+    query heads) run by SDPA is switched to its eager attention meanwhile (keys and values repeated per query head:
+    the same computation), and back. The TorchScript exporter has no conversion of SDPA's grouped mode
+    ("conversion of scaled_dot_product_attention not implemented if enable_gqa is True"), unpruned or pruned."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    grouped = any(isinstance(getattr(m, "num_key_value_groups", None), int) and m.num_key_value_groups > 1
+                  for m in model.modules())
+    if old != "sdpa" or not grouped or not callable(getattr(model, "set_attn_implementation", None)):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+def _export(model: nn.Module, example: Any, path: str | Path) -> Path:
     try:
         if isinstance(example, torch.Tensor):
             torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],

@@ -124,9 +124,13 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
             heads = m.q_proj.out_features // m.head_dim
             attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
-            if getattr(m, attr) != heads:
-                setattr(m, attr, heads)
-                n += 1
+            changed = getattr(m, attr) != heads
+            setattr(m, attr, heads)
+            k = m._modules.get("k_proj")  # grouped-query attention (StableLM) reshapes keys and values by this
+            if isinstance(m.__dict__.get("num_key_value_heads"), int) and isinstance(k, nn.Linear) \
+                    and m.num_key_value_heads != k.out_features // m.head_dim:
+                m.num_key_value_heads, changed = k.out_features // m.head_dim, True
+            n += changed
     return n
 
 
@@ -233,6 +237,74 @@ def _bounded_walks(limit: int = WALK_REPEATS):
         _WALK.limit = old
 
 
+def _rope_arguments_are_q_k(fn: Any) -> bool:
+    """Whether `fn` is a `transformers` rotary embedding of the (q, k, cos, sin, ...) -> (q, k) form."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[:2] == ["q", "k"]
+
+
+def _rotary_pass_through(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def apply_rotary_pos_emb(q, k, *args, **kwargs):
+        if getattr(_WALK, "neutral_rope", False):
+            return q, k
+        return fn(q, k, *args, **kwargs)
+
+    apply_rotary_pos_emb._autoprune_wraps = fn  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
+@contextlib.contextmanager
+def _neutral_rope(model: nn.Module):
+    """While this block traces `model`, in this thread, its `transformers` rotary position embedding
+    (`apply_rotary_pos_emb(q, k, cos, sin)` of the modules' modeling files: Llama, Qwen2, Mistral, Gemma, Phi, ...)
+    returns q and k unchanged; elsewhere, and in other threads, it computes as before.
+
+    Why by hand: Torch-Pruning's dependency walk never ends on the rotation's `cat((-x2, x1))` (VainF/Torch-Pruning#527,
+    open), so the attention projections of every RoPE model were left intact. The rotation mixes channels only
+    within each head (its last dimension, the head size), so a cut of whole heads commutes with it: the graph traced
+    without it couples the same layers and channels for such cuts, and the probes (which run the real model) and the
+    tests (a head cut equals silencing the heads) hold the heads whole. Each modeling module's function is wrapped
+    once, by a pass-through that reads a thread-local flag."""
+    mods = {type(m).__module__ for m in model.modules()}
+    import sys
+
+    for name in mods:
+        mod = sys.modules.get(name)
+        fn = getattr(mod, "apply_rotary_pos_emb", None)
+        if fn is None or getattr(fn, "_autoprune_wraps", None) is not None or not callable(fn) \
+                or not name.startswith("transformers.") or not _rope_arguments_are_q_k(fn):
+            continue
+        setattr(mod, "apply_rotary_pos_emb", _rotary_pass_through(fn))
+    old = getattr(_WALK, "neutral_rope", False)
+    _WALK.neutral_rope = True
+    try:
+        yield
+    finally:
+        _WALK.neutral_rope = old
+
+
+def _lost_track(group: Any, width: int, names: dict[int, str]) -> str:
+    """What, in Torch-Pruning's full-width group `group` of a root layer `width` channels wide, shows that its walk
+    lost track of the channels ("" when nothing does): an index it no longer maps to a root channel (its expand
+    mapping, a grouped-query attention's repeat of keys and values in eager attention: Gemma2), or a root that
+    comes back with more channels than it has (a fused q/k/v projection sliced in three: Phi-3's `qkv_proj`, 80
+    root channels for a 64-wide layer, which then failed with an IndexError at the first cut)."""
+    if len(group[0].idxs) != width:
+        return f"the root layer ({len(group[0].idxs)} channels found in a {width}-wide layer)"
+    for item in group:
+        roots = getattr(item, "root_idxs", None)
+        if roots is not None and any(r is None for r in roots):
+            target = item.dep.target.module
+            return names.get(id(target), getattr(item.dep.target, "name", type(target).__name__))
+    return ""
+
+
 class PrunableModel:
     """The prunable groups of a model and the means to apply plans to copies of it."""
 
@@ -313,7 +385,10 @@ class PrunableModel:
                 # per-head tables are cut per head by `_cut_head_tables`: Torch-Pruning reaches them but cuts them
                 # as channels (a Swin table of 4 head columns lost all 4 to a cut of 8 channels, one head)
                 tables = [model.get_parameter(t) for _, _, ts in self._head_tables().values() for t in ts]
-                with _no_cache(model):
+                # a norm over each head's channels (Qwen3's, Gemma3's q_norm and k_norm: one weight of head size,
+                # shared by every head) stays whole: Torch-Pruning cut it with the heads' channels
+                tables += [model.get_parameter(t) for t in self._head_norms()]
+                with _no_cache(model), _neutral_rope(model):
                     return tp.DependencyGraph().build_dependency(model, example_inputs=self.example,
                                                                  output_transform=tensors_of,
                                                                  customized_pruners=custom or None,
@@ -332,6 +407,7 @@ class PrunableModel:
         """Torch-Pruning's `get_all_groups` (same roots, same order, same groups), except that a root whose
         dependency walk does not end yields `_Endless(root)` instead of hanging (see `_bounded_walks`)."""
         mods = dict(model.named_modules())
+        names = _module_names(model)
         ignored = {id(mods[n]) for n in self.ignored} | {id(m) for m in dg.IGNORED_LAYERS_IN_TRACING}
         visited: set[int] = set()
         for m in list(dg.module2node.keys()):
@@ -343,7 +419,7 @@ class PrunableModel:
                 continue
             try:
                 with _bounded_walks():
-                    group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
+                    group = self._walk(model, dg, names[id(m)], list(range(width)))
             except _EndlessWalk:
                 yield _Endless(m, width)
                 continue
@@ -374,6 +450,16 @@ class PrunableModel:
             root = grp[0].dep.target.module
             root_name = names[id(root)]
             channels = len(grp[0].idxs)
+            lost = _lost_track(grp, dg.get_pruner_of_module(root).get_out_channels(root), names)
+            if lost:
+                # a walk whose channel bookkeeping Torch-Pruning lost: cuts from it would take the wrong channels
+                reason = (f"Torch-Pruning loses track of which channels are which through {lost}, so no cut of this "
+                          "group is known to be right; it is left intact")
+                log.warning("group %s cannot be pruned (%s)", root_name, reason)
+                width = dg.get_pruner_of_module(root).get_out_channels(root)
+                found.append(GroupInfo(root_name, 0, width, (Member(root_name, "out", width),), (root_name,), False,
+                                       reason))
+                continue
             members: dict[tuple[str, str], int] = {}
             per_root: dict[tuple[str, str], list[int]] = {}
             grouped: dict[tuple[str, str], int] = {}  # grouped (not depthwise) conv member -> its conv groups
@@ -447,17 +533,20 @@ class PrunableModel:
             # the query projections of attentions with per-head tables: which of their channels go, the heads whose
             # bias columns go too
             qs = {id(work.get_submodule(q)): q for q, _, _ in self._head_tables().values()}
+            chosen: dict[str, list[int]] = {}
             try:
                 dg = self.trace(work)
                 for name, n in sizes.items():
                     g = next(h for h in self.groups if h.name == name)
-                    root = work.get_submodule(name)
-                    idxs = self._select(g, n, list(range(g.channels)))
-                    pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+                    idxs = chosen[name] = self._select(g, n, list(range(g.channels)))
+                    pg = self._walk(work, dg, name, idxs)
                     for dep, ix in (pg if qs else ()):
                         if id(dep.target.module) in qs and dg.is_out_channel_pruning_fn(dep.handler):
                             removed_q.setdefault(qs[id(dep.target.module)], set()).update(int(i) for i in ix)
                     pg.prune()
+                odd = self._unmapped_cut(work, chosen)
+                if odd:
+                    raise RuntimeError(odd)
                 if self._attention_names():  # the head counts, as `apply` sets them
                     sync_attention_attributes(work, self._attention_names())
                 self._cut_head_tables(work, removed_q)
@@ -519,6 +608,89 @@ class PrunableModel:
                 "no prunable group found: "
                 + ("; ".join(f"{g.name}: {g.reason}" for g in self.groups) or "Torch-Pruning found no conv/linear layer outside pruning.ignore and the classifier")
             )
+
+    def _unmapped_cut(self, work: nn.Module, chosen: dict[str, list[int]]) -> str:
+        """What, in `work` (a copy of the base with root channels `chosen[group]` of each group cut), lost a number of
+        channels other than its group's members say ("" when nothing did).
+
+        Why: the members' counts are what the cost model and the search read, and a cut that removes something
+        else is a wrong model with the right output shape. Phi-3's fused `gate_up_proj` (gate and up halves,
+        multiplied) lost 124 of 128 channels, and its consumer 62 of 64 inputs, for a cut of 64 root channels: a
+        garbage model that ran. Members whose channels map unevenly (concatenations) are counted per channel."""
+        base = self._base_modules()
+        by_name = {g.name: g for g in self.groups}
+        expected: dict[tuple[str, str], int] = {}
+        for name, idxs in chosen.items():
+            g = by_name[name]
+            uneven = self.branch_counts.get(name, {})
+            for m in g.members:
+                if not isinstance(base.get(m.module), ROOT_TYPES):
+                    continue
+                per = uneven.get((m.module, m.role))
+                if per is not None:
+                    n = sum(per[i] for i in idxs)
+                elif (m.count * len(idxs)) % g.channels == 0:
+                    n = m.count * len(idxs) // g.channels
+                else:
+                    continue
+                expected[(m.module, m.role)] = expected.get((m.module, m.role), 0) + n
+        for (module, role), n in expected.items():
+            width = out_width if role == "out" else in_width
+            lost = width(base[module]) - width(work.get_submodule(module))
+            if lost != n:
+                return (f"Torch-Pruning's cut removes {lost} {role}put channels of {module} where the group's channel "
+                        f"map says {n}")
+        return ""
+
+    def _walk(self, model: nn.Module, dg: tp.DependencyGraph, gname: str, idxs: list[int]) -> Any:
+        """Torch-Pruning's group for removing root channels `idxs` of the layer `gname` of `model` (traced as `dg`),
+        with the query and output projections of a grouped-query attention mapped right (`_kv_layout`)."""
+        root = model.get_submodule(gname)
+        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        layout = self._kv_layout(gname)
+        if layout is None:
+            return group
+        n_rep, head, q_name, o_name = layout
+        q, o = model.get_submodule(q_name), model.get_submodule(o_name)
+        roots = [int(r) for r in group[0].root_idxs]
+        # key/value channel c (head c // head, offset c % head) serves query heads c // head x n_rep + r
+        q_idxs = [(c // head * n_rep + r) * head + c % head for c in roots for r in range(n_rep)]
+        q_roots = [c for c in roots for _ in range(n_rep)]
+        for i, item in enumerate(group.items):
+            target, fn = item.dep.target.module, item.dep.handler
+            if (target is q and dg.is_out_channel_pruning_fn(fn)) or (target is o and dg.is_in_channel_pruning_fn(fn)):
+                fixed = tp._helpers.GroupItem(item.dep, list(q_idxs))
+                fixed.root_idxs = list(q_roots)
+                group[i] = fixed
+        return group
+
+    def _kv_layout(self, gname: str) -> tuple[int, int, str, str] | None:
+        """(query heads per key/value head, head size, the query projection's name, the output projection's) when
+        layer `gname` is the key or value projection of a grouped-query attention (`transformers`' Llama, Qwen2,
+        Mistral, Gemma: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `head_dim`, `num_key_value_groups` > 1); else None.
+
+        Why by hand: Torch-Pruning maps key/value channel i to query channel i (and output-projection input i)
+        through the attention, where the query heads of key/value head j are j x n_rep ... (j + 1) x n_rep - 1, so a
+        cut of one key/value head took the wrong query heads and left 3 query heads to 1 key/value head, which
+        scaled-dot-product attention's grouped mode accepts: a silently wrong model. Its groups here are whole
+        key/value heads, each with its query heads."""
+        cache = self.__dict__.setdefault("_kv_layouts", {})
+        if gname in cache:
+            return cache[gname]
+        parent_name, _, leaf = gname.rpartition(".")
+        found = None
+        if leaf in ("k_proj", "v_proj"):
+            parent = self.base.get_submodule(parent_name) if parent_name else self.base
+            n_rep, head = parent.__dict__.get("num_key_value_groups"), parent.__dict__.get("head_dim")
+            layers = [parent._modules.get(k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            if isinstance(n_rep, int) and n_rep > 1 and isinstance(head, int) and head > 0 \
+                    and all(isinstance(m, nn.Linear) for m in layers) \
+                    and layers[0].out_features == n_rep * layers[1].out_features == n_rep * layers[2].out_features \
+                    and layers[1].out_features % head == 0:
+                pre = f"{parent_name}." if parent_name else ""
+                found = (n_rep, head, pre + "q_proj", pre + "o_proj")
+        cache[gname] = found
+        return found
 
     def _fused_layout(self, g: GroupInfo) -> tuple[int, int] | None:
         """(width of each of q, k and v; head size) when group `g` is rooted at a fused query/key/value projection
@@ -743,8 +915,7 @@ class PrunableModel:
             for g in self.groups:
                 if not g.prunable:
                     continue
-                root = by_name[g.name]
-                pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, list(range(g.channels)))
+                pg = self._walk(work, dg, g.name, list(range(g.channels)))
                 s = imp(pg)
                 if s is None or len(s) != g.channels:
                     s = torch.zeros(g.channels)
@@ -831,6 +1002,17 @@ class PrunableModel:
                 raise AutopruneError(f"plan changed the output shape from {want} to {shape}")
         return work
 
+    def removed_outputs(self, plan: PruningPlan) -> dict[str, list[int]]:
+        """Output channels each layer loses under `plan`, as indices into the unpruned layer: the cuts `apply` makes
+        (no tracing; a grouped-query attention's query heads mapped as `apply` maps them)."""
+        pruned = self.pruned_indices(plan) if plan.mode == "structured" else {}
+        if not pruned:
+            return {}
+        cuts = self._cuts(pruned)
+        dg = self._base_graph[1]
+        return {name: list(ix) for (name, kind, _), (handler, ix) in cuts.items()
+                if kind == "module" and dg.is_out_channel_pruning_fn(handler)}
+
     def _base_modules(self) -> dict[str, nn.Module]:
         if getattr(self, "_base_mods", None) is None:
             self._base_mods = dict(self.base.named_modules(remove_duplicate=False))
@@ -896,6 +1078,23 @@ class PrunableModel:
                     found[n] = (f"{n}.{q_leaf}" if n else q_leaf, size, tables)
             self._tables = found
         return self._tables
+
+    def _head_norms(self) -> list[str]:
+        """Parameters of the norms an attention applies to each head alone (`q_norm`, `k_norm` whose weights are one
+        head wide: Qwen3, Gemma3), which no head cut changes."""
+        if getattr(self, "_norms", None) is None:
+            found = []
+            for n, m in self._base_modules().items():
+                size = next(iter(_head_sizes(m)), None)
+                if size is None or not isinstance(m._modules.get("q_proj"), nn.Linear):
+                    continue
+                for leaf in ("q_norm", "k_norm"):
+                    norm = m._modules.get(leaf)
+                    if isinstance(norm, nn.Module):
+                        found += [f"{n}.{leaf}.{p}" if n else f"{leaf}.{p}" for p, t in norm.named_parameters()
+                                  if tuple(t.shape) == (size,)]
+            self._norms = found
+        return self._norms
 
     def _cut_head_tables(self, work: nn.Module, removed_q: dict[str, Any]) -> None:
         """Cut, in `work`, the per-head bias columns (`_head_tables`) of the heads whose query channels went
@@ -991,8 +1190,7 @@ class PrunableModel:
         the output projection reads the values: v's channel 2 x split + i is its input i."""
         template, dg, _ = self._base_graph
         split, _head = self._fused_layout(self.group(gname))
-        root = template.get_submodule(gname)
-        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        group = self._walk(template, dg, gname, idxs)
         items: dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]] = {}
         for dep, ix in group:
             k = self._dep_key(dep)
@@ -1007,8 +1205,7 @@ class PrunableModel:
     def _tp_items(self, gname: str, idxs: list[int]) -> list:
         """`_group_items` by Torch-Pruning itself: its dependency walk from the group's root (~0.1-1 ms)."""
         template, dg, _ = self._base_graph
-        root = template.get_submodule(gname)
-        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        group = self._walk(template, dg, gname, idxs)
         if not dg.check_pruning_group(group):
             raise AutopruneError(f"group {gname!r}: pruning {len(idxs)} of {self.group(gname).channels} channels "
                                  "would remove a whole layer")
@@ -1045,10 +1242,8 @@ class PrunableModel:
 
         template, dg, _ = self._base_graph
         g = self.group(gname)
-        root = template.get_submodule(gname)
-        fn = dg.get_pruner_of_module(root).prune_out_channels
         try:
-            group = dg.get_pruning_group(root, fn, list(range(g.channels)))
+            group = self._walk(template, dg, gname, list(range(g.channels)))
         except Exception:  # noqa: BLE001 - Torch-Pruning's per-set walk stays available
             return False
         items: dict[tuple[str, str, str], tuple[Any, dict[int, list[int]]]] = {}
@@ -1126,6 +1321,10 @@ class PrunableModel:
             split, head = self._fused_layout(g)
             return f"attention heads, fused q/k/v ({split // head} of {head})"
         if layers and all(isinstance(m, (nn.Linear, HFConv1D)) for m in layers):
+            kv = self._kv_layout(g.name) if g.multiple > 1 else None
+            if kv is not None:  # grouped-query attention: whole key/value heads, each with its query heads
+                return f"attention heads, grouped ({g.channels // g.multiple} key/value heads of {g.multiple}, " \
+                       f"{kv[0]} query heads each)"
             if g.multiple > 1 and len(layers) >= 3:
                 return f"attention heads ({g.channels // g.multiple} of {g.multiple})"
             return "neurons"

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from autoprune.model.task import call_model, tensors_of
 from autoprune.model.training import on_device
-from autoprune.pruning.clone import clone_module
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 
@@ -43,32 +42,17 @@ class ReconstructionReport:
 
 
 def kept_outputs(pm, plan) -> dict[str, torch.Tensor]:
-    """Output channels each conv/linear of `pm.apply(plan)` keeps, as indices into the unpruned layer.
-
-    Replays the plan's pruning groups on Torch-Pruning's dependency graph (the same channel choice as
-    `PrunableModel.apply`) without pruning, so every member layer's removed indices are exact.
-    """
-    work = clone_module(pm.base)
-    dg = pm.trace(work)
-    names = {id(m): n for n, m in work.named_modules()}
-    kept_n = pm.kept(plan)
-    order = pm.order(plan.criterion)
-    removed: dict[str, set[int]] = {}
-    for g in pm.groups:
-        n_prune = g.channels - kept_n[g.name]
-        if n_prune <= 0:
-            continue
-        root = work.get_submodule(g.name)
-        pg = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, sorted(order[g.name][:n_prune]))
-        for dep, idxs in pg:
-            m = dep.target.module
-            if isinstance(m, (*_CONV, nn.Linear)) and dg.is_out_channel_pruning_fn(dep.handler) and id(m) in names:
-                removed.setdefault(names[id(m)], set()).update(int(i) for i in idxs)
+    """Output channels each conv/linear of `pm.apply(plan)` keeps, as indices into the unpruned layer: the cuts
+    `PrunableModel.apply` makes, so every member layer's removed indices are exact."""
+    mods = dict(pm.base.named_modules())
     out = {}
-    for name, rem in removed.items():
-        m = work.get_submodule(name)
+    for name, rem in pm.removed_outputs(plan).items():
+        m = mods.get(name)
+        if not isinstance(m, (*_CONV, nn.Linear)):
+            continue
+        gone = set(rem)
         total = m.out_channels if isinstance(m, _CONV) else m.out_features
-        out[name] = torch.tensor([i for i in range(total) if i not in rem], dtype=torch.long)
+        out[name] = torch.tensor([i for i in range(total) if i not in gone], dtype=torch.long)
     return out
 
 
