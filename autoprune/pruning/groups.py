@@ -124,13 +124,9 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
             heads = m.q_proj.out_features // m.head_dim
             attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
-            changed = getattr(m, attr) != heads
-            setattr(m, attr, heads)
-            k = m._modules.get("k_proj")  # grouped-query attention (StableLM) reshapes keys and values by this
-            if isinstance(m.__dict__.get("num_key_value_heads"), int) and isinstance(k, nn.Linear) \
-                    and m.num_key_value_heads != k.out_features // m.head_dim:
-                m.num_key_value_heads, changed = k.out_features // m.head_dim, True
-            n += changed
+            if getattr(m, attr) != heads:
+                setattr(m, attr, heads)
+                n += 1
     return n
 
 
