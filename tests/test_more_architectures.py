@@ -468,7 +468,7 @@ SURVEY = {
     # traced without its key/value cache: with it, Torch-Pruning's concatenation mapping failed on the cache
     "gpt-neox": (lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=40)), _text, 3, 5),
+        max_position_embeddings=40)), _text, 5, 5),
     # detectors: a ViT one, and DETR with its ResNet backbone's frozen BatchNorms (buffers, not parameters: the
     # whole backbone was locked before they had pruning functions)
     "yolos": (lambda: transformers.YolosForObjectDetection(transformers.YolosConfig(
@@ -611,6 +611,34 @@ def test_gpt2_heads_go_whole_in_q_k_and_v_and_compute_what_silencing_them_comput
     assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
 
 
+def test_gpt_neox_heads_go_whole_in_its_interleaved_q_k_v_and_compute_what_silencing_them_computes() -> None:
+    # GPT-NeoX's query_key_value holds each head's [q k v] side by side (96 = 4 heads x 3 x 8), viewed as
+    # (-1 heads, 3 x head size); Torch-Pruning's walk came back to it with 3 channels cut for 1 (a wrong model of the
+    # right shape, which the probe's member check refused), so its heads were left intact
+    import copy
+
+    build, inputs = SURVEY["gpt-neox"][:2]
+    torch.manual_seed(0)
+    pm = PrunableModel(build().eval(), inputs(1))
+    names = [f"gpt_neox.layers.{i}.attention.query_key_value" for i in (0, 1)]
+    assert all(pm.group(n).prunable and pm.group(n).multiple == 24 for n in names)
+    assert pm.kind(pm.group(names[0])) == "attention heads, fused q/k/v (4 of 8)"
+    plan = pm.plan({names[0]: 0.5, names[1]: 0.75})
+    cut = pm.pruned_indices(plan)
+    small = pm.apply(plan)
+    silenced = copy.deepcopy(pm.base)
+    for layer, (name, n_heads) in enumerate(zip(names, (2, 3))):
+        heads = sorted({i // 24 for i in cut[name]})
+        assert len(heads) == n_heads and cut[name] == [h * 24 + j for h in heads for j in range(24)]
+        attn = small.gpt_neox.layers[layer].attention
+        assert (attn.query_key_value.out_features, attn.dense.in_features) == (24 * (4 - n_heads), 8 * (4 - n_heads))
+        with torch.no_grad():
+            silenced.gpt_neox.layers[layer].attention.dense.weight[:, [h * 8 + j for h in heads for j in range(8)]] = 0
+    x = inputs(2)
+    assert torch.allclose(_first(call_model(small, x)), _first(call_model(silenced, x)), atol=1e-5)
+    assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
+
+
 @pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama])
 def test_a_pruned_decoder_exports_to_onnx_and_runs_in_onnxruntime(factory, tmp_path) -> None:
     # the exporter hands keyword inputs over positionally and GPT-2's forward, decorated, then got 'use_cache' twice;
@@ -646,6 +674,10 @@ def test_reconstruction_leaves_an_output_layer_tied_to_the_embedding_alone(facto
     report = reconstruct_plan(pm, plan, small, [inputs(4)])
     assert "lm_head" in report.skipped and "tied" in report.skipped["lm_head"]
     assert small.lm_head.weight is emb and torch.equal(emb, before)
+    # the other consumers of pruned channels are refit, GPT-2's `Conv1D` ones (weight [in, out]) included
+    refit = {n.rsplit(".", 1)[-1] for n in report.layers}
+    assert refit >= ({"c_proj", "c_fc", "c_attn"} if factory is tiny_gpt2 else {"down_proj", "o_proj", "q_proj"})
+    assert all(after < before for before, after in report.layers.values())
 
 
 HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_opt()[0], _tokens),

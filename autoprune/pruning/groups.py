@@ -285,6 +285,42 @@ def _neutral_rope(model: nn.Module):
         _WALK.neutral_rope = old
 
 
+@dataclass(frozen=True)
+class _FusedQKV:
+    """The layout of a fused query/key/value projection: q, k and v each `width` channels, heads of `head` channels,
+    either in three blocks [q | k | v] (GPT-2's `c_attn`, split by `split_size`) or `interleaved` per head as
+    [q k v] (GPT-NeoX's `query_key_value`, viewed as (-1, 3 x head size)); `out` is the output projection, which
+    reads the values."""
+
+    width: int
+    head: int
+    interleaved: bool
+    out: str
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head
+
+    def head_channels(self, h: int) -> list[int]:
+        """Head `h`'s channels, in q, k and v."""
+        if self.interleaved:
+            return list(range(3 * h * self.head, 3 * (h + 1) * self.head))
+        return [s * self.width + h * self.head + j for s in range(3) for j in range(self.head)]
+
+    def head_scores(self, channel_scores: torch.Tensor) -> torch.Tensor:
+        """Per head, the sum of its channels' scores."""
+        if self.interleaved:
+            return channel_scores.reshape(self.heads, 3 * self.head).sum(1)
+        return channel_scores.reshape(3, self.heads, self.head).sum((0, 2))
+
+    def value_input(self, c: int) -> int | None:
+        """The output projection's input that channel `c` feeds (None for a query or key channel)."""
+        if self.interleaved:
+            h, r = divmod(c, 3 * self.head)
+            return h * self.head + r - 2 * self.head if r >= 2 * self.head else None
+        return c - 2 * self.width if c >= 2 * self.width else None
+
+
 def _lost_track(group: Any, width: int, names: dict[int, str]) -> str:
     """What, in Torch-Pruning's full-width group `group` of a root layer `width` channels wide, shows that its walk
     lost track of the channels ("" when nothing does): an index it no longer maps to a root channel (its expand
@@ -570,7 +606,9 @@ class PrunableModel:
         for i, g in enumerate(self.groups):
             lay = self._fused_layout(g) if g.prunable else None
             if lay is not None:
-                mark(i, multiple=3 * lay[1], members=tuple(
+                # (per whole head, uniform: what Torch-Pruning's walk mapped unevenly is set by `_walk`)
+                self.branch_counts[g.name] = {}
+                mark(i, multiple=3 * lay.head, members=tuple(
                     replace(m, count=g.channels // 3) if self._reads_a_third(g, m) else m for m in g.members))
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
         # (a group touching grouped convs removes one channel from each conv group; a fused q/k/v one, one head)
@@ -643,6 +681,28 @@ class PrunableModel:
         with the query and output projections of a grouped-query attention mapped right (`_kv_layout`)."""
         root = model.get_submodule(gname)
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        by_name = self.__dict__.get("_by_name") or {g.name: g for g in self.__dict__.get("groups", ())}
+        g = by_name.get(gname)
+        fused = self._fused_layout(g) if g is not None and g.multiple > 1 else None
+        if fused is not None:
+            # a fused q/k/v projection cut in whole heads (`_check_groups` marked it): the root loses exactly these
+            # channels and the output projection the values' inputs. Torch-Pruning maps GPT-2's three blocks onto
+            # the same inputs (96 indices into 32, so its whole-layer check refused every head cut), and GPT-NeoX's
+            # per-head [q k v] back onto the root (3 channels cut for 1)
+            out = model.get_submodule(fused.out)
+            values = [(fused.value_input(c), c) for c in idxs if fused.value_input(c) is not None]
+            for i, item in enumerate(group.items):
+                target, fn = item.dep.target.module, item.dep.handler
+                if target is root and dg.is_out_channel_pruning_fn(fn):
+                    new = [(c, c) for c in idxs]
+                elif target is out and dg.is_in_channel_pruning_fn(fn):
+                    new = values
+                else:
+                    continue
+                fixed = tp._helpers.GroupItem(item.dep, [v for v, _ in new])
+                fixed.root_idxs = [r for _, r in new]
+                group[i] = fixed
+            return group
         layout = self._kv_layout(gname)
         if layout is None:
             return group
@@ -688,31 +748,40 @@ class PrunableModel:
         cache[gname] = found
         return found
 
-    def _fused_layout(self, g: GroupInfo) -> tuple[int, int] | None:
-        """(width of each of q, k and v; head size) when group `g` is rooted at a fused query/key/value projection
-        whose attention splits it in three equal blocks by `split_size` and reshapes them by `head_dim` (GPT-2's
-        `c_attn`: [q | k | v]); else None. Layouts interleaved per head (BLOOM, GPT-NeoX) are not read."""
+    def _fused_layout(self, g: GroupInfo) -> _FusedQKV | None:
+        """The layout of group `g`'s root when it is a fused query/key/value projection whose heads autoprune cuts
+        whole (`_FusedQKV`): GPT-2's `c_attn` (three `split_size` blocks reshaped by `head_dim`; `split_size` and
+        `num_heads` follow a cut) or GPT-NeoX's `query_key_value` (q, k, v interleaved per head, reshaped by
+        `head_size` into -1 heads, beside `dense`); else None. BLOOM's and Falcon's interleaved projections keep a
+        head count (`num_heads`) and per-head position biases built for it, so they are not read."""
         parent_name, _, leaf = g.name.rpartition(".")
-        if leaf != "c_attn" or not parent_name:
+        if not parent_name or leaf not in ("c_attn", "query_key_value"):
             return None
         parent = self.base.get_submodule(parent_name)
-        if _head_style(parent) != "gpt2":  # its `c_attn` is three `split_size` blocks, with `head_dim`
+        if leaf == "c_attn":
+            if _head_style(parent) != "gpt2":  # its `c_attn` is three `split_size` blocks, with `head_dim`
+                return None
+            split, head = parent.split_size, parent.head_dim
+            lay = _FusedQKV(split, head, False, f"{parent_name}.c_proj")
+        else:
+            d, dense, qkv = parent.__dict__, parent._modules.get("dense"), parent._modules.get(leaf)
+            if not (isinstance(d.get("head_size"), int) and isinstance(dense, nn.Linear) and isinstance(qkv, nn.Linear)
+                    and not any(isinstance(d.get(a), int) for a in ("num_heads", "num_attention_heads"))):
+                return None
+            lay = _FusedQKV(dense.in_features, d["head_size"], True, f"{parent_name}.dense")
+        if not (0 < lay.head < lay.width and lay.width % lay.head == 0) or g.channels != 3 * lay.width:
             return None
-        split, head = parent.split_size, parent.head_dim
-        if not (0 < head < split and split % head == 0) or g.channels != 3 * split:
-            return None
-        return split, head
+        return lay
 
     def _fused_heads(self, g: GroupInfo, n_prune: int, head_scores: torch.Tensor) -> list[int]:
         """The channels of the `n_prune // (3 x head size)` heads with the lowest scores, in q, k and v alike."""
-        split, head = self._fused_layout(g)
-        heads = torch.argsort(head_scores, stable=True)[: n_prune // (3 * head)].tolist()
-        return sorted(s * split + h * head + j for s in range(3) for h in heads for j in range(head))
+        lay = self._fused_layout(g)
+        heads = torch.argsort(head_scores, stable=True)[: n_prune // (3 * lay.head)].tolist()
+        return sorted(c for h in heads for c in lay.head_channels(h))
 
     def _fused_head_scores(self, g: GroupInfo, channel_scores: torch.Tensor) -> torch.Tensor:
         """A fused q/k/v group's per-head score: the sum over the head's channels in q, k and v."""
-        split, head = self._fused_layout(g)
-        return channel_scores.reshape(3, split // head, head).sum((0, 2))
+        return self._fused_layout(g).head_scores(channel_scores)
 
     def _fused_qkv_reason(self, g: GroupInfo, err: str) -> str:
         """`err`, said in words when the group is a fused query/key/value projection (GPT-2's `c_attn`, BLOOM's and
@@ -1161,7 +1230,7 @@ class PrunableModel:
         """[((layer, kind, pruning function name), (function, sorted indices))] that removing root channels `idxs`
         of group `gname` cuts: from the group's map (`_group_map`) where it has one, else from Torch-Pruning."""
         if self._fused_layout(self.group(gname)) is not None and self.group(gname).multiple > 1:
-            return self._fused_items(gname, idxs)
+            return self._tp_items(gname, idxs)  # whole heads only: their cuts come from `_walk`
         gmap = self._group_maps.get(gname)
         if gmap is None:
             gmap = self._group_maps[gname] = self._group_map(gname)
@@ -1178,25 +1247,6 @@ class PrunableModel:
             if ix:
                 out.append((k, (handler, tuple(sorted(ix)))))
         return out
-
-    def _fused_items(self, gname: str, idxs: list[int]) -> list:
-        """`_group_items` for a fused q/k/v projection (`_fused_layout`), whose `idxs` are whole heads in q, k and v.
-        Torch-Pruning maps each of its channels to the same index of the output projection's input, past the split
-        (q, k and v channel i all to input i, 96 indices into 32), so its whole-layer check refused every head cut;
-        the output projection reads the values: v's channel 2 x split + i is its input i."""
-        template, dg, _ = self._base_graph
-        split, _head = self._fused_layout(self.group(gname))
-        group = self._walk(template, dg, gname, idxs)
-        items: dict[tuple[str, str, str], tuple[Any, tuple[int, ...]]] = {}
-        for dep, ix in group:
-            k = self._dep_key(dep)
-            if k is None:
-                continue
-            ix = {int(i) for i in ix}
-            if dg.is_in_channel_pruning_fn(dep.handler) and dg.get_in_channels(dep.target.module) == split:
-                ix = {i - 2 * split for i in ix if i >= 2 * split}
-            items[k] = (dep.handler, tuple(sorted(ix | set(items.get(k, (0, ()))[1]))))
-        return [kv for kv in items.items() if kv[1][1]]
 
     def _tp_items(self, gname: str, idxs: list[int]) -> list:
         """`_group_items` by Torch-Pruning itself: its dependency walk from the group's root (~0.1-1 ms)."""
@@ -1314,8 +1364,8 @@ class PrunableModel:
         layers = [mods[n] for n in g.layers if n in mods]
         members = [mods[m.module] for m in g.members if m.module in mods]
         if self._fused_layout(g) is not None and g.multiple > 1:
-            split, head = self._fused_layout(g)
-            return f"attention heads, fused q/k/v ({split // head} of {head})"
+            lay = self._fused_layout(g)
+            return f"attention heads, fused q/k/v ({lay.heads} of {lay.head})"
         if layers and all(isinstance(m, (nn.Linear, HFConv1D)) for m in layers):
             kv = self._kv_layout(g.name) if g.multiple > 1 else None
             if kv is not None:  # grouped-query attention: whole key/value heads, each with its query heads

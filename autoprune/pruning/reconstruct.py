@@ -25,8 +25,11 @@ import torch.nn.functional as F
 
 from autoprune.model.task import call_model, tensors_of
 from autoprune.model.training import on_device
+from autoprune.pruning.layers import HFConv1D, in_width, out_width
 
 _CONV = (nn.Conv1d, nn.Conv2d)
+# linear layers: torch's, and `transformers`' Conv1D (GPT-2's, its weight stored [in, out])
+_LINEAR = (nn.Linear, HFConv1D)
 
 
 @dataclass
@@ -48,10 +51,10 @@ def kept_outputs(pm, plan) -> dict[str, torch.Tensor]:
     out = {}
     for name, rem in pm.removed_outputs(plan).items():
         m = mods.get(name)
-        if not isinstance(m, (*_CONV, nn.Linear)):
+        if not isinstance(m, (*_CONV, *_LINEAR)):
             continue
         gone = set(rem)
-        total = m.out_channels if isinstance(m, _CONV) else m.out_features
+        total = out_width(m)
         out[name] = torch.tensor([i for i in range(total) if i not in gone], dtype=torch.long)
     return out
 
@@ -62,10 +65,8 @@ def consumers(pruned: nn.Module, base: nn.Module) -> list[str]:
     out = []
     for name, m in pruned.named_modules():
         b = base_mods.get(name)
-        if isinstance(m, (*_CONV, nn.Linear)) and type(b) is type(m):
-            n_in = m.in_channels if isinstance(m, _CONV) else m.in_features
-            b_in = b.in_channels if isinstance(b, _CONV) else b.in_features
-            if n_in < b_in:
+        if isinstance(m, (*_CONV, *_LINEAR)) and type(b) is type(m):
+            if in_width(m) < in_width(b):
                 out.append(name)
     return out
 
@@ -122,7 +123,7 @@ def _capture_many(model: nn.Module, names: list[str], batches: list[torch.Tensor
 
 def _design(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Rows = output positions, columns = the layer's receptive-field inputs (im2col for conv)."""
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, _LINEAR):
         return x.reshape(-1, x.shape[-1])
     if isinstance(layer, nn.Conv1d):
         x = x.unsqueeze(2)
@@ -134,7 +135,7 @@ def _design(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _targets(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, _LINEAR):
         return y.reshape(-1, y.shape[-1])
     return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])  # (N*L, C_out)
 
@@ -163,7 +164,7 @@ def refit_layer(layer: nn.Module, x_in: torch.Tensor, y_base: torch.Tensor, *, r
         if layer.bias is not None:
             layer.bias.copy_(sol[-1].to(layer.bias.dtype))
             sol = sol[:-1]
-        w = sol.T.to(layer.weight.dtype)
+        w = (sol if isinstance(layer, HFConv1D) else sol.T).to(layer.weight.dtype)  # Conv1D: [in, out]
         layer.weight.copy_(w.reshape(layer.weight.shape))
         after = float(F.mse_loss(layer(x_in), y_base))
         if not (after <= before):  # also catches NaN
@@ -405,7 +406,7 @@ def _refit_concurrently(pruned: nn.Module, xs: list, todo: list[str], refit: Cal
 def _select(y: torch.Tensor, idx: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
     """The kept output channels of `layer`'s output `y`: the last dimension of a Linear ([B, ..., C], tokens
     included), dimension 1 of a convolution ([B, C, ...])."""
-    return y if idx is None else y.index_select(-1 if isinstance(layer, nn.Linear) else 1, idx.to(y.device))
+    return y if idx is None else y.index_select(-1 if isinstance(layer, _LINEAR) else 1, idx.to(y.device))
 
 
 def layer_error(pruned: nn.Module, base: nn.Module, name: str, batches: list, out_kept: dict[str, torch.Tensor]) -> float:
