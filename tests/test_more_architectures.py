@@ -534,6 +534,16 @@ SURVEY = {
            ("granite", transformers.GraniteForCausalLM, transformers.GraniteConfig, {}, 5, 5),
            # its last hidden-size cut fails its final LayerNorm's shape check (left intact, as before)
            ("olmo", transformers.OlmoForCausalLM, transformers.OlmoConfig, {}, 4, 5),
+           ("cohere", transformers.CohereForCausalLM, transformers.CohereConfig, {"head_dim": 8}, 5, 5),
+           ("starcoder2", transformers.Starcoder2ForCausalLM, transformers.Starcoder2Config, {"head_dim": 8}, 5, 5),
+           # its q/k/v/o are nn.Linear layers inside wrappers (`MoshiLinear.linear`); its MLP's fused gate/up (a
+           # view into 2 halves) is left intact
+           ("moshi", transformers.MoshiForCausalLM, transformers.MoshiConfig, {"head_dim": 8}, 2, 5),
+           # mixture of experts: the experts' weights are 3-d tensors, not layers; heads and hidden size prune
+           ("mixtral", transformers.MixtralForCausalLM, transformers.MixtralConfig, {"head_dim": 8}, 2, 3),
+           # a fused gate/up projection (chunked in two): Torch-Pruning cut two channels of it per root channel,
+           # which the probe's member check refuses (left intact)
+           ("glm", transformers.GlmForCausalLM, transformers.GlmConfig, {"head_dim": 8, "pad_token_id": 0}, 3, 5),
            # left intact, with the reason: eager attention's repeat of keys and values (Gemma2), a fused q/k/v
            # sliced in three (Phi-3), rotary halves sliced and concatenated with the rest (StableLM)
            ("gemma2", transformers.Gemma2ForCausalLM, transformers.Gemma2Config, {"head_dim": 8}, 3, 9),
@@ -685,7 +695,8 @@ HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_o
          **{n: SURVEY[n][:2] for n in ("albert", "electra", "xlm-roberta", "roberta", "distilbert", "deberta-v2",
                                        "bart", "whisper-encoder", "wav2vec2", "dinov2", "clip-vision", "segformer",
                                        "yolos", "detr", "swin", "phi", "mistral", "qwen2", "qwen3", "gemma", "gemma3",
-                                       "granite", "olmo", "gptj")},
+                                       "granite", "olmo", "gptj", "cohere", "starcoder2", "moshi", "mixtral",
+                                       "glm")},
          "llama": (lambda: tiny_llama()[0], _tokens),
          "llama-mha": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
              **{**_DECODER, "num_key_value_heads": 4})), _tokens)}
@@ -728,7 +739,7 @@ NEURONS = {**{n: SURVEY[n][:2] for n in SURVEY}, **HEADS, "gpt2": (lambda: tiny_
 
 @pytest.mark.parametrize("name", sorted(n for n in NEURONS if n not in (
     "segformer", "efficientnet", "bit", "mobilenetv1", "poolformer", "resnet", "mobilenetv2", "swiftformer",
-    "phi3")))  # (Phi-3: its fused gate/up neurons are left intact)
+    "phi3", "glm", "moshi", "mixtral")))  # (fused gate/up neurons left intact; Mixtral's experts are no layers)
 def test_a_neuron_cut_computes_what_zeroing_those_neurons_computes(name) -> None:
     """Removing a feed-forward block's neurons must equal keeping them with their consumer's inputs zeroed, for
     every neuron group read by one layer (GPT-2's `Conv1D` consumer holds its weight as [in, out])."""

@@ -723,7 +723,8 @@ class PrunableModel:
     def _kv_layout(self, gname: str) -> tuple[int, int, str, str] | None:
         """(query heads per key/value head, head size, the query projection's name, the output projection's) when
         layer `gname` is the key or value projection of a grouped-query attention (`transformers`' Llama, Qwen2,
-        Mistral, Gemma: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `head_dim`, `num_key_value_groups` > 1); else None.
+        Mistral, Gemma, Moshi: an attention module with `head_dim` and `num_key_value_groups` > 1, or its head
+        counts, above q/k/v/o linear layers, which may sit one wrapper down); else None.
 
         Why by hand: Torch-Pruning maps key/value channel i to query channel i (and output-projection input i)
         through the attention, where the query heads of key/value head j are j x n_rep ... (j + 1) x n_rep - 1, so a
@@ -733,18 +734,36 @@ class PrunableModel:
         cache = self.__dict__.setdefault("_kv_layouts", {})
         if gname in cache:
             return cache[gname]
-        parent_name, _, leaf = gname.rpartition(".")
+        mods = self._base_modules()
+        root = mods.get(gname)
         found = None
-        if leaf in ("k_proj", "v_proj"):
-            parent = self.base.get_submodule(parent_name) if parent_name else self.base
-            n_rep, head = parent.__dict__.get("num_key_value_groups"), parent.__dict__.get("head_dim")
-            layers = [parent._modules.get(k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            if isinstance(n_rep, int) and n_rep > 1 and isinstance(head, int) and head > 0 \
-                    and all(isinstance(m, nn.Linear) for m in layers) \
-                    and layers[0].out_features == n_rep * layers[1].out_features == n_rep * layers[2].out_features \
-                    and layers[1].out_features % head == 0:
-                pre = f"{parent_name}." if parent_name else ""
-                found = (n_rep, head, pre + "q_proj", pre + "o_proj")
+        parts = gname.split(".")
+        for up in (1, 2):  # the attention module: the root's parent, or its grandparent (a wrapped linear layer)
+            if not isinstance(root, nn.Linear) or len(parts) <= up:
+                break
+            attn_name = ".".join(parts[:-up])
+            d = mods[attn_name].__dict__
+            heads = d.get("num_heads", d.get("num_attention_heads"))
+            n_rep = d.get("num_key_value_groups")
+            if not isinstance(n_rep, int) and isinstance(heads, int) and isinstance(d.get("num_key_value_heads"), int) \
+                    and d["num_key_value_heads"] > 0 and heads % d["num_key_value_heads"] == 0:
+                n_rep = heads // d["num_key_value_heads"]
+            head = d.get("head_dim")
+            if not (isinstance(n_rep, int) and n_rep > 1 and isinstance(head, int) and head > 0):
+                continue
+            width = root.out_features
+            inside = {n: m for n, m in mods.items() if n.startswith(attn_name + ".") and isinstance(m, nn.Linear)}
+            # by shape, then (a square layer fits both) by name: q_proj or query, o_proj or out_proj or dense
+            rel = {n: n[len(attn_name) + 1:] for n in inside}
+            qs = [n for n, m in inside.items() if m.out_features == n_rep * width and m.in_features == root.in_features]
+            os_ = [n for n, m in inside.items() if m.in_features == n_rep * width]
+            if len(qs) > 1:
+                qs = [n for n in qs if rel[n].startswith(("q_", "q.", "query"))]
+            if len(os_) > 1:
+                os_ = [n for n in os_ if rel[n].startswith(("o_", "o.", "out", "dense")) and n not in qs]
+            if width % head == 0 and len(qs) == 1 and len(os_) == 1:
+                found = (n_rep, head, qs[0], os_[0])
+            break
         cache[gname] = found
         return found
 
