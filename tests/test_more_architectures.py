@@ -538,17 +538,21 @@ SURVEY = {
            ("starcoder2", transformers.Starcoder2ForCausalLM, transformers.Starcoder2Config, {"head_dim": 8}, 5, 5),
            # its q/k/v/o are nn.Linear layers inside wrappers (`MoshiLinear.linear`); its MLP's fused gate/up (a
            # view into 2 halves) is left intact
-           ("moshi", transformers.MoshiForCausalLM, transformers.MoshiConfig, {"head_dim": 8}, 2, 5),
+           ("moshi", transformers.MoshiForCausalLM, transformers.MoshiConfig, {"head_dim": 8}, 4, 5),
            # mixture of experts: the experts' weights are 3-d tensors, not layers; heads and hidden size prune
            ("mixtral", transformers.MixtralForCausalLM, transformers.MixtralConfig, {"head_dim": 8}, 2, 3),
            # a fused gate/up projection (chunked in two): Torch-Pruning cut two channels of it per root channel,
            # which the probe's member check refuses (left intact)
-           ("glm", transformers.GlmForCausalLM, transformers.GlmConfig, {"head_dim": 8, "pad_token_id": 0}, 3, 5),
+           ("glm", transformers.GlmForCausalLM, transformers.GlmConfig, {"head_dim": 8, "pad_token_id": 0}, 5, 5),
            # left intact, with the reason: eager attention's repeat of keys and values (Gemma2), a fused q/k/v
            # sliced in three (Phi-3), rotary halves sliced and concatenated with the rest (StableLM)
            ("gemma2", transformers.Gemma2ForCausalLM, transformers.Gemma2Config, {"head_dim": 8}, 3, 9),
-           ("phi3", transformers.Phi3ForCausalLM, transformers.Phi3Config, {"pad_token_id": 0}, 1, 5),
+           ("phi3", transformers.Phi3ForCausalLM, transformers.Phi3Config, {"pad_token_id": 0}, 3, 5),
            ("stablelm", transformers.StableLmForCausalLM, transformers.StableLmConfig, {}, 3, 5)]},
+    # fused Wqkv ([q | k | v], rotary) and a fused gated MLP (Wi chunked into input and gate): no group was
+    # prunable before ("no prunable group found")
+    "modernbert": (lambda: transformers.ModernBertModel(transformers.ModernBertConfig(**_TEXT, pad_token_id=0)),
+                   _text, 4, 4),
     "gptj": (lambda: transformers.GPTJForCausalLM(transformers.GPTJConfig(
         vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=40)), _text, 5, 5),
     "resnet": (lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
@@ -696,7 +700,7 @@ HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_o
                                        "bart", "whisper-encoder", "wav2vec2", "dinov2", "clip-vision", "segformer",
                                        "yolos", "detr", "swin", "phi", "mistral", "qwen2", "qwen3", "gemma", "gemma3",
                                        "granite", "olmo", "gptj", "cohere", "starcoder2", "moshi", "mixtral",
-                                       "glm")},
+                                       "glm", "modernbert")},
          "llama": (lambda: tiny_llama()[0], _tokens),
          "llama-mha": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
              **{**_DECODER, "num_key_value_heads": 4})), _tokens)}
@@ -717,8 +721,9 @@ def test_a_head_cut_computes_what_silencing_those_heads_computes(name) -> None:
     assert groups
     x = inputs(2)
     for g in groups:
-        out = [m for m in g.members
-               if m.role == "in" and isinstance(mods[m.module], torch.nn.Linear) and m.count % g.channels == 0]
+        fused = pm.kind(g).startswith("attention heads, fused q/k/v")  # ModernBERT's Wqkv: [q | k | v] blocks
+        out = [m for m in g.members if m.role == "in" and isinstance(mods[m.module], torch.nn.Linear)
+               and (m.count * 3 == g.channels if fused else m.count % g.channels == 0)]
         assert len(out) == 1, (g.name, out)  # the output projection: reads the heads' values, channel for channel
         plan = pm.plan({g.name: 0.5})
         idxs = pm.pruned_indices(plan)[g.name]
@@ -726,6 +731,10 @@ def test_a_head_cut_computes_what_silencing_those_heads_computes(name) -> None:
         # grouped-query attention: key/value head j serves query heads j x n_rep ... j x n_rep + n_rep - 1
         n_rep, size = out[0].count // g.channels, g.multiple
         heads_in = [(c // size * n_rep + r) * size + c % size for c in idxs for r in range(n_rep)]
+        if fused:  # a head's values are its channels in the third block
+            width = g.channels // 3
+            heads_in = [c - 2 * width for c in idxs if c >= 2 * width]
+            assert sorted({c % width for c in idxs}) == heads_in and len(heads_in) * 3 == len(idxs)
         silenced = copy.deepcopy(pm.base)
         with torch.no_grad():
             silenced.get_submodule(out[0].module).weight[:, heads_in] = 0
@@ -739,7 +748,7 @@ NEURONS = {**{n: SURVEY[n][:2] for n in SURVEY}, **HEADS, "gpt2": (lambda: tiny_
 
 @pytest.mark.parametrize("name", sorted(n for n in NEURONS if n not in (
     "segformer", "efficientnet", "bit", "mobilenetv1", "poolformer", "resnet", "mobilenetv2", "swiftformer",
-    "phi3", "glm", "moshi", "mixtral")))  # (fused gate/up neurons left intact; Mixtral's experts are no layers)
+    "mixtral")))  # (Mixtral's experts are no layers)
 def test_a_neuron_cut_computes_what_zeroing_those_neurons_computes(name) -> None:
     """Removing a feed-forward block's neurons must equal keeping them with their consumer's inputs zeroed, for
     every neuron group read by one layer (GPT-2's `Conv1D` consumer holds its weight as [in, out])."""
@@ -754,14 +763,18 @@ def test_a_neuron_cut_computes_what_zeroing_those_neurons_computes(name) -> None
     x = inputs(2)
     checked = 0
     for g in pm.groups:
-        if not g.prunable or pm.kind(g) != "neurons":
+        if not g.prunable or not pm.kind(g).startswith("neurons"):
             continue
+        # a fused gate/up projection (Phi-3, GLM, Moshi): neuron i is its channels i and width + i, both feeding the
+        # consumer's input i
+        parts = 2 if pm.kind(g) == "neurons, fused gate/up" else 1
         out = [m.module for m in g.members if m.role == "in" and isinstance(mods[m.module], (torch.nn.Linear, HFConv1D))
-               and m.count == g.channels]
+               and m.count * parts == g.channels]
         if len(out) != 1:  # a hidden size, read by every block: no single layer to compare with
             continue
         plan = pm.plan({g.name: 0.5})
-        idxs = pm.pruned_indices(plan)[g.name]
+        idxs = sorted({i % (g.channels // parts) for i in pm.pruned_indices(plan)[g.name]})
+        assert len(idxs) == g.channels // parts // 2
         zeroed = copy.deepcopy(pm.base)
         with torch.no_grad():
             layer = zeroed.get_submodule(out[0])

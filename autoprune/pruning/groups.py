@@ -286,39 +286,54 @@ def _neutral_rope(model: nn.Module):
 
 
 @dataclass(frozen=True)
-class _FusedQKV:
-    """The layout of a fused query/key/value projection: q, k and v each `width` channels, heads of `head` channels,
-    either in three blocks [q | k | v] (GPT-2's `c_attn`, split by `split_size`) or `interleaved` per head as
-    [q k v] (GPT-NeoX's `query_key_value`, viewed as (-1, 3 x head size)); `out` is the output projection, which
-    reads the values."""
+class _Fused:
+    """The layout of a fused projection whose one consumer reads a part of it: q, k and v (`parts` 3) or gate and
+    up, or k and v (`parts` 2), each `width` channels, in units of `head` channels (an attention head; 1 for gated
+    neurons), either in blocks [q | k | v] (GPT-2's `c_attn`, ModernBERT's `Wqkv`, Phi-3's `gate_up_proj`) or
+    `interleaved` per unit as [q k v] (GPT-NeoX's `query_key_value`). `out` is the consumer: it reads the last part
+    (the values), or, `all_feed`, every part's channel i lands on its input i (gate x up)."""
 
     width: int
     head: int
+    parts: int
     interleaved: bool
     out: str
+    all_feed: bool = False
 
     @property
     def heads(self) -> int:
         return self.width // self.head
 
+    @property
+    def step(self) -> int:
+        return self.parts * self.head
+
     def head_channels(self, h: int) -> list[int]:
-        """Head `h`'s channels, in q, k and v."""
+        """Unit `h`'s channels, in every part."""
         if self.interleaved:
-            return list(range(3 * h * self.head, 3 * (h + 1) * self.head))
-        return [s * self.width + h * self.head + j for s in range(3) for j in range(self.head)]
+            return list(range(h * self.step, (h + 1) * self.step))
+        return [s * self.width + h * self.head + j for s in range(self.parts) for j in range(self.head)]
 
     def head_scores(self, channel_scores: torch.Tensor) -> torch.Tensor:
-        """Per head, the sum of its channels' scores."""
+        """Per unit, the sum of its channels' scores."""
         if self.interleaved:
-            return channel_scores.reshape(self.heads, 3 * self.head).sum(1)
-        return channel_scores.reshape(3, self.heads, self.head).sum((0, 2))
+            return channel_scores.reshape(self.heads, self.step).sum(1)
+        return channel_scores.reshape(self.parts, self.heads, self.head).sum((0, 2))
 
     def value_input(self, c: int) -> int | None:
-        """The output projection's input that channel `c` feeds (None for a query or key channel)."""
+        """The consumer's input that channel `c` feeds (None for a query or key channel)."""
         if self.interleaved:
-            h, r = divmod(c, 3 * self.head)
-            return h * self.head + r - 2 * self.head if r >= 2 * self.head else None
-        return c - 2 * self.width if c >= 2 * self.width else None
+            h, r = divmod(c, self.step)
+            part, j = divmod(r, self.head)
+            return h * self.head + j if self.all_feed or part == self.parts - 1 else None
+        part, i = divmod(c, self.width)
+        return i if self.all_feed or part == self.parts - 1 else None
+
+    def describe(self) -> str:
+        if self.all_feed:
+            return "neurons, fused gate/up"
+        names = "q/k/v" if self.parts == 3 else "k/v"
+        return f"attention heads, fused {names} ({self.heads} of {self.head})"
 
 
 def _lost_track(group: Any, width: int, names: dict[int, str]) -> str:
@@ -601,15 +616,18 @@ class PrunableModel:
                 (log.info if expected else log.warning)("group %s cannot be pruned (%s); it is left intact",
                                                         self.groups[i].name, changes.get("reason"))
 
-        # a fused q/k/v projection's heads go whole, in q, k and v at once: one head (3 x head size channels) a step,
-        # and its output projection reads one channel per three of its channels (the cost model's multiplier)
+        # a fused projection (q/k/v, gate/up) loses whole units in every part at once: one head (3 x head size
+        # channels) or gated neuron (2 channels) a step, and its consumer reads one channel per part (the cost
+        # model's multiplier); its layout is the first of the candidates whose one-unit cut computes what zeroing
+        # that unit's inputs to the consumer computes
         for i, g in enumerate(self.groups):
-            lay = self._fused_layout(g) if g.prunable else None
+            lay = self._infer_fused(g) if g.prunable else None
             if lay is not None:
-                # (per whole head, uniform: what Torch-Pruning's walk mapped unevenly is set by `_walk`)
+                # (per whole unit, uniform: what Torch-Pruning's walk mapped unevenly is set by `_walk`)
                 self.branch_counts[g.name] = {}
-                mark(i, multiple=3 * lay.head, members=tuple(
-                    replace(m, count=g.channels // 3) if self._reads_a_third(g, m) else m for m in g.members))
+                mark(i, multiple=lay.step, members=tuple(
+                    replace(m, count=g.channels // lay.parts) if m.module == lay.out and m.role == "in" else m
+                    for m in g.members))
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
         # (a group touching grouped convs removes one channel from each conv group; a fused q/k/v one, one head)
         idx = [i for i, g in enumerate(self.groups) if g.prunable]
@@ -681,16 +699,19 @@ class PrunableModel:
         with the query and output projections of a grouped-query attention mapped right (`_kv_layout`)."""
         root = model.get_submodule(gname)
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
-        by_name = self.__dict__.get("_by_name") or {g.name: g for g in self.__dict__.get("groups", ())}
-        g = by_name.get(gname)
-        fused = self._fused_layout(g) if g is not None and g.multiple > 1 else None
+        fused = self.__dict__.get("_fused", {}).get(gname)
         if fused is not None:
-            # a fused q/k/v projection cut in whole heads (`_check_groups` marked it): the root loses exactly these
-            # channels and the output projection the values' inputs. Torch-Pruning maps GPT-2's three blocks onto
-            # the same inputs (96 indices into 32, so its whole-layer check refused every head cut), and GPT-NeoX's
-            # per-head [q k v] back onto the root (3 channels cut for 1)
+            # a fused projection cut in whole units (`_infer_fused`): the root loses exactly these channels and its
+            # consumer the inputs they feed. Torch-Pruning maps GPT-2's three blocks onto the same inputs (96
+            # indices into 32, so its whole-layer check refused every head cut), GPT-NeoX's per-head [q k v] back
+            # onto the root (3 channels cut for 1), and a gate/up projection's halves likewise (2 for 1)
             out = model.get_submodule(fused.out)
-            values = [(fused.value_input(c), c) for c in idxs if fused.value_input(c) is not None]
+            values = {}
+            for c in idxs:
+                v = fused.value_input(c)
+                if v is not None:
+                    values.setdefault(v, c)  # (gate and up channel i both feed input i: once)
+            values = [(v, c) for v, c in sorted(values.items())]
             for i, item in enumerate(group.items):
                 target, fn = item.dep.target.module, item.dep.handler
                 if target is root and dg.is_out_channel_pruning_fn(fn):
@@ -767,35 +788,74 @@ class PrunableModel:
         cache[gname] = found
         return found
 
-    def _fused_layout(self, g: GroupInfo) -> _FusedQKV | None:
-        """The layout of group `g`'s root when it is a fused query/key/value projection whose heads autoprune cuts
-        whole (`_FusedQKV`): GPT-2's `c_attn` (three `split_size` blocks reshaped by `head_dim`; `split_size` and
-        `num_heads` follow a cut) or GPT-NeoX's `query_key_value` (q, k, v interleaved per head, reshaped by
-        `head_size` into -1 heads, beside `dense`); else None. BLOOM's and Falcon's interleaved projections keep a
-        head count (`num_heads`) and per-head position biases built for it, so they are not read."""
-        parent_name, _, leaf = g.name.rpartition(".")
-        if not parent_name or leaf not in ("c_attn", "query_key_value"):
-            return None
-        parent = self.base.get_submodule(parent_name)
-        if leaf == "c_attn":
-            if _head_style(parent) != "gpt2":  # its `c_attn` is three `split_size` blocks, with `head_dim`
-                return None
-            split, head = parent.split_size, parent.head_dim
-            lay = _FusedQKV(split, head, False, f"{parent_name}.c_proj")
-        else:
-            d, dense, qkv = parent.__dict__, parent._modules.get("dense"), parent._modules.get(leaf)
-            if not (isinstance(d.get("head_size"), int) and isinstance(dense, nn.Linear) and isinstance(qkv, nn.Linear)
-                    and not any(isinstance(d.get(a), int) for a in ("num_heads", "num_attention_heads"))):
-                return None
-            lay = _FusedQKV(dense.in_features, d["head_size"], True, f"{parent_name}.dense")
-        if not (0 < lay.head < lay.width and lay.width % lay.head == 0) or g.channels != 3 * lay.width:
-            return None
-        return lay
+    def _fused_layout(self, g: GroupInfo) -> _Fused | None:
+        """Group `g`'s fused layout, when `_infer_fused` found one."""
+        return self.__dict__.get("_fused", {}).get(g.name)
+
+    def _fused_candidates(self, g: GroupInfo) -> list[_Fused]:
+        """Layouts group `g` may have: its root is a linear layer read by one linear layer (its consumer) whose
+        input width is a half or a third of the root's width. For two parts: gated neurons (gate and up halves, both
+        feeding the consumer's input i), then key/value halves in the head sizes its module names; for three:
+        q/k/v in blocks or interleaved per head, in those head sizes."""
+        base = self._base_modules()
+        if not isinstance(base.get(g.name), (nn.Linear, HFConv1D)):
+            return []
+        readers = [m.module for m in g.members if m.role == "in" and isinstance(base.get(m.module), (nn.Linear, HFConv1D))]
+        if len(readers) != 1:
+            return []
+        width = in_width(base[readers[0]])
+        parts = g.channels // width if width and g.channels % width == 0 else 0
+        if parts not in (2, 3):
+            return []
+        parent = base[g.name.rpartition(".")[0]] if "." in g.name else self.base
+        heads = list(dict.fromkeys(h for h in _head_sizes(parent) if 0 < h < width and width % h == 0))
+        found = [_Fused(width, 1, 2, False, readers[0], True)] if parts == 2 else []
+        for h in heads:
+            found += [_Fused(width, h, parts, False, readers[0]), _Fused(width, h, parts, True, readers[0])]
+        return [f for f in found if f.heads > 1]
+
+    def _infer_fused(self, g: GroupInfo) -> _Fused | None:
+        """The first of `_fused_candidates(g)` under which a cut of one unit (built as `apply` builds it) computes, on
+        the example input, what the unpruned model computes with that unit's inputs to the consumer zeroed: a
+        silenced head, a silenced gated neuron. None when no candidate does (the group is then probed as channels).
+
+        Why by hand: Torch-Pruning maps a fused projection's parts onto each other (GPT-2's blocks onto the same
+        inputs of c_proj, GPT-NeoX's per-head q/k/v and gate/up halves back onto the root), so such groups were
+        left intact or, where the cut kept the shapes, gave wrong models. Which layout a model uses is in its
+        forward, not its attributes; checking each candidate against silencing reads it from what the model
+        computes, and a wrong guess is refused instead of used."""
+        fused = self.__dict__.setdefault("_fused", {})
+        for lay in self._fused_candidates(g):
+            fused[g.name] = lay
+            try:
+                unit = lay.head_channels(1)
+                work = self._build({g.name: unit})
+                zeroed = clone_module(self.base)
+                layer = zeroed.get_submodule(lay.out)
+                feeds = sorted({lay.value_input(c) for c in unit} - {None})
+                with torch.no_grad():
+                    if isinstance(layer, HFConv1D):
+                        layer.weight[feeds, :] = 0
+                    else:
+                        layer.weight[:, feeds] = 0
+                    got = tensors_of(call_model(work.eval(), self.example))
+                    want = tensors_of(call_model(zeroed.eval(), self.example))
+                ok = len(got) == len(want) and all(
+                    a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+                    for a, b in zip(got, want) if torch.is_floating_point(a))
+            except Exception:  # noqa: BLE001 - a layout whose cut fails is not the model's
+                ok = False
+            finally:
+                self._group_cuts = {k: v for k, v in self._group_cuts.items() if k[0] != g.name}
+            if ok:
+                return lay
+            del fused[g.name]
+        return None
 
     def _fused_heads(self, g: GroupInfo, n_prune: int, head_scores: torch.Tensor) -> list[int]:
-        """The channels of the `n_prune // (3 x head size)` heads with the lowest scores, in q, k and v alike."""
+        """The channels of the `n_prune // step` units (heads, gated neurons) with the lowest scores, in every part."""
         lay = self._fused_layout(g)
-        heads = torch.argsort(head_scores, stable=True)[: n_prune // (3 * lay.head)].tolist()
+        heads = torch.argsort(head_scores, stable=True)[: n_prune // lay.step].tolist()
         return sorted(c for h in heads for c in lay.head_channels(h))
 
     def _fused_head_scores(self, g: GroupInfo, channel_scores: torch.Tensor) -> torch.Tensor:
@@ -803,19 +863,17 @@ class PrunableModel:
         return self._fused_layout(g).head_scores(channel_scores)
 
     def _fused_qkv_reason(self, g: GroupInfo, err: str) -> str:
-        """`err`, said in words when the group is a fused query/key/value projection (GPT-2's `c_attn`, BLOOM's and
-        GPT-NeoX's `query_key_value`): three times as wide as the output projection that reads its values. Its
-        heads would have to go in q, k and v at once, which no cut of one group of channels does."""
-        if any(self._reads_a_third(g, m) for m in g.members):
-            return (f"a fused query/key/value projection ({g.channels} = 3 x {g.channels // 3} channels): autoprune "
-                    f"does not cut the heads of q, k and v together yet, so it is left intact ({err})")
+        """`err`, said in words when the group is a fused projection (`_fused_candidates` has candidates for it) none of
+        whose candidate layouts computed right: BLOOM's and Falcon's query_key_value, whose heads carry position
+        biases built for the configured head count."""
+        cands = self._fused_candidates(g)
+        if cands:
+            parts = cands[0].parts
+            what = "query/key/value" if parts == 3 else "gate/up or key/value"
+            return (f"a fused {what} projection ({g.channels} = {parts} x {g.channels // parts} channels) whose units "
+                    f"autoprune cannot cut in all {parts} parts so that the model computes what silencing them "
+                    f"computes, so it is left intact ({err})")
         return err
-
-    def _reads_a_third(self, g: GroupInfo, m: Member) -> bool:
-        """Whether member `m` of group `g` is a layer reading a third of the group's width: the output projection of
-        a fused query/key/value projection, which reads its values."""
-        layer = self._base_modules().get(m.module)
-        return m.role == "in" and isinstance(layer, ROOT_TYPES) and 3 * in_width(layer) == g.channels
 
     def _multiples_to_try(self, g: GroupInfo) -> list[int]:
         """The channel multiples the first probe tries for a group whose single-channel cut fails: the head size of
@@ -1024,10 +1082,22 @@ class PrunableModel:
         if plan.mode == "unstructured":
             return self._apply_unstructured(plan)
         pruned = self.pruned_indices(plan)
+        work = self._build(pruned)
+        work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
+        if check and pruned:
+            try:
+                shape = self._forward_shape(work)
+            except Exception as e:
+                raise AutopruneError(f"plan {plan.summary()} gives a model whose forward fails: {type(e).__name__}: {e}") from None
+            want = self._forward_shape(self.base)
+            if shape != want:
+                raise AutopruneError(f"plan changed the output shape from {want} to {shape}")
+        return work
+
+    def _build(self, pruned: dict[str, list[int]]) -> nn.Module:
+        """A copy of the base with root channels `pruned[group]` of each group cut (`apply`'s model)."""
         if not pruned:
-            work = clone_module(self.base)
-            work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
-            return work
+            return clone_module(self.base)
         cuts = self._cuts(pruned)
         # the tensors `cut` is about to replace are not copied first: the copy refers to the base's until its
         # cut gives it its own (one tensor operation instead of two, for most of a CNN's tensors)
@@ -1075,15 +1145,6 @@ class PrunableModel:
                                          if kind == "module" and fn == "prune_out_channels"})
         if any(m.training for m in base_mods.values()):  # the copy is in the base's mode, which is eval unless
             work.eval()                                   # someone switched it
-        work._autoprune_plan = plan.to_dict()  # type: ignore[assignment]
-        if check:
-            try:
-                shape = self._forward_shape(work)
-            except Exception as e:
-                raise AutopruneError(f"plan {plan.summary()} gives a model whose forward fails: {type(e).__name__}: {e}") from None
-            want = self._forward_shape(self.base)
-            if shape != want:
-                raise AutopruneError(f"plan changed the output shape from {want} to {shape}")
         return work
 
     def removed_outputs(self, plan: PruningPlan) -> dict[str, list[int]]:
@@ -1248,8 +1309,8 @@ class PrunableModel:
     def _group_items(self, gname: str, idxs: list[int]) -> list:
         """[((layer, kind, pruning function name), (function, sorted indices))] that removing root channels `idxs`
         of group `gname` cuts: from the group's map (`_group_map`) where it has one, else from Torch-Pruning."""
-        if self._fused_layout(self.group(gname)) is not None and self.group(gname).multiple > 1:
-            return self._tp_items(gname, idxs)  # whole heads only: their cuts come from `_walk`
+        if gname in self.__dict__.get("_fused", {}):
+            return self._tp_items(gname, idxs)  # whole units only: their cuts come from `_walk`
         gmap = self._group_maps.get(gname)
         if gmap is None:
             gmap = self._group_maps[gname] = self._group_map(gname)
@@ -1382,9 +1443,8 @@ class PrunableModel:
         mods = dict(self.base.named_modules())
         layers = [mods[n] for n in g.layers if n in mods]
         members = [mods[m.module] for m in g.members if m.module in mods]
-        if self._fused_layout(g) is not None and g.multiple > 1:
-            lay = self._fused_layout(g)
-            return f"attention heads, fused q/k/v ({lay.heads} of {lay.head})"
+        if self._fused_layout(g) is not None:
+            return self._fused_layout(g).describe()
         if layers and all(isinstance(m, (nn.Linear, HFConv1D)) for m in layers):
             kv = self._kv_layout(g.name) if g.multiple > 1 else None
             if kv is not None:  # grouped-query attention: whole key/value heads, each with its query heads
