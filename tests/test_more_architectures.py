@@ -230,6 +230,10 @@ def test_rotary_embeddings_are_the_identity_only_in_the_tracing_thread() -> None
         t.join()
     assert not torch.allclose(inside, want)  # the rotation is off here: the test can see a difference
     assert torch.equal(other["out"], want) and torch.equal(_logits(model, x), want)
+    import transformers.models.llama.modeling_llama as llama
+
+    assert llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb" and "q_embed" in \
+        llama.apply_rotary_pos_emb.__code__.co_varnames  # transformers' own function is back
 
 
 def test_a_dependency_walk_that_does_not_end_leaves_its_group_intact_with_the_reason(monkeypatch) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
+import sys
 import threading
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -235,8 +237,6 @@ def _bounded_walks(limit: int = WALK_REPEATS):
 
 def _rope_arguments_are_q_k(fn: Any) -> bool:
     """Whether `fn` is a `transformers` rotary embedding of the (q, k, cos, sin, ...) -> (q, k) form."""
-    import inspect
-
     try:
         params = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
@@ -251,38 +251,50 @@ def _rotary_pass_through(fn: Any) -> Any:
             return q, k
         return fn(q, k, *args, **kwargs)
 
-    apply_rotary_pos_emb._autoprune_wraps = fn  # type: ignore[attr-defined]
     return apply_rotary_pos_emb
+
+
+_ROPE_LOCK = threading.Lock()
+_ROPE_USERS: dict[str, list] = {}  # modeling module -> [its own function, traces using the pass-through]
 
 
 @contextlib.contextmanager
 def _neutral_rope(model: nn.Module):
     """While this block traces `model`, in this thread, its `transformers` rotary position embedding
     (`apply_rotary_pos_emb(q, k, cos, sin)` of the modules' modeling files: Llama, Qwen2, Mistral, Gemma, Phi, ...)
-    returns q and k unchanged; elsewhere, and in other threads, it computes as before.
+    returns q and k unchanged; in other threads meanwhile it computes as before, and after the last such block the
+    modeling module gets its own function back.
 
     Why by hand: Torch-Pruning's dependency walk never ends on the rotation's `cat((-x2, x1))` (VainF/Torch-Pruning#527,
     open), so the attention projections of every RoPE model were left intact. The rotation mixes channels only
     within each head (its last dimension, the head size), so a cut of whole heads commutes with it: the graph traced
     without it couples the same layers and channels for such cuts, and the probes (which run the real model) and the
-    tests (a head cut equals silencing the heads) hold the heads whole. Each modeling module's function is wrapped
-    once, by a pass-through that reads a thread-local flag."""
-    mods = {type(m).__module__ for m in model.modules()}
-    import sys
-
-    for name in mods:
-        mod = sys.modules.get(name)
-        fn = getattr(mod, "apply_rotary_pos_emb", None)
-        if fn is None or getattr(fn, "_autoprune_wraps", None) is not None or not callable(fn) \
-                or not name.startswith("transformers.") or not _rope_arguments_are_q_k(fn):
-            continue
-        setattr(mod, "apply_rotary_pos_emb", _rotary_pass_through(fn))
+    tests (a head cut equals silencing the heads) hold the heads whole."""
+    names = sorted({type(m).__module__ for m in model.modules() if type(m).__module__.startswith("transformers.")})
+    mine = []
+    with _ROPE_LOCK:
+        for name in names:
+            mod = sys.modules.get(name)
+            if name in _ROPE_USERS:
+                _ROPE_USERS[name][1] += 1
+                mine.append(name)
+                continue
+            fn = getattr(mod, "apply_rotary_pos_emb", None)
+            if callable(fn) and _rope_arguments_are_q_k(fn):
+                _ROPE_USERS[name] = [fn, 1]
+                setattr(mod, "apply_rotary_pos_emb", _rotary_pass_through(fn))
+                mine.append(name)
     old = getattr(_WALK, "neutral_rope", False)
     _WALK.neutral_rope = True
     try:
         yield
     finally:
         _WALK.neutral_rope = old
+        with _ROPE_LOCK:
+            for name in mine:
+                _ROPE_USERS[name][1] -= 1
+                if _ROPE_USERS[name][1] == 0:
+                    setattr(sys.modules[name], "apply_rotary_pos_emb", _ROPE_USERS.pop(name)[0])
 
 
 @dataclass(frozen=True)
@@ -696,7 +708,8 @@ class PrunableModel:
 
     def _walk(self, model: nn.Module, dg: tp.DependencyGraph, gname: str, idxs: list[int]) -> Any:
         """Torch-Pruning's group for removing root channels `idxs` of the layer `gname` of `model` (traced as `dg`),
-        with the query and output projections of a grouped-query attention mapped right (`_kv_layout`)."""
+        with a fused projection's root and consumer (`_infer_fused`) and a grouped-query attention's query and
+        output projections (`_kv_layout`) mapped right: every cut, probe and score reads its groups from here."""
         root = model.get_submodule(gname)
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
         fused = self.__dict__.get("_fused", {}).get(gname)
