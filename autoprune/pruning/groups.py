@@ -227,12 +227,19 @@ def _bounded_walks(limit: int = WALK_REPEATS):
     set in this thread; elsewhere the wrapper is a pass-through."""
     if tp.dependency.group.Group.add_dep is not _counted_add_dep:
         tp.dependency.group.Group.add_dep = _counted_add_dep
-    old = getattr(_WALK, "limit", None)
-    _WALK.limit = limit
+    with _in_this_thread("limit", limit):
+        yield
+
+
+@contextlib.contextmanager
+def _in_this_thread(attr: str, value: Any):
+    """`_WALK.<attr>` set to `value` in this thread while the block runs."""
+    old = getattr(_WALK, attr, None)
+    setattr(_WALK, attr, value)
     try:
         yield
     finally:
-        _WALK.limit = old
+        setattr(_WALK, attr, old)
 
 
 def _rope_arguments_are_q_k(fn: Any) -> bool:
@@ -284,12 +291,10 @@ def _neutral_rope(model: nn.Module):
                 _ROPE_USERS[name] = [fn, 1]
                 setattr(mod, "apply_rotary_pos_emb", _rotary_pass_through(fn))
                 mine.append(name)
-    old = getattr(_WALK, "neutral_rope", False)
-    _WALK.neutral_rope = True
     try:
-        yield
+        with _in_this_thread("neutral_rope", True):
+            yield
     finally:
-        _WALK.neutral_rope = old
         with _ROPE_LOCK:
             for name in mine:
                 _ROPE_USERS[name][1] -= 1
