@@ -216,14 +216,14 @@ def test_rotary_embeddings_are_the_identity_only_in_the_tracing_thread() -> None
     # the pass-through that Torch-Pruning's trace sees (q, k unchanged) must not change what any other forward
     # computes, in this thread after the trace or in another thread during it (the search service runs searches
     # in threads)
-    from autoprune.pruning.groups import _neutral_rope
+    from autoprune.pruning.attention import neutral_rope
 
     model, inputs = tiny_llama()
     model.eval()
     x = inputs(2)
     want = _logits(model, x)
     other: dict = {}
-    with _neutral_rope(model):
+    with neutral_rope(model):
         inside = _logits(model, x)
         t = threading.Thread(target=lambda: other.setdefault("out", _logits(model, x)))
         t.start()
@@ -243,7 +243,7 @@ def test_a_dependency_walk_that_does_not_end_leaves_its_group_intact_with_the_re
 
     from autoprune.pruning import groups
 
-    monkeypatch.setattr(groups, "_neutral_rope", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(groups, "neutral_rope", lambda model: contextlib.nullcontext())
     pm, inputs = _in_thread(lambda: _build(tiny_llama), 120)
     endless = [g for g in pm.groups if "does not end" in g.reason]
     assert {g.name.rsplit(".", 1)[-1] for g in endless} >= {"q_proj", "k_proj"}

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import math
-import sys
 import threading
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -26,14 +24,15 @@ import torch_pruning as tp
 
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
-from autoprune.pruning.layers import HFConv1D, custom_pruners, in_width, out_width
+from autoprune.pruning.attention import (QUERY_NAMES, Fused, head_sizes, head_style, neutral_rope, no_cache, query_of,
+                                         sync_attention_attributes)
+from autoprune.pruning.layers import ROOT_TYPES, HFConv1D, custom_pruners, in_width, out_width
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
 from autoprune.pruning.plan import PruningPlan, channels_kept
 from autoprune.model.task import call_model, output_signature, tensors_of
 
 log = logging.getLogger(__name__)
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, HFConv1D)
 _PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -102,91 +101,6 @@ def find_output_layers(model: nn.Module, example) -> list[str]:
     return order[-1:]
 
 
-def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = None) -> int:
-    """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
-    (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
-    Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`) from the pruned widths, so that the
-    modules compute with the heads they have (Whisper and OPT reshape with `num_heads`) and their repr tells the
-    truth; returns how many modules were updated. Torch-Pruning prunes the weights but does not know these
-    attributes. `only`: the qualified names of the modules to look at (default: all)."""
-    n = 0
-    for m in (model.modules() if only is None else (model.get_submodule(x) for x in only)):
-        style = _head_style(m, pruned=True)
-        if style == "bert":
-            q, size = _query_of(m), m.attention_head_size
-            if getattr(m, "all_head_size", None) != q.out_features:
-                m.all_head_size = q.out_features
-                m.num_attention_heads = q.out_features // size
-                n += 1
-        elif style == "gpt2":  # a fused q/k/v projection split in three by `split_size`
-            split = out_width(m.c_attn) // 3
-            if m.split_size != split:
-                m.split_size, m.num_heads = split, split // m.head_dim
-                n += 1
-        elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
-            heads = m.q_proj.out_features // m.head_dim
-            attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
-            if getattr(m, attr) != heads:
-                setattr(m, attr, heads)
-                n += 1
-    return n
-
-
-def _head_style(m: nn.Module, pruned: bool = False) -> str | None:
-    """Which head-count attributes an attention module keeps: "bert" (`num_attention_heads`, `attention_head_size`,
-    `all_head_size` beside `query`/`query_proj`), "bart" (`num_heads`, or Swin's `num_attention_heads`, and
-    `head_dim` beside `q_proj`, as in BART, OPT, Whisper, where the head count times `head_dim` is the q
-    projection's width, until heads are cut: `pruned`), or None."""
-    d = m.__dict__
-    c_attn = m._modules.get("c_attn")
-    if isinstance(c_attn, ROOT_TYPES) and all(isinstance(d.get(a), int) for a in ("split_size", "head_dim", "num_heads")) \
-            and (pruned or out_width(c_attn) == 3 * d["split_size"]):
-        return "gpt2"
-    size = d.get("attention_head_size")
-    if isinstance(_query_of(m), nn.Linear) and isinstance(size, int) and size > 0 and "num_attention_heads" in d:
-        return "bert"
-    q, head = m._modules.get("q_proj"), d.get("head_dim")
-    heads = d.get("num_heads", d.get("num_attention_heads"))  # Swin's attention names it the BERT way
-    if isinstance(q, nn.Linear) and isinstance(head, int) and isinstance(heads, int) and head > 0 \
-            and (pruned or q.out_features == head * heads):
-        return "bart"
-    return None
-
-
-@contextlib.contextmanager
-def _no_cache(model: nn.Module):
-    """A `transformers` model traced without its key/value cache (`config.use_cache = False` meanwhile): GPT-2
-    concatenates the cache's past keys with the new ones, a concatenation whose channel count Torch-Pruning cannot
-    infer (its index mapping failed), and the cache is not part of what pruning changes."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "use_cache", False):
-        yield
-        return
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = True
-
-
-_QUERY_NAMES = ("query", "query_proj")  # a BERT-style attention's query projection: BERT and ViT's, DeBERTa's
-
-
-def _query_of(m: nn.Module) -> nn.Module | None:
-    """The query projection of a BERT-style attention module: `query` (BERT, ViT), `query_proj` (DeBERTa)."""
-    q = m._modules.get(_QUERY_NAMES[0])
-    return q if q is not None else m._modules.get(_QUERY_NAMES[1])
-
-
-# attributes by which `transformers` attention modules name their head size
-HEAD_SIZE_ATTRIBUTES = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")
-
-
-def _head_sizes(m: nn.Module) -> list[int]:
-    """The positive head sizes module `m` names (`HEAD_SIZE_ATTRIBUTES`, in that order)."""
-    return [h for h in (getattr(m, a, None) for a in HEAD_SIZE_ATTRIBUTES) if isinstance(h, int) and h > 0]
-
-
 class _EndlessWalk(Exception):
     pass
 
@@ -227,130 +141,12 @@ def _bounded_walks(limit: int = WALK_REPEATS):
     set in this thread; elsewhere the wrapper is a pass-through."""
     if tp.dependency.group.Group.add_dep is not _counted_add_dep:
         tp.dependency.group.Group.add_dep = _counted_add_dep
-    with _in_this_thread("limit", limit):
-        yield
-
-
-@contextlib.contextmanager
-def _in_this_thread(attr: str, value: Any):
-    """`_WALK.<attr>` set to `value` in this thread while the block runs."""
-    old = getattr(_WALK, attr, None)
-    setattr(_WALK, attr, value)
+    old = getattr(_WALK, "limit", None)
+    _WALK.limit = limit
     try:
         yield
     finally:
-        setattr(_WALK, attr, old)
-
-
-def _rope_arguments_are_q_k(fn: Any) -> bool:
-    """Whether `fn` is a `transformers` rotary embedding of the (q, k, cos, sin, ...) -> (q, k) form."""
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[:2] == ["q", "k"]
-
-
-def _rotary_pass_through(fn: Any) -> Any:
-    @functools.wraps(fn)
-    def apply_rotary_pos_emb(q, k, *args, **kwargs):
-        if getattr(_WALK, "neutral_rope", False):
-            return q, k
-        return fn(q, k, *args, **kwargs)
-
-    return apply_rotary_pos_emb
-
-
-_ROPE_LOCK = threading.Lock()
-_ROPE_USERS: dict[str, list] = {}  # modeling module -> [its own function, traces using the pass-through]
-
-
-@contextlib.contextmanager
-def _neutral_rope(model: nn.Module):
-    """While this block traces `model`, in this thread, its `transformers` rotary position embedding
-    (`apply_rotary_pos_emb(q, k, cos, sin)` of the modules' modeling files: Llama, Qwen2, Mistral, Gemma, Phi, ...)
-    returns q and k unchanged; in other threads meanwhile it computes as before, and after the last such block the
-    modeling module gets its own function back.
-
-    Why by hand: Torch-Pruning's dependency walk never ends on the rotation's `cat((-x2, x1))` (VainF/Torch-Pruning#527,
-    open), so the attention projections of every RoPE model were left intact. The rotation mixes channels only
-    within each head (its last dimension, the head size), so a cut of whole heads commutes with it: the graph traced
-    without it couples the same layers and channels for such cuts, and the probes (which run the real model) and the
-    tests (a head cut equals silencing the heads) hold the heads whole."""
-    names = sorted({type(m).__module__ for m in model.modules() if type(m).__module__.startswith("transformers.")})
-    mine = []
-    with _ROPE_LOCK:
-        for name in names:
-            mod = sys.modules.get(name)
-            if name in _ROPE_USERS:
-                _ROPE_USERS[name][1] += 1
-                mine.append(name)
-                continue
-            fn = getattr(mod, "apply_rotary_pos_emb", None)
-            if callable(fn) and _rope_arguments_are_q_k(fn):
-                _ROPE_USERS[name] = [fn, 1]
-                setattr(mod, "apply_rotary_pos_emb", _rotary_pass_through(fn))
-                mine.append(name)
-    try:
-        with _in_this_thread("neutral_rope", True):
-            yield
-    finally:
-        with _ROPE_LOCK:
-            for name in mine:
-                _ROPE_USERS[name][1] -= 1
-                if _ROPE_USERS[name][1] == 0:
-                    setattr(sys.modules[name], "apply_rotary_pos_emb", _ROPE_USERS.pop(name)[0])
-
-
-@dataclass(frozen=True)
-class _Fused:
-    """The layout of a fused projection whose one consumer reads a part of it: q, k and v (`parts` 3) or gate and
-    up, or k and v (`parts` 2), each `width` channels, in units of `head` channels (an attention head; 1 for gated
-    neurons), either in blocks [q | k | v] (GPT-2's `c_attn`, ModernBERT's `Wqkv`, Phi-3's `gate_up_proj`) or
-    `interleaved` per unit as [q k v] (GPT-NeoX's `query_key_value`). `out` is the consumer: it reads the last part
-    (the values), or, `all_feed`, every part's channel i lands on its input i (gate x up)."""
-
-    width: int
-    head: int
-    parts: int
-    interleaved: bool
-    out: str
-    all_feed: bool = False
-
-    @property
-    def heads(self) -> int:
-        return self.width // self.head
-
-    @property
-    def step(self) -> int:
-        return self.parts * self.head
-
-    def head_channels(self, h: int) -> list[int]:
-        """Unit `h`'s channels, in every part."""
-        if self.interleaved:
-            return list(range(h * self.step, (h + 1) * self.step))
-        return [s * self.width + h * self.head + j for s in range(self.parts) for j in range(self.head)]
-
-    def head_scores(self, channel_scores: torch.Tensor) -> torch.Tensor:
-        """Per unit, the sum of its channels' scores."""
-        if self.interleaved:
-            return channel_scores.reshape(self.heads, self.step).sum(1)
-        return channel_scores.reshape(self.parts, self.heads, self.head).sum((0, 2))
-
-    def value_input(self, c: int) -> int | None:
-        """The consumer's input that channel `c` feeds (None for a query or key channel)."""
-        if self.interleaved:
-            h, r = divmod(c, self.step)
-            part, j = divmod(r, self.head)
-            return h * self.head + j if self.all_feed or part == self.parts - 1 else None
-        part, i = divmod(c, self.width)
-        return i if self.all_feed or part == self.parts - 1 else None
-
-    def describe(self) -> str:
-        if self.all_feed:
-            return "neurons, fused gate/up"
-        names = "q/k/v" if self.parts == 3 else "k/v"
-        return f"attention heads, fused {names} ({self.heads} of {self.head})"
+        _WALK.limit = old
 
 
 def _lost_track(group: Any, width: int, names: dict[int, str]) -> str:
@@ -452,7 +248,7 @@ class PrunableModel:
                 # a norm over each head's channels (Qwen3's, Gemma3's q_norm and k_norm: one weight of head size,
                 # shared by every head) stays whole: Torch-Pruning cut it with the heads' channels
                 tables += [model.get_parameter(t) for t in self._head_norms()]
-                with _no_cache(model), _neutral_rope(model):
+                with no_cache(model), neutral_rope(model):
                     return tp.DependencyGraph().build_dependency(model, example_inputs=self.example,
                                                                  output_transform=tensors_of,
                                                                  customized_pruners=custom or None,
@@ -806,11 +602,11 @@ class PrunableModel:
         cache[gname] = found
         return found
 
-    def _fused_layout(self, g: GroupInfo) -> _Fused | None:
+    def _fused_layout(self, g: GroupInfo) -> Fused | None:
         """Group `g`'s fused layout, when `_infer_fused` found one."""
         return self.__dict__.get("_fused", {}).get(g.name)
 
-    def _fused_candidates(self, g: GroupInfo) -> list[_Fused]:
+    def _fused_candidates(self, g: GroupInfo) -> list[Fused]:
         """Layouts group `g` may have: its root is a linear layer read by one linear layer (its consumer) whose
         input width is a half or a third of the root's width. For two parts: gated neurons (gate and up halves, both
         feeding the consumer's input i), then key/value halves in the head sizes its module names; for three:
@@ -826,13 +622,13 @@ class PrunableModel:
         if parts not in (2, 3):
             return []
         parent = base[g.name.rpartition(".")[0]] if "." in g.name else self.base
-        heads = list(dict.fromkeys(h for h in _head_sizes(parent) if 0 < h < width and width % h == 0))
-        found = [_Fused(width, 1, 2, False, readers[0], True)] if parts == 2 else []
+        heads = list(dict.fromkeys(h for h in head_sizes(parent) if 0 < h < width and width % h == 0))
+        found = [Fused(width, 1, 2, False, readers[0], True)] if parts == 2 else []
         for h in heads:
-            found += [_Fused(width, h, parts, False, readers[0]), _Fused(width, h, parts, True, readers[0])]
+            found += [Fused(width, h, parts, False, readers[0]), Fused(width, h, parts, True, readers[0])]
         return [f for f in found if f.heads > 1]
 
-    def _infer_fused(self, g: GroupInfo) -> _Fused | None:
+    def _infer_fused(self, g: GroupInfo) -> Fused | None:
         """The first of `_fused_candidates(g)` under which a cut of one unit (built as `apply` builds it) computes, on
         the example input, what the unpruned model computes with that unit's inputs to the consumer zeroed: a
         silenced head, a silenced gated neuron. None when no candidate does (the group is then probed as channels).
@@ -903,7 +699,7 @@ class PrunableModel:
             return []
         divisors = [d for d in range(2, g.channels // 2 + 1) if g.channels % d == 0]
         parent = self.base.get_submodule(g.name.rpartition(".")[0]) if "." in g.name else self.base
-        head = next((h for h in _head_sizes(parent) if 1 < h < g.channels and g.channels % h == 0), None)
+        head = next((h for h in head_sizes(parent) if 1 < h < g.channels and g.channels % h == 0), None)
         return [head] + [d for d in divisors if d != head] if head else divisors
 
     def _kept_count(self, g: GroupInfo, ratio: float, round_to: int) -> int:
@@ -1218,7 +1014,7 @@ class PrunableModel:
         if getattr(self, "_attn_names", None) is None:
             self._attn_names = frozenset(
                 n for n, m in self._base_modules().items()
-                if _head_style(m) is not None)
+                if head_style(m) is not None)
         return self._attn_names
 
     def _head_tables(self) -> dict[str, tuple[str, int, list[str]]]:
@@ -1229,8 +1025,8 @@ class PrunableModel:
             mods = self._base_modules()
             found: dict[str, tuple[str, int, list[str]]] = {}
             for n, m in mods.items():
-                q_leaf = next((k for k in (*_QUERY_NAMES, "q_proj") if isinstance(m._modules.get(k), nn.Linear)), None)
-                size = next(iter(_head_sizes(m)), None)
+                q_leaf = next((k for k in (*QUERY_NAMES, "q_proj") if isinstance(m._modules.get(k), nn.Linear)), None)
+                size = next(iter(head_sizes(m)), None)
                 if q_leaf is None or size is None:
                     continue
                 heads = m._modules[q_leaf].out_features // size
@@ -1248,7 +1044,7 @@ class PrunableModel:
         if getattr(self, "_norms", None) is None:
             found = []
             for n, m in self._base_modules().items():
-                size = next(iter(_head_sizes(m)), None)
+                size = next(iter(head_sizes(m)), None)
                 if size is None or not isinstance(m._modules.get("q_proj"), nn.Linear):
                     continue
                 for leaf in ("q_norm", "k_norm"):

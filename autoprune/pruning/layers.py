@@ -101,6 +101,10 @@ def custom_pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePrunin
     return out
 
 
+# the layers a group can be rooted at (their output channels are the group's)
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, HFConv1D)
+
+
 def out_width(m: nn.Module) -> int:
     """The output channels of a `ROOT_TYPES` layer."""
     if isinstance(m, nn.Linear):

@@ -1,0 +1,216 @@
+"""`transformers` attention, as pruning sees it: the head counts an attention module keeps beside its projections
+(synced after a cut), its head size, tracing without the key/value cache or the rotary embedding, and the layouts
+of fused projections (q/k/v or gate/up in one layer). `groups` reads these; nothing here knows Torch-Pruning."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from autoprune.pruning.layers import ROOT_TYPES, out_width
+
+
+def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = None) -> int:
+    """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
+    (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
+    Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`) from the pruned widths, so that the
+    modules compute with the heads they have (Whisper and OPT reshape with `num_heads`) and their repr tells the
+    truth; returns how many modules were updated. Torch-Pruning prunes the weights but does not know these
+    attributes. `only`: the qualified names of the modules to look at (default: all)."""
+    n = 0
+    for m in (model.modules() if only is None else (model.get_submodule(x) for x in only)):
+        style = head_style(m, pruned=True)
+        if style == "bert":
+            q, size = query_of(m), m.attention_head_size
+            if getattr(m, "all_head_size", None) != q.out_features:
+                m.all_head_size = q.out_features
+                m.num_attention_heads = q.out_features // size
+                n += 1
+        elif style == "gpt2":  # a fused q/k/v projection split in three by `split_size`
+            split = out_width(m.c_attn) // 3
+            if m.split_size != split:
+                m.split_size, m.num_heads = split, split // m.head_dim
+                n += 1
+        elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
+            heads = m.q_proj.out_features // m.head_dim
+            attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
+            if getattr(m, attr) != heads:
+                setattr(m, attr, heads)
+                n += 1
+    return n
+
+
+def head_style(m: nn.Module, pruned: bool = False) -> str | None:
+    """Which head-count attributes an attention module keeps: "bert" (`num_attention_heads`, `attention_head_size`,
+    `all_head_size` beside `query`/`query_proj`), "bart" (`num_heads`, or Swin's `num_attention_heads`, and
+    `head_dim` beside `q_proj`, as in BART, OPT, Whisper, where the head count times `head_dim` is the q
+    projection's width, until heads are cut: `pruned`), or None."""
+    d = m.__dict__
+    c_attn = m._modules.get("c_attn")
+    if isinstance(c_attn, ROOT_TYPES) and all(isinstance(d.get(a), int) for a in ("split_size", "head_dim", "num_heads")) \
+            and (pruned or out_width(c_attn) == 3 * d["split_size"]):
+        return "gpt2"
+    size = d.get("attention_head_size")
+    if isinstance(query_of(m), nn.Linear) and isinstance(size, int) and size > 0 and "num_attention_heads" in d:
+        return "bert"
+    q, head = m._modules.get("q_proj"), d.get("head_dim")
+    heads = d.get("num_heads", d.get("num_attention_heads"))  # Swin's attention names it the BERT way
+    if isinstance(q, nn.Linear) and isinstance(head, int) and isinstance(heads, int) and head > 0 \
+            and (pruned or q.out_features == head * heads):
+        return "bart"
+    return None
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module):
+    """A `transformers` model traced without its key/value cache (`config.use_cache = False` meanwhile): GPT-2
+    concatenates the cache's past keys with the new ones, a concatenation whose channel count Torch-Pruning cannot
+    infer (its index mapping failed), and the cache is not part of what pruning changes."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+QUERY_NAMES = ("query", "query_proj")  # a BERT-style attention's query projection: BERT and ViT's, DeBERTa's
+
+
+def query_of(m: nn.Module) -> nn.Module | None:
+    """The query projection of a BERT-style attention module: `query` (BERT, ViT), `query_proj` (DeBERTa)."""
+    q = m._modules.get(QUERY_NAMES[0])
+    return q if q is not None else m._modules.get(QUERY_NAMES[1])
+
+
+# attributes by which `transformers` attention modules name their head size
+HEAD_SIZE_ATTRIBUTES = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")
+
+
+def head_sizes(m: nn.Module) -> list[int]:
+    """The positive head sizes module `m` names (`HEAD_SIZE_ATTRIBUTES`, in that order)."""
+    return [h for h in (getattr(m, a, None) for a in HEAD_SIZE_ATTRIBUTES) if isinstance(h, int) and h > 0]
+
+
+def _rope_arguments_are_q_k(fn: Any) -> bool:
+    """Whether `fn` is a `transformers` rotary embedding of the (q, k, cos, sin, ...) -> (q, k) form."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[:2] == ["q", "k"]
+
+
+def _rotary_pass_through(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def apply_rotary_pos_emb(q, k, *args, **kwargs):
+        if getattr(_ROPE_OFF, "depth", 0):
+            return q, k
+        return fn(q, k, *args, **kwargs)
+
+    return apply_rotary_pos_emb
+
+
+_ROPE_OFF = threading.local()  # depth > 0: this thread is tracing, the rotation is the identity
+_ROPE_LOCK = threading.Lock()
+_ROPE_USERS: dict[str, list] = {}  # modeling module -> [its own function, traces using the pass-through]
+
+
+@contextlib.contextmanager
+def neutral_rope(model: nn.Module):
+    """While this block traces `model`, in this thread, its `transformers` rotary position embedding
+    (`apply_rotary_pos_emb(q, k, cos, sin)` of the modules' modeling files: Llama, Qwen2, Mistral, Gemma, Phi, ...)
+    returns q and k unchanged; in other threads meanwhile it computes as before, and after the last such block the
+    modeling module gets its own function back.
+
+    Why by hand: Torch-Pruning's dependency walk never ends on the rotation's `cat((-x2, x1))` (VainF/Torch-Pruning#527,
+    open), so the attention projections of every RoPE model were left intact. The rotation mixes channels only
+    within each head (its last dimension, the head size), so a cut of whole heads commutes with it: the graph traced
+    without it couples the same layers and channels for such cuts, and the probes (which run the real model) and the
+    tests (a head cut equals silencing the heads) hold the heads whole."""
+    names = sorted({type(m).__module__ for m in model.modules() if type(m).__module__.startswith("transformers.")})
+    mine = []
+    with _ROPE_LOCK:
+        for name in names:
+            mod = sys.modules.get(name)
+            if name in _ROPE_USERS:
+                _ROPE_USERS[name][1] += 1
+                mine.append(name)
+                continue
+            fn = getattr(mod, "apply_rotary_pos_emb", None)
+            if callable(fn) and _rope_arguments_are_q_k(fn):
+                _ROPE_USERS[name] = [fn, 1]
+                setattr(mod, "apply_rotary_pos_emb", _rotary_pass_through(fn))
+                mine.append(name)
+    _ROPE_OFF.depth = getattr(_ROPE_OFF, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _ROPE_OFF.depth -= 1
+        with _ROPE_LOCK:
+            for name in mine:
+                _ROPE_USERS[name][1] -= 1
+                if _ROPE_USERS[name][1] == 0:
+                    setattr(sys.modules[name], "apply_rotary_pos_emb", _ROPE_USERS.pop(name)[0])
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The layout of a fused projection whose one consumer reads a part of it: q, k and v (`parts` 3) or gate and
+    up, or k and v (`parts` 2), each `width` channels, in units of `head` channels (an attention head; 1 for gated
+    neurons), either in blocks [q | k | v] (GPT-2's `c_attn`, ModernBERT's `Wqkv`, Phi-3's `gate_up_proj`) or
+    `interleaved` per unit as [q k v] (GPT-NeoX's `query_key_value`). `out` is the consumer: it reads the last part
+    (the values), or, `all_feed`, every part's channel i lands on its input i (gate x up)."""
+
+    width: int
+    head: int
+    parts: int
+    interleaved: bool
+    out: str
+    all_feed: bool = False
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head
+
+    @property
+    def step(self) -> int:
+        return self.parts * self.head
+
+    def head_channels(self, h: int) -> list[int]:
+        """Unit `h`'s channels, in every part."""
+        if self.interleaved:
+            return list(range(h * self.step, (h + 1) * self.step))
+        return [s * self.width + h * self.head + j for s in range(self.parts) for j in range(self.head)]
+
+    def head_scores(self, channel_scores: torch.Tensor) -> torch.Tensor:
+        """Per unit, the sum of its channels' scores."""
+        if self.interleaved:
+            return channel_scores.reshape(self.heads, self.step).sum(1)
+        return channel_scores.reshape(self.parts, self.heads, self.head).sum((0, 2))
+
+    def value_input(self, c: int) -> int | None:
+        """The consumer's input that channel `c` feeds (None for a query or key channel)."""
+        if self.interleaved:
+            h, r = divmod(c, self.step)
+            part, j = divmod(r, self.head)
+            return h * self.head + j if self.all_feed or part == self.parts - 1 else None
+        part, i = divmod(c, self.width)
+        return i if self.all_feed or part == self.parts - 1 else None
+
+    def describe(self) -> str:
+        if self.all_feed:
+            return "neurons, fused gate/up"
+        names = "q/k/v" if self.parts == 3 else "k/v"
+        return f"attention heads, fused {names} ({self.heads} of {self.head})"
