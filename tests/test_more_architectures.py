@@ -657,6 +657,28 @@ def test_gpt_neox_heads_go_whole_in_its_interleaved_q_k_v_and_compute_what_silen
     assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neox", "glm", "llama"])
+def test_a_gradual_schedule_ends_on_the_plans_shapes_with_fused_and_grouped_heads(name) -> None:
+    # a gradual schedule re-scores a partly pruned copy (a PrunableModel without probes) at every step: it must cut
+    # fused projections (GPT-2's and GPT-NeoX's q/k/v, GLM's gate/up) and grouped-query heads (Llama) in whole
+    # units too; without the layouts, GPT-2's c_attn was cut as plain channels (its forward failed) and GLM's
+    # gate/up halves apart
+    from autoprune.pruning.schedules import prune_to
+
+    build, inputs = {"gpt2": (lambda: tiny_gpt2()[0], _tokens), "llama": (lambda: tiny_llama()[0], _tokens),
+                     **{n: SURVEY[n][:2] for n in ("gpt-neox", "glm")}}[name]
+    torch.manual_seed(0)
+    pm = _in_thread(lambda: PrunableModel(build().eval(), inputs(1)), 120)
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    model = pm.base
+    for fraction in (0.25, 0.5, 1.0):
+        model = prune_to(pm, model, plan, fraction)
+        with torch.no_grad():
+            assert _first(call_model(model, inputs(2))).shape == _first(call_model(pm.base, inputs(2))).shape
+    want = {n: tuple(p.shape) for n, p in pm.apply(plan).named_parameters()}
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == want
+
+
 @pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama])
 def test_a_pruned_decoder_exports_to_onnx_and_runs_in_onnxruntime(factory, tmp_path) -> None:
     # the exporter hands keyword inputs over positionally and GPT-2's forward, decorated, then got 'use_cache' twice;

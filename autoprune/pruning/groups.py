@@ -226,8 +226,27 @@ class PrunableModel:
         found = {g.name: g.multiple for g in other.groups if g.multiple > 1}
         self.groups = [replace(g, multiple=found[g.name]) if g.name in found and g.channels % found[g.name] == 0
                        else g for g in self.groups]
+        # fused projections (`_infer_fused`) keep their layout, at this model's width: without it, a partly pruned
+        # GPT-2's c_attn was cut as plain channels (a forward that failed) and a GLM's gate/up halves apart
+        base = self._base_modules()
+        fused = {}
+        for name, lay in other.__dict__.get("_fused", {}).items():
+            g = next((h for h in self.groups if h.name == name), None)
+            out = base.get(lay.out)
+            if g is None or out is None:
+                continue
+            width = in_width(out)
+            if g.channels == lay.parts * width and width % lay.head == 0 and width // lay.head > 1:
+                fused[name] = replace(lay, width=width)
+                self.branch_counts[name] = {}
+        self._fused = fused
+        self.groups = [replace(g, members=tuple(
+            replace(m, count=g.channels // fused[g.name].parts) if m.module == fused[g.name].out and m.role == "in"
+            else m for m in g.members)) if g.name in fused else g for g in self.groups]
         self._by_name = {g.name: g for g in self.groups}
         self._selection.clear()
+        self._group_cuts.clear()
+        self._group_maps.clear()
 
     # ----------------------------------------------------------------- groups
     def trace(self, model: nn.Module) -> tp.DependencyGraph:
