@@ -164,3 +164,14 @@ def convnext_digits(seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transformers.ConvNextForImageClassification(cfg).eval()
+
+
+def tiny_glm(seed: int = 0) -> nn.Module:
+    """A GLM decoder from a small config: a fused gate/up MLP projection and grouped-query heads (2 key/value heads
+    for 4 query heads), random init."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.GlmForCausalLM(transformers.GlmConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=40, pad_token_id=0))

@@ -362,6 +362,25 @@ def test_a_params_budget_on_a_convnext_is_met_by_the_counted_model_and_used(runs
     assert torch.allclose(_logits(hfexport.from_pretrained(out / "hf"), x), _logits(small, x), atol=1e-5)
 
 
+def test_load_pruned_rebuilds_fused_and_grouped_query_cuts(tmp_path) -> None:
+    # load_pruned rebuilds the model from its factory and re-applies the plan's widths: without the probes it saw
+    # a GLM's fused gate/up as plain channels and its grouped-query heads as single channels, and the saved
+    # weights did not fit
+    from autoprune.exporting.files import export_model, load_pruned
+    from task_fixtures import tiny_glm
+
+    pm = _in_thread(lambda: PrunableModel(tiny_glm().eval(), _tokens(1)), 120)
+    assert {pm.kind(pm.group(n)).split(",")[0] for n in pm.prunable_names} >= {"neurons", "attention heads"}
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    small = pm.apply(plan)
+    export_model(small, tmp_path, plan=plan, model_spec={"factory": "task_fixtures:tiny_glm", "kwargs": {}},
+                 pruning={"ignore": [], "round_to": 1, "mode": "structured", "criterion": "l2"}, example=_tokens(1),
+                 onnx=False)
+    back = load_pruned(tmp_path)
+    x = _tokens(2)
+    assert torch.allclose(_logits(back, x), _logits(small, x), atol=1e-6)
+
+
 def _image64(batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

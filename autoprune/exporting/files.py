@@ -90,8 +90,10 @@ def load_pruned(export_dir: str | Path) -> nn.Module:
     else:  # exports from before example.pt
         example = torch.randn(1, *m["input_shape"])
     plan = PruningPlan.from_dict(manifest["plan"])
+    # probed as the search probed it (heads, fused projections): the widths a plan gives depend on the multiples and
+    # layouts the probes find, which do not depend on the weights; a GLM's reload failed without them
     pm = PrunableModel(base, example, ignore=p["ignore"], criterion="l1", round_to=p["round_to"],
-                       mode=p["mode"], check_groups=False, max_ratio=0.999)
+                       mode=p["mode"], max_ratio=0.999, check_groups=p["mode"] == "structured")
     # which channels go does not matter here: the saved weights replace them; only the widths must match
     model = pm.apply(PruningPlan(plan.ratios, plan.mode, "l1", plan.round_to), check=False)
     state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
