@@ -362,6 +362,24 @@ def test_a_params_budget_on_a_convnext_is_met_by_the_counted_model_and_used(runs
     assert torch.allclose(_logits(hfexport.from_pretrained(out / "hf"), x), _logits(small, x), atol=1e-5)
 
 
+def test_a_fused_layout_is_checked_once_per_block_class_and_leaves_the_model_alone(monkeypatch) -> None:
+    # each check is a cut model and a silenced one, run once: a 32-layer decoder must not pay it 32 times, and the
+    # throwaway models share the base's tensors, which they must not change
+    from task_fixtures import tiny_glm
+
+    model = tiny_glm().eval().requires_grad_(False)  # (a frozen model stays frozen)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    real = PrunableModel._cut_equals_silencing
+    monkeypatch.setattr(PrunableModel, "_cut_equals_silencing",
+                        lambda self, name, lay: calls.append(name) or real(self, name, lay))
+    pm = PrunableModel(model, _tokens(1))
+    assert [pm.kind(pm.group(f"model.layers.{i}.mlp.gate_up_proj")) for i in (0, 1)] == ["neurons, fused gate/up"] * 2
+    assert calls == ["model.layers.0.mlp.gate_up_proj"]  # layer 1's block is the same class at the same widths
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_load_pruned_rebuilds_fused_and_grouped_query_cuts(tmp_path) -> None:
     # load_pruned rebuilds the model from its factory and re-applies the plan's widths: without the probes it saw
     # a GLM's fused gate/up as plain channels and its grouped-query heads as single channels, and the saved

@@ -658,32 +658,52 @@ class PrunableModel:
         forward, not its attributes; checking each candidate against silencing reads it from what the model
         computes, and a wrong guess is refused instead of used."""
         fused = self.__dict__.setdefault("_fused", {})
+        # the same block class at the same widths computes the same way: a 32-layer decoder is checked once, not
+        # 32 times (each check is two forward passes)
+        verdicts = self.__dict__.setdefault("_fused_verdicts", {})
+        parent, out_parent = (n.rpartition(".")[0] for n in (g.name, self._fused_candidates(g)[0].out)) \
+            if self._fused_candidates(g) else ("", "")
+        base = self._base_modules()
         for lay in self._fused_candidates(g):
             fused[g.name] = lay
+            key = (type(base[parent] if parent else self.base), g.name[len(parent):], lay.out[len(out_parent):],
+                   replace(lay, out=""))
+            ok = verdicts.get(key)
             try:
-                unit = lay.head_channels(1)
-                work = self._build({g.name: unit})
-                zeroed = clone_module(self.base)
-                layer = zeroed.get_submodule(lay.out)
-                feeds = sorted({lay.value_input(c) for c in unit} - {None})
-                with torch.no_grad():
-                    if isinstance(layer, HFConv1D):
-                        layer.weight[feeds, :] = 0
-                    else:
-                        layer.weight[:, feeds] = 0
-                    got = tensors_of(call_model(work.eval(), self.example))
-                    want = tensors_of(call_model(zeroed.eval(), self.example))
-                ok = len(got) == len(want) and all(
-                    a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
-                    for a, b in zip(got, want) if torch.is_floating_point(a))
-            except Exception:  # noqa: BLE001 - a layout whose cut fails is not the model's
-                ok = False
+                if ok is None:
+                    ok = verdicts[key] = self._cut_equals_silencing(g.name, lay)
             finally:
                 self._group_cuts = {k: v for k, v in self._group_cuts.items() if k[0] != g.name}
             if ok:
                 return lay
             del fused[g.name]
         return None
+
+    def _cut_equals_silencing(self, gname: str, lay: Fused) -> bool:
+        """Whether cutting unit 1 of group `gname` under layout `lay` (as `apply` cuts it) computes, on the example
+        input, what the unpruned model computes with that unit's inputs to the consumer zeroed. Both models share
+        every tensor with the base that they do not change (no copy of a large model's weights)."""
+        unit = lay.head_channels(1)
+        try:
+            work = self._build({gname: unit}, share_rest=True)
+            layer = self._base_modules()[lay.out]
+            keep = {id(t) for t in (layer.weight,)}
+            zeroed = clone_module(self.base, share=[t for t in self.base.state_dict(keep_vars=True).values()
+                                                    if id(t) not in keep])
+            weight = zeroed.get_submodule(lay.out).weight
+            feeds = sorted({lay.value_input(c) for c in unit} - {None})
+            with torch.no_grad():
+                if isinstance(layer, HFConv1D):
+                    weight[feeds, :] = 0
+                else:
+                    weight[:, feeds] = 0
+                got = tensors_of(call_model(work.eval(), self.example))
+                want = tensors_of(call_model(zeroed.eval(), self.example))
+        except Exception:  # noqa: BLE001 - a layout whose cut fails is not the model's
+            return False
+        return len(got) == len(want) and all(
+            a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+            for a, b in zip(got, want) if torch.is_floating_point(a))
 
     def _fused_heads(self, g: GroupInfo, n_prune: int, head_scores: torch.Tensor) -> list[int]:
         """The channels of the `n_prune // step` units (heads, gated neurons) with the lowest scores, in every part."""
@@ -927,8 +947,9 @@ class PrunableModel:
                 raise AutopruneError(f"plan changed the output shape from {want} to {shape}")
         return work
 
-    def _build(self, pruned: dict[str, list[int]]) -> nn.Module:
-        """A copy of the base with root channels `pruned[group]` of each group cut (`apply`'s model)."""
+    def _build(self, pruned: dict[str, list[int]], *, share_rest: bool = False) -> nn.Module:
+        """A copy of the base with root channels `pruned[group]` of each group cut (`apply`'s model); `share_rest`:
+        the tensors no cut replaces are the base's own, not copies (a throwaway model that is only run)."""
         if not pruned:
             return clone_module(self.base)
         cuts = self._cuts(pruned)
@@ -943,7 +964,8 @@ class PrunableModel:
                 if kinds[key] is None:
                     slow.add(name)
         shared = {id(t): t for name, ts in tensors.items() if name not in slow for t in ts}
-        memo: dict[int, Any] = {}
+        rest = [t for t in self.base.state_dict(keep_vars=True).values()] if share_rest else []
+        memo: dict[int, Any] = {id(t): t for t in rest}
         work = clone_module(self.base, share=shared.values(), memo=memo)
         with torch.no_grad():  # the cuts make new leaf tensors: nothing to record
             for key, (handler, idxs) in cuts.items():
@@ -966,8 +988,8 @@ class PrunableModel:
                         if t is not None and id(t) in shared and t is shared[id(t)]:
                             slots[k] = copy_tensor(t)
         self._retie(memo)
-        for m in base_mods.values():  # the copy's modules, without walking its tree again
-            for p in memo[id(m)]._parameters.values():
+        for m in (base_mods.values() if not share_rest else ()):  # the copy's modules, without walking its tree
+            for p in memo[id(m)]._parameters.values():  # again (the base's own tensors, when shared, stay as they are)
                 if p is not None and not p.requires_grad:
                     p.requires_grad_(True)
         if self._attention_names():  # (a CNN has none: no walk)
