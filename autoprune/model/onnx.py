@@ -59,12 +59,13 @@ def _export(model: nn.Module, example: Any, path: str | Path) -> Path:
                 try:
                     torch.onnx.export(_ByName(model, names), tuple(example.values()), str(path), dynamo=False,
                                       input_names=names, dynamic_axes=axes, opset_version=17)
-                except Exception:  # noqa: BLE001 - the first error is the one that says what the model does
-                    raise first from None
+                except Exception as second:  # noqa: BLE001 - both errors are said: the second is often the op
+                    raise RuntimeError(f"{type(first).__name__}: {_first_line(first)}; and through a wrapper taking "
+                                       f"the inputs by name: {type(second).__name__}: {_first_line(second)}") from None
         else:
             torch.onnx.export(model, tuple(example), str(path), dynamo=False, opset_version=17)
     except Exception as e:
-        raise AutopruneError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        raise AutopruneError(f"ONNX export failed ({type(e).__name__}: {_first_line(e)}); "
                              "export without ONNX (--no-onnx) or replace the unsupported op") from None
     return Path(path)
 
@@ -82,3 +83,7 @@ class _ByName(nn.Module):
 
     def forward(self, *args):
         return tuple(tensors_of(self.model(**dict(zip(self.names, args)))))
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
