@@ -850,3 +850,27 @@ def test_a_neuron_cut_computes_what_zeroing_those_neurons_computes(name) -> None
         assert torch.allclose(got, want, atol=1e-5), g.name
         checked += 1
     assert checked >= 1
+
+
+class _KeywordOnlyWithAnUnsupportedOp(torch.nn.Module):
+    """Takes its input by keyword only (the exporter hands it over positionally: a TypeError) and computes an op the
+    TorchScript exporter has no conversion for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.i0e(self.fc(x))
+
+
+def test_an_onnx_export_that_fails_both_ways_says_both_errors(tmp_path) -> None:
+    # the second attempt (the inputs by name) names the op that cannot be exported; only the first error, about
+    # the keyword inputs, was said
+    from autoprune.errors import AutopruneError
+    from autoprune.model.onnx import export_onnx
+
+    with pytest.raises(AutopruneError) as e:
+        export_onnx(_KeywordOnlyWithAnUnsupportedOp(), {"x": torch.randn(1, 4)}, tmp_path / "m.onnx")
+    assert "TypeError" in str(e.value) and "through a wrapper taking the inputs by name" in str(e.value)
+    assert "aten::special_i0e" in str(e.value)
