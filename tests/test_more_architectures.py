@@ -498,9 +498,9 @@ SURVEY = {
         transformers.ElectraConfig(**_TEXT, embedding_size=16)), _text, 6, 6),
     "xlm-roberta": (lambda: transformers.XLMRobertaModel(transformers.XLMRobertaConfig(**_TEXT, pad_token_id=1)),
                     _text, 4, 5),
-    "mpnet": (lambda: transformers.MPNetModel(transformers.MPNetConfig(**_TEXT)), _text, 2, 4),
+    "mpnet": (lambda: transformers.MPNetModel(transformers.MPNetConfig(**_TEXT)), _text, 3, 4),
     "t5-encoder": (lambda: transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)), _text, 2, 3),
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)), _text, 3, 3),
     "bloom": (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=100, hidden_size=32,
                                                                               n_layer=2, n_head=4)), _text, 3, 5),
     "phi": (lambda: transformers.PhiForCausalLM(transformers.PhiConfig(
@@ -850,6 +850,34 @@ def test_a_neuron_cut_computes_what_zeroing_those_neurons_computes(name) -> None
         assert torch.allclose(got, want, atol=1e-5), g.name
         checked += 1
     assert checked >= 1
+
+
+@pytest.mark.parametrize("name", ["t5-encoder", "mpnet"])
+def test_heads_that_share_one_position_bias_go_in_every_layer_and_compute_what_silencing_them_computes(name) -> None:
+    # T5 and MPNet add one relative-position bias, an embedding of one column per head, in every layer (T5's lives in
+    # the first layer's attention, MPNet's in the encoder): the heads of all layers are one group, and the table
+    # loses the cut heads' columns. Torch-Pruning cut its 4 columns as if they were 32 channels, so the heads were
+    # left intact
+    import copy
+
+    build, inputs = SURVEY[name][:2]
+    torch.manual_seed(0)
+    pm = PrunableModel(build().eval(), inputs(1))
+    (g,) = [g for g in pm.groups if g.prunable and pm.kind(g).startswith("attention heads")]
+    outs = [m.module for m in g.members if m.role == "in"]
+    assert len(outs) == 2 and g.multiple == 8  # the output projections of both layers
+    plan = pm.plan({g.name: 0.5})
+    idxs = pm.pruned_indices(plan)[g.name]
+    small = pm.apply(plan)
+    silenced = copy.deepcopy(pm.base)
+    with torch.no_grad():
+        for o in outs:
+            silenced.get_submodule(o).weight[:, idxs] = 0
+    x = inputs(2)
+    assert torch.allclose(_first(call_model(small, x)), _first(call_model(silenced, x)), atol=1e-5)
+    (table,) = [m for n, m in small.named_modules() if n.endswith("relative_attention_bias")]
+    assert table.weight.shape[1] == table.embedding_dim == 2  # 2 of 4 heads' columns left
+    assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
 
 
 class _KeywordOnlyWithAnUnsupportedOp(torch.nn.Module):

@@ -39,6 +39,11 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             if m.split_size != split:
                 m.split_size, m.num_heads = split, split // m.head_dim
                 n += 1
+        elif style == "t5":  # `n_heads` beside `q` and `key_value_proj_dim` (T5's reshape reads -1 heads)
+            heads = m.q.out_features // m.key_value_proj_dim
+            if m.n_heads != heads:
+                m.n_heads, m.inner_dim = heads, m.q.out_features
+                n += 1
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
             heads = m.q_proj.out_features // m.head_dim
             attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
@@ -61,6 +66,8 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
     size = d.get("attention_head_size")
     if isinstance(query_of(m), nn.Linear) and isinstance(size, int) and size > 0 and "num_attention_heads" in d:
         return "bert"
+    if isinstance(m._modules.get("q"), nn.Linear) and all(isinstance(d.get(a), int) for a in ("n_heads", "key_value_proj_dim")):
+        return "t5"
     q, head = m._modules.get("q_proj"), d.get("head_dim")
     heads = d.get("num_heads", d.get("num_attention_heads"))  # Swin's attention names it the BERT way
     if isinstance(q, nn.Linear) and isinstance(head, int) and isinstance(heads, int) and head > 0 \
@@ -85,13 +92,14 @@ def no_cache(model: nn.Module):
         config.use_cache = True
 
 
-QUERY_NAMES = ("query", "query_proj")  # a BERT-style attention's query projection: BERT and ViT's, DeBERTa's
+# a BERT-style attention's query projection: BERT's and ViT's, DeBERTa's, MPNet's
+QUERY_NAMES = ("query", "query_proj", "q")
 
 
 def query_of(m: nn.Module) -> nn.Module | None:
-    """The query projection of a BERT-style attention module: `query` (BERT, ViT), `query_proj` (DeBERTa)."""
-    q = m._modules.get(QUERY_NAMES[0])
-    return q if q is not None else m._modules.get(QUERY_NAMES[1])
+    """The query projection of a BERT-style attention module: `query` (BERT, ViT), `query_proj` (DeBERTa), `q`
+    (MPNet)."""
+    return next((m._modules[k] for k in QUERY_NAMES if m._modules.get(k) is not None), None)
 
 
 # attributes by which `transformers` attention modules name their head size

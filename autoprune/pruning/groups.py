@@ -25,7 +25,7 @@ import torch_pruning as tp
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
 from autoprune.pruning.attention import (QUERY_NAMES, Fused, head_sizes, head_style, neutral_rope, no_cache,
-                                         sync_attention_attributes)
+                                         query_of, sync_attention_attributes)
 from autoprune.pruning.layers import ROOT_TYPES, HFConv1D, custom_pruners, in_width, out_width
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
@@ -532,6 +532,10 @@ class PrunableModel:
         output projections (`_kv_layout`) mapped right: every cut, probe and score reads its groups from here."""
         root = model.get_submodule(gname)
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        if self._head_tables():
+            tables = self._table_modules(model)
+            if tables:
+                group._group = [item for item in group.items if id(item.dep.target.module) not in tables]
         fused = self.__dict__.get("_fused", {}).get(gname)
         if fused is not None:
             # a fused projection cut in whole units (`_infer_fused`): the root loses exactly these channels and its
@@ -1071,11 +1075,30 @@ class PrunableModel:
                 if q_leaf is None or size is None:
                     continue
                 heads = m._modules[q_leaf].out_features // size
+                # Swin's `relative_position_bias_table`; T5's `relative_attention_bias` (an embedding of one column
+                # per head, in the first layer, whose bias every layer adds: all layers' heads are one group there)
                 tables = [f"{n}.{p}" if n else p for p, t in m.named_parameters()
-                          if p.rpartition(".")[2] == "relative_position_bias_table" and t.dim() == 2
-                          and t.shape[1] == heads]
+                          if p.rpartition(".")[2] in ("relative_position_bias_table", "weight") and t.dim() == 2
+                          and t.shape[1] == heads and (p == "relative_position_bias_table"
+                                                       or p.endswith("relative_position_bias_table")
+                                                       or p == "relative_attention_bias.weight")]
                 if tables:
                     found[n] = (f"{n}.{q_leaf}" if n else q_leaf, size, tables)
+            # a table beside the layers rather than in an attention (MPNet's encoder holds the one every layer
+            # adds): cut by the heads of the first attention of that many heads (they are all one group there)
+            attn = [(n, q, size) for n, m in mods.items() if n not in found and (q := query_of(m)) is not None
+                    and isinstance(q, nn.Linear) and (size := next(iter(head_sizes(m)), None))]
+            for n, m in mods.items():
+                emb = m._modules.get("relative_attention_bias")
+                if not isinstance(emb, nn.Embedding) or n in found or any(
+                        f"{n}.relative_attention_bias.weight" in ts for _, _, ts in found.values()):
+                    continue
+                first = next(((a, size) for a, q, size in attn if a.startswith(n)
+                              and q.out_features // size == emb.embedding_dim), None)
+                if first is not None:
+                    q_name = f"{first[0]}.{next(k for k in QUERY_NAMES if mods[first[0]]._modules.get(k) is not None)}"
+                    found[n] = (q_name, first[1], [f"{n}.relative_attention_bias.weight" if n else
+                                                   "relative_attention_bias.weight"])
             self._tables = found
         return self._tables
 
@@ -1114,6 +1137,19 @@ class PrunableModel:
                 keep = torch.tensor([h for h in range(table.shape[1]) if h not in gone], dtype=torch.long)
                 owner._parameters[leaf] = nn.Parameter(table.detach().index_select(1, keep.to(table.device)),
                                                        requires_grad=table.requires_grad)
+                if isinstance(owner, nn.Embedding):  # (T5's: its width is what it says it is)
+                    owner.embedding_dim = len(keep)
+
+    def _table_modules(self, model: nn.Module) -> set[int]:
+        """ids of `model`'s modules that are per-head tables (`_head_tables`: T5's relative-attention embedding),
+        which `_cut_head_tables` cuts per head; Torch-Pruning's walk cut T5's 4 columns as if they were 32 channels."""
+        out = set()
+        for _q, _size, tables in self._head_tables().values():
+            for t in tables:
+                owner = model.get_submodule(t.rpartition(".")[0]) if "." in t else model
+                if isinstance(owner, nn.Embedding):
+                    out.add(id(owner))
+        return out
 
     def _shareable(self, name: str, handler: Any) -> tuple[str | None, list[torch.Tensor]]:
         """(`cut`'s own path for layer `name` and `handler`, as `fast_kind` names it, None when Torch-Pruning's
