@@ -233,7 +233,8 @@ def test_rotary_embeddings_are_the_identity_only_in_the_tracing_thread() -> None
     import transformers.models.llama.modeling_llama as llama
 
     assert llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb" and "q_embed" in \
-        llama.apply_rotary_pos_emb.__code__.co_varnames  # transformers' own function is back
+        llama.apply_rotary_pos_emb.__code__.co_varnames  # transformers' own functions are back
+    assert "slen" in llama.repeat_kv.__code__.co_varnames
 
 
 def test_a_dependency_walk_that_does_not_end_leaves_its_group_intact_with_the_reason(monkeypatch) -> None:
@@ -252,10 +253,13 @@ def test_a_dependency_walk_that_does_not_end_leaves_its_group_intact_with_the_re
     assert _logits(pm.apply(pm.uniform_plan(0.5)), inputs(2)).shape == _logits(pm.base, inputs(2)).shape
 
 
-def test_groups_whose_channel_bookkeeping_torch_pruning_loses_are_left_intact_with_the_reason() -> None:
-    # Gemma2 runs eager attention, whose repeat of keys and values (expand) leaves Torch-Pruning's root indices
-    # unknown; Phi-3's fused qkv_proj is sliced in three, and its walk came back with 80 root channels for a
-    # 64-wide layer (an IndexError at the first cut, before)
+def test_groups_whose_channel_bookkeeping_torch_pruning_loses_are_left_intact_with_the_reason(monkeypatch) -> None:
+    # Gemma2 traced with its own repeat of keys and values (expand, not the trace's stand-in) leaves Torch-Pruning's
+    # root indices unknown; Phi-3's fused qkv_proj is sliced in three, and its walk came back with 80 root channels
+    # for a 64-wide layer (an IndexError at the first cut, before)
+    from autoprune.pruning import attention
+
+    monkeypatch.delitem(attention._TRACE_STAND_INS, "repeat_kv")
     for build in (SURVEY["gemma2"][0], SURVEY["phi3"][0]):
         torch.manual_seed(0)
         pm = _in_thread(lambda: PrunableModel(build().eval(), _text(1)), 120)
@@ -585,9 +589,10 @@ SURVEY = {
            # a fused gate/up projection (chunked in two): Torch-Pruning cut two channels of it per root channel,
            # which the probe's member check refuses (left intact)
            ("glm", transformers.GlmForCausalLM, transformers.GlmConfig, {"head_dim": 8, "pad_token_id": 0}, 5, 5),
-           # left intact, with the reason: eager attention's repeat of keys and values (Gemma2), a fused q/k/v
-           # sliced in three (Phi-3), rotary halves sliced and concatenated with the rest (StableLM)
-           ("gemma2", transformers.Gemma2ForCausalLM, transformers.Gemma2Config, {"head_dim": 8}, 3, 9),
+           # eager attention: its repeat of keys and values (expand) lost Torch-Pruning's walk its root channels
+           ("gemma2", transformers.Gemma2ForCausalLM, transformers.Gemma2Config, {"head_dim": 8}, 5, 5),
+           # left intact, with the reason: a fused q/k/v sliced in three (Phi-3), rotary halves sliced and
+           # concatenated with the rest (StableLM)
            ("phi3", transformers.Phi3ForCausalLM, transformers.Phi3Config, {"pad_token_id": 0}, 3, 5),
            ("stablelm", transformers.StableLmForCausalLM, transformers.StableLmConfig, {}, 3, 5)]},
     # fused Wqkv ([q | k | v], rotary) and a fused gated MLP (Wi chunked into input and gate): no group was
@@ -763,7 +768,7 @@ HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_o
                                        "bart", "whisper-encoder", "wav2vec2", "dinov2", "clip-vision", "segformer",
                                        "yolos", "detr", "swin", "phi", "mistral", "qwen2", "qwen3", "gemma", "gemma3",
                                        "granite", "olmo", "gptj", "cohere", "starcoder2", "moshi", "mixtral",
-                                       "glm", "modernbert")},
+                                       "glm", "modernbert", "gemma2")},
          "llama": (lambda: tiny_llama()[0], _tokens),
          "llama-mha": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
              **{**_DECODER, "num_key_value_heads": 4})), _tokens)}

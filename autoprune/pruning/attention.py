@@ -111,66 +111,93 @@ def head_sizes(m: nn.Module) -> list[int]:
     return [h for h in (getattr(m, a, None) for a in HEAD_SIZE_ATTRIBUTES) if isinstance(h, int) and h > 0]
 
 
-def _rope_arguments_are_q_k(fn: Any) -> bool:
-    """Whether `fn` is a `transformers` rotary embedding of the (q, k, cos, sin, ...) -> (q, k) form."""
+def _takes(fn: Any, names: list[str]) -> bool:
+    """Whether `fn`'s first parameters are `names`."""
     try:
         params = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return False
-    return params[:2] == ["q", "k"]
+    return params[: len(names)] == names
 
 
-def _rotary_pass_through(fn: Any) -> Any:
+def _identity_rotation(q, k, *args, **kwargs):
+    return q, k
+
+
+def _repeat_interleaved(hidden_states, n_rep):
+    if n_rep == 1:
+        return hidden_states
+    heads = torch.arange(hidden_states.shape[1], device=hidden_states.device).repeat_interleave(n_rep)
+    return hidden_states.index_select(1, heads)
+
+
+# what a trace sees instead of a `transformers` modeling function: name -> (its first parameters, the stand-in)
+_TRACE_STAND_INS = {
+    # the rotation mixes channels only within a head: Torch-Pruning's walk never ended on its cat((-x2, x1))
+    "apply_rotary_pos_emb": (["q", "k"], _identity_rotation),
+    # eager attention repeats each key/value head for its query heads with expand + reshape, after which
+    # Torch-Pruning's walk no longer knows which root channel an index came from (Gemma2; repeat_interleave
+    # expands too); an index_select of the same heads is the same tensor, which it maps index for index (then
+    # `_kv_layout` maps the query heads)
+    "repeat_kv": (["hidden_states", "n_rep"], _repeat_interleaved),
+}
+
+
+def _pass_through(fn: Any, stand_in: Any) -> Any:
     @functools.wraps(fn)
-    def apply_rotary_pos_emb(q, k, *args, **kwargs):
-        if getattr(_ROPE_OFF, "depth", 0):
-            return q, k
-        return fn(q, k, *args, **kwargs)
+    def wrapper(*args, **kwargs):
+        if getattr(_TRACING, "depth", 0):
+            return stand_in(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    return apply_rotary_pos_emb
+    return wrapper
 
 
-_ROPE_OFF = threading.local()  # depth > 0: this thread is tracing, the rotation is the identity
-_ROPE_LOCK = threading.Lock()
-_ROPE_USERS: dict[str, list] = {}  # modeling module -> [its own function, traces using the pass-through]
+_TRACING = threading.local()  # depth > 0: this thread is tracing, the stand-ins answer
+_SWAP_LOCK = threading.Lock()
+_SWAPPED: dict[tuple[str, str], list] = {}  # (module, function) -> [its own function, traces using the wrapper]
 
 
 @contextlib.contextmanager
 def neutral_rope(model: nn.Module):
-    """While this block traces `model`, in this thread, its `transformers` rotary position embedding
-    (`apply_rotary_pos_emb(q, k, cos, sin)` of the modules' modeling files: Llama, Qwen2, Mistral, Gemma, Phi, ...)
-    returns q and k unchanged; in other threads meanwhile it computes as before, and after the last such block the
-    modeling module gets its own function back.
+    """While this block traces `model`, in this thread, its `transformers` modeling modules' rotary position
+    embedding (`apply_rotary_pos_emb(q, k, cos, sin)`: Llama, Qwen2, Mistral, Gemma, Phi, ...) returns q and k
+    unchanged, and their `repeat_kv` repeats keys and values with `index_select` (the same tensor); in other
+    threads meanwhile they compute as before, and after the last such block the modules get their own functions
+    back.
 
     Why by hand: Torch-Pruning's dependency walk never ends on the rotation's `cat((-x2, x1))` (VainF/Torch-Pruning#527,
     open), so the attention projections of every RoPE model were left intact. The rotation mixes channels only
     within each head (its last dimension, the head size), so a cut of whole heads commutes with it: the graph traced
     without it couples the same layers and channels for such cuts, and the probes (which run the real model) and the
-    tests (a head cut equals silencing the heads) hold the heads whole."""
+    tests (a head cut equals silencing the heads) hold the heads whole. Eager attention's `expand` (Gemma2) lost the
+    walk its root channels, which an `index_select` of the same heads keeps."""
     names = sorted({type(m).__module__ for m in model.modules() if type(m).__module__.startswith("transformers.")})
     mine = []
-    with _ROPE_LOCK:
+    with _SWAP_LOCK:
         for name in names:
             mod = sys.modules.get(name)
-            if name in _ROPE_USERS:
-                _ROPE_USERS[name][1] += 1
-                mine.append(name)
-                continue
-            fn = getattr(mod, "apply_rotary_pos_emb", None)
-            if callable(fn) and _rope_arguments_are_q_k(fn):
-                _ROPE_USERS[name] = [fn, 1]
-                setattr(mod, "apply_rotary_pos_emb", _rotary_pass_through(fn))
-                mine.append(name)
-    _ROPE_OFF.depth = getattr(_ROPE_OFF, "depth", 0) + 1
+            for fname, (params, stand_in) in _TRACE_STAND_INS.items():
+                key = (name, fname)
+                if key in _SWAPPED:
+                    _SWAPPED[key][1] += 1
+                    mine.append(key)
+                    continue
+                fn = getattr(mod, fname, None)
+                if callable(fn) and _takes(fn, params):
+                    _SWAPPED[key] = [fn, 1]
+                    setattr(mod, fname, _pass_through(fn, stand_in))
+                    mine.append(key)
+    _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
         yield
     finally:
-        _ROPE_OFF.depth -= 1
-        with _ROPE_LOCK:
-            for name in mine:
-                _ROPE_USERS[name][1] -= 1
-                if _ROPE_USERS[name][1] == 0:
-                    setattr(sys.modules[name], "apply_rotary_pos_emb", _ROPE_USERS.pop(name)[0])
+        _TRACING.depth -= 1
+        with _SWAP_LOCK:
+            for key in mine:
+                _SWAPPED[key][1] -= 1
+                if _SWAPPED[key][1] == 0:
+                    setattr(sys.modules[key[0]], key[1], _SWAPPED.pop(key)[0])
 
 
 @dataclass(frozen=True)
