@@ -152,7 +152,7 @@ def _bounded_walks(limit: int = WALK_REPEATS):
 def _lost_track(group: Any, width: int, names: dict[int, str]) -> str:
     """What, in Torch-Pruning's full-width group `group` of a root layer `width` channels wide, shows that its walk
     lost track of the channels ("" when nothing does): an index it no longer maps to a root channel (its expand
-    mapping, a grouped-query attention's repeat of keys and values in eager attention: Gemma2), or a root that
+    mapping: eager attention's repeat of keys and values, where no trace stand-in replaces it), or a root that
     comes back with more channels than it has (a fused q/k/v projection sliced in three: Phi-3's `qkv_proj`, 80
     root channels for a 64-wide layer, which then failed with an IndexError at the first cut)."""
     if len(group[0].idxs) != width:
