@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
-from autoprune.pruning.layers import FrozenBatchNorm, HFConv1D
+from autoprune.pruning.layers import FrozenBatchNorm, HFConv1D, in_width, out_width
 
 SHAPES_KEY = "autoprune_shapes"
 CODE_FILE = "modeling_autoprune.py"
@@ -54,7 +54,7 @@ def _module_sizes(m: nn.Module) -> dict[str, Any] | None:
     if isinstance(m, nn.Embedding):
         return {"type": "Embedding", "num": m.num_embeddings, "dim": m.embedding_dim}
     if isinstance(m, HFConv1D):  # GPT-2's linear layer, weight [in, out]
-        return {"type": "Conv1D", "in": m.weight.shape[0], "out": m.weight.shape[1]}
+        return {"type": "Conv1D", "in": in_width(m), "out": out_width(m)}
     if isinstance(m, FrozenBatchNorm):  # a detector backbone's BatchNorm, its per-channel tensors buffers
         return {"type": "FrozenBatchNorm", "num": m.running_mean.shape[0]}
     return None

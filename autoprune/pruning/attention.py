@@ -54,8 +54,9 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
 
 
 def head_style(m: nn.Module, pruned: bool = False) -> str | None:
-    """Which head-count attributes an attention module keeps: "bert" (`num_attention_heads`, `attention_head_size`,
-    `all_head_size` beside `query`/`query_proj`), "bart" (`num_heads`, or Swin's `num_attention_heads`, and
+    """Which head-count attributes an attention module keeps: "gpt2" (`split_size`, `num_heads` and `head_dim` beside a
+    fused `c_attn`), "bert" (`num_attention_heads`, `attention_head_size`, `all_head_size` beside a `QUERY_NAMES`
+    projection), "t5" (`n_heads` and `key_value_proj_dim` beside `q`), "bart" (`num_heads`, or Swin's `num_attention_heads`, and
     `head_dim` beside `q_proj`, as in BART, OPT, Whisper, where the head count times `head_dim` is the q
     projection's width, until heads are cut: `pruned`), or None."""
     d = m.__dict__

@@ -25,7 +25,7 @@ import torch_pruning as tp
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
 from autoprune.pruning.attention import (QUERY_NAMES, Fused, head_sizes, head_style, neutral_rope, no_cache,
-                                         query_of, sync_attention_attributes)
+                                         sync_attention_attributes)
 from autoprune.pruning.layers import ROOT_TYPES, HFConv1D, custom_pruners, in_width, out_width
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
@@ -165,6 +165,20 @@ def _lost_track(group: Any, width: int, names: dict[int, str]) -> str:
     return ""
 
 
+def _remapped(group: Any, dg: tp.DependencyGraph, remap: dict[tuple[int, str], list[tuple[int, int]]]) -> Any:
+    """Torch-Pruning's `group` with the items of the layers `remap` names ((id of the layer, "out" or "in") ->
+    [(index, the root index it comes from)]) replaced by those indices."""
+    for i, item in enumerate(group.items):
+        fn = item.dep.handler
+        role = "out" if dg.is_out_channel_pruning_fn(fn) else "in" if dg.is_in_channel_pruning_fn(fn) else None
+        new = remap.get((id(item.dep.target.module), role))
+        if new is not None:
+            fixed = tp._helpers.GroupItem(item.dep, [v for v, _ in new])
+            fixed.root_idxs = [r for _, r in new]
+            group[i] = fixed
+    return group
+
+
 class PrunableModel:
     """The prunable groups of a model and the means to apply plans to copies of it."""
 
@@ -238,11 +252,9 @@ class PrunableModel:
             width = in_width(out)
             if g.channels == lay.parts * width and width % lay.head == 0 and width // lay.head > 1:
                 fused[name] = replace(lay, width=width)
-                self.branch_counts[name] = {}
         self._fused = fused
-        self.groups = [replace(g, members=tuple(
-            replace(m, count=g.channels // fused[g.name].parts) if m.module == fused[g.name].out and m.role == "in"
-            else m for m in g.members)) if g.name in fused else g for g in self.groups]
+        self.groups = [replace(g, members=self._fused_members(g, fused[g.name])) if g.name in fused else g
+                       for g in self.groups]
         self._by_name = {g.name: g for g in self.groups}
         self._selection.clear()
         self._group_cuts.clear()
@@ -329,13 +341,13 @@ class PrunableModel:
             root = grp[0].dep.target.module
             root_name = names[id(root)]
             channels = len(grp[0].idxs)
-            lost = _lost_track(grp, dg.get_pruner_of_module(root).get_out_channels(root), names)
+            width = dg.get_pruner_of_module(root).get_out_channels(root)
+            lost = _lost_track(grp, width, names)
             if lost:
                 # a walk whose channel bookkeeping Torch-Pruning lost: cuts from it would take the wrong channels
                 reason = (f"Torch-Pruning loses track of which channels are which through {lost}, so no cut of this "
                           "group is known to be right; it is left intact")
                 log.warning("group %s cannot be pruned (%s)", root_name, reason)
-                width = dg.get_pruner_of_module(root).get_out_channels(root)
                 found.append(GroupInfo(root_name, 0, width, (Member(root_name, "out", width),), (root_name,), False,
                                        reason))
                 continue
@@ -455,11 +467,7 @@ class PrunableModel:
         for i, g in enumerate(self.groups):
             lay = self._infer_fused(g) if g.prunable else None
             if lay is not None:
-                # (per whole unit, uniform: what Torch-Pruning's walk mapped unevenly is set by `_walk`)
-                self.branch_counts[g.name] = {}
-                mark(i, multiple=lay.step, members=tuple(
-                    replace(m, count=g.channels // lay.parts) if m.module == lay.out and m.role == "in" else m
-                    for m in g.members))
+                mark(i, multiple=lay.step, members=self._fused_members(g, lay))
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
         # (a group touching grouped convs removes one channel from each conv group; a fused q/k/v one, one head)
         idx = [i for i, g in enumerate(self.groups) if g.prunable]
@@ -549,18 +557,7 @@ class PrunableModel:
                 if v is not None:
                     values.setdefault(v, c)  # (gate and up channel i both feed input i: once)
             values = [(v, c) for v, c in sorted(values.items())]
-            for i, item in enumerate(group.items):
-                target, fn = item.dep.target.module, item.dep.handler
-                if target is root and dg.is_out_channel_pruning_fn(fn):
-                    new = [(c, c) for c in idxs]
-                elif target is out and dg.is_in_channel_pruning_fn(fn):
-                    new = values
-                else:
-                    continue
-                fixed = tp._helpers.GroupItem(item.dep, [v for v, _ in new])
-                fixed.root_idxs = [r for _, r in new]
-                group[i] = fixed
-            return group
+            return _remapped(group, dg, {(id(root), "out"): [(c, c) for c in idxs], (id(out), "in"): values})
         layout = self._kv_layout(gname)
         if layout is None:
             return group
@@ -568,15 +565,8 @@ class PrunableModel:
         q, o = model.get_submodule(q_name), model.get_submodule(o_name)
         roots = [int(r) for r in group[0].root_idxs]
         # key/value channel c (head c // head, offset c % head) serves query heads c // head x n_rep + r
-        q_idxs = [(c // head * n_rep + r) * head + c % head for c in roots for r in range(n_rep)]
-        q_roots = [c for c in roots for _ in range(n_rep)]
-        for i, item in enumerate(group.items):
-            target, fn = item.dep.target.module, item.dep.handler
-            if (target is q and dg.is_out_channel_pruning_fn(fn)) or (target is o and dg.is_in_channel_pruning_fn(fn)):
-                fixed = tp._helpers.GroupItem(item.dep, list(q_idxs))
-                fixed.root_idxs = list(q_roots)
-                group[i] = fixed
-        return group
+        heads = [((c // head * n_rep + r) * head + c % head, c) for c in roots for r in range(n_rep)]
+        return _remapped(group, dg, {(id(q), "out"): heads, (id(o), "in"): heads})
 
     def _kv_layout(self, gname: str) -> tuple[int, int, str, str] | None:
         """(query heads per key/value head, head size, the query projection's name, the output projection's) when
@@ -625,6 +615,14 @@ class PrunableModel:
         cache[gname] = found
         return found
 
+    def _fused_members(self, g: GroupInfo, lay: Fused) -> tuple[Member, ...]:
+        """Group `g`'s members under fused layout `lay`: its consumer reads one channel per part (the cost model's
+        multiplier). The group's uneven per-channel counts are dropped: per whole unit they are uniform, and what
+        Torch-Pruning's walk mapped unevenly `_walk` sets right."""
+        self.branch_counts[g.name] = {}
+        return tuple(replace(m, count=g.channels // lay.parts) if m.module == lay.out and m.role == "in" else m
+                     for m in g.members)
+
     def _fused_layout(self, g: GroupInfo) -> Fused | None:
         """Group `g`'s fused layout, when `_infer_fused` found one."""
         return self.__dict__.get("_fused", {}).get(g.name)
@@ -665,10 +663,10 @@ class PrunableModel:
         # the same block class at the same widths computes the same way: a 32-layer decoder is checked once, not
         # 32 times (each check is two forward passes)
         verdicts = self.__dict__.setdefault("_fused_verdicts", {})
-        parent, out_parent = (n.rpartition(".")[0] for n in (g.name, self._fused_candidates(g)[0].out)) \
-            if self._fused_candidates(g) else ("", "")
+        candidates = self._fused_candidates(g)
+        parent, out_parent = (n.rpartition(".")[0] for n in (g.name, candidates[0].out)) if candidates else ("", "")
         base = self._base_modules()
-        for lay in self._fused_candidates(g):
+        for lay in candidates:
             fused[g.name] = lay
             key = (type(base[parent] if parent else self.base), g.name[len(parent):], lay.out[len(out_parent):],
                    replace(lay, out=""))
@@ -691,9 +689,8 @@ class PrunableModel:
         try:
             work = self._build({gname: unit}, share_rest=True)
             layer = self._base_modules()[lay.out]
-            keep = {id(t) for t in (layer.weight,)}
             zeroed = clone_module(self.base, share=[t for t in self.base.state_dict(keep_vars=True).values()
-                                                    if id(t) not in keep])
+                                                    if t is not layer.weight])
             weight = zeroed.get_submodule(lay.out).weight
             feeds = sorted({lay.value_input(c) for c in unit} - {None})
             with torch.no_grad():
@@ -716,7 +713,7 @@ class PrunableModel:
         return sorted(c for h in heads for c in lay.head_channels(h))
 
     def _fused_head_scores(self, g: GroupInfo, channel_scores: torch.Tensor) -> torch.Tensor:
-        """A fused q/k/v group's per-head score: the sum over the head's channels in q, k and v."""
+        """A fused group's per-unit score: the sum over the unit's channels in every part."""
         return self._fused_layout(g).head_scores(channel_scores)
 
     def _fused_qkv_reason(self, g: GroupInfo, err: str) -> str:
@@ -762,7 +759,7 @@ class PrunableModel:
         if g.conv_groups > 1 or self._fused_layout(g) is not None:
             rank = torch.empty(g.channels)
             rank[torch.tensor(order[: g.channels], dtype=torch.long)] = torch.arange(g.channels, dtype=torch.float)
-            if g.conv_groups == 1:  # a fused q/k/v projection: whole heads, ranked by their channels' positions
+            if g.conv_groups == 1:  # a fused projection: whole units, ranked by their channels' positions
                 return self._fused_heads(g, n_prune, self._fused_head_scores(g, rank))
             return self._select_conv_groups(g, n_prune, rank)
         segs = self._segments.get(g.name, [])
@@ -826,7 +823,7 @@ class PrunableModel:
     def _select_blocks(self, g: GroupInfo, n_prune: int, criterion: str) -> list[int]:
         """Whole aligned blocks of `g.multiple` channels (attention heads: q/k/v widths must stay a multiple of the
         head size), the blocks with the lowest summed channel score first."""
-        if self._fused_layout(g) is not None:  # a head is three blocks, one in each of q, k and v
+        if self._fused_layout(g) is not None:  # a unit has channels in every part (q, k and v; gate and up)
             return self._fused_heads(g, n_prune, self._fused_head_scores(g, self.scores(criterion)[g.name]))
         scores = self.scores(criterion)[g.name].reshape(-1, g.multiple).sum(1)
         blocks = torch.argsort(scores, stable=True)[: n_prune // g.multiple].tolist()
@@ -1063,9 +1060,9 @@ class PrunableModel:
         return self._attn_names
 
     def _head_tables(self) -> dict[str, tuple[str, int, list[str]]]:
-        """Attention modules with per-head tables Torch-Pruning does not cut: attention module -> (its query
-        projection, head size, the qualified names of its `relative_position_bias_table` parameters, one column
-        per head: Swin's). Cut by `_cut_head_tables`."""
+        """Modules with per-head tables Torch-Pruning does not cut: the module -> (the query projection whose cut heads
+        the table loses, head size, the qualified names of its tables, one column per head: Swin's
+        `relative_position_bias_table`, T5's and MPNet's `relative_attention_bias`). Cut by `_cut_head_tables`."""
         if getattr(self, "_tables", None) is None:
             mods = self._base_modules()
             found: dict[str, tuple[str, int, list[str]]] = {}
@@ -1078,27 +1075,25 @@ class PrunableModel:
                 # Swin's `relative_position_bias_table`; T5's `relative_attention_bias` (an embedding of one column
                 # per head, in the first layer, whose bias every layer adds: all layers' heads are one group there)
                 tables = [f"{n}.{p}" if n else p for p, t in m.named_parameters()
-                          if p.rpartition(".")[2] in ("relative_position_bias_table", "weight") and t.dim() == 2
-                          and t.shape[1] == heads and (p == "relative_position_bias_table"
-                                                       or p.endswith("relative_position_bias_table")
-                                                       or p == "relative_attention_bias.weight")]
+                          if (p.rpartition(".")[2] == "relative_position_bias_table" or p == "relative_attention_bias.weight")
+                          and t.dim() == 2 and t.shape[1] == heads]
                 if tables:
                     found[n] = (f"{n}.{q_leaf}" if n else q_leaf, size, tables)
             # a table beside the layers rather than in an attention (MPNet's encoder holds the one every layer
             # adds): cut by the heads of the first attention of that many heads (they are all one group there)
-            attn = [(n, q, size) for n, m in mods.items() if n not in found and (q := query_of(m)) is not None
-                    and isinstance(q, nn.Linear) and (size := next(iter(head_sizes(m)), None))]
+            attn = [(f"{n}.{leaf}", q, size) for n, m in mods.items() if n not in found
+                    and (leaf := next((k for k in QUERY_NAMES if m._modules.get(k) is not None), None))
+                    and isinstance(q := m._modules[leaf], nn.Linear) and (size := next(iter(head_sizes(m)), None))]
             for n, m in mods.items():
                 emb = m._modules.get("relative_attention_bias")
                 if not isinstance(emb, nn.Embedding) or n in found or any(
                         f"{n}.relative_attention_bias.weight" in ts for _, _, ts in found.values()):
                     continue
-                first = next(((a, size) for a, q, size in attn if a.startswith(n)
+                first = next(((q_name, size) for q_name, q, size in attn if q_name.startswith(n)
                               and q.out_features // size == emb.embedding_dim), None)
                 if first is not None:
-                    q_name = f"{first[0]}.{next(k for k in QUERY_NAMES if mods[first[0]]._modules.get(k) is not None)}"
-                    found[n] = (q_name, first[1], [f"{n}.relative_attention_bias.weight" if n else
-                                                   "relative_attention_bias.weight"])
+                    found[n] = (first[0], first[1], [f"{n}.relative_attention_bias.weight" if n else
+                                                     "relative_attention_bias.weight"])
             self._tables = found
         return self._tables
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from autoprune.model.data import make_loader
 from autoprune.errors import AutopruneError
+from autoprune.pruning.layers import ROOT_TYPES, out_width
 from autoprune.pruning.plan import PruningPlan
 from autoprune.model.task import (Classification, Task, batch_len, call_model, make_task, slice_batch, tensors_of,
                                   to_device)
@@ -262,7 +263,7 @@ class Evaluator:
             mods = dict(model.named_modules())
             for name, k in kept.items():
                 m = mods.get(name)
-                width = getattr(m, "out_channels", getattr(m, "out_features", getattr(m, "nf", None)))
+                width = out_width(m) if isinstance(m, ROOT_TYPES) else None
                 if width is not None and width != k:
                     return None
         except Exception:
