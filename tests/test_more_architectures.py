@@ -34,15 +34,11 @@ def _image(batch: int) -> torch.Tensor:
 
 
 def bert_classifier():
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=40, num_labels=3)), _tokens
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**_TEXT, num_labels=3)), _tokens
 
 
 def bert_masked_lm():
-    return transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=40)), _tokens
+    return transformers.BertForMaskedLM(transformers.BertConfig(**_TEXT)), _tokens
 
 
 def deit():
