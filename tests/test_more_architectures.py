@@ -252,11 +252,15 @@ def test_a_dependency_walk_that_does_not_end_leaves_its_group_intact_with_the_re
 def test_groups_whose_channel_bookkeeping_torch_pruning_loses_are_left_intact_with_the_reason(monkeypatch) -> None:
     # Gemma2 traced with its own repeat of keys and values (expand, not the trace's stand-in) leaves Torch-Pruning's
     # root indices unknown; Phi-3's fused qkv_proj is sliced in three, and its walk came back with 80 root channels
-    # for a 64-wide layer (an IndexError at the first cut, before)
+    # for a 64-wide layer (an IndexError at the first cut, before). A grouped layout verified against silencing
+    # makes Phi-3's prunable (`test_a_head_cut_computes_what_silencing_those_heads_computes`); with one key/value
+    # head (multi-query) there is no unit to cut and it stays intact
     from autoprune.pruning import attention
 
     monkeypatch.delitem(attention._TRACE_STAND_INS, "repeat_kv")
-    for build in (SURVEY["gemma2"][0], SURVEY["phi3"][0]):
+    multi_query = lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(  # noqa: E731
+        **{**_DECODER, "num_key_value_heads": 1}, pad_token_id=0))
+    for build in (SURVEY["gemma2"][0], multi_query):
         torch.manual_seed(0)
         pm = _in_thread(lambda: PrunableModel(build().eval(), _text(1)), 120)
         lost = [g for g in pm.groups if "loses track" in g.reason]
@@ -378,6 +382,42 @@ def test_a_fused_layout_is_checked_once_per_block_class_and_leaves_the_model_alo
     assert calls == ["model.layers.0.mlp.gate_up_proj"]  # layer 1's block is the same class at the same widths
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_phi3_layers_keep_their_own_head_counts_and_reload_through_the_causal_lm_auto_class(tmp_path) -> None:
+    # Phi-3 slices its fused qkv_proj at `config.num_attention_heads`, the model's count: a pruned layer reads its
+    # own (`LayerConfig`) while the model's config, the other layers and the unpruned model keep theirs, and an
+    # attention implementation set on the model reaches every layer. The export's auto_map names
+    # AutoModelForCausalLM: it was spelled "AutoModelForCausalLm", so that class built the stock model and refused
+    # the pruned weights (a pruned Llama's too)
+    import copy
+    import io
+
+    from autoprune.exporting import hf as hfexport
+
+    build, inputs = SURVEY["phi3"][:2]
+    torch.manual_seed(0)
+    pm = PrunableModel(build().eval(), inputs(1))
+    small = pm.apply(pm.plan({"model.layers.0.self_attn.qkv_proj": 0.5}))
+    first, second = small.model.layers[0].self_attn, small.model.layers[1].self_attn
+    assert (first.config.num_attention_heads, first.num_key_value_heads, first.qkv_proj.out_features) == (2, 1, 32)
+    assert second.config is small.config and small.config.num_attention_heads == 4
+    assert pm.base.model.layers[0].self_attn.config is pm.base.config and pm.base.config.num_attention_heads == 4
+    x = inputs(2)
+    want = _logits(small, x)
+    small.set_attn_implementation("eager")
+    assert first.config._attn_implementation == "eager"
+    assert torch.allclose(_logits(small, x), want, atol=1e-5)
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    for other in (copy.deepcopy(small), torch.load(io.BytesIO(buf.getvalue()), weights_only=False)):
+        assert other.model.layers[0].self_attn.config.num_attention_heads == 2
+        assert torch.allclose(_logits(other, x), want, atol=1e-5)
+    hfexport.save_pretrained(small, tmp_path)
+    remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(remote).__name__ == "AutoprunedPhi3ForCausalLM"
+    assert remote.model.layers[0].self_attn.config.num_attention_heads == 2
+    assert torch.allclose(_logits(remote, x), want, atol=1e-5)
 
 
 def test_load_pruned_rebuilds_fused_and_grouped_query_cuts(tmp_path) -> None:
@@ -587,9 +627,10 @@ SURVEY = {
            ("glm", transformers.GlmForCausalLM, transformers.GlmConfig, {"head_dim": 8, "pad_token_id": 0}, 5, 5),
            # eager attention: its repeat of keys and values (expand) lost Torch-Pruning's walk its root channels
            ("gemma2", transformers.Gemma2ForCausalLM, transformers.Gemma2Config, {"head_dim": 8}, 5, 5),
-           # left intact, with the reason: a fused q/k/v sliced in three (Phi-3), rotary halves sliced and
-           # concatenated with the rest (StableLM)
-           ("phi3", transformers.Phi3ForCausalLM, transformers.Phi3Config, {"pad_token_id": 0}, 3, 5),
+           # a grouped-query q/k/v fused in one layer and sliced at the config's query head count: its heads were
+           # left intact (Torch-Pruning's walk lost track of the slices, 80 root channels for 64)
+           ("phi3", transformers.Phi3ForCausalLM, transformers.Phi3Config, {"pad_token_id": 0}, 5, 5),
+           # left intact, with the reason: rotary halves sliced and concatenated with the rest (StableLM)
            ("stablelm", transformers.StableLmForCausalLM, transformers.StableLmConfig, {}, 3, 5)]},
     # fused Wqkv ([q | k | v], rotary) and a fused gated MLP (Wi chunked into input and gate): no group was
     # prunable before ("no prunable group found")
@@ -695,7 +736,7 @@ def test_gpt_neox_heads_go_whole_in_its_interleaved_q_k_v_and_compute_what_silen
     assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt-neox", "glm", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neox", "glm", "llama", "phi3"])
 def test_a_gradual_schedule_ends_on_the_plans_shapes_with_fused_and_grouped_heads(name) -> None:
     # a gradual schedule re-scores a partly pruned copy (a PrunableModel without probes) at every step: it must cut
     # fused projections (GPT-2's and GPT-NeoX's q/k/v, GLM's gate/up) and grouped-query heads (Llama) in whole
@@ -704,7 +745,7 @@ def test_a_gradual_schedule_ends_on_the_plans_shapes_with_fused_and_grouped_head
     from autoprune.pruning.schedules import prune_to
 
     build, inputs = {"gpt2": (lambda: tiny_gpt2()[0], _tokens), "llama": (lambda: tiny_llama()[0], _tokens),
-                     **{n: SURVEY[n][:2] for n in ("gpt-neox", "glm")}}[name]
+                     **{n: SURVEY[n][:2] for n in ("gpt-neox", "glm", "phi3")}}[name]
     torch.manual_seed(0)
     pm = _in_thread(lambda: PrunableModel(build().eval(), inputs(1)), 120)
     plan = pm.plan({n: 0.5 for n in pm.prunable_names})
@@ -764,7 +805,12 @@ HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_o
                                        "bart", "whisper-encoder", "wav2vec2", "dinov2", "clip-vision", "segformer",
                                        "yolos", "detr", "swin", "phi", "mistral", "qwen2", "qwen3", "gemma", "gemma3",
                                        "granite", "olmo", "gptj", "cohere", "starcoder2", "moshi", "mixtral",
-                                       "glm", "modernbert", "gemma2")},
+                                       "glm", "modernbert", "gemma2", "phi3")},
+         "phi3-mha": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+             **{**_DECODER, "num_key_value_heads": 4}, pad_token_id=0)), _tokens),
+         "phi3-3rep": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+             **{**_DECODER, "num_attention_heads": 6, "head_dim": 8}, pad_token_id=0, partial_rotary_factor=0.75)),
+                       _tokens),
          "llama": (lambda: tiny_llama()[0], _tokens),
          "llama-mha": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
              **{**_DECODER, "num_key_value_heads": 4})), _tokens)}
@@ -786,8 +832,11 @@ def test_a_head_cut_computes_what_silencing_those_heads_computes(name) -> None:
     x = inputs(2)
     for g in groups:
         fused = pm.kind(g).startswith("attention heads, fused q/k/v")  # ModernBERT's Wqkv: [q | k | v] blocks
+        # Phi-3's grouped-query qkv_proj: [q | k | v] blocks, k and v 1/n_rep of q each
+        fused_gqa = pm.kind(g).startswith("attention heads, fused q/k/v, grouped")
         out = [m for m in g.members if m.role == "in" and isinstance(mods[m.module], torch.nn.Linear)
-               and (m.count * 3 == g.channels if fused else m.count % g.channels == 0)]
+               and (g.channels > m.count > g.channels // 3 if fused_gqa else
+                    m.count * 3 == g.channels if fused else m.count % g.channels == 0)]
         assert len(out) == 1, (g.name, out)  # the output projection: reads the heads' values, channel for channel
         plan = pm.plan({g.name: 0.5})
         idxs = pm.pruned_indices(plan)[g.name]
@@ -795,7 +844,14 @@ def test_a_head_cut_computes_what_silencing_those_heads_computes(name) -> None:
         # grouped-query attention: key/value head j serves query heads j x n_rep ... j x n_rep + n_rep - 1
         n_rep, size = out[0].count // g.channels, g.multiple
         heads_in = [(c // size * n_rep + r) * size + c % size for c in idxs for r in range(n_rep)]
-        if fused:  # a head's values are its channels in the third block
+        if fused_gqa:  # a unit is one key/value head and its query heads: those heads' channels in the q block
+            width = out[0].count
+            n_rep = width // ((g.channels - width) // 2)
+            heads_in = [c for c in idxs if c < width]
+            kv_cut = [c for c in idxs if c >= width]
+            assert len(heads_in) == width // 2 and len(kv_cut) * n_rep == 2 * len(heads_in)  # in k and in v
+            assert {c // (n_rep * size) for c in heads_in} == {(c - width) % (width // n_rep) // size for c in kv_cut}
+        elif fused:  # a head's values are its channels in the third block
             width = g.channels // 3
             heads_in = [c - 2 * width for c in idxs if c >= 2 * width]
             assert sorted({c % width for c in idxs}) == heads_in and len(heads_in) * 3 == len(idxs)

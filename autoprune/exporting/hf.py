@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
+from autoprune.pruning.attention import LayerConfig
 from autoprune.pruning.layers import FrozenBatchNorm, HFConv1D, in_width, out_width
 
 SHAPES_KEY = "autoprune_shapes"
@@ -84,6 +85,9 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
                  if isinstance(getattr(m, a, None), int) and getattr(m, a) != getattr(r, a, None)}
         if attrs:
             entry["attributes"] = attrs
+        layer_config = m.__dict__.get("config")
+        if isinstance(layer_config, LayerConfig):  # a layer's own head counts (Phi-3's attention)
+            entry["config"] = dict(layer_config.__dict__["_own"])
         if entry:
             out[name] = entry
     return out
@@ -91,8 +95,9 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
     """Resize `model`'s modules to `shapes` (written by autoprune's `pruned_shapes`): its layers resized in place
-    to the pruned sizes, directly owned parameters of the pruned shapes (values come from the checkpoint) and the
-    attention attributes. Copied into modeling_autoprune.py."""
+    to the pruned sizes, directly owned parameters of the pruned shapes (values come from the checkpoint), the
+    attention attributes, and a layer's own config values (`LayerConfig`). Copied into modeling_autoprune.py, with
+    `LayerConfig`."""
     import torch.nn as nn  # the copy in modeling_autoprune.py runs without autoprune
 
     for name, entry in shapes.items():
@@ -143,17 +148,23 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
             setattr(target, pname, nn.Parameter(old_p.new_empty(shape), requires_grad=old_p.requires_grad))
         for attr, value in entry.get("attributes", {}).items():
             setattr(target, attr, value)
+        if entry.get("config"):  # the layer reads these from its config (Phi-3's query head count)
+            target.config = LayerConfig(target.config, **entry["config"])
     return model
 
 
 _TEMPLATE = '''"""A pruned {base} written by autoprune: the stock class with the per-layer widths in config.json
 ("{key}"). Load with AutoModel.from_pretrained(<dir>, trust_remote_code=True) or {cls}.from_pretrained(<dir>)."""
 
+from typing import Any
+
 import torch.nn as nn
 import transformers
 
 _Base = getattr(transformers, "{base}")
 
+
+{layer_config}
 
 {apply}
 
@@ -165,21 +176,27 @@ class {cls}(_Base):
 
 
 def _auto_classes(model: nn.Module) -> list[str]:
-    """The Auto classes that build `model`'s class (AutoModel, AutoModelForSequenceClassification, ...), with
-    AutoModel always among them."""
-    import transformers
-    import transformers.models.auto.modeling_auto as ma
+    """The Auto classes that build `model`'s class (AutoModel, AutoModelForCausalLM, ...), with AutoModel always
+    among them: each Auto class of transformers whose mapping names this model type's class as `model`'s.
 
+    Read from the Auto classes' own mappings, not spelled from the mapping constants' names: "FOR_CAUSAL_LM"
+    spelled "AutoModelForCausalLm", which does not exist, so a pruned Llama's auto_map had no
+    AutoModelForCausalLM and `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` built the stock
+    class and refused the pruned weights."""
+    import transformers
+
+    want, kind = type(model).__name__, model.config.model_type
     found = ["AutoModel"]
-    for name in dir(ma):
-        mapping = getattr(ma, name)
-        if not (name.startswith("MODEL_") and name.endswith("_MAPPING_NAMES") and isinstance(mapping, dict)):
+    for name in dir(transformers):
+        if not name.startswith("AutoModel") or name in found:
             continue
-        if mapping.get(model.config.model_type) == type(model).__name__:
-            words = name[len("MODEL_"):-len("_MAPPING_NAMES")].split("_")
-            auto = "AutoModel" + ("For" + "".join(w.capitalize() for w in words[1:]) if words[0] == "FOR" else "")
-            if hasattr(transformers, auto) and auto not in found:
-                found.append(auto)
+        try:
+            names = getattr(getattr(transformers, name), "_model_mapping")._model_mapping
+        except Exception:  # noqa: BLE001 - not an Auto class with a mapping
+            continue
+        got = names.get(kind) if isinstance(names, dict) else None
+        if got == want or (isinstance(got, (tuple, list)) and want in got):
+            found.append(name)
     return found
 
 
@@ -193,7 +210,8 @@ def save_pretrained(model: nn.Module, out_dir: str | Path) -> Path:
     base = type(model).__name__
     cls = f"Autopruned{base}"
     shapes = pruned_shapes(model)
-    code = _TEMPLATE.format(base=base, cls=cls, key=SHAPES_KEY, apply=inspect.getsource(apply_shapes))
+    code = _TEMPLATE.format(base=base, cls=cls, key=SHAPES_KEY, apply=inspect.getsource(apply_shapes),
+                            layer_config=inspect.getsource(LayerConfig))
     (out / CODE_FILE).write_text(code)
     config = model.config
     old = {k: getattr(config, k, None) for k in (SHAPES_KEY, "auto_map")}

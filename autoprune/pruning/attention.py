@@ -44,6 +44,14 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             if m.n_heads != heads:
                 m.n_heads, m.inner_dim = heads, m.q.out_features
                 n += 1
+        elif style == "phi3":  # a fused qkv_proj sliced at the config's query head count (Phi-3)
+            head = m.head_dim
+            heads = m.o_proj.in_features // head
+            kv = (m.qkv_proj.out_features - heads * head) // (2 * head)
+            if m.config.num_attention_heads != heads or m.num_key_value_heads != kv:
+                m.config = LayerConfig(m.config, num_attention_heads=heads, num_key_value_heads=kv)
+                m.num_key_value_heads = kv
+                n += 1
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
             heads = m.q_proj.out_features // m.head_dim
             attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
@@ -54,7 +62,8 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
 
 
 def head_style(m: nn.Module, pruned: bool = False) -> str | None:
-    """Which head-count attributes an attention module keeps: "gpt2" (`split_size`, `num_heads` and `head_dim` beside a
+    """Which head-count attributes an attention module keeps: "phi3" (`num_key_value_heads` and `head_dim` beside a
+    fused `qkv_proj` and `o_proj`, the query head count read from its `config`), "gpt2" (`split_size`, `num_heads` and `head_dim` beside a
     fused `c_attn`), "bert" (`num_attention_heads`, `attention_head_size`, `all_head_size` beside a `QUERY_NAMES`
     projection), "t5" (`n_heads` and `key_value_proj_dim` beside `q`), "bart" (`num_heads`, or Swin's `num_attention_heads`, and
     `head_dim` beside `q_proj`, as in BART, OPT, Whisper, where the head count times `head_dim` is the q
@@ -69,12 +78,50 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
         return "bert"
     if isinstance(m._modules.get("q"), nn.Linear) and all(isinstance(d.get(a), int) for a in ("n_heads", "key_value_proj_dim")):
         return "t5"
-    q, head = m._modules.get("q_proj"), d.get("head_dim")
+    qkv, head, kv = m._modules.get("qkv_proj"), d.get("head_dim"), d.get("num_key_value_heads")
+    heads = getattr(d.get("config"), "num_attention_heads", None)
+    if isinstance(qkv, nn.Linear) and isinstance(m._modules.get("o_proj"), nn.Linear) and isinstance(head, int) \
+            and head > 0 and isinstance(kv, int) and isinstance(heads, int) \
+            and (pruned or qkv.out_features == (heads + 2 * kv) * head):
+        return "phi3"
+    q = m._modules.get("q_proj")
     heads = d.get("num_heads", d.get("num_attention_heads"))  # Swin's attention names it the BERT way
     if isinstance(q, nn.Linear) and isinstance(head, int) and isinstance(heads, int) and head > 0 \
             and (pruned or q.out_features == head * heads):
         return "bart"
     return None
+
+
+class LayerConfig:
+    """A `transformers` config as one layer sees it: the model's shared config, except for the attributes this
+    layer keeps its own values of (its head counts after a cut); everything else is read from, and written to,
+    the shared config (an attention implementation a user switches to reaches every layer).
+
+    Why by hand: Phi-3's attention slices its fused `qkv_proj` at `self.config.num_attention_heads`, the model's
+    count, and a `transformers` config has one count for all layers, so a head cut in one layer needs its own;
+    `transformers` has no per-layer config."""
+
+    def __init__(self, shared: Any, **own: Any) -> None:
+        while isinstance(shared, LayerConfig):
+            own = {**shared.__dict__["_own"], **own}
+            shared = shared.__dict__["_shared"]
+        self.__dict__["_shared"] = shared
+        self.__dict__["_own"] = dict(own)
+
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        if name.startswith("__") or "_own" not in d:  # copy and pickle look up protocol names on a bare instance
+            raise AttributeError(name)
+        return d["_own"][name] if name in d["_own"] else getattr(d["_shared"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._own:
+            self._own[name] = value
+        else:
+            setattr(self._shared, name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({type(self._shared).__name__}, {self._own})"
 
 
 @contextlib.contextmanager
@@ -207,7 +254,12 @@ class Fused:
     up, or k and v (`parts` 2), each `width` channels, in units of `head` channels (an attention head; 1 for gated
     neurons), either in blocks [q | k | v] (GPT-2's `c_attn`, ModernBERT's `Wqkv`, Phi-3's `gate_up_proj`) or
     `interleaved` per unit as [q k v] (GPT-NeoX's `query_key_value`). `out` is the consumer: it reads the last part
-    (the values), or, `all_feed`, every part's channel i lands on its input i (gate x up)."""
+    (the values), or, `all_feed`, every part's channel i lands on its input i (gate x up).
+
+    `rep` > 1: grouped-query q/k/v in blocks (Phi-3's `qkv_proj` with fewer key/value heads than query heads): the
+    query block is `width` channels, the key and value blocks `width // rep` each, and a unit is one key/value head
+    with its `rep` query heads; the consumer reads the query block's width (query channel i's head lands on its
+    input i)."""
 
     width: int
     head: int
@@ -215,29 +267,48 @@ class Fused:
     interleaved: bool
     out: str
     all_feed: bool = False
+    rep: int = 1
 
     @property
     def heads(self) -> int:
-        return self.width // self.head
+        """Units: heads (key/value heads when `rep` > 1) or gated neurons."""
+        return self.width // (self.head * self.rep)
 
     @property
     def step(self) -> int:
-        return self.parts * self.head
+        """Channels a unit has, in every part."""
+        return (self.rep + self.parts - 1) * self.head
+
+    @property
+    def total(self) -> int:
+        """The fused projection's width."""
+        return self.width + (self.parts - 1) * (self.width // self.rep)
 
     def head_channels(self, h: int) -> list[int]:
         """Unit `h`'s channels, in every part."""
         if self.interleaved:
             return list(range(h * self.step, (h + 1) * self.step))
+        if self.rep > 1:
+            q = self.rep * self.head
+            kv = self.width // self.rep
+            return list(range(h * q, (h + 1) * q)) + [self.width + s * kv + h * self.head + j
+                                                      for s in range(self.parts - 1) for j in range(self.head)]
         return [s * self.width + h * self.head + j for s in range(self.parts) for j in range(self.head)]
 
     def head_scores(self, channel_scores: torch.Tensor) -> torch.Tensor:
         """Per unit, the sum of its channels' scores."""
         if self.interleaved:
             return channel_scores.reshape(self.heads, self.step).sum(1)
+        if self.rep > 1:
+            q = channel_scores[: self.width].reshape(self.heads, self.rep * self.head).sum(1)
+            return q + channel_scores[self.width:].reshape(self.parts - 1, self.heads, self.head).sum((0, 2))
         return channel_scores.reshape(self.parts, self.heads, self.head).sum((0, 2))
 
     def value_input(self, c: int) -> int | None:
-        """The consumer's input that channel `c` feeds (None for a query or key channel)."""
+        """The consumer's input that channel `c` feeds (None for a query or key channel; with `rep` > 1, the query
+        channels are the ones named: each value channel feeds `rep` inputs, its query heads' channel)."""
+        if self.rep > 1:
+            return c if c < self.width else None
         if self.interleaved:
             h, r = divmod(c, self.step)
             part, j = divmod(r, self.head)
@@ -249,4 +320,7 @@ class Fused:
         if self.all_feed:
             return "neurons, fused gate/up"
         names = "q/k/v" if self.parts == 3 else "k/v"
+        if self.rep > 1:
+            return (f"attention heads, fused {names}, grouped ({self.heads} key/value heads of {self.head}, "
+                    f"{self.rep} query heads each)")
         return f"attention heads, fused {names} ({self.heads} of {self.head})"

@@ -225,6 +225,9 @@ class PrunableModel:
         self._group_maps: dict[str, tuple | bool] = {}  # see _group_map
         # the dimension each directly owned parameter is cut along (Torch-Pruning's per-parameter pruning_dim)
         self._param_dims: dict[str, int] = {}
+        # groups whose walk lost track of the root's channels but that have one linear consumer: a fused layout
+        # verified by `_check_groups` makes them prunable (name -> why they are intact otherwise)
+        self._lost: dict[str, str] = {}
         self.groups: list[GroupInfo] = self._find_groups()
         if check_groups:
             self._check_groups()
@@ -250,11 +253,13 @@ class PrunableModel:
             if g is None or out is None:
                 continue
             width = in_width(out)
-            if g.channels == lay.parts * width and width % lay.head == 0 and width // lay.head > 1:
-                fused[name] = replace(lay, width=width)
+            lay = replace(lay, width=width)
+            if g.channels == lay.total and width % (lay.head * lay.rep) == 0 and lay.heads > 1:
+                fused[name] = lay
         self._fused = fused
-        self.groups = [replace(g, members=self._fused_members(g, fused[g.name])) if g.name in fused else g
-                       for g in self.groups]
+        # (a group Torch-Pruning's walk lost track of is prunable under its verified layout: `_check_groups`)
+        self.groups = [replace(g, members=self._fused_members(g, fused[g.name]), prunable=True, reason="")
+                       if g.name in fused else g for g in self.groups]
         self._by_name = {g.name: g for g in self.groups}
         self._selection.clear()
         self._group_cuts.clear()
@@ -344,12 +349,21 @@ class PrunableModel:
             width = dg.get_pruner_of_module(root).get_out_channels(root)
             lost = _lost_track(grp, width, names)
             if lost:
-                # a walk whose channel bookkeeping Torch-Pruning lost: cuts from it would take the wrong channels
+                # a walk whose channel bookkeeping Torch-Pruning lost: cuts from it would take the wrong channels,
+                # unless the group is a fused projection whose layout `_check_groups` verifies (Phi-3's grouped-query
+                # qkv_proj, which it maps 80 root channels for 64): then `_walk` maps root and consumer itself
                 reason = (f"Torch-Pruning loses track of which channels are which through {lost}, so no cut of this "
                           "group is known to be right; it is left intact")
-                log.warning("group %s cannot be pruned (%s)", root_name, reason)
-                found.append(GroupInfo(root_name, 0, width, (Member(root_name, "out", width),), (root_name,), False,
-                                       reason))
+                readers = {names[id(it.dep.target.module)]: len(it.idxs) for it in grp
+                           if isinstance(it.dep.target.module, (nn.Linear, HFConv1D)) and id(it.dep.target.module) in names
+                           and dg.is_in_channel_pruning_fn(it.dep.handler)}
+                mem = (Member(root_name, "out", width),)
+                if isinstance(root, nn.Linear) and len(readers) == 1:
+                    mem += tuple(Member(n, "in", c) for n, c in readers.items())
+                    self._lost[root_name] = reason
+                else:
+                    log.warning("group %s cannot be pruned (%s)", root_name, reason)
+                found.append(GroupInfo(root_name, 0, width, mem, (root_name,), False, reason))
                 continue
             members: dict[tuple[str, str], int] = {}
             per_root: dict[tuple[str, str], list[int]] = {}
@@ -465,9 +479,11 @@ class PrunableModel:
         # model's multiplier); its layout is the first of the candidates whose one-unit cut computes what zeroing
         # that unit's inputs to the consumer computes
         for i, g in enumerate(self.groups):
-            lay = self._infer_fused(g) if g.prunable else None
+            lay = self._infer_fused(g) if g.prunable or g.name in self._lost else None
             if lay is not None:
-                mark(i, multiple=lay.step, members=self._fused_members(g, lay))
+                mark(i, multiple=lay.step, members=self._fused_members(g, lay), prunable=True, reason="")
+            elif g.name in self._lost:
+                log.warning("group %s cannot be pruned (%s)", g.name, g.reason)
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
         # (a group touching grouped convs removes one channel from each conv group; a fused q/k/v one, one head)
         idx = [i for i, g in enumerate(self.groups) if g.prunable]
@@ -620,7 +636,7 @@ class PrunableModel:
         multiplier). The group's uneven per-channel counts are dropped: per whole unit they are uniform, and what
         Torch-Pruning's walk mapped unevenly `_walk` sets right."""
         self.branch_counts[g.name] = {}
-        return tuple(replace(m, count=g.channels // lay.parts) if m.module == lay.out and m.role == "in" else m
+        return tuple(replace(m, count=lay.width) if m.module == lay.out and m.role == "in" else m
                      for m in g.members)
 
     def _fused_layout(self, g: GroupInfo) -> Fused | None:
@@ -640,13 +656,16 @@ class PrunableModel:
             return []
         width = in_width(base[readers[0]])
         parts = g.channels // width if width and g.channels % width == 0 else 0
-        if parts not in (2, 3):
-            return []
         parent = base[g.name.rpartition(".")[0]] if "." in g.name else self.base
         heads = list(dict.fromkeys(h for h in head_sizes(parent) if 0 < h < width and width % h == 0))
         found = [Fused(width, 1, 2, False, readers[0], True)] if parts == 2 else []
-        for h in heads:
+        for h in heads if parts in (2, 3) else ():
             found += [Fused(width, h, parts, False, readers[0]), Fused(width, h, parts, True, readers[0])]
+        # grouped-query q/k/v in blocks: `num_key_value_heads` key/value heads of the module's head size
+        kv = parent.__dict__.get("num_key_value_heads")
+        for h in heads if isinstance(kv, int) and kv > 0 else ():
+            if width % (kv * h) == 0 and width // (kv * h) > 1 and g.channels == width + 2 * kv * h:
+                found.append(Fused(width, h, 3, False, readers[0], rep=width // (kv * h)))
         return [f for f in found if f.heads > 1]
 
     def _infer_fused(self, g: GroupInfo) -> Fused | None:
