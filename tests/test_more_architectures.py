@@ -384,6 +384,35 @@ def test_a_fused_layout_is_checked_once_per_block_class_and_leaves_the_model_alo
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_olmo2_heads_prune_and_its_whole_width_q_k_norms_renormalise_over_the_kept_heads() -> None:
+    # OLMo2 normalises q and k over all heads at once (RMSNorm over heads x head size): a head cut is then a cut
+    # that renormalises the kept heads, as a hidden-size cut does through a LayerNorm, not silencing. With the two
+    # norms taken as their scales alone (in both models), the cut computes exactly what silencing computes: the
+    # heads go whole, in q, k, v, the norms' weights and the output projection
+    import copy
+
+    def scales_only(model):
+        for name, mod in model.named_modules():
+            if name.endswith(("q_norm", "k_norm")):
+                mod.forward = lambda h, mod=mod: h * mod.weight
+
+    torch.manual_seed(0)
+    pm = PrunableModel(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        **{**_DECODER, "num_key_value_heads": 4}, pad_token_id=0)).eval(), _tokens(1))
+    name = "model.layers.0.self_attn.v_proj"
+    assert pm.kind(pm.group(name)) == "attention heads (4 of 8)"
+    plan = pm.plan({name: 0.5})
+    idxs = pm.pruned_indices(plan)[name]
+    small, silenced = pm.apply(plan), copy.deepcopy(pm.base)
+    assert small.model.layers[0].self_attn.q_norm.weight.shape == (16,)
+    x = _tokens(2)
+    with torch.no_grad():
+        silenced.model.layers[0].self_attn.o_proj.weight[:, idxs] = 0
+        assert not torch.allclose(_logits(small, x), _logits(silenced, x), atol=1e-5)
+        scales_only(small), scales_only(silenced)
+        assert torch.allclose(_logits(small, x), _logits(silenced, x), atol=1e-5)
+
+
 def test_phi3_layers_keep_their_own_head_counts_and_reload_through_the_causal_lm_auto_class(tmp_path) -> None:
     # Phi-3 slices its fused qkv_proj at `config.num_attention_heads`, the model's count: a pruned layer reads its
     # own (`LayerConfig`) while the model's config, the other layers and the unpruned model keep theirs, and an
@@ -806,6 +835,10 @@ HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_o
                                        "yolos", "detr", "swin", "phi", "mistral", "qwen2", "qwen3", "gemma", "gemma3",
                                        "granite", "olmo", "gptj", "cohere", "starcoder2", "moshi", "mixtral",
                                        "glm", "modernbert", "gemma2", "phi3")},
+         # StableLM views its keys and values at `num_key_value_heads`, which stayed at the old count: the probe's
+         # cut failed ("shape '[1, 12, 3, 8]' is invalid") and the heads of a StableLM-2 (no grouped query) were intact
+         "stablelm-mha": (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
+             **{**_DECODER, "num_key_value_heads": 4})), _tokens),
          "phi3-mha": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
              **{**_DECODER, "num_key_value_heads": 4}, pad_token_id=0)), _tokens),
          "phi3-3rep": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(

@@ -21,8 +21,10 @@ from autoprune.pruning.layers import ROOT_TYPES, out_width
 def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = None) -> int:
     """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
     (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
-    Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`) from the pruned widths, so that the
-    modules compute with the heads they have (Whisper and OPT reshape with `num_heads`) and their repr tells the
+    Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`, and `num_key_value_heads` next to `k_proj`;
+    Phi-3 style: the query head count in the layer's own `LayerConfig`) from the pruned widths, so that the
+    modules compute with the heads they have (Whisper and OPT reshape with `num_heads`, StableLM its keys and values
+    with `num_key_value_heads`, Phi-3 slices its qkv_proj at its config's count) and their repr tells the
     truth; returns how many modules were updated. Torch-Pruning prunes the weights but does not know these
     attributes. `only`: the qualified names of the modules to look at (default: all)."""
     n = 0
@@ -55,9 +57,15 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
             heads = m.q_proj.out_features // m.head_dim
             attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
-            if getattr(m, attr) != heads:
-                setattr(m, attr, heads)
-                n += 1
+            changed = getattr(m, attr) != heads
+            setattr(m, attr, heads)
+            # StableLM views its keys and values at `num_key_value_heads` too
+            k = m._modules.get("k_proj")
+            if isinstance(m.__dict__.get("num_key_value_heads"), int) and isinstance(k, nn.Linear):
+                kv = k.out_features // m.head_dim
+                changed = changed or m.num_key_value_heads != kv
+                m.num_key_value_heads = kv
+            n += changed
     return n
 
 
