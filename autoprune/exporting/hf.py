@@ -87,7 +87,7 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
             entry["attributes"] = attrs
         layer_config = m.__dict__.get("config")
         if isinstance(layer_config, LayerConfig):  # a layer's own head counts (Phi-3's attention)
-            entry["config"] = dict(layer_config.__dict__["_own"])
+            entry["config"] = dict(layer_config._own)
         if entry:
             out[name] = entry
     return out

@@ -55,17 +55,15 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
                 m.num_key_value_heads = kv
                 n += 1
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
-            heads = m.q_proj.out_features // m.head_dim
             attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
-            changed = getattr(m, attr) != heads
-            setattr(m, attr, heads)
-            # StableLM views its keys and values at `num_key_value_heads` too
-            k = m._modules.get("k_proj")
+            want = {attr: m.q_proj.out_features // m.head_dim}
+            k = m._modules.get("k_proj")  # StableLM views its keys and values at `num_key_value_heads` too
             if isinstance(m.__dict__.get("num_key_value_heads"), int) and isinstance(k, nn.Linear):
-                kv = k.out_features // m.head_dim
-                changed = changed or m.num_key_value_heads != kv
-                m.num_key_value_heads = kv
-            n += changed
+                want["num_key_value_heads"] = k.out_features // m.head_dim
+            stale = {a: v for a, v in want.items() if getattr(m, a) != v}
+            for a, v in stale.items():
+                setattr(m, a, v)
+            n += bool(stale)
     return n
 
 
@@ -111,8 +109,8 @@ class LayerConfig:
 
     def __init__(self, shared: Any, **own: Any) -> None:
         while isinstance(shared, LayerConfig):
-            own = {**shared.__dict__["_own"], **own}
-            shared = shared.__dict__["_shared"]
+            own = {**shared._own, **own}
+            shared = shared._shared
         self.__dict__["_shared"] = shared
         self.__dict__["_own"] = dict(own)
 
