@@ -557,6 +557,38 @@ _TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_
              max_position_embeddings=40)
 # name -> (model from a small config, inputs, prunable groups, groups in all); the counts are what autoprune finds
 # today, each group left intact with its reason (README, "Other transformers architectures")
+def test_a_multi_query_attention_prunes_its_query_heads_and_keeps_its_one_key_value_head() -> None:
+    # one key/value head shared by every query head (Gemma-3 270M and 1B, Gemma 2B): a group of whole key/value
+    # heads with their query heads had one unit, so no head could go; the query heads are now a group of their own
+    build, inputs = SURVEY["llama-mqa"][:2]
+    torch.manual_seed(0)
+    pm = _in_thread(lambda: PrunableModel(build().eval(), inputs(1)), 120)
+    q_name, v_name = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+    g, kv = pm.group(q_name), pm.group(v_name)
+    assert (g.prunable, g.channels, g.multiple) == (True, 32, 8)  # four query heads of 8
+    assert {(m.module.rsplit(".", 1)[-1], m.role): m.count for m in g.members} == {("q_proj", "out"): 32,
+                                                                                  ("o_proj", "in"): 32}
+    assert pm.kind(g) == "attention heads, multi-query (4 query heads of 8, one key/value head for all)"
+    assert not kv.prunable and q_name in kv.reason and "one key/value head" in kv.reason
+    plan = pm.plan({q_name: 0.5, "model.layers.1.self_attn.q_proj": 0.75})
+    gone = pm.pruned_indices(plan)[q_name]
+    assert len(gone) == 16 and {c // 8 for c in gone} == {gone[0] // 8, gone[-1] // 8}  # two whole heads
+    small = pm.apply(plan)
+    attn, before = small.model.layers[0].self_attn, pm.base.model.layers[0].self_attn
+    kept = [c for c in range(32) if c not in gone]
+    assert torch.equal(attn.q_proj.weight, before.q_proj.weight[kept])
+    assert torch.equal(attn.o_proj.weight, before.o_proj.weight[:, kept])
+    assert torch.equal(attn.k_proj.weight, before.k_proj.weight) and torch.equal(attn.v_proj.weight, before.v_proj.weight)
+    # the query heads per key/value head that its key/value repeat reads follow the cut (2 and 1 of 4)
+    assert (attn.num_key_value_groups, small.model.layers[1].self_attn.num_key_value_groups) == (2, 1)
+    assert before.num_key_value_groups == 4
+    cm = CostModel(pm)
+    assert cm.exact and cm.estimate(plan) == (count_macs(small, pm.example), count_params(small))
+    # a gradual schedule's copy without probes finds the same group
+    copy_pm = PrunableModel(small, inputs(1), check_groups=False)
+    assert q_name in copy_pm.names and not copy_pm.group(v_name).prunable
+
+
 _DECODER = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=40)
 
@@ -636,7 +668,7 @@ SURVEY = {
     # decoders with rotary position embeddings (their heads prune: traced with the rotation as the identity) and
     # grouped-query attention (2 key/value heads for 4 query heads: a group is whole key/value heads and their
     # query heads); Qwen3's and Gemma3's per-head q/k norms stay whole
-    **{name: (lambda cls=cls, conf=conf, extra=extra: cls(conf(**_DECODER, **extra)), _text, n, n_groups)
+    **{name: (lambda cls=cls, conf=conf, extra=extra: cls(conf(**{**_DECODER, **extra})), _text, n, n_groups)
        for name, cls, conf, extra, n, n_groups in [
            ("qwen3", transformers.Qwen3ForCausalLM, transformers.Qwen3Config, {"head_dim": 8}, 5, 5),
            ("gemma", transformers.GemmaForCausalLM, transformers.GemmaConfig, {"head_dim": 8}, 5, 5),
@@ -660,7 +692,15 @@ SURVEY = {
            # left intact (Torch-Pruning's walk lost track of the slices, 80 root channels for 64)
            ("phi3", transformers.Phi3ForCausalLM, transformers.Phi3Config, {"pad_token_id": 0}, 5, 5),
            # left intact, with the reason: rotary halves sliced and concatenated with the rest (StableLM)
-           ("stablelm", transformers.StableLmForCausalLM, transformers.StableLmConfig, {}, 3, 5)]},
+           ("stablelm", transformers.StableLmForCausalLM, transformers.StableLmConfig, {}, 3, 5),
+           # multi-query attention (one key/value head, as Gemma-3 270M and 1B, Gemma 2B): its one key/value head
+           # was the only unit, so the heads were intact; now the query heads are a group per layer, and the
+           # key/value group stays intact and says so. The first layer slides a window shorter than the input, so
+           # under SDPA Torch-Pruning's walk from v_proj does not reach q_proj (which was a root of its own, intact)
+           ("gemma3-mqa", transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig,
+            {"head_dim": 8, "num_key_value_heads": 1, "sliding_window": 4,
+             "layer_types": ["sliding_attention", "full_attention"]}, 5, 8),
+           ("llama-mqa", transformers.LlamaForCausalLM, transformers.LlamaConfig, {"num_key_value_heads": 1}, 5, 7)]},
     # fused Wqkv ([q | k | v], rotary) and a fused gated MLP (Wi chunked into input and gate): no group was
     # prunable before ("no prunable group found")
     "modernbert": (lambda: transformers.ModernBertModel(transformers.ModernBertConfig(**_TEXT, pad_token_id=0)),
@@ -765,7 +805,7 @@ def test_gpt_neox_heads_go_whole_in_its_interleaved_q_k_v_and_compute_what_silen
     assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt-neox", "glm", "llama", "phi3"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neox", "glm", "llama", "phi3", "gemma3-mqa"])
 def test_a_gradual_schedule_ends_on_the_plans_shapes_with_fused_and_grouped_heads(name) -> None:
     # a gradual schedule re-scores a partly pruned copy (a PrunableModel without probes) at every step: it must cut
     # fused projections (GPT-2's and GPT-NeoX's q/k/v, GLM's gate/up) and grouped-query heads (Llama) in whole
@@ -774,7 +814,7 @@ def test_a_gradual_schedule_ends_on_the_plans_shapes_with_fused_and_grouped_head
     from autoprune.pruning.schedules import prune_to
 
     build, inputs = {"gpt2": (lambda: tiny_gpt2()[0], _tokens), "llama": (lambda: tiny_llama()[0], _tokens),
-                     **{n: SURVEY[n][:2] for n in ("gpt-neox", "glm", "phi3")}}[name]
+                     **{n: SURVEY[n][:2] for n in ("gpt-neox", "glm", "phi3", "gemma3-mqa")}}[name]
     torch.manual_seed(0)
     pm = _in_thread(lambda: PrunableModel(build().eval(), inputs(1)), 120)
     plan = pm.plan({n: 0.5 for n in pm.prunable_names})
@@ -834,7 +874,7 @@ HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_o
                                        "bart", "whisper-encoder", "wav2vec2", "dinov2", "clip-vision", "segformer",
                                        "yolos", "detr", "swin", "phi", "mistral", "qwen2", "qwen3", "gemma", "gemma3",
                                        "granite", "olmo", "gptj", "cohere", "starcoder2", "moshi", "mixtral",
-                                       "glm", "modernbert", "gemma2", "phi3")},
+                                       "glm", "modernbert", "gemma2", "phi3", "gemma3-mqa", "llama-mqa")},
          # StableLM views its keys and values at `num_key_value_heads`, which stayed at the old count: the probe's
          # cut failed ("shape '[1, 12, 3, 8]' is invalid") and the heads of a StableLM-2 (no grouped query) were intact
          "stablelm-mha": (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(

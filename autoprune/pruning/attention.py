@@ -22,7 +22,8 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
     """After heads were removed, set the head counts that `transformers` attention modules keep as attributes
     (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
     Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`, and `num_key_value_heads` next to `k_proj`;
-    Phi-3 style: the query head count in the layer's own `LayerConfig`) from the pruned widths, so that the
+    Phi-3 style: the query head count in the layer's own `LayerConfig`; Llama style: `num_key_value_groups`, the
+    query heads per key/value head, beside `q_proj` and `k_proj`) from the pruned widths, so that the
     modules compute with the heads they have (Whisper and OPT reshape with `num_heads`, StableLM its keys and values
     with `num_key_value_heads`, Phi-3 slices its qkv_proj at its config's count) and their repr tells the
     truth; returns how many modules were updated. Torch-Pruning prunes the weights but does not know these
@@ -64,6 +65,15 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             for a, v in stale.items():
                 setattr(m, a, v)
             n += bool(stale)
+        if style in ("bart", "grouped"):  # Llama style: query heads per key/value head, read by `repeat_kv`
+            groups = m.__dict__.get("num_key_value_groups")
+            k, head = m._modules.get("k_proj"), m.__dict__.get("head_dim")
+            if isinstance(groups, int) and isinstance(k, nn.Linear) and isinstance(head, int) and head > 0 \
+                    and k.out_features >= head and m.q_proj.out_features % k.out_features == 0:
+                want_groups = m.q_proj.out_features // k.out_features
+                if groups != want_groups:
+                    m.num_key_value_groups = want_groups
+                    n += style == "grouped"  # (a "bart" module is counted above)
     return n
 
 
@@ -73,7 +83,8 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
     fused `c_attn`), "bert" (`num_attention_heads`, `attention_head_size`, `all_head_size` beside a `QUERY_NAMES`
     projection), "t5" (`n_heads` and `key_value_proj_dim` beside `q`), "bart" (`num_heads`, or Swin's `num_attention_heads`, and
     `head_dim` beside `q_proj`, as in BART, OPT, Whisper, where the head count times `head_dim` is the q
-    projection's width, until heads are cut: `pruned`), or None."""
+    projection's width, until heads are cut: `pruned`), "grouped" (`num_key_value_groups` and `head_dim` beside
+    `q_proj` and `k_proj`, as in Llama, Gemma and Qwen2, whose query view reads -1 heads), or None."""
     d = m.__dict__
     c_attn = m._modules.get("c_attn")
     if isinstance(c_attn, ROOT_TYPES) and all(isinstance(d.get(a), int) for a in ("split_size", "head_dim", "num_heads")) \
@@ -95,6 +106,10 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
     if isinstance(q, nn.Linear) and isinstance(head, int) and isinstance(heads, int) and head > 0 \
             and (pruned or q.out_features == head * heads):
         return "bart"
+    k, groups = m._modules.get("k_proj"), d.get("num_key_value_groups")
+    if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(head, int) and head > 0 \
+            and isinstance(groups, int) and groups > 0 and (pruned or q.out_features == groups * k.out_features):
+        return "grouped"
     return None
 
 

@@ -228,6 +228,9 @@ class PrunableModel:
         # groups whose walk lost track of the root's channels but that have one linear consumer: a fused layout
         # verified by `_check_groups` makes them prunable (name -> why they are intact otherwise)
         self._lost: dict[str, str] = {}
+        # multi-query attentions' query projections, each a group of its own (`_query_head_groups`) -> the output
+        # projection that reads their heads
+        self._query_heads: dict[str, str] = {}
         self.groups: list[GroupInfo] = self._find_groups()
         if check_groups:
             self._check_groups()
@@ -417,8 +420,46 @@ class PrunableModel:
             # (Torch-Pruning's ConvPruner.prune_in_channels keeps the first conv group's offsets for all of them)
             self._conv_in[root_name] = any(r == "in" for _, r in grouped)
             found.append(GroupInfo(root_name, 0, channels, mem, layers, prunable, reason, 1, min_keep, conv_groups))
+        found = self._query_head_groups(found, work, dg)
         found.sort(key=lambda g: order.get(g.name, 0))
         return [replace(g, index=i) for i, g in enumerate(found)]
+
+    def _query_head_groups(self, found: list[GroupInfo], work: nn.Module, dg: tp.DependencyGraph) -> list[GroupInfo]:
+        """`found` with the query heads of every multi-query attention (one key/value head shared by all query
+        heads: Gemma 2B, Gemma-3 1B and 270M) as a group of their own: root the query projection, members it and
+        the output projection's inputs, the key and value projections untouched. The key/value group, one head that
+        no cut can remove, is left intact and says where its heads went.
+
+        Why by hand: Torch-Pruning's walk from a key/value projection takes the query heads with each key/value
+        head (`_kv_layout`), which under one key/value head is all of them, and its walk from the query projection
+        takes key/value channels with every query channel, as in multi-head attention. `_walk` keeps the query
+        projection's and the output projection's items; the probes and a cut compared with silencing check it."""
+        out = list(found)
+        for g in found:
+            lay = self._kv_layout(g.name)
+            if lay is None or self._base_modules()[g.name].out_features != lay[1] or lay[2] in self._query_heads:
+                continue
+            n_rep, _, q_name, o_name = lay
+            self._query_heads[q_name] = o_name
+            width = work.get_submodule(q_name).out_features
+            try:
+                pg = self._walk(work, dg, q_name, list(range(width)))
+            except Exception:  # noqa: BLE001 - no walk, no group: the attention stays as it was
+                pg = None
+            if pg is None or len(pg.items) != 2:
+                del self._query_heads[q_name]
+                continue
+            self.branch_counts[q_name], self._segments[q_name], self._conv_in[q_name] = {}, [], False
+            # (the query projection may be a root of its own already, where Torch-Pruning's walk from the key/value
+            # projection did not reach it: Gemma-3's sliding-window layers under SDPA, a walk that lost track)
+            out = [h for h in out if h.name != q_name]
+            self._lost.pop(q_name, None)
+            out.append(GroupInfo(q_name, 0, width, (Member(q_name, "out", width), Member(o_name, "in", width)),
+                                 (q_name,)))
+            out = [replace(h, prunable=False, reason=f"one key/value head (multi-query attention) that its {n_rep} query "
+                           f"heads share; the query heads are pruned as group {q_name}") if h.name == g.name else h
+                   for h in out]
+        return out
 
     def _check_groups(self) -> None:
         """Probe every group on copies of the model and mark the ones that break unprunable.
@@ -574,6 +615,13 @@ class PrunableModel:
                     values.setdefault(v, c)  # (gate and up channel i both feed input i: once)
             values = [(v, c) for v, c in sorted(values.items())]
             return _remapped(group, dg, {(id(root), "out"): [(c, c) for c in idxs], (id(out), "in"): values})
+        o_name = self.__dict__.get("_query_heads", {}).get(gname)
+        if o_name is not None:  # a multi-query attention's query heads (`_query_head_groups`): q and o alone
+            out = model.get_submodule(o_name)
+            group._group = [it for it in group.items
+                            if (id(it.dep.target.module), dg.is_out_channel_pruning_fn(it.dep.handler))
+                            in ((id(root), True), (id(out), False))]
+            return _remapped(group, dg, {(id(root), "out"): [(c, c) for c in idxs], (id(out), "in"): [(c, c) for c in idxs]})
         layout = self._kv_layout(gname)
         if layout is None:
             return group
@@ -1352,6 +1400,9 @@ class PrunableModel:
             return self._fused_layout(g).describe()
         if layers and all(isinstance(m, (nn.Linear, HFConv1D)) for m in layers):
             kv = self._kv_layout(g.name) if g.multiple > 1 else None
+            if g.name in self.__dict__.get("_query_heads", {}) and g.multiple > 1:
+                return f"attention heads, multi-query ({g.channels // g.multiple} query heads of {g.multiple}, " \
+                       "one key/value head for all)"
             if kv is not None:  # grouped-query attention: whole key/value heads, each with its query heads
                 return f"attention heads, grouped ({g.channels // g.multiple} key/value heads of {g.multiple}, " \
                        f"{kv[0]} query heads each)"
