@@ -589,6 +589,45 @@ def test_a_multi_query_attention_prunes_its_query_heads_and_keeps_its_one_key_va
     assert q_name in copy_pm.names and not copy_pm.group(v_name).prunable
 
 
+def _padded_tokens(batch: int, seq: int = 12) -> dict:
+    x = _tokens(batch, seq)
+    mask = torch.ones_like(x["input_ids"])
+    mask[-1, :4] = 0  # the last sequence is left-padded
+    return {**x, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", ["llama-padded", "gemma3-sliding", "mistral-sliding"])
+def test_grouped_query_heads_prune_when_sdpa_is_given_a_mask(name) -> None:
+    # SDPA repeats keys and values itself (transformers' sdpa_attention.repeat_kv, not the modeling module's) when
+    # it gets a mask: a padded example batch, or a sliding window shorter than the input. That repeat lost
+    # Torch-Pruning's walk its root channels, so every grouped-query attention's heads were left intact
+    import copy
+
+    build, inputs = {
+        "llama-padded": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER, pad_token_id=0)),
+                         _padded_tokens),
+        "gemma3-sliding": (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **_DECODER, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])), _tokens),
+        "mistral-sliding": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+            **_DECODER, sliding_window=4)), _tokens)}[name]
+    torch.manual_seed(0)
+    pm = _in_thread(lambda: PrunableModel(build().eval(), inputs(2)), 120)
+    heads = [g for g in pm.groups if g.prunable and pm.kind(g).startswith("attention heads, grouped")]
+    assert [g.name for g in heads] == [f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)]
+    x = inputs(2)
+    for g in heads:
+        plan = pm.plan({g.name: 0.5})
+        gone = pm.pruned_indices(plan)[g.name]
+        silenced = copy.deepcopy(pm.base)
+        with torch.no_grad():  # key/value head j serves query heads 2j and 2j + 1
+            silenced.get_submodule(g.name.replace("v_proj", "o_proj")).weight[
+                :, [(c // 8 * 2 + r) * 8 + c % 8 for c in gone for r in (0, 1)]] = 0
+            assert torch.allclose(_logits(pm.apply(plan), x), _logits(silenced, x), atol=1e-5)
+    plan = pm.uniform_plan(0.5)
+    small = pm.apply(plan)
+    assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
+
+
 _DECODER = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=40)
 
@@ -695,11 +734,11 @@ SURVEY = {
            ("stablelm", transformers.StableLmForCausalLM, transformers.StableLmConfig, {}, 3, 5),
            # multi-query attention (one key/value head, as Gemma-3 270M and 1B, Gemma 2B): its one key/value head
            # was the only unit, so the heads were intact; now the query heads are a group per layer, and the
-           # key/value group stays intact and says so. The first layer slides a window shorter than the input, so
-           # under SDPA Torch-Pruning's walk from v_proj does not reach q_proj (which was a root of its own, intact)
+           # key/value group stays intact and says so. The first layer slides a window shorter than the input (SDPA
+           # gets a mask and repeats the key/value head itself)
            ("gemma3-mqa", transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig,
             {"head_dim": 8, "num_key_value_heads": 1, "sliding_window": 4,
-             "layer_types": ["sliding_attention", "full_attention"]}, 5, 8),
+             "layer_types": ["sliding_attention", "full_attention"]}, 5, 7),
            ("llama-mqa", transformers.LlamaForCausalLM, transformers.LlamaConfig, {"num_key_value_heads": 1}, 5, 7)]},
     # fused Wqkv ([q | k | v], rotary) and a fused gated MLP (Wi chunked into input and gate): no group was
     # prunable before ("no prunable group found")

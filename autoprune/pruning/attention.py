@@ -241,7 +241,10 @@ def neutral_rope(model: nn.Module):
     without it couples the same layers and channels for such cuts, and the probes (which run the real model) and the
     tests (a head cut equals silencing the heads) hold the heads whole. Eager attention's `expand` (Gemma2) lost the
     walk its root channels, which an `index_select` of the same heads keeps."""
-    names = sorted({type(m).__module__ for m in model.modules() if type(m).__module__.startswith("transformers.")})
+    names = {type(m).__module__ for m in model.modules() if type(m).__module__.startswith("transformers.")}
+    if names:  # SDPA's own `repeat_kv`, which it calls when it gets a mask (a sliding window shorter than the input)
+        names.add("transformers.integrations.sdpa_attention")
+    names = sorted(names)
     mine = []
     with _SWAP_LOCK:
         for name in names:

@@ -437,7 +437,9 @@ class PrunableModel:
         out = list(found)
         for g in found:
             lay = self._kv_layout(g.name)
-            if lay is None or self._base_modules()[g.name].out_features != lay[1] or lay[2] in self._query_heads:
+            # (a query projection that is a root of its own already, one Torch-Pruning's walk from the key/value
+            # projection did not reach, stays as it is)
+            if lay is None or self._base_modules()[g.name].out_features != lay[1] or any(h.name == lay[2] for h in out):
                 continue
             n_rep, _, q_name, o_name = lay
             self._query_heads[q_name] = o_name
@@ -450,10 +452,6 @@ class PrunableModel:
                 del self._query_heads[q_name]
                 continue
             self.branch_counts[q_name], self._segments[q_name], self._conv_in[q_name] = {}, [], False
-            # (the query projection may be a root of its own already, where Torch-Pruning's walk from the key/value
-            # projection did not reach it: Gemma-3's sliding-window layers under SDPA, a walk that lost track)
-            out = [h for h in out if h.name != q_name]
-            self._lost.pop(q_name, None)
             out.append(GroupInfo(q_name, 0, width, (Member(q_name, "out", width), Member(o_name, "in", width)),
                                  (q_name,)))
             out = [replace(h, prunable=False, reason=f"one key/value head (multi-query attention) that its {n_rep} query "
