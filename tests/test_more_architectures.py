@@ -739,7 +739,15 @@ SURVEY = {
            ("gemma3-mqa", transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig,
             {"head_dim": 8, "num_key_value_heads": 1, "sliding_window": 4,
              "layer_types": ["sliding_attention", "full_attention"]}, 5, 7),
-           ("llama-mqa", transformers.LlamaForCausalLM, transformers.LlamaConfig, {"num_key_value_heads": 1}, 5, 7)]},
+           ("llama-mqa", transformers.LlamaForCausalLM, transformers.LlamaConfig, {"num_key_value_heads": 1}, 5, 7),
+           # per-head q/k norms named q_layernorm/k_layernorm (LFM2) and query_layernorm/key_layernorm (HunYuan):
+           # Torch-Pruning cut their head-size weights with the heads and the probe failed, so the heads were intact.
+           # LFM2's short-convolution block (in_proj's B, C and x, multiplied, around a depthwise conv its kernel
+           # calls with the conv's weight, which the trace does not see) stays intact, with the reason
+           ("lfm2", transformers.Lfm2ForCausalLM, transformers.Lfm2Config,
+            {"layer_types": ["conv", "full_attention"], "block_auto_adjust_ff_dim": False, "pad_token_id": 0}, 4, 5),
+           ("hunyuan", transformers.HunYuanDenseV1ForCausalLM, transformers.HunYuanDenseV1Config,
+            {"head_dim": 8, "pad_token_id": 0}, 5, 5)]},
     # fused Wqkv ([q | k | v], rotary) and a fused gated MLP (Wi chunked into input and gate): no group was
     # prunable before ("no prunable group found")
     "modernbert": (lambda: transformers.ModernBertModel(transformers.ModernBertConfig(**_TEXT, pad_token_id=0)),
@@ -913,7 +921,7 @@ HEADS = {"bert": (lambda: bert_classifier()[0], _tokens), "opt": (lambda: tiny_o
                                        "bart", "whisper-encoder", "wav2vec2", "dinov2", "clip-vision", "segformer",
                                        "yolos", "detr", "swin", "phi", "mistral", "qwen2", "qwen3", "gemma", "gemma3",
                                        "granite", "olmo", "gptj", "cohere", "starcoder2", "moshi", "mixtral",
-                                       "glm", "modernbert", "gemma2", "phi3", "gemma3-mqa", "llama-mqa")},
+                                       "glm", "modernbert", "gemma2", "phi3", "gemma3-mqa", "llama-mqa", "lfm2", "hunyuan")},
          # StableLM views its keys and values at `num_key_value_heads`, which stayed at the old count: the probe's
          # cut failed ("shape '[1, 12, 3, 8]' is invalid") and the heads of a StableLM-2 (no grouped query) were intact
          "stablelm-mha": (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(

@@ -179,6 +179,10 @@ def _remapped(group: Any, dg: tp.DependencyGraph, remap: dict[tuple[int, str], l
     return group
 
 
+# names of the norms an attention applies to each query or key head alone (`PrunableModel._head_norms`)
+HEAD_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
+
+
 class PrunableModel:
     """The prunable groups of a model and the means to apply plans to copies of it."""
 
@@ -1163,15 +1167,16 @@ class PrunableModel:
         return self._tables
 
     def _head_norms(self) -> list[str]:
-        """Parameters of the norms an attention applies to each head alone (`q_norm`, `k_norm` whose weights are one
-        head wide: Qwen3, Gemma3), which no head cut changes."""
+        """Parameters of the norms an attention applies to each head alone (`HEAD_NORMS` whose weights are one head
+        wide: Qwen3's and Gemma3's `q_norm`, LFM2's `q_layernorm`, HunYuan's `query_layernorm`), which no head cut
+        changes."""
         if getattr(self, "_norms", None) is None:
             found = []
             for n, m in self._base_modules().items():
                 size = next(iter(head_sizes(m)), None)
                 if size is None or not isinstance(m._modules.get("q_proj"), nn.Linear):
                     continue
-                for leaf in ("q_norm", "k_norm"):
+                for leaf in HEAD_NORMS:
                     norm = m._modules.get(leaf)
                     if isinstance(norm, nn.Module):
                         found += [f"{n}.{leaf}.{p}" if n else f"{leaf}.{p}" for p, t in norm.named_parameters()
