@@ -656,6 +656,16 @@ SURVEY = {
         image_size=[64, 64], patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_detection_tokens=5, num_labels=3)), lambda n: {"pixel_values": _image64(n)}, 8, 10),
     "detr": (lambda: tiny_detr()[0], lambda n: {"pixel_values": _image64(n)}, 19, 22),
+    # a real-time detector: a ResNet-D backbone, a hybrid encoder (convs and attention) and a deformable-attention
+    # decoder; left intact, with reasons: its deformable heads (sampling offsets per head), the decoder's width
+    "rt-detr": (lambda: transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(
+        backbone_config=transformers.RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64],
+                                                        depths=[1, 1, 1, 1], layer_type="basic",
+                                                        out_features=["stage2", "stage3", "stage4"]),
+        use_pretrained_backbone=False, encoder_hidden_dim=32, d_model=32, encoder_in_channels=[32, 64, 64],
+        encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_layers=1, num_queries=10, num_labels=3,
+        encoder_attention_heads=4, decoder_attention_heads=4, decoder_n_points=2, decoder_in_channels=[32, 32, 32],
+        anchor_image_size=None)), lambda n: {"pixel_values": _image64(n)}, 40, 50),
     "dinov2": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2)),
         lambda n: {"pixel_values": _image(n)}, 4, 4),
