@@ -6,6 +6,7 @@ ignored setting.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -313,8 +314,29 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# the spec a search ran with, written into its run directory, so that a run directory stands for its spec
+SPEC_FILE = "spec.json"
+
+
+def _run_spec(run_dir: Path, overrides: dict[str, Any] | None) -> Spec:
+    """The spec a search wrote into `run_dir` (`SPEC_FILE`), with its output set to where the directory is now (a
+    run directory read from elsewhere, or moved, is still itself)."""
+    path = run_dir / SPEC_FILE
+    if not path.is_file():
+        raise AutopruneError(f"{str(run_dir)!r} is a directory without {SPEC_FILE} (a search writes it there): give "
+                             "the spec file (YAML or JSON) of the run instead")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise AutopruneError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and data.get("name") == run_dir.name:
+        data["output"] = str(run_dir.parent)
+    return load_spec(data, overrides)
+
+
 def load_spec(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> Spec:
-    """Read a spec from a YAML/JSON path, a YAML string or a dict; apply dotted-key overrides."""
+    """Read a spec from a YAML/JSON path, a run directory (the spec its search ran with), a YAML string or a dict;
+    apply dotted-key overrides."""
     if isinstance(source, dict):
         data = dict(source)
         where = "spec"
@@ -324,6 +346,8 @@ def load_spec(source: str | Path | dict[str, Any], overrides: dict[str, Any] | N
         if path is not None:
             if not path.exists():
                 raise AutopruneError(f"spec file {str(path)!r} does not exist")
+            if path.is_dir():
+                return _run_spec(path, overrides)
             text = path.read_text()
             where = f"spec {path}"
         else:

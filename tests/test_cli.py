@@ -73,6 +73,16 @@ def test_search_report_export_through_the_cli(make_spec, tmp_path, capsys):
     costs = json.loads((tmp_path / "exp" / "costs.json").read_text())
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["costs.json", "example.pt", "manifest.json", "model.pt"]
     assert costs["macs_ratio"] <= 0.5 + 1e-9 and costs["macs"] < costs["macs"] / costs["macs_ratio"]
+    # the run directory stands for its spec (the one the search ran with, --set included), from anywhere, moved too
+    moved = tmp_path / "elsewhere" / spec["name"]
+    moved.parent.mkdir()
+    shutil.move(str(run_dir), str(moved))
+    assert json.loads((moved / "spec.json").read_text())["search"]["n_trials"] == 4
+    code, out, err = _cli(["export", str(moved), "--out", str(tmp_path / "exp2"), "--no-onnx"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "exp2" / "costs.json").read_text()) == costs
+    code, out, err = _cli(["export", str(tmp_path / "elsewhere"), "--no-onnx"], capsys)  # a directory, no run
+    assert code == 2 and "is a directory without spec.json" in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(shutil.which("autoprune") is None and not (Path(sys.executable).parent / "autoprune").exists(),

@@ -222,7 +222,7 @@ def report(
 
 @app.command()
 def export(
-    run: str = typer.Argument(..., help="The spec of the run (its run directory holds the result)."),
+    run: str = typer.Argument(..., help="The run: its run directory (runs/NAME), or the spec its search was given."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default RUN/export)."),
     strategy: str = typer.Option("optuna", help="Which strategy's best plan to export."),
     trial: Optional[int] = typer.Option(None, help="Export this trial's plan instead of the best."),
@@ -279,7 +279,7 @@ def demo(
 
 @app.command()
 def finetune(
-    run: str = typer.Argument(..., help="The spec of the run whose best plan to fine-tune."),
+    run: str = typer.Argument(..., help="The run whose best plan to fine-tune: its run directory, or its spec."),
     schedule: str = typer.Option("oneshot", help="oneshot | polynomial (TF-MOT PolynomialDecay) | agp (Zhu & Gupta)"),
     steps: Optional[int] = typer.Option(None, help="Fine-tune steps (default 300)."),
     frequency: int = typer.Option(25, help="Prune every N steps (gradual schedules)."),

@@ -458,7 +458,7 @@ class PrunableModel:
             self.branch_counts[q_name], self._segments[q_name], self._conv_in[q_name] = {}, [], False
             out.append(GroupInfo(q_name, 0, width, (Member(q_name, "out", width), Member(o_name, "in", width)),
                                  (q_name,)))
-            out = [replace(h, prunable=False, reason=f"one key/value head (multi-query attention) that its {n_rep} query "
+            out = [replace(h, prunable=False, multiple=lay[1], reason=f"one key/value head (multi-query attention) that its {n_rep} query "
                            f"heads share; the query heads are pruned as group {q_name}") if h.name == g.name else h
                    for h in out]
         return out

@@ -25,6 +25,7 @@ from autoprune.model.task import scored_by_accuracy
 from autoprune.searching.objective import trial_attrs
 from autoprune.searching.space import pareto_mask
 from autoprune.searching.studies import SearchRun, open_storage, storage_url
+from autoprune.spec import SPEC_FILE
 
 TRIAL_COLUMNS = ["strategy", "number", "state", "metric", "score", "macs", "params", "macs_ratio", "params_ratio", "cost",
                  "latency_ms", "feasible", "warm_start", "fail_reason", "duration_s", "prune_s", "eval_s", "plan",
@@ -228,6 +229,8 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         groups = session.pruner.table().drop(columns=["members"])
         groups["macs_share"] = groups.group.map(session.cost_model.macs_shares())
         groups.to_csv(session.run_dir / "groups.csv", index=False)
+        # the spec the search ran with (its --set overrides applied): `export RUN`, `finetune RUN` read it
+        (session.run_dir / SPEC_FILE).write_text(session.spec.model_dump_json(indent=2))
         path = result_path(session.run_dir, run.strategy)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
