@@ -589,6 +589,44 @@ def test_a_multi_query_attention_prunes_its_query_heads_and_keeps_its_one_key_va
     assert q_name in copy_pm.names and not copy_pm.group(v_name).prunable
 
 
+def test_t5_cross_attention_heads_prune_layer_by_layer_and_compute_what_silencing_them_computes(tmp_path) -> None:
+    # T5's decoder makes its cross-attention bias (zeros) once, in the first layer, at that layer's head count, and
+    # hands it to every later layer: a cut that left the layers different head counts failed, so the cross-attention
+    # heads were intact. Later layers now take the first head's bias (the same for every head), broadcast
+    import copy
+
+    from autoprune.exporting import hf as hfexport
+
+    def inputs(n: int) -> dict:
+        g = torch.Generator().manual_seed(0)
+        return {"input_ids": torch.randint(1, 100, (n, 12), generator=g),
+                "decoder_input_ids": torch.randint(1, 100, (n, 6), generator=g)}
+
+    torch.manual_seed(0)
+    pm = _in_thread(lambda: PrunableModel(transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)).eval(),
+        inputs(1)), 120)
+    cross = [f"decoder.block.{i}.layer.1.EncDecAttention.v" for i in (0, 1)]
+    assert all(pm.group(n).prunable and pm.group(n).multiple == 8 for n in cross)
+    x = inputs(2)
+    for name, other in (cross, cross[::-1]):  # the first layer's heads alone, then the second's alone
+        plan = pm.plan({name: 0.5})
+        gone = pm.pruned_indices(plan)[name]
+        small = pm.apply(plan)
+        silenced = copy.deepcopy(pm.base)
+        with torch.no_grad():
+            silenced.get_submodule(name[:-1] + "o").weight[:, gone] = 0
+        assert torch.allclose(_logits(small, x), _logits(silenced, x), atol=1e-5)
+        assert small.get_submodule(name[:-2]).n_heads == 2 and small.get_submodule(other[:-2]).n_heads == 4
+    plan = pm.plan({cross[0]: 0.75, cross[1]: 0.5})
+    small = pm.apply(plan)
+    assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
+    hfexport.save_pretrained(small, tmp_path)
+    back = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert back.decoder.block[0].layer[1].EncDecAttention.n_heads == 1
+    assert torch.allclose(_logits(back, x), _logits(small, x), atol=1e-5)
+
+
 def _padded_tokens(batch: int, seq: int = 12) -> dict:
     x = _tokens(batch, seq)
     mask = torch.ones_like(x["input_ids"])

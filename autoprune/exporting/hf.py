@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
-from autoprune.pruning.attention import LayerConfig
+from autoprune.pruning.attention import LayerConfig, _one_bias_for_all_heads, share_cross_attention_bias
 from autoprune.pruning.layers import FrozenBatchNorm, HFConv1D, in_width, out_width
 
 SHAPES_KEY = "autoprune_shapes"
@@ -34,7 +34,7 @@ CODE_FILE = "modeling_autoprune.py"
 # integer attributes of attention (and similar) modules that follow the pruned widths
 ATTRIBUTES = ("num_attention_heads", "all_head_size", "attention_head_size", "num_heads", "head_dim", "embed_dim",
               "num_key_value_heads", "num_key_value_groups", "hidden_size", "intermediate_size", "inner_dim",
-              "split_size")
+              "split_size", "n_heads")
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -96,8 +96,9 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
 def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
     """Resize `model`'s modules to `shapes` (written by autoprune's `pruned_shapes`): its layers resized in place
     to the pruned sizes, directly owned parameters of the pruned shapes (values come from the checkpoint), the
-    attention attributes, and a layer's own config values (`LayerConfig`). Copied into modeling_autoprune.py, with
-    `LayerConfig`."""
+    attention attributes, and a layer's own config values (`LayerConfig`); T5-style cross-attentions take a position
+    bias of another head count (`share_cross_attention_bias`). Copied into modeling_autoprune.py, with `LayerConfig`
+    and `share_cross_attention_bias`."""
     import torch.nn as nn  # the copy in modeling_autoprune.py runs without autoprune
 
     for name, entry in shapes.items():
@@ -150,6 +151,9 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
             setattr(target, attr, value)
         if entry.get("config"):  # the layer reads these from its config (Phi-3's query head count)
             target.config = LayerConfig(target.config, **entry["config"])
+    for m in model.modules():  # T5's later cross-attentions read the first one's bias at its head count
+        if isinstance(m.__dict__.get("n_heads"), int):
+            share_cross_attention_bias(m)
     return model
 
 
@@ -158,6 +162,7 @@ _TEMPLATE = '''"""A pruned {base} written by autoprune: the stock class with the
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 import transformers
 
@@ -165,6 +170,8 @@ _Base = getattr(transformers, "{base}")
 
 
 {layer_config}
+
+{shared_bias}
 
 {apply}
 
@@ -211,7 +218,9 @@ def save_pretrained(model: nn.Module, out_dir: str | Path) -> Path:
     cls = f"Autopruned{base}"
     shapes = pruned_shapes(model)
     code = _TEMPLATE.format(base=base, cls=cls, key=SHAPES_KEY, apply=inspect.getsource(apply_shapes),
-                            layer_config=inspect.getsource(LayerConfig))
+                            layer_config=inspect.getsource(LayerConfig),
+                            shared_bias="\n\n".join(inspect.getsource(f) for f in (_one_bias_for_all_heads,
+                                                                                   share_cross_attention_bias)))
     (out / CODE_FILE).write_text(code)
     config = model.config
     old = {k: getattr(config, k, None) for k in (SHAPES_KEY, "auto_map")}

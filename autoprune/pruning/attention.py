@@ -47,6 +47,7 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             if m.n_heads != heads:
                 m.n_heads, m.inner_dim = heads, m.q.out_features
                 n += 1
+            share_cross_attention_bias(m)
         elif style == "phi3":  # a fused qkv_proj sliced at the config's query head count (Phi-3)
             head = m.head_dim
             heads = m.o_proj.in_features // head
@@ -75,6 +76,31 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
                     m.num_key_value_groups = want_groups
                     n += style == "grouped"  # (a "bart" module is counted above)
     return n
+
+
+def _one_bias_for_all_heads(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of a T5-style attention (`share_cross_attention_bias`): a cross-attention call handed a
+    position bias made for another head count gets its first head's, broadcast over its own heads."""
+    bias = kwargs.get("position_bias")
+    if kwargs.get("key_value_states") is None or not isinstance(bias, torch.Tensor) or bias.dim() != 4 \
+            or bias.shape[1] in (1, module.n_heads):
+        return None
+    return args, {**kwargs, "position_bias": bias[:, :1]}
+
+
+def share_cross_attention_bias(m: nn.Module) -> None:
+    """Let T5-style cross-attention `m` (no relative position bias of its own) run with the position bias an
+    earlier layer hands it, whatever that layer's head count: T5's decoder makes its cross-attention bias once, in
+    the first layer, as zeros of that layer's head count (plus the mask, the same for every head), and hands it
+    to every later layer, so a cut that left the layers different head counts failed, and the cross-attention
+    heads were left intact. The bias is the same for every head, so a layer may take the first head's, broadcast.
+    A forward pre-hook (`_one_bias_for_all_heads`), registered once; it changes nothing while the counts agree.
+
+    Why by hand: the coupling is a tensor T5 builds from an attribute, not a dependency Torch-Pruning can trace."""
+    if getattr(m, "has_relative_attention_bias", True) or m.__dict__.get("_autoprune_shared_bias"):
+        return
+    m.register_forward_pre_hook(_one_bias_for_all_heads, with_kwargs=True)
+    m._autoprune_shared_bias = True
 
 
 def head_style(m: nn.Module, pruned: bool = False) -> str | None:

@@ -25,7 +25,7 @@ import torch_pruning as tp
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
 from autoprune.pruning.attention import (QUERY_NAMES, Fused, head_sizes, head_style, neutral_rope, no_cache,
-                                         sync_attention_attributes)
+                                         share_cross_attention_bias, sync_attention_attributes)
 from autoprune.pruning.layers import ROOT_TYPES, HFConv1D, custom_pruners, in_width, out_width
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
@@ -1065,6 +1065,8 @@ class PrunableModel:
         if self._attention_names():  # (a CNN has none: no walk)
             touched = {name.rpartition(".")[0] for name, kind, _ in cuts if kind == "module"}
             sync_attention_attributes(work, touched & self._attention_names())
+            for n in self._attention_names() - touched:  # (an uncut T5 cross-attention reads the first one's bias)
+                share_cross_attention_bias(work.get_submodule(n))
         if self._head_tables():
             self._cut_head_tables(work, {q: idxs for (q, kind, fn), (_, idxs) in cuts.items()
                                          if kind == "module" and fn == "prune_out_channels"})
