@@ -62,20 +62,28 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             k = m._modules.get("k_proj")  # StableLM views its keys and values at `num_key_value_heads` too
             if isinstance(m.__dict__.get("num_key_value_heads"), int) and isinstance(k, nn.Linear):
                 want["num_key_value_heads"] = k.out_features // m.head_dim
+            if _kv_groups(m) is not None:
+                want["num_key_value_groups"] = _kv_groups(m)
             stale = {a: v for a, v in want.items() if getattr(m, a) != v}
             for a, v in stale.items():
                 setattr(m, a, v)
             n += bool(stale)
-        if style in ("bart", "grouped"):  # Llama style: query heads per key/value head, read by `repeat_kv`
-            groups = m.__dict__.get("num_key_value_groups")
-            k, head = m._modules.get("k_proj"), m.__dict__.get("head_dim")
-            if isinstance(groups, int) and isinstance(k, nn.Linear) and isinstance(head, int) and head > 0 \
-                    and k.out_features >= head and m.q_proj.out_features % k.out_features == 0:
-                want_groups = m.q_proj.out_features // k.out_features
-                if groups != want_groups:
-                    m.num_key_value_groups = want_groups
-                    n += style == "grouped"  # (a "bart" module is counted above)
+        elif style == "grouped":  # Llama style: query heads per key/value head, which `repeat_kv` reads
+            groups = _kv_groups(m)
+            if groups is not None and m.num_key_value_groups != groups:
+                m.num_key_value_groups = groups
+                n += 1
     return n
+
+
+def _kv_groups(m: nn.Module) -> int | None:
+    """Query heads per key/value head of an attention with `num_key_value_groups` beside `q_proj` and `k_proj`, from
+    their widths (a multi-query attention's query-head cut changes it); None for any other module."""
+    q, k = m._modules.get("q_proj"), m._modules.get("k_proj")
+    if not (isinstance(m.__dict__.get("num_key_value_groups"), int) and isinstance(q, nn.Linear)
+            and isinstance(k, nn.Linear) and k.out_features and q.out_features % k.out_features == 0):
+        return None
+    return q.out_features // k.out_features
 
 
 def _one_bias_for_all_heads(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

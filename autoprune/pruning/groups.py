@@ -445,7 +445,7 @@ class PrunableModel:
             # projection did not reach, stays as it is)
             if lay is None or self._base_modules()[g.name].out_features != lay[1] or any(h.name == lay[2] for h in out):
                 continue
-            n_rep, _, q_name, o_name = lay
+            n_rep, head, q_name, o_name = lay
             self._query_heads[q_name] = o_name
             width = work.get_submodule(q_name).out_features
             try:
@@ -458,9 +458,9 @@ class PrunableModel:
             self.branch_counts[q_name], self._segments[q_name], self._conv_in[q_name] = {}, [], False
             out.append(GroupInfo(q_name, 0, width, (Member(q_name, "out", width), Member(o_name, "in", width)),
                                  (q_name,)))
-            out = [replace(h, prunable=False, multiple=lay[1], reason=f"one key/value head (multi-query attention) that its {n_rep} query "
-                           f"heads share; the query heads are pruned as group {q_name}") if h.name == g.name else h
-                   for h in out]
+            reason = (f"one key/value head (multi-query attention) that its {n_rep} query heads share; the query heads "
+                      f"are pruned as group {q_name}")
+            out = [replace(h, prunable=False, multiple=head, reason=reason) if h.name == g.name else h for h in out]
         return out
 
     def _check_groups(self) -> None:
@@ -623,7 +623,8 @@ class PrunableModel:
             group._group = [it for it in group.items
                             if (id(it.dep.target.module), dg.is_out_channel_pruning_fn(it.dep.handler))
                             in ((id(root), True), (id(out), False))]
-            return _remapped(group, dg, {(id(root), "out"): [(c, c) for c in idxs], (id(out), "in"): [(c, c) for c in idxs]})
+            same = [(c, c) for c in idxs]
+            return _remapped(group, dg, {(id(root), "out"): same, (id(out), "in"): same})
         layout = self._kv_layout(gname)
         if layout is None:
             return group
