@@ -175,3 +175,12 @@ def tiny_glm(seed: int = 0) -> nn.Module:
     return transformers.GlmForCausalLM(transformers.GlmConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=40, pad_token_id=0))
+
+
+def tiny_bloom(seed: int = 0) -> nn.Module:
+    """A BLOOM decoder from a small config: a fused query_key_value ([q k v] per head) and ALiBi position biases,
+    random init."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4))

@@ -61,6 +61,10 @@ def export_model(
         "task": task or {},
         "pruning": {k: pruning[k] for k in ("ignore", "round_to", "mode", "criterion")},
         "plan": plan.to_dict(),
+        # which of the model's heads each attention kept where it reads per-head rows the model makes (BLOOM's
+        # ALiBi): the state dict does not say, and the plan re-applied at load picks its heads on other weights
+        "kept_heads": {n: {a: m.__dict__[a] for a in hfexport.KEPT_HEADS} for n, m in model.named_modules()
+                       if "autoprune_heads" in m.__dict__},
         "costs": costs,
         "metrics": metrics or {},
         "files": ["model.pt", "example.pt", "manifest.json", "costs.json"],
@@ -96,6 +100,8 @@ def load_pruned(export_dir: str | Path) -> nn.Module:
                        mode=p["mode"], max_ratio=0.999, check_groups=p["mode"] == "structured")
     # which channels go does not matter here: the saved weights replace them; only the widths must match
     model = pm.apply(PruningPlan(plan.ratios, plan.mode, "l1", plan.round_to), check=False)
+    for name, attrs in manifest.get("kept_heads", {}).items():
+        model.get_submodule(name).__dict__.update(attrs)
     state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)

@@ -26,11 +26,14 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import AutopruneError
-from autoprune.pruning.attention import LayerConfig, _one_bias_for_all_heads, share_cross_attention_bias
+from autoprune.pruning.attention import (LayerConfig, _alibi_of_kept_heads, _one_bias_for_all_heads,
+                                         read_kept_alibi_rows, share_cross_attention_bias)
 from autoprune.pruning.layers import FrozenBatchNorm, HFConv1D, in_width, out_width
 
 SHAPES_KEY = "autoprune_shapes"
 CODE_FILE = "modeling_autoprune.py"
+# which of the model's heads an attention kept, where it reads per-head rows the model makes (`keep_alibi_heads`)
+KEPT_HEADS = ("autoprune_heads", "autoprune_total_heads")
 # integer attributes of attention (and similar) modules that follow the pruned widths
 ATTRIBUTES = ("num_attention_heads", "all_head_size", "attention_head_size", "num_heads", "head_dim", "embed_dim",
               "num_key_value_heads", "num_key_value_groups", "hidden_size", "intermediate_size", "inner_dim",
@@ -83,6 +86,7 @@ def pruned_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
                 entry["parameters"] = {k: v for k, v in own.items() if ref_own.get(k) != v}
         attrs = {a: getattr(m, a) for a in ATTRIBUTES
                  if isinstance(getattr(m, a, None), int) and getattr(m, a) != getattr(r, a, None)}
+        attrs.update({a: m.__dict__[a] for a in KEPT_HEADS if a in m.__dict__})  # (BLOOM's heads' ALiBi rows)
         if attrs:
             entry["attributes"] = attrs
         layer_config = m.__dict__.get("config")
@@ -97,8 +101,8 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
     """Resize `model`'s modules to `shapes` (written by autoprune's `pruned_shapes`): its layers resized in place
     to the pruned sizes, directly owned parameters of the pruned shapes (values come from the checkpoint), the
     attention attributes, and a layer's own config values (`LayerConfig`); T5-style cross-attentions take a position
-    bias of another head count (`share_cross_attention_bias`). Copied into modeling_autoprune.py, with `LayerConfig`
-    and `share_cross_attention_bias`."""
+    bias of another head count (`share_cross_attention_bias`), ALiBi attentions their kept heads' rows
+    (`read_kept_alibi_rows`). Copied into modeling_autoprune.py, with `LayerConfig` and those two."""
     import torch.nn as nn  # the copy in modeling_autoprune.py runs without autoprune
 
     for name, entry in shapes.items():
@@ -151,9 +155,11 @@ def apply_shapes(model: nn.Module, shapes: dict) -> nn.Module:
             setattr(target, attr, value)
         if entry.get("config"):  # the layer reads these from its config (Phi-3's query head count)
             target.config = LayerConfig(target.config, **entry["config"])
-    for m in model.modules():  # T5's later cross-attentions read the first one's bias at its head count
-        if isinstance(m.__dict__.get("n_heads"), int):
+    for m in model.modules():
+        if isinstance(m.__dict__.get("n_heads"), int):  # T5's later cross-attentions read the first one's bias
             share_cross_attention_bias(m)
+        if "autoprune_heads" in m.__dict__:  # BLOOM's attentions read their kept heads' ALiBi rows
+            read_kept_alibi_rows(m)
     return model
 
 
@@ -219,8 +225,9 @@ def save_pretrained(model: nn.Module, out_dir: str | Path) -> Path:
     shapes = pruned_shapes(model)
     code = _TEMPLATE.format(base=base, cls=cls, key=SHAPES_KEY, apply=inspect.getsource(apply_shapes),
                             layer_config=inspect.getsource(LayerConfig),
-                            shared_bias="\n\n".join(inspect.getsource(f) for f in (_one_bias_for_all_heads,
-                                                                                   share_cross_attention_bias)))
+                            shared_bias="\n\n".join(inspect.getsource(f) for f in (
+                                _one_bias_for_all_heads, share_cross_attention_bias, _alibi_of_kept_heads,
+                                read_kept_alibi_rows)))
     (out / CODE_FILE).write_text(code)
     config = model.config
     old = {k: getattr(config, k, None) for k in (SHAPES_KEY, "auto_map")}

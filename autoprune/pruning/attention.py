@@ -68,6 +68,11 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             for a, v in stale.items():
                 setattr(m, a, v)
             n += bool(stale)
+        elif style == "alibi":  # BLOOM: a fused query_key_value viewed at `num_heads`, the heads' ALiBi rows kept
+            heads = m.dense.in_features // m.head_dim
+            if m.num_heads != heads:
+                m.num_heads = heads
+                n += 1
         elif style == "grouped":  # Llama style: query heads per key/value head, which `repeat_kv` reads
             groups = _kv_groups(m)
             if groups is not None and m.num_key_value_groups != groups:
@@ -94,6 +99,40 @@ def _one_bias_for_all_heads(module: nn.Module, args: tuple, kwargs: dict) -> tup
             or bias.shape[1] in (1, module.n_heads):
         return None
     return args, {**kwargs, "position_bias": bias[:, :1]}
+
+
+def _alibi_of_kept_heads(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of an attention handed ALiBi biases (`keep_alibi_heads`): the rows of the heads it kept."""
+    alibi, heads, total = kwargs.get("alibi"), module.autoprune_heads, module.autoprune_total_heads
+    if not isinstance(alibi, torch.Tensor) or alibi.dim() != 3 or alibi.shape[0] % total:
+        return None
+    batch = alibi.shape[0] // total
+    kept = torch.tensor(heads, dtype=torch.long, device=alibi.device)
+    rows = alibi.reshape(batch, total, *alibi.shape[1:]).index_select(1, kept)
+    return args, {**kwargs, "alibi": rows.reshape(batch * len(heads), *alibi.shape[1:])}
+
+
+def keep_alibi_heads(m: nn.Module, before: nn.Module, removed_inputs: Iterable[int]) -> None:
+    """Record on attention `m` (cut from `before`, whose output projection lost `removed_inputs`) which of the model's
+    heads it kept, and let it read their ALiBi rows alone (a forward pre-hook, `_alibi_of_kept_heads`, registered
+    once): BLOOM builds its ALiBi biases once per model, one row per (sequence, head) at the configured head count,
+    and every layer adds them to its scores, so a layer with fewer heads failed (and its heads were left intact),
+    and one that took the first rows would have given its kept heads the wrong slopes.
+
+    Why by hand: the biases are a tensor the model builds from its config, not a dependency Torch-Pruning traces."""
+    total = before.__dict__.get("autoprune_total_heads", before.num_heads)
+    heads = before.__dict__.get("autoprune_heads", list(range(before.num_heads)))
+    gone = {int(i) // before.head_dim for i in removed_inputs}
+    m.autoprune_total_heads = total
+    m.autoprune_heads = [h for j, h in enumerate(heads) if j not in gone]
+    read_kept_alibi_rows(m)
+
+
+def read_kept_alibi_rows(m: nn.Module) -> None:
+    """Register `_alibi_of_kept_heads` on `m` (an attention whose `autoprune_heads` are set), once."""
+    if not m.__dict__.get("_autoprune_alibi_hook"):
+        m.register_forward_pre_hook(_alibi_of_kept_heads, with_kwargs=True)
+        m._autoprune_alibi_hook = True
 
 
 def share_cross_attention_bias(m: nn.Module) -> None:
@@ -144,7 +183,20 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
     if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(head, int) and head > 0 \
             and isinstance(groups, int) and groups > 0 and (pruned or q.out_features == groups * k.out_features):
         return "grouped"
+    qkv, dense, heads = m._modules.get("query_key_value"), m._modules.get("dense"), d.get("num_heads")
+    if isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear) and isinstance(head, int) and head > 0 \
+            and isinstance(heads, int) and (pruned or qkv.out_features == 3 * heads * head) and takes_alibi(m):
+        return "alibi"
     return None
+
+
+def takes_alibi(m: nn.Module) -> bool:
+    """Whether attention module `m` is handed ALiBi position biases, one row per (sequence, head), made by the
+    model for its configured head count (BLOOM: `forward(..., alibi, ...)`)."""
+    try:
+        return "alibi" in inspect.signature(type(m).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class LayerConfig:

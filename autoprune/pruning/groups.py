@@ -24,8 +24,8 @@ import torch_pruning as tp
 
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
-from autoprune.pruning.attention import (QUERY_NAMES, Fused, head_sizes, head_style, neutral_rope, no_cache,
-                                         share_cross_attention_bias, sync_attention_attributes)
+from autoprune.pruning.attention import (QUERY_NAMES, Fused, head_sizes, head_style, keep_alibi_heads, neutral_rope,
+                                         no_cache, share_cross_attention_bias, sync_attention_attributes)
 from autoprune.pruning.layers import ROOT_TYPES, HFConv1D, custom_pruners, in_width, out_width
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
@@ -481,6 +481,10 @@ class PrunableModel:
             # the query projections of attentions with per-head tables: which of their channels go, the heads whose
             # bias columns go too
             qs = {id(work.get_submodule(q)): q for q, _, _ in self._head_tables().values()}
+            # the output projections of attentions handed ALiBi biases: which of their inputs go, the heads whose
+            # bias rows go too
+            denses = {id(work.get_submodule(d)): d for d in self._alibi_outputs()}
+            removed_in: dict[str, set[int]] = {}
             chosen: dict[str, list[int]] = {}
             try:
                 dg = self.trace(work)
@@ -488,9 +492,11 @@ class PrunableModel:
                     g = next(h for h in self.groups if h.name == name)
                     idxs = chosen[name] = self._select(g, n, list(range(g.channels)))
                     pg = self._walk(work, dg, name, idxs)
-                    for dep, ix in (pg if qs else ()):
+                    for dep, ix in (pg if qs or denses else ()):
                         if id(dep.target.module) in qs and dg.is_out_channel_pruning_fn(dep.handler):
                             removed_q.setdefault(qs[id(dep.target.module)], set()).update(int(i) for i in ix)
+                        if id(dep.target.module) in denses and dg.is_in_channel_pruning_fn(dep.handler):
+                            removed_in.setdefault(denses[id(dep.target.module)], set()).update(int(i) for i in ix)
                     pg.prune()
                 odd = self._unmapped_cut(work, chosen)
                 if odd:
@@ -498,6 +504,7 @@ class PrunableModel:
                 if self._attention_names():  # the head counts, as `apply` sets them
                     sync_attention_attributes(work, self._attention_names())
                 self._cut_head_tables(work, removed_q)
+                self._keep_alibi_heads(work, removed_in)
                 for slots in self._tied_slots():  # a weight two modules share must stay one tensor (`_retie`)
                     if len({tuple(work.get_submodule(n)._parameters[k].shape) for n, k in slots}) > 1:
                         raise RuntimeError("the cut would untie the weight shared by "
@@ -788,8 +795,8 @@ class PrunableModel:
 
     def _fused_qkv_reason(self, g: GroupInfo, err: str) -> str:
         """`err`, said in words when the group is a fused projection (`_fused_candidates` has candidates for it) none of
-        whose candidate layouts computed right: BLOOM's and Falcon's query_key_value, whose heads carry position
-        biases built for the configured head count."""
+        whose candidate layouts computed right: Falcon's query_key_value, whose heads carry position biases built for
+        the configured head count, MPT's and Persimmon's."""
         cands = self._fused_candidates(g)
         if cands:
             parts = cands[0].parts
@@ -1071,6 +1078,9 @@ class PrunableModel:
         if self._head_tables():
             self._cut_head_tables(work, {q: idxs for (q, kind, fn), (_, idxs) in cuts.items()
                                          if kind == "module" and fn == "prune_out_channels"})
+        if self._alibi_outputs():
+            self._keep_alibi_heads(work, {d: idxs for (d, kind, fn), (_, idxs) in cuts.items()
+                                          if kind == "module" and fn == "prune_in_channels"})
         if any(m.training for m in base_mods.values()):  # the copy is in the base's mode, which is eval unless
             work.eval()                                   # someone switched it
         return work
@@ -1168,6 +1178,21 @@ class PrunableModel:
                                                      "relative_attention_bias.weight"])
             self._tables = found
         return self._tables
+
+    def _alibi_outputs(self) -> dict[str, str]:
+        """The output projections of the base's attentions handed ALiBi biases (BLOOM's `dense`) -> the attention."""
+        if getattr(self, "_alibi_outs", None) is None:
+            self._alibi_outs = {f"{n}.dense" if n else "dense": n for n, m in self._base_modules().items()
+                                if head_style(m) == "alibi"}
+        return self._alibi_outs
+
+    def _keep_alibi_heads(self, work: nn.Module, removed_inputs: dict[str, Any]) -> None:
+        """In `work` (a cut copy of the base), let each attention handed ALiBi biases whose output projection lost
+        `removed_inputs[projection]` read its kept heads' rows alone (`keep_alibi_heads`)."""
+        base = self._base_modules()
+        for dense, attn in self._alibi_outputs().items():
+            if removed_inputs.get(dense):
+                keep_alibi_heads(work.get_submodule(attn), base[attn], removed_inputs[dense])
 
     def _head_norms(self) -> list[str]:
         """Parameters of the norms an attention applies to each head alone (`HEAD_NORMS` whose weights are one head
