@@ -184,3 +184,14 @@ def tiny_bloom(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4))
+
+
+def tiny_falcon(seed: int = 0, alibi: bool = True) -> nn.Module:
+    """A Falcon decoder (Falcon-RW style with ALiBi, or rotary) from a small config: a fused query_key_value
+    ([q k v] per head) without grouped queries, random init."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=alibi, multi_query=False,
+        new_decoder_architecture=False, bias=alibi))

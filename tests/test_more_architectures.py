@@ -679,6 +679,11 @@ SURVEY = {
     "mpnet": (lambda: transformers.MPNetModel(transformers.MPNetConfig(**_TEXT)), _text, 3, 4),
     "t5-encoder": (lambda: transformers.T5EncoderModel(transformers.T5Config(
         vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)), _text, 3, 3),
+    # Falcon-40B's layout (grouped queries interleaved per key/value head): Torch-Pruning's walk from query_key_value
+    # divided by zero in its index mapping, and the whole model failed; that group is intact with the reason now
+    "falcon-gqa": (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+        num_kv_heads=2)), _text, 3, 5),
     # its heads were intact: ALiBi biases made once per model at the configured head count (see the BLOOM test)
     "bloom": (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=100, hidden_size=32,
                                                                               n_layer=2, n_head=4)), _text, 5, 5),
@@ -901,18 +906,22 @@ def test_gpt_neox_heads_go_whole_in_its_interleaved_q_k_v_and_compute_what_silen
     assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
 
 
-def test_bloom_heads_go_whole_with_their_alibi_rows_and_compute_what_silencing_them_computes(tmp_path) -> None:
-    # BLOOM builds its ALiBi biases once per model, one row per (sequence, head) at the configured head count, and
-    # every layer adds them: a layer with fewer heads failed (its heads were intact), and one that took the first
-    # rows would have given its kept heads other heads' slopes. Each attention now reads its kept heads' rows, and
-    # the saved model (save_pretrained, export's manifest) says which heads those are
+@pytest.mark.parametrize("factory, kwargs", [("tiny_bloom", {}), ("tiny_falcon", {}), ("tiny_falcon", {"alibi": False})])
+def test_bloom_and_falcon_heads_go_whole_with_their_alibi_rows_and_compute_what_silencing_them_computes(
+        factory, kwargs, tmp_path) -> None:
+    # BLOOM and Falcon-RW build ALiBi biases once per model, one row per (sequence, head) at the configured head
+    # count (Falcon folds them into a mask with a head dimension), and every layer adds them: a layer with fewer
+    # heads failed (its heads were intact), and one that took the first rows would have given its kept heads other
+    # heads' slopes. Each attention now reads its kept heads' rows, and the saved model (save_pretrained, export's
+    # manifest) says which heads those are. Falcon also views its keys at `num_kv_heads`, which now follows the cut
+    # (its rotary models' heads were intact for that)
     import copy
 
+    import task_fixtures
     from autoprune.exporting import hf as hfexport
     from autoprune.exporting.files import export_model, load_pruned
-    from task_fixtures import tiny_bloom
 
-    pm = _in_thread(lambda: PrunableModel(tiny_bloom().eval(), _tokens(1)), 120)
+    pm = _in_thread(lambda: PrunableModel(getattr(task_fixtures, factory)(**kwargs).eval(), _tokens(1)), 120)
     names = [f"transformer.h.{i}.self_attention.query_key_value" for i in (0, 1)]
     assert all(pm.group(n).prunable and pm.group(n).multiple == 24 for n in names)
     # heads picked at random: load_pruned re-applies the plan's widths by L1, which here picks other heads
@@ -925,7 +934,8 @@ def test_bloom_heads_go_whole_with_their_alibi_rows_and_compute_what_silencing_t
         heads = sorted({i // 24 for i in cut[name]})
         assert len(heads) == n_heads and cut[name] == [h * 24 + j for h in heads for j in range(24)]
         attn = small.transformer.h[layer].self_attention
-        assert attn.num_heads == 4 - n_heads and attn.autoprune_heads == [h for h in range(4) if h not in heads]
+        assert attn.num_heads == 4 - n_heads
+        assert attn.autoprune_heads == [h for h in range(4) if h not in heads]  # (rotary Falcon: not read)
         with torch.no_grad():
             silenced.transformer.h[layer].self_attention.dense.weight[:, [h * 8 + j for h in heads for j in range(8)]] = 0
     x = _padded_tokens(2)  # (padding changes the ALiBi rows: they count the kept positions)
@@ -934,7 +944,7 @@ def test_bloom_heads_go_whole_with_their_alibi_rows_and_compute_what_silencing_t
     hfexport.save_pretrained(small, tmp_path / "hf")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     assert torch.allclose(_logits(back, x), _logits(small, x), atol=1e-6)
-    export_model(small, tmp_path / "exp", plan=plan, model_spec={"factory": "task_fixtures:tiny_bloom", "kwargs": {}},
+    export_model(small, tmp_path / "exp", plan=plan, model_spec={"factory": f"task_fixtures:{factory}", "kwargs": kwargs},
                  pruning={"ignore": [], "round_to": 1, "mode": "structured", "criterion": "l2"}, example=_tokens(1),
                  onnx=False)
     assert torch.allclose(_logits(load_pruned(tmp_path / "exp"), x), _logits(small, x), atol=1e-6)

@@ -37,7 +37,7 @@ KEPT_HEADS = ("autoprune_heads", "autoprune_total_heads")
 # integer attributes of attention (and similar) modules that follow the pruned widths
 ATTRIBUTES = ("num_attention_heads", "all_head_size", "attention_head_size", "num_heads", "head_dim", "embed_dim",
               "num_key_value_heads", "num_key_value_groups", "hidden_size", "intermediate_size", "inner_dim",
-              "split_size", "n_heads")
+              "split_size", "n_heads", "num_kv_heads")
 
 
 def is_hf(model: nn.Module) -> bool:

@@ -68,11 +68,15 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             for a, v in stale.items():
                 setattr(m, a, v)
             n += bool(stale)
-        elif style == "alibi":  # BLOOM: a fused query_key_value viewed at `num_heads`, the heads' ALiBi rows kept
-            heads = m.dense.in_features // m.head_dim
-            if m.num_heads != heads:
-                m.num_heads = heads
-                n += 1
+        elif style == "alibi":  # BLOOM, Falcon: a fused query_key_value viewed at `num_heads`; Falcon views its keys
+            heads = m.dense.in_features // m.head_dim  # at `num_kv_heads`, all heads' without grouped queries
+            want = {"num_heads": heads}
+            if isinstance(m.__dict__.get("num_kv_heads"), int) and m.query_key_value.out_features == 3 * heads * m.head_dim:
+                want["num_kv_heads"] = heads
+            stale = {a: v for a, v in want.items() if getattr(m, a) != v}
+            for a, v in stale.items():
+                setattr(m, a, v)
+            n += bool(stale)
         elif style == "grouped":  # Llama style: query heads per key/value head, which `repeat_kv` reads
             groups = _kv_groups(m)
             if groups is not None and m.num_key_value_groups != groups:
@@ -102,14 +106,19 @@ def _one_bias_for_all_heads(module: nn.Module, args: tuple, kwargs: dict) -> tup
 
 
 def _alibi_of_kept_heads(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook of an attention handed ALiBi biases (`keep_alibi_heads`): the rows of the heads it kept."""
-    alibi, heads, total = kwargs.get("alibi"), module.autoprune_heads, module.autoprune_total_heads
-    if not isinstance(alibi, torch.Tensor) or alibi.dim() != 3 or alibi.shape[0] % total:
-        return None
-    batch = alibi.shape[0] // total
-    kept = torch.tensor(heads, dtype=torch.long, device=alibi.device)
-    rows = alibi.reshape(batch, total, *alibi.shape[1:]).index_select(1, kept)
-    return args, {**kwargs, "alibi": rows.reshape(batch * len(heads), *alibi.shape[1:])}
+    """Forward pre-hook of an attention handed ALiBi biases (`keep_alibi_heads`): the rows of the heads it kept,
+    in the biases (BLOOM's, a row per (sequence, head)) or in a mask they were folded into (Falcon's, a head
+    dimension)."""
+    heads, total = module.autoprune_heads, module.autoprune_total_heads
+    alibi, mask, new = kwargs.get("alibi"), kwargs.get("attention_mask"), {}
+    if isinstance(alibi, torch.Tensor) and alibi.dim() == 3 and alibi.shape[0] % total == 0:
+        batch = alibi.shape[0] // total
+        kept = torch.tensor(heads, dtype=torch.long, device=alibi.device)
+        rows = alibi.reshape(batch, total, *alibi.shape[1:]).index_select(1, kept)
+        new["alibi"] = rows.reshape(batch * len(heads), *alibi.shape[1:])
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == total > 1:
+        new["attention_mask"] = mask.index_select(1, torch.tensor(heads, dtype=torch.long, device=mask.device))
+    return (args, {**kwargs, **new}) if new else None
 
 
 def keep_alibi_heads(m: nn.Module, before: nn.Module, removed_inputs: Iterable[int]) -> None:

@@ -107,8 +107,9 @@ class _EndlessWalk(Exception):
 
 @dataclass(frozen=True)
 class _Endless:
-    root: nn.Module  # a root layer whose dependency walk `_bounded_walks` stopped
+    root: nn.Module  # a root layer whose dependency walk `_bounded_walks` stopped, or that failed
     width: int  # its output channels
+    error: str = ""  # why the walk failed ("" when it did not end)
 
 
 _WALK = threading.local()
@@ -326,6 +327,10 @@ class PrunableModel:
             except _EndlessWalk:
                 yield _Endless(m, width)
                 continue
+            except Exception as e:  # noqa: BLE001 - Torch-Pruning's own failure (Falcon-40B's grouped-query
+                # attention divided by zero in its index mapping): this root's group is left intact, the others stand
+                yield _Endless(m, width, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
             prunable = True
             for dep, _ in group:
                 if dg.is_out_channel_pruning_fn(dep.handler):
@@ -347,6 +352,8 @@ class PrunableModel:
                 name, width = names[id(grp.root)], grp.width
                 reason = ("Torch-Pruning's dependency walk from this layer does not end (its known issue with rotary "
                           "position embeddings, VainF/Torch-Pruning#527): add it to pruning.ignore to skip the walk")
+                if grp.error:
+                    reason = f"Torch-Pruning's dependency walk from this layer fails ({grp.error}), so it is left intact"
                 log.warning("group %s cannot be pruned (%s); it is left intact", name, reason)
                 found.append(GroupInfo(name, 0, width, (Member(name, "out", width),), (name,), False, reason))
                 continue
