@@ -195,3 +195,14 @@ def tiny_falcon(seed: int = 0, alibi: bool = True) -> nn.Module:
     return transformers.FalconForCausalLM(transformers.FalconConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=alibi, multi_query=False,
         new_decoder_architecture=False, bias=alibi))
+
+
+def tiny_persimmon(seed: int = 0) -> nn.Module:
+    """A Persimmon decoder (Fuyu's language model) from a small config: a fused query_key_value ([q k v] per head),
+    per-head q/k LayerNorms, partial rotary embeddings, random init."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.PersimmonForCausalLM(transformers.PersimmonConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=40))

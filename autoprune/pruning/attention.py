@@ -68,8 +68,8 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             for a, v in stale.items():
                 setattr(m, a, v)
             n += bool(stale)
-        elif style == "alibi":  # BLOOM, Falcon: a fused query_key_value viewed at `num_heads`; Falcon views its keys
-            heads = m.dense.in_features // m.head_dim  # at `num_kv_heads`, all heads' without grouped queries
+        elif style == "qkv":  # BLOOM, Falcon, Persimmon: a fused query_key_value viewed at `num_heads`; Falcon its keys
+            heads = m.dense.in_features // m.head_dim  # at `num_kv_heads` (all heads' without grouped queries)
             want = {"num_heads": heads}
             if isinstance(m.__dict__.get("num_kv_heads"), int) and m.query_key_value.out_features == 3 * heads * m.head_dim:
                 want["num_kv_heads"] = heads
@@ -194,8 +194,8 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
         return "grouped"
     qkv, dense, heads = m._modules.get("query_key_value"), m._modules.get("dense"), d.get("num_heads")
     if isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear) and isinstance(head, int) and head > 0 \
-            and isinstance(heads, int) and (pruned or qkv.out_features == 3 * heads * head) and takes_alibi(m):
-        return "alibi"
+            and isinstance(heads, int) and (pruned or qkv.out_features == 3 * heads * head):
+        return "qkv"
     return None
 
 

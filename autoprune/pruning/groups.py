@@ -25,7 +25,7 @@ import torch_pruning as tp
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
 from autoprune.pruning.attention import (QUERY_NAMES, Fused, head_sizes, head_style, keep_alibi_heads, neutral_rope,
-                                         no_cache, share_cross_attention_bias, sync_attention_attributes)
+                                         no_cache, share_cross_attention_bias, sync_attention_attributes, takes_alibi)
 from autoprune.pruning.layers import ROOT_TYPES, HFConv1D, custom_pruners, in_width, out_width
 from autoprune.pruning.slicing import cut, fast_kind
 from autoprune.errors import AutopruneError
@@ -613,8 +613,9 @@ class PrunableModel:
         output projections (`_kv_layout`) mapped right: every cut, probe and score reads its groups from here."""
         root = model.get_submodule(gname)
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
-        if self._head_tables():
-            tables = self._table_modules(model)
+        if self._head_tables() or self._head_norms():
+            # (per-head tables and norms: Torch-Pruning cuts them as layers, Persimmon's per-head LayerNorms too)
+            tables = self._table_modules(model) | {id(model.get_submodule(p.rpartition(".")[0])) for p in self._head_norms()}
             if tables:
                 group._group = [item for item in group.items if id(item.dep.target.module) not in tables]
         fused = self.__dict__.get("_fused", {}).get(gname)
@@ -802,8 +803,8 @@ class PrunableModel:
 
     def _fused_qkv_reason(self, g: GroupInfo, err: str) -> str:
         """`err`, said in words when the group is a fused projection (`_fused_candidates` has candidates for it) none of
-        whose candidate layouts computed right: Falcon's query_key_value, whose heads carry position biases built for
-        the configured head count, MPT's and Persimmon's."""
+        whose candidate layouts computed right: MPT's Wqkv, whose heads carry position biases built for the
+        configured head count."""
         cands = self._fused_candidates(g)
         if cands:
             parts = cands[0].parts
@@ -1190,7 +1191,7 @@ class PrunableModel:
         """The output projections of the base's attentions handed ALiBi biases (BLOOM's `dense`) -> the attention."""
         if getattr(self, "_alibi_outs", None) is None:
             self._alibi_outs = {f"{n}.dense" if n else "dense": n for n, m in self._base_modules().items()
-                                if head_style(m) == "alibi"}
+                                if head_style(m) == "qkv" and takes_alibi(m)}
         return self._alibi_outs
 
     def _keep_alibi_heads(self, work: nn.Module, removed_inputs: dict[str, Any]) -> None:
@@ -1209,7 +1210,7 @@ class PrunableModel:
             found = []
             for n, m in self._base_modules().items():
                 size = next(iter(head_sizes(m)), None)
-                if size is None or not isinstance(m._modules.get("q_proj"), nn.Linear):
+                if size is None or not any(isinstance(m._modules.get(k), nn.Linear) for k in ("q_proj", "query_key_value")):
                     continue
                 for leaf in HEAD_NORMS:
                     norm = m._modules.get(leaf)
