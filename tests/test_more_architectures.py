@@ -251,16 +251,14 @@ def test_a_dependency_walk_that_does_not_end_leaves_its_group_intact_with_the_re
 
 def test_groups_whose_channel_bookkeeping_torch_pruning_loses_are_left_intact_with_the_reason(monkeypatch) -> None:
     # Gemma2 traced with its own repeat of keys and values (expand, not the trace's stand-in) leaves Torch-Pruning's
-    # root indices unknown; Phi-3's fused qkv_proj is sliced in three, and its walk came back with 80 root channels
-    # for a 64-wide layer (an IndexError at the first cut, before). A grouped layout verified against silencing
-    # makes Phi-3's prunable (`test_a_head_cut_computes_what_silencing_those_heads_computes`); with one key/value
-    # head (multi-query) there is no unit to cut and it stays intact
+    # root indices unknown; so does Phi-2's rotary slice and concatenation with grouped-query attention (its walk
+    # returns to the root with more channels than it has). (Phi-3's fused qkv_proj, whose walk came back with 80 root
+    # channels for 64, is prunable under a layout verified against silencing, even with one key/value head)
     from autoprune.pruning import attention
 
     monkeypatch.delitem(attention._TRACE_STAND_INS, "repeat_kv")
-    multi_query = lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(  # noqa: E731
-        **{**_DECODER, "num_key_value_heads": 1}, pad_token_id=0))
-    for build in (SURVEY["gemma2"][0], multi_query):
+    phi_gqa = lambda: transformers.PhiForCausalLM(transformers.PhiConfig(**_DECODER))  # noqa: E731
+    for build in (SURVEY["gemma2"][0], phi_gqa):
         torch.manual_seed(0)
         pm = _in_thread(lambda: PrunableModel(build().eval(), _text(1)), 120)
         lost = [g for g in pm.groups if "loses track" in g.reason]
@@ -952,6 +950,47 @@ def test_fused_qkv_heads_go_whole_with_their_alibi_rows_and_compute_what_silenci
                  pruning={"ignore": [], "round_to": 1, "mode": "structured", "criterion": "l2"}, example=_tokens(1),
                  onnx=False)
     assert torch.allclose(_logits(load_pruned(tmp_path / "exp"), x), _logits(small, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["falcon", "phi3"])
+def test_fused_multi_query_heads_go_one_query_head_at_a_time_and_compute_what_silencing_them_computes(name, tmp_path) -> None:
+    # one key/value head in a fused projection, [q heads | k | v] (Falcon-7B; Phi-3 with one key/value head): a unit
+    # was a key/value head with its query heads, all of them, so the heads were intact; a unit is now a query head,
+    # the key and value blocks stay, and the attention keeps at least one query head
+    import copy
+
+    from autoprune.exporting import hf as hfexport
+    from autoprune.pruning.schedules import prune_to
+
+    build = {"falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+                 vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True)),
+             "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+                 **{**_DECODER, "num_key_value_heads": 1}, pad_token_id=0))}[name]
+    torch.manual_seed(0)
+    pm = _in_thread(lambda: PrunableModel(build().eval(), _tokens(1)), 120)
+    heads = [g for g in pm.groups if g.prunable and "multi-query" in pm.kind(g)]
+    assert len(heads) == 2 and all((g.channels, g.multiple, g.min_keep) == (48, 8, 24) for g in heads)
+    x = _padded_tokens(2)
+    for g in heads:
+        out = pm._fused_layout(g).out
+        for ratio, n_gone in ((0.25, 1), (0.9, 3)):  # (0.9: all but one query head; the key and value blocks stay)
+            plan = pm.plan({g.name: ratio}, criterion="random")
+            gone = pm.pruned_indices(plan)[g.name]
+            assert len(gone) == 8 * n_gone and max(gone) < 32
+            silenced = copy.deepcopy(pm.base)
+            with torch.no_grad():
+                silenced.get_submodule(out).weight[:, gone] = 0
+            assert torch.allclose(_logits(pm.apply(plan), x), _logits(silenced, x), atol=1e-5)
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    small = pm.apply(plan)
+    assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))
+    hfexport.save_pretrained(small, tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert torch.allclose(_logits(back, x), _logits(small, x), atol=1e-6)
+    model = pm.base
+    for fraction in (0.5, 1.0):
+        model = prune_to(pm, model, plan, fraction)
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == {n: tuple(p.shape) for n, p in small.named_parameters()}
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt-neox", "glm", "llama", "phi3", "gemma3-mqa"])

@@ -55,6 +55,8 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             if m.config.num_attention_heads != heads or m.num_key_value_heads != kv:
                 m.config = LayerConfig(m.config, num_attention_heads=heads, num_key_value_heads=kv)
                 m.num_key_value_heads = kv
+                if isinstance(m.__dict__.get("num_key_value_groups"), int) and kv:  # (a multi-query cut changes it)
+                    m.num_key_value_groups = heads // kv
                 n += 1
         elif style == "bart":  # BART/Whisper style: `q_proj`, `head_dim`, `num_heads` (its key/value reshape reads it)
             attr = "num_heads" if isinstance(m.__dict__.get("num_heads"), int) else "num_attention_heads"
@@ -194,7 +196,7 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
         return "grouped"
     qkv, dense, heads = m._modules.get("query_key_value"), m._modules.get("dense"), d.get("num_heads")
     if isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear) and isinstance(head, int) and head > 0 \
-            and isinstance(heads, int) and (pruned or qkv.out_features == 3 * heads * head):
+            and isinstance(heads, int) and (pruned or qkv.out_features == (heads + 2 * d.get("num_kv_heads", heads)) * head):
         return "qkv"
     return None
 
@@ -378,7 +380,8 @@ class Fused:
     `rep` > 1: grouped-query q/k/v in blocks (Phi-3's `qkv_proj` with fewer key/value heads than query heads): the
     query block is `width` channels, the key and value blocks `width // rep` each, and a unit is one key/value head
     with its `rep` query heads; the consumer reads the query block's width (query channel i's head lands on its
-    input i)."""
+    input i). `query_only`, with one key/value head (multi-query: Falcon-7B): a unit is one query head, its channels
+    in the query block alone; the key and value blocks stay."""
 
     width: int
     head: int
@@ -387,15 +390,18 @@ class Fused:
     out: str
     all_feed: bool = False
     rep: int = 1
+    query_only: bool = False
 
     @property
     def heads(self) -> int:
-        """Units: heads (key/value heads when `rep` > 1) or gated neurons."""
-        return self.width // (self.head * self.rep)
+        """Units: heads (key/value heads when `rep` > 1, query heads when `query_only`) or gated neurons."""
+        return self.width // (self.head if self.query_only else self.head * self.rep)
 
     @property
     def step(self) -> int:
         """Channels a unit has, in every part."""
+        if self.query_only:
+            return self.head
         return (self.rep + self.parts - 1) * self.head
 
     @property
@@ -405,6 +411,8 @@ class Fused:
 
     def head_channels(self, h: int) -> list[int]:
         """Unit `h`'s channels, in every part."""
+        if self.query_only:
+            return list(range(h * self.head, (h + 1) * self.head))
         if self.interleaved:
             return list(range(h * self.step, (h + 1) * self.step))
         if self.rep > 1:
@@ -416,6 +424,8 @@ class Fused:
 
     def head_scores(self, channel_scores: torch.Tensor) -> torch.Tensor:
         """Per unit, the sum of its channels' scores."""
+        if self.query_only:
+            return channel_scores[: self.width].reshape(self.heads, self.head).sum(1)
         if self.interleaved:
             return channel_scores.reshape(self.heads, self.step).sum(1)
         if self.rep > 1:
@@ -439,6 +449,9 @@ class Fused:
         if self.all_feed:
             return "neurons, fused gate/up"
         names = "q/k/v" if self.parts == 3 else "k/v"
+        if self.query_only:
+            return (f"attention heads, fused {names}, multi-query ({self.heads} query heads of {self.head}, one "
+                    "key/value head for all)")
         if self.rep > 1:
             return (f"attention heads, fused {names}, grouped ({self.heads} key/value heads of {self.head}, "
                     f"{self.rep} query heads each)")

@@ -261,13 +261,13 @@ class PrunableModel:
             if g is None or out is None:
                 continue
             width = in_width(out)
-            lay = replace(lay, width=width)
+            # (a multi-query unit is a query head: the query heads per key/value head are what is left of them)
+            lay = replace(lay, width=width, rep=width // lay.head if lay.query_only else lay.rep)
             if g.channels == lay.total and width % (lay.head * lay.rep) == 0 and lay.heads > 1:
                 fused[name] = lay
         self._fused = fused
         # (a group Torch-Pruning's walk lost track of is prunable under its verified layout: `_check_groups`)
-        self.groups = [replace(g, members=self._fused_members(g, fused[g.name]), prunable=True, reason="")
-                       if g.name in fused else g for g in self.groups]
+        self.groups = [self._fused_group(g, fused[g.name]) if g.name in fused else g for g in self.groups]
         self._by_name = {g.name: g for g in self.groups}
         self._selection.clear()
         self._group_cuts.clear()
@@ -538,7 +538,7 @@ class PrunableModel:
         for i, g in enumerate(self.groups):
             lay = self._infer_fused(g) if g.prunable or g.name in self._lost else None
             if lay is not None:
-                mark(i, multiple=lay.step, members=self._fused_members(g, lay), prunable=True, reason="")
+                self.groups[i] = self._fused_group(g, lay)
             elif g.name in self._lost:
                 log.warning("group %s cannot be pruned (%s)", g.name, g.reason)
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
@@ -697,13 +697,16 @@ class PrunableModel:
         cache[gname] = found
         return found
 
-    def _fused_members(self, g: GroupInfo, lay: Fused) -> tuple[Member, ...]:
-        """Group `g`'s members under fused layout `lay`: its consumer reads one channel per part (the cost model's
-        multiplier). The group's uneven per-channel counts are dropped: per whole unit they are uniform, and what
-        Torch-Pruning's walk mapped unevenly `_walk` sets right."""
+    def _fused_group(self, g: GroupInfo, lay: Fused) -> GroupInfo:
+        """Group `g` under fused layout `lay`, prunable in whole units: its consumer reads one channel per part (the
+        cost model's multiplier; a multi-query layout's, one per query channel, and the group keeps the key and value
+        blocks and one query head). The group's uneven per-channel counts are dropped: per whole unit they are
+        uniform, and what Torch-Pruning's walk mapped unevenly `_walk` sets right."""
         self.branch_counts[g.name] = {}
-        return tuple(replace(m, count=lay.width) if m.module == lay.out and m.role == "in" else m
-                     for m in g.members)
+        count = g.channels if lay.query_only else lay.width
+        members = tuple(replace(m, count=count) if m.module == lay.out and m.role == "in" else m for m in g.members)
+        min_keep = lay.total - lay.width + lay.head if lay.query_only else g.min_keep
+        return replace(g, members=members, multiple=lay.step, min_keep=min_keep, prunable=True, reason="")
 
     def _fused_layout(self, g: GroupInfo) -> Fused | None:
         """Group `g`'s fused layout, when `_infer_fused` found one."""
@@ -727,11 +730,12 @@ class PrunableModel:
         found = [Fused(width, 1, 2, False, readers[0], True)] if parts == 2 else []
         for h in heads if parts in (2, 3) else ():
             found += [Fused(width, h, parts, False, readers[0]), Fused(width, h, parts, True, readers[0])]
-        # grouped-query q/k/v in blocks: `num_key_value_heads` key/value heads of the module's head size
-        kv = parent.__dict__.get("num_key_value_heads")
+        # grouped-query q/k/v in blocks: `num_key_value_heads` (Falcon: `num_kv_heads`) key/value heads of the
+        # module's head size; with one (multi-query), a unit is a query head alone
+        kv = parent.__dict__.get("num_key_value_heads", parent.__dict__.get("num_kv_heads"))
         for h in heads if isinstance(kv, int) and kv > 0 else ():
             if width % (kv * h) == 0 and width // (kv * h) > 1 and g.channels == width + 2 * kv * h:
-                found.append(Fused(width, h, 3, False, readers[0], rep=width // (kv * h)))
+                found.append(Fused(width, h, 3, False, readers[0], rep=width // (kv * h), query_only=kv == 1))
         return [f for f in found if f.heads > 1]
 
     def _infer_fused(self, g: GroupInfo) -> Fused | None:
