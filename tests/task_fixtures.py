@@ -206,3 +206,12 @@ def tiny_persimmon(seed: int = 0) -> nn.Module:
     return transformers.PersimmonForCausalLM(transformers.PersimmonConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=40))
+
+
+def tiny_mpt(seed: int = 0) -> nn.Module:
+    """An MPT decoder from a small config: a fused Wqkv ([q | k | v]) and ALiBi position biases, random init."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.MptForCausalLM(transformers.MptConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4,
+                                                              max_seq_len=40))

@@ -905,7 +905,7 @@ def test_gpt_neox_heads_go_whole_in_its_interleaved_q_k_v_and_compute_what_silen
 
 
 @pytest.mark.parametrize("factory, kwargs", [("tiny_bloom", {}), ("tiny_falcon", {}), ("tiny_falcon", {"alibi": False}),
-                                             ("tiny_persimmon", {})])
+                                             ("tiny_persimmon", {}), ("tiny_mpt", {})])
 def test_fused_qkv_heads_go_whole_with_their_alibi_rows_and_compute_what_silencing_them_computes(
         factory, kwargs, tmp_path) -> None:
     # BLOOM and Falcon-RW build ALiBi biases once per model, one row per (sequence, head) at the configured head
@@ -914,7 +914,8 @@ def test_fused_qkv_heads_go_whole_with_their_alibi_rows_and_compute_what_silenci
     # heads' slopes. Each attention now reads its kept heads' rows, and the saved model (save_pretrained, export's
     # manifest) says which heads those are. Falcon also views its keys at `num_kv_heads`, which now follows the cut
     # (its rotary models' heads were intact for that). Persimmon's per-head q/k LayerNorms were cut by Torch-Pruning
-    # as layers (its heads were intact too); they stay whole now
+    # as layers (its heads were intact too); they stay whole now. MPT's ALiBi (one bias per head, handed to each
+    # layer as `position_bias`) is read the same way, and its view reads `n_heads`, which now follows the cut
     import copy
 
     import task_fixtures
@@ -922,7 +923,7 @@ def test_fused_qkv_heads_go_whole_with_their_alibi_rows_and_compute_what_silenci
     from autoprune.exporting.files import export_model, load_pruned
 
     pm = _in_thread(lambda: PrunableModel(getattr(task_fixtures, factory)(**kwargs).eval(), _tokens(1)), 120)
-    names = [g.name for g in pm.groups if g.name.endswith("query_key_value")]
+    names = [g.name for g in pm.groups if g.name.endswith(("query_key_value", "Wqkv"))]
     assert len(names) == 2 and all(pm.group(n).prunable and pm.group(n).multiple == 24 for n in names)
     # heads picked at random: load_pruned re-applies the plan's widths by L1, which here picks other heads
     plan = pm.plan({names[0]: 0.5, names[1]: 0.75}, criterion="random")
@@ -930,16 +931,16 @@ def test_fused_qkv_heads_go_whole_with_their_alibi_rows_and_compute_what_silenci
     assert cut != pm.pruned_indices(pm.plan(plan.ratios, criterion="l1"))
     small = pm.apply(plan)
     silenced = copy.deepcopy(pm.base)
-    for layer, (name, n_heads) in enumerate(zip(names, (2, 3))):
-        heads = sorted({i // 24 for i in cut[name]})
-        assert len(heads) == n_heads and cut[name] == [h * 24 + j for h in heads for j in range(24)]
+    for name, n_heads in zip(names, (2, 3)):
+        layout = pm._fused_layout(pm.group(name))  # [q k v] per head (BLOOM, Falcon, Persimmon), or blocks (MPT)
+        heads = sorted({layout.value_input(i) // 8 for i in cut[name] if layout.value_input(i) is not None})
+        assert len(heads) == n_heads and cut[name] == sorted(c for h in heads for c in layout.head_channels(h))
         attn = small.get_submodule(name.rpartition(".")[0])
-        assert attn.num_heads == 4 - n_heads
+        assert getattr(attn, "num_heads", getattr(attn, "n_heads", None)) == 4 - n_heads
         if factory != "tiny_persimmon":  # (rotary Falcon: recorded, not read)
             assert attn.autoprune_heads == [h for h in range(4) if h not in heads]
         with torch.no_grad():
-            silenced.get_submodule(name[:-len("query_key_value")] + "dense").weight[
-                :, [h * 8 + j for h in heads for j in range(8)]] = 0
+            silenced.get_submodule(layout.out).weight[:, [h * 8 + j for h in heads for j in range(8)]] = 0
     x = _padded_tokens(2)  # (padding changes the ALiBi rows: they count the kept positions)
     assert torch.allclose(_logits(small, x), _logits(silenced, x), atol=1e-5)
     assert CostModel(pm).estimate(plan) == (count_macs(small, pm.example), count_params(small))

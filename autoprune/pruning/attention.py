@@ -79,6 +79,11 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             for a, v in stale.items():
                 setattr(m, a, v)
             n += bool(stale)
+        elif style == "mpt":  # MPT: a fused Wqkv ([q | k | v]) viewed at `n_heads`
+            heads = m.out_proj.in_features // m.head_dim
+            if m.n_heads != heads:
+                m.n_heads = heads
+                n += 1
         elif style == "grouped":  # Llama style: query heads per key/value head, which `repeat_kv` reads
             groups = _kv_groups(m)
             if groups is not None and m.num_key_value_groups != groups:
@@ -109,8 +114,8 @@ def _one_bias_for_all_heads(module: nn.Module, args: tuple, kwargs: dict) -> tup
 
 def _alibi_of_kept_heads(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook of an attention handed ALiBi biases (`keep_alibi_heads`): the rows of the heads it kept,
-    in the biases (BLOOM's, a row per (sequence, head)) or in a mask they were folded into (Falcon's, a head
-    dimension)."""
+    in the biases (BLOOM's, a row per (sequence, head); MPT's, one per head) or in a mask they were folded into
+    (Falcon's, a head dimension)."""
     heads, total = module.autoprune_heads, module.autoprune_total_heads
     alibi, mask, new = kwargs.get("alibi"), kwargs.get("attention_mask"), {}
     if isinstance(alibi, torch.Tensor) and alibi.dim() == 3 and alibi.shape[0] % total == 0:
@@ -120,6 +125,9 @@ def _alibi_of_kept_heads(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
         new["alibi"] = rows.reshape(batch * len(heads), *alibi.shape[1:])
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == total > 1:
         new["attention_mask"] = mask.index_select(1, torch.tensor(heads, dtype=torch.long, device=mask.device))
+    bias = kwargs.get("position_bias")  # MPT's: one per head, (heads, query, key)
+    if isinstance(bias, torch.Tensor) and bias.dim() == 3 and bias.shape[0] == total > 1:
+        new["position_bias"] = bias.index_select(0, torch.tensor(heads, dtype=torch.long, device=bias.device))
     return (args, {**kwargs, **new}) if new else None
 
 
@@ -131,8 +139,9 @@ def keep_alibi_heads(m: nn.Module, before: nn.Module, removed_inputs: Iterable[i
     and one that took the first rows would have given its kept heads the wrong slopes.
 
     Why by hand: the biases are a tensor the model builds from its config, not a dependency Torch-Pruning traces."""
-    total = before.__dict__.get("autoprune_total_heads", before.num_heads)
-    heads = before.__dict__.get("autoprune_heads", list(range(before.num_heads)))
+    count = before.__dict__.get("num_heads", before.__dict__.get("n_heads"))  # (MPT: n_heads)
+    total = before.__dict__.get("autoprune_total_heads", count)
+    heads = before.__dict__.get("autoprune_heads", list(range(count)))
     gone = {int(i) // before.head_dim for i in removed_inputs}
     m.autoprune_total_heads = total
     m.autoprune_heads = [h for j, h in enumerate(heads) if j not in gone]
@@ -194,6 +203,10 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
     if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(head, int) and head > 0 \
             and isinstance(groups, int) and groups > 0 and (pruned or q.out_features == groups * k.out_features):
         return "grouped"
+    wqkv, out, n_heads = m._modules.get("Wqkv"), m._modules.get("out_proj"), d.get("n_heads")
+    if isinstance(wqkv, nn.Linear) and isinstance(out, nn.Linear) and isinstance(head, int) and head > 0 \
+            and isinstance(n_heads, int) and (pruned or wqkv.out_features == 3 * n_heads * head):
+        return "mpt"
     qkv, dense, heads = m._modules.get("query_key_value"), m._modules.get("dense"), d.get("num_heads")
     if isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear) and isinstance(head, int) and head > 0 \
             and isinstance(heads, int) and (pruned or qkv.out_features == (heads + 2 * d.get("num_kv_heads", heads)) * head):
@@ -202,12 +215,13 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
 
 
 def takes_alibi(m: nn.Module) -> bool:
-    """Whether attention module `m` is handed ALiBi position biases, one row per (sequence, head), made by the
-    model for its configured head count (BLOOM: `forward(..., alibi, ...)`)."""
+    """Whether attention module `m` is handed ALiBi position biases, made by the model for its configured head
+    count (BLOOM, Falcon: `forward(..., alibi, ...)`; MPT: `forward(..., position_bias, ...)`)."""
     try:
-        return "alibi" in inspect.signature(type(m).forward).parameters
+        params = inspect.signature(type(m).forward).parameters
     except (TypeError, ValueError):
         return False
+    return "alibi" in params or (head_style(m, pruned=True) == "mpt" and "position_bias" in params)
 
 
 class LayerConfig:

@@ -807,8 +807,7 @@ class PrunableModel:
 
     def _fused_qkv_reason(self, g: GroupInfo, err: str) -> str:
         """`err`, said in words when the group is a fused projection (`_fused_candidates` has candidates for it) none of
-        whose candidate layouts computed right: MPT's Wqkv, whose heads carry position biases built for the
-        configured head count."""
+        whose candidate layouts computed right."""
         cands = self._fused_candidates(g)
         if cands:
             parts = cands[0].parts
@@ -1192,10 +1191,12 @@ class PrunableModel:
         return self._tables
 
     def _alibi_outputs(self) -> dict[str, str]:
-        """The output projections of the base's attentions handed ALiBi biases (BLOOM's `dense`) -> the attention."""
+        """The output projections of the base's attentions handed ALiBi biases (BLOOM's `dense`, MPT's `out_proj`)
+        -> the attention."""
         if getattr(self, "_alibi_outs", None) is None:
-            self._alibi_outs = {f"{n}.dense" if n else "dense": n for n, m in self._base_modules().items()
-                                if head_style(m) == "qkv" and takes_alibi(m)}
+            out = {"qkv": "dense", "mpt": "out_proj"}
+            self._alibi_outs = {f"{n}.{out[style]}" if n else out[style]: n for n, m in self._base_modules().items()
+                                if (style := head_style(m)) in out and takes_alibi(m)}
         return self._alibi_outs
 
     def _keep_alibi_heads(self, work: nn.Module, removed_inputs: dict[str, Any]) -> None:
