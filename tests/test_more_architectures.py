@@ -953,11 +953,12 @@ def test_fused_qkv_heads_go_whole_with_their_alibi_rows_and_compute_what_silenci
     assert torch.allclose(_logits(load_pruned(tmp_path / "exp"), x), _logits(small, x), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["falcon", "phi3"])
+@pytest.mark.parametrize("name", ["falcon", "phi3", "gpt-bigcode"])
 def test_fused_multi_query_heads_go_one_query_head_at_a_time_and_compute_what_silencing_them_computes(name, tmp_path) -> None:
-    # one key/value head in a fused projection, [q heads | k | v] (Falcon-7B; Phi-3 with one key/value head): a unit
-    # was a key/value head with its query heads, all of them, so the heads were intact; a unit is now a query head,
-    # the key and value blocks stay, and the attention keeps at least one query head
+    # one key/value head in a fused projection, [q heads | k | v] (Falcon-7B; Phi-3 with one key/value head;
+    # GPTBigCode: StarCoder, SantaCoder): a unit was a key/value head with its query heads, all of them, so the
+    # heads were intact; a unit is now a query head, the key and value blocks stay, and the attention keeps at least
+    # one query head (GPTBigCode splits its c_attn at `embed_dim`, which now follows the query heads)
     import copy
 
     from autoprune.exporting import hf as hfexport
@@ -966,7 +967,9 @@ def test_fused_multi_query_heads_go_one_query_head_at_a_time_and_compute_what_si
     build = {"falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
                  vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True)),
              "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
-                 **{**_DECODER, "num_key_value_heads": 1}, pad_token_id=0))}[name]
+                 **{**_DECODER, "num_key_value_heads": 1}, pad_token_id=0)),
+             "gpt-bigcode": lambda: transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+                 vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=40, multi_query=True))}[name]
     torch.manual_seed(0)
     pm = _in_thread(lambda: PrunableModel(build().eval(), _tokens(1)), 120)
     heads = [g for g in pm.groups if g.prunable and "multi-query" in pm.kind(g)]

@@ -37,6 +37,15 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
                 m.all_head_size = q.out_features
                 m.num_attention_heads = q.out_features // size
                 n += 1
+        elif style == "bigcode":  # GPTBigCode's multi-query c_attn, [q | k | v], split at `embed_dim` (the query width)
+            width = m.c_proj.in_features
+            want = {"embed_dim": width, "split_size": width, "num_heads": width // m.head_dim}
+            if isinstance(m.__dict__.get("num_key_value_groups"), int):
+                want["num_key_value_groups"] = width // m.head_dim
+            stale = {a: v for a, v in want.items() if getattr(m, a) != v}
+            for a, v in stale.items():
+                setattr(m, a, v)
+            n += bool(stale)
         elif style == "gpt2":  # a fused q/k/v projection split in three by `split_size`
             split = out_width(m.c_attn) // 3
             if m.split_size != split:
@@ -180,6 +189,9 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
     `q_proj` and `k_proj`, as in Llama, Gemma and Qwen2, whose query view reads -1 heads), or None."""
     d = m.__dict__
     c_attn = m._modules.get("c_attn")
+    if d.get("multi_query") is True and isinstance(c_attn, nn.Linear) and isinstance(m._modules.get("c_proj"), nn.Linear) \
+            and all(isinstance(d.get(a), int) for a in ("embed_dim", "head_dim", "num_heads", "kv_dim")):
+        return "bigcode"
     if isinstance(c_attn, ROOT_TYPES) and all(isinstance(d.get(a), int) for a in ("split_size", "head_dim", "num_heads")) \
             and (pruned or out_width(c_attn) == 3 * d["split_size"]):
         return "gpt2"

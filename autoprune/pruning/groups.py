@@ -730,9 +730,10 @@ class PrunableModel:
         found = [Fused(width, 1, 2, False, readers[0], True)] if parts == 2 else []
         for h in heads if parts in (2, 3) else ():
             found += [Fused(width, h, parts, False, readers[0]), Fused(width, h, parts, True, readers[0])]
-        # grouped-query q/k/v in blocks: `num_key_value_heads` (Falcon: `num_kv_heads`) key/value heads of the
-        # module's head size; with one (multi-query), a unit is a query head alone
-        kv = parent.__dict__.get("num_key_value_heads", parent.__dict__.get("num_kv_heads"))
+        # grouped-query q/k/v in blocks: `num_key_value_heads` key/value heads of the module's head size; with one
+        # (multi-query), a unit is a query head alone
+        kv = next((v for a in ("num_key_value_heads", "num_kv_heads", "kv_heads")  # (Falcon's, GPTBigCode's names)
+                   if isinstance(v := parent.__dict__.get(a), int)), None)
         for h in heads if isinstance(kv, int) and kv > 0 else ():
             if width % (kv * h) == 0 and width // (kv * h) > 1 and g.channels == width + 2 * kv * h:
                 found.append(Fused(width, h, 3, False, readers[0], rep=width // (kv * h), query_only=kv == 1))
