@@ -23,7 +23,9 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
     (BERT/ViT style: `num_attention_heads`, `attention_head_size`, `all_head_size` next to `query`/`key`/`value`
     Linear layers; BART style: `num_heads` next to `q_proj` and `head_dim`, and `num_key_value_heads` next to `k_proj`;
     Phi-3 style: the query head count in the layer's own `LayerConfig`; Llama style: `num_key_value_groups`, the
-    query heads per key/value head, beside `q_proj` and `k_proj`) from the pruned widths, so that the
+    query heads per key/value head, beside `q_proj` and `k_proj`; BLOOM, Falcon and Persimmon: `num_heads` (and
+    Falcon's `num_kv_heads`) beside a fused `query_key_value`; MPT: `n_heads` beside `Wqkv`; GPTBigCode with one
+    key/value head: `embed_dim`, where it splits its `c_attn`) from the pruned widths, so that the
     modules compute with the heads they have (Whisper and OPT reshape with `num_heads`, StableLM its keys and values
     with `num_key_value_heads`, Phi-3 slices its qkv_proj at its config's count) and their repr tells the
     truth; returns how many modules were updated. Torch-Pruning prunes the weights but does not know these
@@ -42,10 +44,7 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
             want = {"embed_dim": width, "split_size": width, "num_heads": width // m.head_dim}
             if isinstance(m.__dict__.get("num_key_value_groups"), int):
                 want["num_key_value_groups"] = width // m.head_dim
-            stale = {a: v for a, v in want.items() if getattr(m, a) != v}
-            for a, v in stale.items():
-                setattr(m, a, v)
-            n += bool(stale)
+            n += _set_stale(m, want)
         elif style == "gpt2":  # a fused q/k/v projection split in three by `split_size`
             split = out_width(m.c_attn) // 3
             if m.split_size != split:
@@ -75,19 +74,13 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
                 want["num_key_value_heads"] = k.out_features // m.head_dim
             if _kv_groups(m) is not None:
                 want["num_key_value_groups"] = _kv_groups(m)
-            stale = {a: v for a, v in want.items() if getattr(m, a) != v}
-            for a, v in stale.items():
-                setattr(m, a, v)
-            n += bool(stale)
+            n += _set_stale(m, want)
         elif style == "qkv":  # BLOOM, Falcon, Persimmon: a fused query_key_value viewed at `num_heads`; Falcon its keys
             heads = m.dense.in_features // m.head_dim  # at `num_kv_heads` (all heads' without grouped queries)
             want = {"num_heads": heads}
             if isinstance(m.__dict__.get("num_kv_heads"), int) and m.query_key_value.out_features == 3 * heads * m.head_dim:
                 want["num_kv_heads"] = heads
-            stale = {a: v for a, v in want.items() if getattr(m, a) != v}
-            for a, v in stale.items():
-                setattr(m, a, v)
-            n += bool(stale)
+            n += _set_stale(m, want)
         elif style == "mpt":  # MPT: a fused Wqkv ([q | k | v]) viewed at `n_heads`
             heads = m.out_proj.in_features // m.head_dim
             if m.n_heads != heads:
@@ -99,6 +92,14 @@ def sync_attention_attributes(model: nn.Module, only: Iterable[str] | None = Non
                 m.num_key_value_groups = groups
                 n += 1
     return n
+
+
+def _set_stale(m: nn.Module, want: dict[str, int]) -> bool:
+    """Set the attributes of `m` that differ from `want`; whether any did."""
+    stale = {a: v for a, v in want.items() if getattr(m, a) != v}
+    for a, v in stale.items():
+        setattr(m, a, v)
+    return bool(stale)
 
 
 def _kv_groups(m: nn.Module) -> int | None:
@@ -143,9 +144,10 @@ def _alibi_of_kept_heads(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
 def keep_alibi_heads(m: nn.Module, before: nn.Module, removed_inputs: Iterable[int]) -> None:
     """Record on attention `m` (cut from `before`, whose output projection lost `removed_inputs`) which of the model's
     heads it kept, and let it read their ALiBi rows alone (a forward pre-hook, `_alibi_of_kept_heads`, registered
-    once): BLOOM builds its ALiBi biases once per model, one row per (sequence, head) at the configured head count,
-    and every layer adds them to its scores, so a layer with fewer heads failed (and its heads were left intact),
-    and one that took the first rows would have given its kept heads the wrong slopes.
+    once): BLOOM builds its ALiBi biases once per model, one row per (sequence, head) at the configured head count
+    (Falcon-RW folds them into its mask, MPT makes one per head), and every layer adds them to its scores, so a
+    layer with fewer heads failed (and its heads were left intact), and one that took the first rows would have
+    given its kept heads the wrong slopes.
 
     Why by hand: the biases are a tensor the model builds from its config, not a dependency Torch-Pruning traces."""
     count = before.__dict__.get("num_heads", before.__dict__.get("n_heads"))  # (MPT: n_heads)
@@ -186,7 +188,10 @@ def head_style(m: nn.Module, pruned: bool = False) -> str | None:
     projection), "t5" (`n_heads` and `key_value_proj_dim` beside `q`), "bart" (`num_heads`, or Swin's `num_attention_heads`, and
     `head_dim` beside `q_proj`, as in BART, OPT, Whisper, where the head count times `head_dim` is the q
     projection's width, until heads are cut: `pruned`), "grouped" (`num_key_value_groups` and `head_dim` beside
-    `q_proj` and `k_proj`, as in Llama, Gemma and Qwen2, whose query view reads -1 heads), or None."""
+    `q_proj` and `k_proj`, as in Llama, Gemma and Qwen2, whose query view reads -1 heads), "bigcode" (GPTBigCode
+    with `multi_query`: `embed_dim`, `kv_dim`, `num_heads`, `head_dim` beside `c_attn`), "mpt" (`n_heads` and
+    `head_dim` beside `Wqkv` and `out_proj`), "qkv" (`num_heads` and `head_dim` beside `query_key_value` and `dense`:
+    BLOOM, Falcon, Persimmon), or None."""
     d = m.__dict__
     c_attn = m._modules.get("c_attn")
     if d.get("multi_query") is True and isinstance(c_attn, nn.Linear) and isinstance(m._modules.get("c_proj"), nn.Linear) \
