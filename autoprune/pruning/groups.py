@@ -614,8 +614,7 @@ class PrunableModel:
         root = model.get_submodule(gname)
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
         if self._head_tables() or self._head_norms():
-            # (per-head tables and norms: Torch-Pruning cuts them as layers, Persimmon's per-head LayerNorms too)
-            tables = self._table_modules(model) | {id(model.get_submodule(p.rpartition(".")[0])) for p in self._head_norms()}
+            tables = self._table_modules(model)
             if tables:
                 group._group = [item for item in group.items if id(item.dep.target.module) not in tables]
         fused = self.__dict__.get("_fused", {}).get(gname)
@@ -1248,15 +1247,17 @@ class PrunableModel:
                     owner.embedding_dim = len(keep)
 
     def _table_modules(self, model: nn.Module) -> set[int]:
-        """ids of `model`'s modules that are per-head tables (`_head_tables`: T5's relative-attention embedding),
-        which `_cut_head_tables` cuts per head; Torch-Pruning's walk cut T5's 4 columns as if they were 32 channels."""
+        """ids of `model`'s modules that `_walk` keeps out of Torch-Pruning's groups, which cut them as layers: per-head
+        tables (`_head_tables`: T5's relative-attention embedding, which `_cut_head_tables` cuts per head; the walk
+        cut its 4 columns as if they were 32 channels) and per-head norms (`_head_norms`: Persimmon's q/k LayerNorms,
+        which no head cut changes)."""
         out = set()
         for _q, _size, tables in self._head_tables().values():
             for t in tables:
                 owner = model.get_submodule(t.rpartition(".")[0]) if "." in t else model
                 if isinstance(owner, nn.Embedding):
                     out.add(id(owner))
-        return out
+        return out | {id(model.get_submodule(p.rpartition(".")[0])) for p in self._head_norms()}
 
     def _shareable(self, name: str, handler: Any) -> tuple[str | None, list[torch.Tensor]]:
         """(`cut`'s own path for layer `name` and `handler`, as `fast_kind` names it, None when Torch-Pruning's
