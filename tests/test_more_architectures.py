@@ -1224,3 +1224,48 @@ def test_an_onnx_export_that_fails_both_ways_says_both_errors(tmp_path) -> None:
         export_onnx(_KeywordOnlyWithAnUnsupportedOp(), {"x": torch.randn(1, 4)}, tmp_path / "m.onnx")
     assert "TypeError" in str(e.value) and "through a wrapper taking the inputs by name" in str(e.value)
     assert "aten::special_i0e" in str(e.value)
+
+
+GENERATORS = {
+    # grouped-query attention (2 key/value heads, whole ones cut), multi-query (query heads cut, one key/value head
+    # kept; Gemma-3 with a sliding window shorter than the prompt), ALiBi rows of the kept heads, a fused
+    # multi-query projection, and T5's cross-attention (its bias handed from layer to layer, cached)
+    "mistral": lambda: SURVEY["mistral"][0](),
+    "llama-mqa": lambda: SURVEY["llama-mqa"][0](),
+    "gemma3-mqa": lambda: SURVEY["gemma3-mqa"][0](),
+    "bloom": lambda: SURVEY["bloom"][0](),
+    "gpt-bigcode": lambda: transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=40, multi_query=True)),
+    "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_a_pruned_model_generates_with_its_cache_what_it_generates_without(name, tmp_path) -> None:
+    # what a user of a pruned LLM does first: `generate`. With the key/value cache, every layer caches at its own
+    # (cut) head count, ALiBi rows and T5's shared bias are sliced per step, and the result must be the tokens that
+    # the same greedy decoding without a cache gives (each step a full forward pass), before and after a reload
+    from autoprune.exporting import hf as hfexport
+
+    torch.manual_seed(0)
+    model = GENERATORS[name]().eval()
+    seq2seq = model.config.is_encoder_decoder
+    example = {**_tokens(1), **({"decoder_input_ids": _tokens(1, 4)["input_ids"]} if seq2seq else {})}
+    pm = _in_thread(lambda: PrunableModel(model, example), 120)
+    heads = [g.name for g in pm.groups if g.prunable and pm.kind(g).startswith("attention heads")]
+    assert len(heads) >= 2  # every layer's heads are cut (T5: self- and cross-attention)
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    assert all(plan.ratios[n] > 0 for n in heads)
+    small = pm.apply(plan)
+    prompt = _tokens(2, 6)["input_ids"]
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = small.generate(prompt, use_cache=True, **kw)
+        assert torch.equal(cached, small.generate(prompt, use_cache=False, **kw))
+    assert cached.shape == (2, (1 if seq2seq else 6) + 8)
+    hfexport.save_pretrained(small, tmp_path)
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    back = auto.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(back.generate(prompt, use_cache=True, **kw), cached)
