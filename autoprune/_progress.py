@@ -8,13 +8,14 @@ import sys
 from tqdm.auto import tqdm
 
 
-def progress(*, total: int | None = None, desc: str = "", disable: bool = False, **kw):
-    """A tqdm bar; disabled when stderr is not a TTY (CI logs) unless AUTOPRUNE_PROGRESS=1."""
+def bars_shown() -> bool:
+    """Whether progress bars show: AUTOPRUNE_PROGRESS when set, else whether stderr is a terminal (not a CI log)."""
     from autoprune import settings
 
     forced = settings.get().progress
-    if forced is not None:
-        disable = disable or not forced
-    else:
-        disable = disable or not sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True, **kw)
+    return forced if forced is not None else sys.stderr.isatty()
+
+
+def progress(*, total: int | None = None, desc: str = "", disable: bool = False, **kw):
+    """A tqdm bar; disabled when stderr is not a TTY (CI logs) unless AUTOPRUNE_PROGRESS=1."""
+    return tqdm(total=total, desc=desc, disable=disable or not bars_shown(), leave=False, dynamic_ncols=True, **kw)

@@ -93,6 +93,27 @@ def test_a_pruned_bert_round_trips_through_save_pretrained_and_from_pretrained(t
         hfexport.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
 
 
+@pytest.mark.parametrize("shown", [False, True])
+def test_transformers_bars_in_an_export_follow_autoprunes_progress_setting(shown, tmp_path, capfd):
+    # transformers prints "Writing model shards" and "Loading weights" bars of its own; under AUTOPRUNE_PROGRESS=0
+    # (or in a log) autoprune's export showed them anyway, and a search with show_progress off printed them
+    from autoprune import settings
+    from autoprune.exporting import hf as hfexport
+
+    hf_logging = transformers.utils.logging
+    small = PrunableModel(tiny_bert(), bert_inputs(), ignore=["pooler.dense"]).base
+    settings.configure(settings.Settings(progress=shown))
+    try:
+        capfd.readouterr()
+        hfexport.save_pretrained(small, tmp_path)
+        hfexport.from_pretrained(tmp_path)
+        err = capfd.readouterr().err
+    finally:
+        settings.configure()
+    assert ("Loading weights" in err) is shown
+    assert hf_logging.is_progress_bar_enabled()  # transformers' own setting is left as it was
+
+
 def test_properties_on_a_transformer():
     # any plan over heads and FFN neurons: the output shape is unchanged (another batch size and sequence length
     # too), the attention modules agree with their widths, and the analytic costs are the counted ones

@@ -17,6 +17,7 @@ record per-layer widths (Torch-Pruning's HF examples save whole pickled models).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from autoprune._progress import bars_shown
 from autoprune.errors import AutopruneError
 from autoprune.pruning.attention import (LayerConfig, _alibi_of_kept_heads, _one_bias_for_all_heads,
                                          read_kept_alibi_rows, share_cross_attention_bias)
@@ -213,6 +215,22 @@ def _auto_classes(model: nn.Module) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def _hf_bars():
+    """transformers' own progress bars ("Writing model shards", "Loading weights") follow autoprune's: shown on a
+    terminal or with AUTOPRUNE_PROGRESS=1, never in a log or under AUTOPRUNE_PROGRESS=0."""
+    from transformers.utils import logging as hf_logging
+
+    hide = hf_logging.is_progress_bar_enabled() and not bars_shown()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
 def save_pretrained(model: nn.Module, out_dir: str | Path) -> Path:
     """`model.save_pretrained(out_dir)` with the pruned widths in its config and the class that rebuilds them."""
     if not is_hf(model):
@@ -234,7 +252,8 @@ def save_pretrained(model: nn.Module, out_dir: str | Path) -> Path:
     setattr(config, SHAPES_KEY, shapes)
     config.auto_map = {auto: f"{CODE_FILE[:-3]}.{cls}" for auto in _auto_classes(model)}
     try:
-        model.save_pretrained(out)
+        with _hf_bars():
+            model.save_pretrained(out)
     finally:
         for k, v in old.items():
             if v is None and hasattr(config, k):
@@ -266,7 +285,8 @@ def from_pretrained(path: str | Path, **kwargs) -> nn.Module:
 
     # transformers' own loading (checkpoint key conversions, tied weights, dtype), on the resized class
     resized = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
-    model, info = resized.from_pretrained(path, output_loading_info=True, **kwargs)
+    with _hf_bars():
+        model, info = resized.from_pretrained(path, output_loading_info=True, **kwargs)
     bad = {k: list(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise AutopruneError(f"{path}: the weights do not fit the recorded widths ({bad})")
