@@ -53,6 +53,25 @@ def test_call_analysis_follows_groups_on_resnet20():
             assert (cin, cout) == (pruned[s.module].in_channels, pruned[s.module].out_channels), s.module
 
 
+def test_the_latency_table_times_copies_and_never_the_unpruned_models_own_layers(monkeypatch):
+    # timing moves a layer to the target device: a layer of the base that no group resizes (here the first conv,
+    # whose outputs are kept; in a BERT its embedding tables) was timed as it was, so on a GPU the unpruned model
+    # was left split between devices and the search's first evaluation there failed
+    import autoprune.costs.latency as lat
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3),
+                                torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1))
+    pm = PrunableModel(model, torch.zeros(1, 1, 8, 8), ignore=["0"])
+    timed = []
+    real = lat.measure_latency
+    monkeypatch.setattr(lat, "measure_latency", lambda m, x, **kw: (timed.append(m), real(m, x, **kw))[1])
+    table = lat.build_table(pm, points_1d=2, points_2d=2, calib_plans=3, valid_plans=1)
+    points = [e for e in table.entries if e.shape == "point" and e.module == "0"]
+    assert points and len(timed) > len(table.entries)
+    base = {id(m) for m in pm.base.modules()}
+    assert not [m for m in timed if id(m) in base]
+
+
 @pytest.mark.slow
 def test_latency_search_meets_remeasured_budget(make_spec):
     # batch 64: compute, not per-call overhead, dominates, so 60 % is reachable with room (uniform 0.5 -> ~55 %,

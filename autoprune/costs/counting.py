@@ -169,7 +169,8 @@ def measure_latency(
 ) -> LatencyStats:
     """Median latency of `model(example)` in ms: warm-up, then timed runs until the median's 95 %
     confidence interval is within `rel_ci` of it (or `max_runs` / `time_budget_s` is hit).
-    CUDA is synchronised around every run; the CPU thread count is fixed while timing."""
+    CUDA is synchronised around every run; the CPU thread count is fixed while timing. `model` itself is moved to
+    `device` (time a copy to keep it where it is, as `autoprune.costs.latency.measure_model` does)."""
     dev = torch.device(device)
     model = model.to(dev).eval()
     x = to_device(example, dev)

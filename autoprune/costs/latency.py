@@ -383,7 +383,10 @@ def build_table(pm, groups: list[str] | None = None, *, device: str = "cpu", thr
             cin0 = s.in_shape[s.in_dim] if s.in_dim is not None else 0
             cout0 = s.out_shape[s.out_dim] if s.out_dim is not None else 0
             if not (s.in_coef or s.out_coef):
-                ms = time_entry(mod, _site_input(s, cin0, device, mod)).median_ms
+                # a copy: timing moves the module to `device`, and the base's own (an embedding table no group
+                # resizes) moved to a GPU left the unpruned model split between devices (its parent's buffers
+                # stayed on the CPU), so the search's first evaluation on the GPU failed
+                ms = time_entry(copy.deepcopy(mod), _site_input(s, cin0, device, mod)).median_ms
                 entries.append(Entry(s.module, s.call, "point", ms=[[ms]]))
                 continue
             g = s.line
