@@ -40,6 +40,9 @@ class Budget:
     device: Any = None  # latency: the device that measures
     # latency: `measure` with the measurement's spread (a LatencyStats: median, p10, p90); None for counted budgets
     measure_stats: Callable[[nn.Module], Any] | None = None
+    # latency: `estimate` measures each plan on the device (the table was not trusted, or
+    # AUTOPRUNE_LATENCY_PREDICTOR=measure): each estimate costs a measurement and is as noisy as one
+    measured: bool = False
 
     @classmethod
     def from_spec(cls, spec, pm: PrunableModel, cost_model: CostModel) -> "Budget":
@@ -194,7 +197,8 @@ def latency_budget(spec, pm, cost_model=None):
         return measure_stats(model).median_ms
 
     limit = float(b.latency_ms) if b.latency_ms is not None else float(b.latency) * float(base)
-    budget = Budget("latency_ms", b.latency, limit, float(base), estimate, measure, table, notes, dev, measure_stats)
+    budget = Budget("latency_ms", b.latency, limit, float(base), estimate, measure, table, notes, dev, measure_stats,
+                    measured=mode == "measure")
     for n in notes:
         log.warning(n)
     return budget

@@ -148,7 +148,13 @@ class SearchSpace:
         channels at once, which leaves up to a few % of the budget unused on small models. Round robin over
         the groups (most-pruned relative to its proposal weight first), each group keeps `round_to` more
         channels as long as the cost stays under the limit; a group that no longer fits is dropped (costs
-        only grow as channels come back). Costs one estimate per channel given back plus one per group."""
+        only grow as channels come back). Costs one estimate per channel given back plus one per group.
+
+        Not when every estimate is a latency measured on the device (`Budget.measured`): a channel's worth of
+        latency is within a measurement's noise, and each step cost a whole-model measurement (most of a trial's
+        ~20 on a GPU, where the search ran minutes per trial); the bisection's plan stands."""
+        if self.budget.measured:
+            return plan
         pm, limit = self.pm, self.budget.limit
         ratios = {n: float(plan.ratios.get(n, 0.0)) for n in self.dims}
         groups = {n: pm.group(n) for n in self.dims}
