@@ -114,6 +114,35 @@ def test_transformers_bars_in_an_export_follow_autoprunes_progress_setting(shown
     assert hf_logging.is_progress_bar_enabled()  # transformers' own setting is left as it was
 
 
+def test_a_bfloat16_model_that_onnx_cannot_export_is_exported_in_float32_and_the_manifest_says_so(tmp_path):
+    # transformers 5 loads a checkpoint in its stored dtype by default, often bfloat16; the TorchScript exporter
+    # fails on a bfloat16 BERT ("ScalarType ComplexDouble is an unexpected tensor scalar type"), which failed the
+    # whole export
+    ort = pytest.importorskip("onnxruntime")
+    from autoprune.exporting.files import export_model
+
+    pm = PrunableModel(tiny_bert().to(torch.bfloat16), bert_inputs(), ignore=["pooler.dense"])
+    plan = pm.plan({n: 0.5 for n in pm.prunable_names})
+    small = pm.apply(plan)
+    manifest = export_model(small, tmp_path, plan=plan, model_spec={"factory": "m:f"}, example=bert_inputs(),
+                            pruning={"ignore": [], "round_to": 1, "mode": "structured", "criterion": "l2"})
+    assert "model.onnx" in manifest["files"] and "float32" in manifest["notes"][0] and "ComplexDouble" in manifest["notes"][0]
+    assert next(small.parameters()).dtype == torch.bfloat16  # the model itself is left as it was
+    from autoprune.model.onnx import export_onnx
+    with pytest.raises(Exception, match="ComplexDouble"):  # the agent times the file: no float32 stand-in there
+        export_onnx(small, bert_inputs(), tmp_path / "agent.onnx")
+    xs = bert_inputs(2)
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in xs.items()})[0])
+    with torch.no_grad():
+        want = call_model(small, xs).last_hidden_state.float()
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=0.1)  # bfloat16's own precision
+    import copy
+    with torch.no_grad():
+        exact = call_model(copy.deepcopy(small).float(), xs).last_hidden_state
+    assert torch.allclose(got, exact, atol=1e-4)
+
+
 def test_properties_on_a_transformer():
     # any plan over heads and FFN neurons: the output shape is unchanged (another batch size and sequence length
     # too), the attention modules agree with their widths, and the analytic costs are the counted ones

@@ -10,6 +10,7 @@ plan's structure, and loads the weights: nothing is unpickled.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from autoprune.model.loading import build_model
 from autoprune.model.task import to_device
 
 MANIFEST_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def export_model(
@@ -71,8 +73,13 @@ def export_model(
     }
     (out / "costs.json").write_text(json.dumps(costs, indent=2))
     if onnx:
-        export_onnx(model, example, out / "model.onnx")
+        notes: list[str] = []
+        export_onnx(model, example, out / "model.onnx", notes)
         manifest["files"].append("model.onnx")
+        if notes:
+            manifest["notes"] = notes
+            for n in notes:
+                log.warning(n)
     if hfexport.is_hf(model):  # also a save_pretrained directory that from_pretrained reloads
         hfexport.save_pretrained(model, out / "hf")
         manifest["files"].append("hf/")

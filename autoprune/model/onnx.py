@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,39 @@ from autoprune.errors import AutopruneError
 from autoprune.model.task import tensors_of
 
 
-def export_onnx(model: nn.Module, example: Any, path: str | Path) -> Path:
+def export_onnx(model: nn.Module, example: Any, path: str | Path, notes: list[str] | None = None) -> Path:
     """ONNX via the TorchScript exporter (dynamo=False needs no onnxscript); a clear error on unsupported ops.
-    A dict example becomes named ONNX inputs (its keys), a tuple positional ones."""
-    with _eager_grouped_attention(model):
-        return _export(model, example, path)
+    A dict example becomes named ONNX inputs (its keys), a tuple positional ones.
+
+    Given `notes` (the export), a bfloat16 model the exporter fails on is exported in float32 instead (a copy), and
+    `notes` says so: the TorchScript exporter fails on a bfloat16 BERT ("ScalarType ComplexDouble is an unexpected
+    tensor scalar type"), and transformers 5 loads a checkpoint in its stored dtype, often bfloat16, by default.
+    Without `notes` (the agent, which times the file) the error stands: a float32 file would time another model."""
+    try:
+        with _eager_grouped_attention(model):
+            return _export(model, example, path)
+    except AutopruneError as first:
+        if notes is None or not any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            raise
+        full = copy.deepcopy(model).float()
+        x = _bf16_to_float(example)
+        with _eager_grouped_attention(full):
+            _export(full, x, path)  # its own error if float32 fails too
+        why = str(first).partition("; export without ONNX")[0]
+        why = why.removeprefix("ONNX export failed (").removesuffix(")")
+        notes.append(f"model.onnx is in float32: the bfloat16 model's export failed ({why})")
+        return Path(path)
+
+
+def _bf16_to_float(obj: Any) -> Any:
+    """`obj` (a tensor, or a dict, tuple or list of them) with its bfloat16 tensors in float32."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.dtype == torch.bfloat16 else obj
+    if isinstance(obj, dict):
+        return {k: _bf16_to_float(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_bf16_to_float(v) for v in obj)
+    return obj
 
 
 @contextlib.contextmanager
