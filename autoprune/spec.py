@@ -56,7 +56,7 @@ class DataSpec(_Section):
     _factory_path = field_validator("factory")(ModelSpec._factory_path.__func__)  # type: ignore[attr-defined]
 
 
-TASK_KINDS = ("classification", "regression", "distillation")
+TASK_KINDS = ("classification", "regression", "distillation", "language_modeling")
 
 
 class TaskSpec(_Section):
@@ -68,7 +68,8 @@ class TaskSpec(_Section):
     output: str = Field("auto", description="the output field to score: auto | logits | last_hidden_state | "
                         "pooler_output | pooled (mean over attention_mask; distillation) | a dict key")
     loss: str | None = Field(None, description="distillation loss: kl | mse | cosine (default by output)")
-    metric: str | None = Field(None, description="distillation metric: cosine | agreement (default by output)")
+    metric: str | None = Field(None, description="distillation metric: cosine | agreement (default by output); "
+                               "language_modeling: neg_nll (default) | token_accuracy")
     temperature: float = Field(1.0, gt=0)
 
     @field_validator("factory")

@@ -215,3 +215,39 @@ def tiny_mpt(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return transformers.MptForCausalLM(transformers.MptConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4,
                                                               max_seq_len=40))
+
+
+class CountingTokens(Dataset):
+    """Token sequences that count: a random start a in 1..vocab-1 and a step k in {1, 2, 3} per sequence, token t
+    is 1 + (a - 1 + t k) mod (vocab - 1); right-padded with 0 (attention_mask 0) to `seq`. The next token follows
+    from the two before it: a language model learns it, where random tokens leave nothing to learn."""
+
+    def __init__(self, n: int, seq: int = 12, vocab: int = 50, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(1, vocab, (n, 1), generator=g)
+        step = torch.randint(1, 4, (n, 1), generator=g)
+        self.ids = 1 + (start - 1 + torch.arange(seq)[None, :] * step) % (vocab - 1)
+        lengths = torch.randint(seq // 2, seq + 1, (n,), generator=g)
+        self.mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        self.ids = self.ids * self.mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def counting_tokens(n_train: int = 512, n_val: int = 128, n_test: int = 128):
+    return {"train": CountingTokens(n_train, seed=0), "val": CountingTokens(n_val, seed=1),
+            "test": CountingTokens(n_test, seed=2)}
+
+
+def tiny_llama_lm(seed: int = 0) -> nn.Module:
+    """A Llama causal LM for `counting_tokens` (vocab 50, grouped-query heads: 4 query, 2 key/value), random init."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=40, pad_token_id=0, tie_word_embeddings=False))

@@ -300,6 +300,9 @@ CASES = [
          edit={"model": {"factory": "task_fixtures:tiny_encoder", "input_shape": [1, 40]},
                "data": {"factory": "task_fixtures:tokens"}, "task": {"kind": "distillation"}, "train": {"epochs": 0}},
          cmd="groups"),
+    Case("task-language-modeling-on-images", "task 'language_modeling' cannot split the data's batches "
+         "((tensor[1, 1, 40] float32, tensor[1] int64)) into inputs and target: ValueError: language_modeling needs "
+         "batches of token ids", edit={"task": {"kind": "language_modeling"}}, cmd="groups"),
     Case("report-missing-run", "does not exist; run `autoprune search SPEC` first", prepare=_report_missing),
     Case("report-bad-format", "--format 'xml': use table, json or csv", prepare=_report_bad_format),
 ]

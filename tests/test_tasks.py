@@ -27,6 +27,10 @@ CASES = {
                          task={"kind": "distillation", "output": "pooled"}, train={"epochs": 0}),
     "custom": dict(model={"factory": "task_fixtures:kwargs_cnn"}, data={"factory": "task_fixtures:dict_digits", "batch_size": 64},
                    task={"factory": "task_fixtures:top2"}, train={"epochs": 6, "lr": 0.01}),
+    # a causal LM (transformers' Llama) trained and scored on next tokens, no labels in the data
+    "language-modeling": dict(model={"factory": "task_fixtures:tiny_llama_lm"},
+                              data={"factory": "task_fixtures:counting_tokens", "batch_size": 32},
+                              task={"kind": "language_modeling"}, train={"epochs": 10, "lr": 0.01}),
 }
 
 
@@ -44,6 +48,8 @@ def _tensor(out):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_builtin_and_a_custom_task_searches_meets_the_budget_and_exports(name, runs_root):
+    if name == "language-modeling":
+        pytest.importorskip("transformers")
     spec = _spec(runs_root, name)
     s = api.session(spec, show_progress=False)
     base = s.baseline_metric
@@ -61,6 +67,12 @@ def test_every_builtin_and_a_custom_task_searches_meets_the_budget_and_exports(n
         assert s.evaluator.metric_name == "cosine"
         assert base == pytest.approx(1.0, abs=1e-6)  # the unpruned model is its own teacher
         assert 0.5 < best["metric_val"] < 1.0
+    elif name == "language-modeling":
+        assert s.evaluator.metric_name == "neg_nll"
+        # trained: ~0.2 nats a token (the first step of a sequence is a guess); guessing is log(49) = 3.9
+        assert -0.5 < base < 0 and -3.0 < best["metric_val"] < base
+        tuned = api.finetune(s, steps=150, show_progress=False)["metrics"]["val"]
+        assert tuned > best["metric_val"] + 0.05  # recovery on the next-token loss
     else:
         assert s.evaluator.metric_name == "top2"
         top1 = Evaluator(s.target.datasets, task=Classification(output="logits")).score(s.target.model)
@@ -167,6 +179,49 @@ def digit_loaders():
 
     return {k: DataLoader(v, batch_size=50, shuffle=(k == "train"), generator=torch.Generator().manual_seed(0))
             for k, v in dict_digits().items()}
+
+
+def test_language_modeling_scores_next_tokens_as_transformers_computes_its_own_loss():
+    transformers = pytest.importorskip("transformers")
+    from task_fixtures import counting_tokens, tiny_llama_lm
+
+    from autoprune.model.task import LanguageModeling
+
+    model = tiny_llama_lm().eval()
+    data = counting_tokens(8, 8, 8)["val"]
+    batch = {k: torch.stack([data[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask")}
+    assert (batch["attention_mask"] == 0).any()  # padded sequences among them
+    t = make_task(type("T", (), {"kind": "language_modeling"})())
+    assert isinstance(t, LanguageModeling) and not t.needs_labels
+    inputs, target = t.split(batch)
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    assert torch.equal(target == -100, batch["attention_mask"] == 0)  # padding is not scored
+    with torch.no_grad():
+        out = call_model(model, inputs)
+        hf = model(**inputs, labels=target).loss  # transformers shifts the labels itself and skips -100
+    logits = t.output(out, inputs)
+    assert t.loss(logits, target).item() == pytest.approx(hf.item(), rel=1e-5)
+    st = t.metric_state()
+    t.update(st, logits, target)
+    assert st["count"] == int((target[:, 1:] != -100).sum())
+    assert t.compute(st) == pytest.approx(-hf.item(), rel=1e-5)  # neg_nll: minus the mean over scored tokens
+    # labels in the batch are the targets (not the model's input), token_accuracy counts argmax hits
+    labels = batch["input_ids"].clone()
+    labels[:, :4] = -100
+    inputs, target = t.split({**batch, "labels": labels})
+    assert "labels" not in inputs and torch.equal(target, labels)
+    acc = LanguageModeling(metric="token_accuracy")
+    st = acc.metric_state()
+    acc.update(st, logits, target)
+    hits = (logits[:, :-1].argmax(-1) == labels[:, 1:])[labels[:, 1:] != -100]
+    assert acc.compute(st) == pytest.approx(hits.float().mean().item())
+    # what it refuses, by name: hidden states instead of a LM head's logits, batches without token ids
+    with pytest.raises(ValueError, match="language-model head"):
+        t.loss(torch.zeros(8, 12, 16), target.clamp_min(0) + 20)
+    with pytest.raises(ValueError, match="token ids"):
+        t.split((torch.randn(4, 3), torch.zeros(4)))
+    with pytest.raises(Exception, match="neg_nll"):
+        make_task(type("T", (), {"kind": "language_modeling", "metric": "accuracy"})())
 
 
 def test_task_units():

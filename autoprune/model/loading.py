@@ -109,7 +109,13 @@ def check_forward(model: nn.Module, example: Any, where: str = "model", task: Ta
     if not isinstance(scored, torch.Tensor):
         raise AutopruneError(f"task {task.name!r}: output() must give a tensor, got {type(scored).__name__} from {describe(out)}")
     if batch is not None:
-        inputs, target = task.split(batch)
+        try:
+            inputs, target = task.split(batch)
+        except AutopruneError:
+            raise
+        except Exception as e:
+            raise AutopruneError(f"task {task.name!r} cannot split the data's first batch ({describe(batch)}) into "
+                                 f"inputs and target: {type(e).__name__}: {e}") from None
         try:
             with torch.no_grad():
                 scored = task.output(call_model(model, inputs), inputs)
@@ -231,10 +237,17 @@ def load_target(spec: Spec, *, show_progress: bool = True) -> Target:
     model = build_model(spec.model.factory, spec.model.kwargs)
     try:
         batch = first_batch(datasets["train"], 2)
-        example, _ = task.split(first_batch(datasets["train"], 1))
+        one = first_batch(datasets["train"], 1)
     except Exception as e:
         raise AutopruneError(f"data factory {spec.data.factory!r}: cannot form a batch of the train split "
                              f"({type(e).__name__}: {e}); items must be tensors, tuples or dicts of tensors") from None
+    try:
+        example, _ = task.split(one)
+    except AutopruneError:
+        raise
+    except Exception as e:
+        raise AutopruneError(f"task {task.name!r} cannot split the data's batches ({describe(one)}) into inputs "
+                             f"and target: {type(e).__name__}: {e}") from None
     if spec.model.input_shape is not None:
         if not isinstance(example, torch.Tensor):
             raise AutopruneError(f"model.input_shape is {list(spec.model.input_shape)} but the data's inputs are "

@@ -327,6 +327,61 @@ class Distillation(Task):
         return {**super().describe(), "loss": self.loss_kind, "temperature": self.temperature}
 
 
+class LanguageModeling(Classification):
+    """Next-token prediction, self-supervised: the target at position t is the token at t + 1, read from the batch's
+    `input_ids` (a causal LM's logits, [batch, seq, vocab]). Positions whose `attention_mask` is 0 (padding) are not
+    scored; a batch's `labels`, when it has them, are the targets instead (transformers' convention: unshifted,
+    -100 not scored), and are not handed to the model. Loss: the mean next-token cross-entropy; metric `neg_nll`
+    (minus it, nats per token: perplexity is exp(-metric)) or `token_accuracy` (top-1 next token), each a mean over
+    the scored tokens of the split. Recovery's distillation is KL on the logits at every position (a classifier's)."""
+
+    name = "language_modeling"
+    needs_labels = False  # the targets are the inputs, shifted
+
+    def __init__(self, output: str = "auto", metric: str | None = None) -> None:
+        super().__init__(output)
+        self.metric_name = metric or "neg_nll"
+        if self.metric_name not in ("neg_nll", "token_accuracy"):
+            raise AutopruneError(f"task.metric {self.metric_name!r}: language_modeling is scored by neg_nll (minus the "
+                                 "next-token cross-entropy) or token_accuracy")
+
+    def split(self, batch: Any) -> tuple[Inputs, Any]:
+        if isinstance(batch, torch.Tensor) and not batch.is_floating_point() and batch.dim() == 2:
+            return batch, batch  # a bare [batch, seq] of token ids, fed to the model as its first argument
+        if not (isinstance(batch, Mapping) and "input_ids" in batch):
+            raise ValueError(f"language_modeling needs batches of token ids: a dict with input_ids (and "
+                             f"attention_mask, labels) or a [batch, seq] integer tensor, got {describe(batch)}")
+        inputs, labels = super().split(batch)
+        if labels is None:
+            labels, mask = batch["input_ids"], batch.get("attention_mask")
+            if isinstance(mask, torch.Tensor):
+                labels = labels.masked_fill(mask.to(labels.device) == 0, -100)
+        return inputs, labels
+
+    def _next_tokens(self, output: torch.Tensor, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of positions 0..T-2, flattened; the tokens at 1..T-1, flattened)."""
+        if output.dim() != 3 or not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(output.shape[:2]):
+            raise ValueError(f"language_modeling needs logits [batch, seq, vocab] and tokens [batch, seq], got "
+                             f"{describe(output)} and {describe(target)}")
+        target = target.to(output.device)
+        if int(target.max()) >= output.shape[-1]:
+            raise ValueError(f"language_modeling: token id {int(target.max())} is past the output's last dimension "
+                             f"({output.shape[-1]}): score a language-model head's logits (a model without one: "
+                             "task: {kind: distillation})")
+        return output[:, :-1].reshape(-1, output.shape[-1]), target[:, 1:].reshape(-1).long()
+
+    def loss(self, output, target, teacher=None):
+        logits, tokens = self._next_tokens(output, target)
+        return F.cross_entropy(logits.float(), tokens, ignore_index=-100)
+
+    def batch_metric(self, output, target, teacher=None):
+        logits, tokens = self._next_tokens(output, target)
+        scored = tokens != -100
+        if self.metric_name == "token_accuracy":
+            return float((logits.argmax(-1) == tokens)[scored].sum()), int(scored.sum())
+        return -float(F.cross_entropy(logits.float(), tokens, ignore_index=-100, reduction="sum")), int(scored.sum())
+
+
 class LegacyMetric(Classification):
     """Classification scored by a user function `metric(outputs, targets) -> float` on the concatenated outputs
     (`evaluation.metric: pkg.mod:fn`); bounded by `evaluation.max_val_samples`, since it is not streamed."""
@@ -349,7 +404,8 @@ class LegacyMetric(Classification):
         return float(self.fn(torch.cat(state["outputs"]), torch.cat(state["targets"])))
 
 
-BUILTIN = {"classification": Classification, "regression": Regression, "distillation": Distillation}
+BUILTIN = {"classification": Classification, "regression": Regression, "distillation": Distillation,
+           "language_modeling": LanguageModeling}
 
 
 def make_task(spec_task: Any = None, metric: str = "accuracy") -> Task:
@@ -377,6 +433,8 @@ def make_task(spec_task: Any = None, metric: str = "accuracy") -> Task:
         return Distillation(output, getattr(spec_task, "loss", None), task_metric, getattr(spec_task, "temperature", 1.0))
     if getattr(spec_task, "loss", None):
         raise AutopruneError(f"task.loss is for distillation; task {kind!r} has its own loss (subclass Task for another)")
+    if kind == "language_modeling":
+        return LanguageModeling(output, task_metric)
     if kind == "regression":
         if task_metric not in (None, "neg_mse"):
             raise AutopruneError(f"task.metric {task_metric!r}: regression is scored by neg_mse (subclass Task for another)")
