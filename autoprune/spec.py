@@ -56,7 +56,7 @@ class DataSpec(_Section):
     _factory_path = field_validator("factory")(ModelSpec._factory_path.__func__)  # type: ignore[attr-defined]
 
 
-TASK_KINDS = ("classification", "regression", "distillation", "language_modeling")
+TASK_KINDS = ("classification", "regression", "distillation", "language_modeling", "model_loss")
 
 
 class TaskSpec(_Section):

@@ -251,3 +251,53 @@ def tiny_llama_lm(seed: int = 0) -> nn.Module:
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=40, pad_token_id=0, tie_word_embeddings=False))
+
+
+class Squares(Dataset):
+    """Detection on 32x32 images: one bright square each, its class the channel it is drawn in; items are
+    (image, class, box) with the box as transformers' detectors take it (centre x, centre y, width, height in
+    [0, 1]); `squares` batches them with a collate function that gives DETR's `labels`, a list of one dict per
+    image."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            img = torch.randn(3, 32, 32, generator=g) * 0.1
+            c = int(torch.randint(0, 3, (1,), generator=g))
+            s = int(torch.randint(6, 12, (1,), generator=g))
+            x0, y0 = (int(v) for v in torch.randint(0, 32 - s, (2,), generator=g))
+            img[c, y0:y0 + s, x0:x0 + s] += 1.0
+            self.items.append((img, c, torch.tensor([(x0 + s / 2) / 32, (y0 + s / 2) / 32, s / 32, s / 32])))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _detection_batch(items):
+    return {"pixel_values": torch.stack([i[0] for i in items]),
+            "labels": [{"class_labels": torch.tensor([i[1]]), "boxes": i[2][None]} for i in items]}
+
+
+def squares(batch_size: int = 16):
+    from torch.utils.data import DataLoader
+
+    return {s: DataLoader(Squares(n, seed), batch_size=batch_size, shuffle=(s == "train"), collate_fn=_detection_batch,
+                          generator=torch.Generator().manual_seed(0))
+            for s, n, seed in (("train", 128, 0), ("val", 48, 1), ("test", 48, 2))}
+
+
+def tiny_detector(seed: int = 0) -> nn.Module:
+    """DETR (a ResNet backbone, 5 object queries, 3 classes) from a small config, random init: it computes its own
+    loss (Hungarian matching, class, L1 and GIoU box terms) when given `labels`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.DetrForObjectDetection(transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=transformers.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], out_features=["stage4"]),
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5, num_labels=3))

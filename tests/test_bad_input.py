@@ -303,6 +303,13 @@ CASES = [
     Case("task-language-modeling-on-images", "task 'language_modeling' cannot split the data's batches "
          "((tensor[1, 1, 40] float32, tensor[1] int64)) into inputs and target: ValueError: language_modeling needs "
          "batches of token ids", edit={"task": {"kind": "language_modeling"}}, cmd="groups"),
+    Case("task-model-loss-without-dict-batches", "task 'model_loss' cannot split the data's batches ((tensor[1, 1, "
+         "40] float32, tensor[1] int64)) into inputs and target: ValueError: model_loss hands the batch to the model "
+         "by name", edit={"task": {"kind": "model_loss"}}, cmd="groups"),
+    Case("task-model-loss-model-without-loss", "got an unexpected keyword argument 'labels' (task 'model_loss' hands "
+         "the model the batch's 'labels' to compute its own loss from; a model that computes none needs another task)",
+         edit={"model": {"factory": "task_fixtures:kwargs_cnn"}, "data": {"factory": "task_fixtures:dict_digits"},
+               "task": {"kind": "model_loss"}}, cmd="groups"),
     Case("report-missing-run", "does not exist; run `autoprune search SPEC` first", prepare=_report_missing),
     Case("report-bad-format", "--format 'xml': use table, json or csv", prepare=_report_bad_format),
 ]

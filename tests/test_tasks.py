@@ -31,6 +31,11 @@ CASES = {
     "language-modeling": dict(model={"factory": "task_fixtures:tiny_llama_lm"},
                               data={"factory": "task_fixtures:counting_tokens", "batch_size": 32},
                               task={"kind": "language_modeling"}, train={"epochs": 10, "lr": 0.01}),
+    # a detector (transformers' DETR) trained and scored by its own loss: the labels (a list of one dict of boxes
+    # and classes per image, from the user's DataLoader) go to the model
+    "model-loss-detector": dict(model={"factory": "task_fixtures:tiny_detector"},
+                                data={"factory": "task_fixtures:squares"},
+                                task={"kind": "model_loss"}, train={"epochs": 4, "lr": 1e-3}),
 }
 
 
@@ -48,7 +53,7 @@ def _tensor(out):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_builtin_and_a_custom_task_searches_meets_the_budget_and_exports(name, runs_root):
-    if name == "language-modeling":
+    if name in ("language-modeling", "model-loss-detector"):
         pytest.importorskip("transformers")
     spec = _spec(runs_root, name)
     s = api.session(spec, show_progress=False)
@@ -73,6 +78,16 @@ def test_every_builtin_and_a_custom_task_searches_meets_the_budget_and_exports(n
         assert -0.5 < base < 0 and -3.0 < best["metric_val"] < base
         tuned = api.finetune(s, steps=150, show_progress=False)["metrics"]["val"]
         assert tuned > best["metric_val"] + 0.05  # recovery on the next-token loss
+    elif name == "model-loss-detector":
+        assert s.evaluator.metric_name == "neg_loss"
+        assert "labels" not in s.target.example_input  # traced, counted and timed as inference
+        total = n = 0
+        with torch.no_grad():  # the model's own loss over the val split, a mean over images
+            for batch in s.target.datasets["val"]:
+                total += s.target.model.eval()(**batch).loss.item() * len(batch["labels"])
+                n += len(batch["labels"])
+        assert s.evaluator.score(s.target.model) == pytest.approx(-total / n, rel=1e-5)
+        assert base < 0 and math.isfinite(best["metric_test"])
     else:
         assert s.evaluator.metric_name == "top2"
         top1 = Evaluator(s.target.datasets, task=Classification(output="logits")).score(s.target.model)
@@ -222,6 +237,37 @@ def test_language_modeling_scores_next_tokens_as_transformers_computes_its_own_l
         t.split((torch.randn(4, 3), torch.zeros(4)))
     with pytest.raises(Exception, match="neg_nll"):
         make_task(type("T", (), {"kind": "language_modeling", "metric": "accuracy"})())
+
+
+def test_model_loss_hands_labels_to_the_model_and_slices_per_image_label_lists():
+    pytest.importorskip("transformers")
+    from task_fixtures import squares, tiny_detector
+
+    from autoprune.model.task import ModelLoss, slice_batch
+    from autoprune.model.training import distill_loss
+
+    batch = next(iter(squares(batch_size=4)["val"]))
+    t = make_task(type("T", (), {"kind": "model_loss"})())
+    assert isinstance(t, ModelLoss) and not t.needs_labels and t.metric_name == "neg_loss"
+    inputs, target = t.split(batch)
+    assert target is None and inputs["labels"] is batch["labels"]
+    assert set(t.inference_inputs(inputs)) == {"pixel_values"}
+    # a per-image list (a detector's labels) is sliced and repeated with the images, not item by item
+    two = slice_batch(batch, 1, 3)
+    assert two["pixel_values"].shape[0] == 2 and two["labels"] == batch["labels"][1:3]
+    assert len(resize_batch(batch, 6)["labels"]) == 6
+    model = tiny_detector().eval()
+    with torch.no_grad():
+        out = t.output(model(**inputs), inputs)
+    assert out.shape == (4,) and torch.all(out == out[0]) and out[0] > 0  # the batch's loss, once per image
+    assert distill_loss(t, out, out.clone()) is None  # loss values are not distilled
+    with pytest.raises(ValueError, match="has no labels"):
+        with torch.no_grad():
+            t.output(model(pixel_values=batch["pixel_values"]), {"pixel_values": batch["pixel_values"]})
+    with pytest.raises(ValueError, match="dict batches"):
+        t.split((batch["pixel_values"], torch.zeros(4)))
+    with pytest.raises(Exception, match="neg_loss"):
+        make_task(type("T", (), {"kind": "model_loss", "metric": "accuracy"})())
 
 
 def test_task_units():

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from autoprune.model.data import first_batch
 from autoprune.errors import AutopruneError
 from autoprune.spec import Spec
-from autoprune.model.task import Task, call_model, describe, make_task
+from autoprune.model.task import LABEL_KEYS, Task, call_model, describe, make_task
 from autoprune.model.factories import import_object
 from autoprune.model.training import train_model
 
@@ -100,13 +101,15 @@ def check_forward(model: nn.Module, example: Any, where: str = "model", task: Ta
         if not isinstance(out, torch.Tensor):
             raise AutopruneError(f"{where} must return a tensor, got {type(out).__name__}")
         return out
+    # a task that scores what the example leaves out (model_loss: the labels) is checked on the batch alone
+    scores_example = batch is None or type(task).inference_inputs is Task.inference_inputs
     try:
-        scored = task.output(out, example)
+        scored = task.output(out, example) if scores_example else None
     except AutopruneError:
         raise
     except Exception as e:
         raise AutopruneError(f"task {task.name!r} cannot read the output of {where} ({describe(out)}): {type(e).__name__}: {e}") from None
-    if not isinstance(scored, torch.Tensor):
+    if scores_example and not isinstance(scored, torch.Tensor):
         raise AutopruneError(f"task {task.name!r}: output() must give a tensor, got {type(scored).__name__} from {describe(out)}")
     if batch is not None:
         try:
@@ -120,7 +123,11 @@ def check_forward(model: nn.Module, example: Any, where: str = "model", task: Ta
             with torch.no_grad():
                 scored = task.output(call_model(model, inputs), inputs)
         except Exception as e:
-            raise AutopruneError(f"{where} forward failed on the data's first batch {describe(inputs)}: {type(e).__name__}: {e}") from None
+            given = [k for k in LABEL_KEYS if isinstance(inputs, Mapping) and k in inputs]
+            hint = (f" (task {task.name!r} hands the model the batch's {given[0]!r} to compute its own loss from; a "
+                    "model that computes none needs another task)") if given else ""
+            raise AutopruneError(f"{where} forward failed on the data's first batch {describe(inputs)}: "
+                                 f"{type(e).__name__}: {e}{hint}") from None
         if task.needs_labels and target is None:
             raise AutopruneError(
                 f"task {task.name!r} needs labels, but the data's batches have none ({describe(batch)}); "
@@ -243,6 +250,7 @@ def load_target(spec: Spec, *, show_progress: bool = True) -> Target:
                              f"({type(e).__name__}: {e}); items must be tensors, tuples or dicts of tensors") from None
     try:
         example, _ = task.split(one)
+        example = task.inference_inputs(example)
     except AutopruneError:
         raise
     except Exception as e:

@@ -75,12 +75,20 @@ def batch_len(inputs: Inputs) -> int:
     return int(ts[0].shape[0])
 
 
+def per_sample(obj: Any) -> bool:
+    """A list with one entry per sample (a collate function's list of dicts or strings: a detector's `labels`, one
+    dict of boxes and classes an image), not a structure of batched tensors (positional inputs)."""
+    return isinstance(obj, list) and bool(obj) and all(isinstance(v, (Mapping, str)) for v in obj)
+
+
 def slice_batch(obj: Any, start: int, stop: int) -> Any:
-    """Samples `start:stop` of every tensor with a batch dimension inside `obj`."""
+    """Samples `start:stop` of every tensor with a batch dimension, and of every per-sample list, inside `obj`."""
     if isinstance(obj, torch.Tensor):
         return obj[start:stop] if obj.dim() > 0 else obj
     if isinstance(obj, Mapping):
         return {k: slice_batch(v, start, stop) for k, v in obj.items()}
+    if per_sample(obj):
+        return obj[start:stop]
     if isinstance(obj, (tuple, list)):
         return type(obj)(slice_batch(v, start, stop) for v in obj)
     return obj
@@ -99,6 +107,8 @@ def resize_batch(inputs: Inputs, n: int) -> Any:
             return obj.repeat(reps, *([1] * (obj.dim() - 1)))[:n] if obj.dim() > 0 else obj
         if isinstance(obj, Mapping):
             return {k: rep(v) for k, v in obj.items()}
+        if per_sample(obj):
+            return (obj * reps)[:n]
         if isinstance(obj, (tuple, list)):
             return type(obj)(rep(v) for v in obj)
         return obj
@@ -176,6 +186,7 @@ class Task:
     needs_labels = True  # the metric reads targets from the batches
     needs_teacher = False  # loss/metric compare with the unpruned model's output
     metric_name = "metric"
+    distills = True  # recovery may add distillation from the unpruned model's output (`distill_loss`)
 
     def __init__(self, output: str = "auto") -> None:
         self.output_field = output
@@ -202,6 +213,11 @@ class Task:
     def output(self, out: Any, inputs: Inputs = None) -> torch.Tensor:
         """The model's output -> the tensor the loss and the metric read."""
         return pick_output(out, self.output_field)
+
+    def inference_inputs(self, inputs: Inputs) -> Inputs:
+        """What the model is traced, counted and timed on, from a batch's inputs: the inputs themselves, unless
+        they carry what only scoring needs (`ModelLoss`: the labels the model computes its loss from)."""
+        return inputs
 
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         return self.output(call_model(model, inputs), inputs)
@@ -382,6 +398,42 @@ class LanguageModeling(Classification):
         return -float(F.cross_entropy(logits.float(), tokens, ignore_index=-100, reduction="sum")), int(scored.sum())
 
 
+class ModelLoss(Task):
+    """The model's own loss: the whole batch, its `labels` included, goes to the model, which returns a `loss`
+    (transformers' convention: a detector given a list of {class_labels, boxes} per image, a segmentation model,
+    a seq2seq or masked LM given labels). Fine-tuning minimises it; the metric is `neg_loss`, minus it, averaged
+    over samples. The model is traced, counted and timed without the labels (`inference_inputs`), so costs and
+    latency are those of inference. Recovery adds no distillation (the outputs are loss values)."""
+
+    name = "model_loss"
+    needs_labels = False  # the labels are the model's inputs, not the task's targets
+    metric_name = "neg_loss"
+    distills = False
+
+    def split(self, batch: Any) -> tuple[Inputs, Any]:
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"model_loss hands the batch to the model by name: it needs dict batches (with the "
+                             f"labels the model computes its loss from), got {describe(batch)}")
+        return dict(batch), None
+
+    def inference_inputs(self, inputs: Inputs) -> Inputs:
+        return {k: v for k, v in inputs.items() if k not in LABEL_KEYS} if isinstance(inputs, Mapping) else inputs
+
+    def output(self, out: Any, inputs: Inputs = None) -> torch.Tensor:
+        loss = _field(out, "loss")
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            have = [k for k in LABEL_KEYS if isinstance(inputs, Mapping) and k in inputs]
+            raise ValueError(f"model_loss needs the model to return a scalar `loss`; it returned {describe(out)} "
+                             + (f"given {have[0]!r}" if have else "and the batch has no labels (a 'labels' key)"))
+        return loss.reshape(1).expand(batch_len(self.inference_inputs(inputs)) if inputs is not None else 1)
+
+    def loss(self, output, target, teacher=None):
+        return output.mean()
+
+    def batch_metric(self, output, target, teacher=None):
+        return -float(output.sum()), int(output.numel())
+
+
 class LegacyMetric(Classification):
     """Classification scored by a user function `metric(outputs, targets) -> float` on the concatenated outputs
     (`evaluation.metric: pkg.mod:fn`); bounded by `evaluation.max_val_samples`, since it is not streamed."""
@@ -405,7 +457,7 @@ class LegacyMetric(Classification):
 
 
 BUILTIN = {"classification": Classification, "regression": Regression, "distillation": Distillation,
-           "language_modeling": LanguageModeling}
+           "language_modeling": LanguageModeling, "model_loss": ModelLoss}
 
 
 def make_task(spec_task: Any = None, metric: str = "accuracy") -> Task:
@@ -435,6 +487,11 @@ def make_task(spec_task: Any = None, metric: str = "accuracy") -> Task:
         raise AutopruneError(f"task.loss is for distillation; task {kind!r} has its own loss (subclass Task for another)")
     if kind == "language_modeling":
         return LanguageModeling(output, task_metric)
+    if kind == "model_loss":
+        if task_metric not in (None, "neg_loss"):
+            raise AutopruneError(f"task.metric {task_metric!r}: model_loss is scored by neg_loss, minus the model's own "
+                                 "loss (subclass Task for another metric)")
+        return ModelLoss(output)
     if kind == "regression":
         if task_metric not in (None, "neg_mse"):
             raise AutopruneError(f"task.metric {task_metric!r}: regression is scored by neg_mse (subclass Task for another)")

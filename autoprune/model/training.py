@@ -62,7 +62,7 @@ def distill_loss(task: Task, student: Any, teacher: Any, temperature: float = 4.
       MSE between the two outputs (no softmax: the output need not be logits);
     * anything else (shapes differ, integer outputs): None, and the caller skips the term.
     """
-    if not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)):
+    if not task.distills or not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)):
         return None
     if student.shape != teacher.shape or not student.is_floating_point() or not teacher.is_floating_point():
         return None
