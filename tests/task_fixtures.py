@@ -56,10 +56,13 @@ class TokenDataset(Dataset):
 
     def __init__(self, n: int, seq: int = 12, vocab: int = 50, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, vocab, (n, seq), generator=g)
+        self.ids = self._draw(n, seq, vocab, g)
         lengths = torch.randint(seq // 2, seq + 1, (n,), generator=g)
         self.mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
         self.ids = self.ids * self.mask
+
+    def _draw(self, n: int, seq: int, vocab: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randint(1, vocab, (n, seq), generator=g)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -217,25 +220,15 @@ def tiny_mpt(seed: int = 0) -> nn.Module:
                                                               max_seq_len=40))
 
 
-class CountingTokens(Dataset):
+class CountingTokens(TokenDataset):
     """Token sequences that count: a random start a in 1..vocab-1 and a step k in {1, 2, 3} per sequence, token t
     is 1 + (a - 1 + t k) mod (vocab - 1); right-padded with 0 (attention_mask 0) to `seq`. The next token follows
     from the two before it: a language model learns it, where random tokens leave nothing to learn."""
 
-    def __init__(self, n: int, seq: int = 12, vocab: int = 50, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
+    def _draw(self, n: int, seq: int, vocab: int, g: torch.Generator) -> torch.Tensor:
         start = torch.randint(1, vocab, (n, 1), generator=g)
         step = torch.randint(1, 4, (n, 1), generator=g)
-        self.ids = 1 + (start - 1 + torch.arange(seq)[None, :] * step) % (vocab - 1)
-        lengths = torch.randint(seq // 2, seq + 1, (n,), generator=g)
-        self.mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-        self.ids = self.ids * self.mask
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+        return 1 + (start - 1 + torch.arange(seq)[None, :] * step) % (vocab - 1)
 
 
 def counting_tokens(n_train: int = 512, n_val: int = 128, n_test: int = 128):
