@@ -94,3 +94,37 @@ def test_minilm_under_a_latency_budget_meets_it_remeasured(runs_root):
         assert best["macs_ratio"] < 0.95 and 0.3 < best["metric_val"] <= 1.0
     else:
         assert len(rejected) >= 1
+
+
+def test_stdlib_bytes_are_utf8_bytes_padded_and_disjoint():
+    from autoprune.model.hfzoo import stdlib_bytes
+
+    d = stdlib_bytes(n_train=64, n_val=32, n_test=32, seq_len=24)
+    item, text = d["train"][0], d["train"].sentences[0]
+    want = [b + 1 for b in text.encode("utf-8")[:24]]
+    assert item["input_ids"][:len(want)].tolist() == want and item["attention_mask"].sum() == len(want)
+    assert (item["input_ids"][len(want):] == 0).all()  # padding, masked
+    rows = {s: {tuple(d[s][i]["input_ids"].tolist()) for i in range(len(d[s]))} for s in d}
+    assert not (rows["train"] & rows["val"]) and not (rows["val"] & rows["test"])
+
+
+@pytest.mark.slow
+def test_a_byte_level_llama_trains_on_next_tokens_searches_exports_and_reloads(runs_root):
+    # search_spaces/stdlib-llama-lm-macs50.yaml, shortened: a raw LlamaForCausalLM trained here, scored by its
+    # next-token loss (language_modeling), its grouped-query heads and MLP neurons searched
+    over = {"output": str(runs_root), "train.epochs": 2, "search.n_trials": 4, "sensitivity.ratios": [0.5],
+            "data.kwargs": {"n_train": 512, "n_val": 64, "n_test": 64, "seq_len": 32},
+            "evaluation.calibration_batches": 2}
+    s = api.session("search_spaces/stdlib-llama-lm-macs50.yaml", over, show_progress=False)
+    assert isinstance(s.target.model, transformers.LlamaForCausalLM) and s.evaluator.metric_name == "neg_nll"
+    assert s.baseline_metric > -3.5  # trained: guessing a byte is log(257) = 5.55 nats
+    assert any(k.startswith("attention heads, grouped") for k in set(s.pruner.table().kind))
+    result = api.search(s, show_progress=False)
+    best = result["best"]
+    assert best["macs_ratio"] <= 0.5 + 1e-9 and -5.55 < best["metric_val"] < s.baseline_metric
+    out = api.export(s.spec, show_progress=False, onnx=False)
+    x = {k: v[:4] for k, v in torch.load(out / "example.pt", weights_only=True).items()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        a, b = call_model(load_pruned(out), x).logits, call_model(hf, x).logits
+    assert a.shape[-1] == 257 and torch.allclose(a, b, atol=1e-5)

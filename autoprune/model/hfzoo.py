@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 
 from autoprune.errors import AutopruneError
 
-__all__ = ["minilm", "stdlib_text", "vit_digits", "digits_dict", "TokenizedText", "DictDigits", "TEXT_MODULES"]
+__all__ = ["minilm", "stdlib_text", "stdlib_bytes", "byte_llama", "vit_digits", "digits_dict", "TokenizedText",
+           "DictDigits", "TEXT_MODULES"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights and tokenizer are local files: never ask the hub
 
@@ -163,6 +164,60 @@ def stdlib_text(n_train: int = 1024, n_val: int = 256, n_test: int = 256, seq_le
     cut = {"train": keep[:n_train], "val": keep[n_train:n_train + n_val], "test": keep[n_train + n_val:n]}
     return {s: TokenizedText({"input_ids": ids[ix].contiguous(), "attention_mask": mask[ix].contiguous()},
                              [sents[i] for i in ix]) for s, ix in cut.items()}
+
+
+# --------------------------------------------------------------------------- a small Llama on standard-library bytes
+BYTE_VOCAB = 257  # a UTF-8 byte b is token b + 1; 0 pads
+
+
+def stdlib_bytes(n_train: int = 2048, n_val: int = 256, n_test: int = 256, seq_len: int = 64,
+                 seed: int = 0) -> dict[str, TokenizedText]:
+    """Disjoint train/val/test splits of the standard-library docstring sentences of `stdlib_text`, as bytes: token
+    b + 1 for each UTF-8 byte b (0 pads; `attention_mask` 0 there), truncated or padded to `seq_len`. For a byte-level
+    language model (`byte_llama`, `task: {kind: language_modeling}`): no tokenizer, nothing downloaded, and
+    `transformers` is not needed for the data."""
+    if min(n_train, n_val, n_test) <= 0 or seq_len < 4:
+        raise AutopruneError(f"stdlib_bytes: split sizes must be positive and seq_len >= 4, got "
+                             f"n_train={n_train}, n_val={n_val}, n_test={n_test}, seq_len={seq_len}")
+    sents = list(_all_sentences())
+    random.Random(seed).shuffle(sents)
+    rows, seen, kept = [], set(), []
+    for text in sents:
+        row = bytes(text.encode("utf-8")[:seq_len])
+        if row not in seen:  # no input in two splits
+            seen.add(row)
+            rows.append(row)
+            kept.append(text)
+    n = n_train + n_val + n_test
+    if len(rows) < n:
+        raise AutopruneError(f"stdlib_bytes: only {len(rows)} distinct sentences at seq_len={seq_len}, asked for {n} "
+                             f"(n_train + n_val + n_test)")
+    ids = torch.zeros(n, seq_len, dtype=torch.long)
+    for i, row in enumerate(rows[:n]):
+        ids[i, :len(row)] = torch.tensor(list(row), dtype=torch.long) + 1
+    mask = (ids > 0).long()
+    cut = {"train": range(0, n_train), "val": range(n_train, n_train + n_val), "test": range(n_train + n_val, n)}
+    return {s: TokenizedText({"input_ids": ids[list(ix)].contiguous(), "attention_mask": mask[list(ix)].contiguous()},
+                             [kept[i] for i in ix]) for s, ix in cut.items()}
+
+
+def byte_llama(hidden_size: int = 128, num_layers: int = 4, num_heads: int = 8, num_kv_heads: int = 4,
+               intermediate_size: int = 384, max_len: int = 128, seed: int = 0) -> torch.nn.Module:
+    """A small raw `transformers` LlamaForCausalLM over `stdlib_bytes`' 257 byte tokens: grouped-query attention
+    (`num_heads` query heads, `num_kv_heads` key/value heads), rotary positions, a SwiGLU MLP, no tied embeddings.
+    Random init seeded by `seed`; autoprune trains it through the spec's `train:` section with the
+    `language_modeling` task (search_spaces/stdlib-llama-lm-macs50.yaml). `model(input_ids=..., attention_mask=...)`
+    returns `.logits`, [batch, seq, 257]."""
+    transformers = _require_transformers()
+    config = transformers.LlamaConfig(
+        vocab_size=BYTE_VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_len, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config)
+    return model.eval()
 
 
 # --------------------------------------------------------------------------- ViT on sklearn digits
