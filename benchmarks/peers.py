@@ -86,6 +86,12 @@ def count_macs(model: torch.nn.Module, example, task=None) -> float:
     return fc.get_total_flops() / 2
 
 
+# what each built-in task's recovery minimises, by its metric (the results' recovery line)
+LOSS_OF = {"accuracy": "cross-entropy", "cosine": "distillation from the unpruned model",
+           "agreement": "distillation from the unpruned model", "neg_nll": "next-token cross-entropy",
+           "token_accuracy": "next-token cross-entropy", "neg_loss": "the model's own loss", "neg_mse": "MSE"}
+
+
 def recover(model: torch.nn.Module, train_ds, *, steps: int, lr: float, batch_size: int, seed: int, task,
             teacher: torch.nn.Module | None = None) -> torch.nn.Module:
     """The common recovery: `steps` Adam steps (cosine lr from `lr`) on the task's own loss (classification:
@@ -523,14 +529,14 @@ def main(argv=None) -> Path:
     finished = datetime.now(timezone.utc)
     tbl = table(runs, args)
     print(tbl)
+    metric = runs['metric'].iloc[0] if 'metric' in runs else 'accuracy'
     header = [
         f"- command: `{cmd}`",
         f"- machine: {mach}",
         f"- autoprune: git {rev}; spec `{Path(args.spec).name}` with its budget overridden",
         f"- started {started:%Y-%m-%d %H:%M} UTC, finished {finished:%H:%M} UTC ({(finished - started).total_seconds() / 60:.1f} min)",
         f"- recovery (every method): {args.ft_steps} Adam steps, lr {args.ft_lr} cosine, batch {yaml.safe_load(Path(args.spec).read_text())['data']['batch_size']}, "
-        f"the task's loss on train ({runs['metric'].iloc[0] if 'metric' in runs else 'accuracy'} task: "
-        f"{'cross-entropy' if 'metric' not in runs or runs['metric'].iloc[0] == 'accuracy' else 'distillation from the unpruned model'}), "
+        f"the task's loss on train ({metric} task: {LOSS_OF.get(metric, 'its loss')}), "
         f"seed = run seed (plain torch in peers.py), from the {args.recover_from} pruned model; short recovery: "
         f"{args.ft_short_steps} steps",
     ]
