@@ -181,3 +181,11 @@ def test_notes_fold_to_the_width_with_the_text_indented():
     assert lines[0].startswith("note: search.priors: auto") and all(line.startswith("      ") for line in lines[1:])
     assert " ".join(line.strip() for line in lines) == "note: " + note  # nothing lost or broken inside a word
     assert wrap_note("short", width=60) == "note: short"
+
+
+def test_the_summary_line_names_the_metric_and_gives_a_next_token_loss_as_perplexity():
+    from autoprune.app.cli import _metric
+
+    assert _metric(0.9123, "accuracy") == "accuracy 0.9123"
+    assert _metric(-0.6931, "neg_nll") == "neg_nll -0.6931 (perplexity 2)"  # exp(0.6931)
+    assert _metric(0.5, None) == "0.5000"  # a result.json written before results named their metric

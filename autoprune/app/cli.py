@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sys
 import textwrap
@@ -153,16 +154,27 @@ def _print_recovered(df) -> None:
                f"train.lr / 10; val_before: before it):\n" + df[cols].round(4).to_string(index=False))
 
 
+def _metric(value: float, name: str | None) -> str:
+    """A metric for the summary line: named when the result says which it is, and a next-token loss (neg_nll) also
+    as the perplexity it means."""
+    text = f"{name} {value:.4f}" if name else f"{value:.4f}"
+    if name == "neg_nll" and value == value:
+        text += f" (perplexity {math.exp(-value):.3g})"
+    return text
+
+
 def _print_result(r: dict, short: bool = False) -> None:
     b = r.get("best")
     head = f"[{r['strategy']}] "
     if not b:
         typer.echo(head + "no plan met the budget")
     else:
-        typer.echo(head + f"val {b['metric_val']:.4f}  test {b.get('metric_test', float('nan')):.4f}  "
+        name = r.get("metric_name")
+        typer.echo(head + f"val {_metric(b['metric_val'], name)}  test {_metric(b.get('metric_test', float('nan')), name)}  "
                    f"MACs {b['macs_ratio']:.3f}  params {b['params_ratio']:.3f}  "
-                   f"(budget {r['budget']['kind']} <= {r['budget']['limit']:,.4g}; baseline val {r['baseline']['metric_val']:.4f}; "
-                   f"{r['n_trials_complete']} trials, {r['n_trials_failed']} failed)")
+                   f"(budget {r['budget']['kind']} <= {r['budget']['limit']:,.4g}; baseline val "
+                   f"{_metric(r['baseline']['metric_val'], name)}; {r['n_trials_complete']} trials, "
+                   f"{r['n_trials_failed']} failed)")
         if short:
             return
         typer.echo(f"plan: {b['summary']}")

@@ -198,6 +198,7 @@ def summarize(run: SearchRun, *, test: bool = True, write: bool = True) -> dict[
         "priors": run.priors,
         "budget_mode": run.budget_mode,
         "budget": {"kind": budget.kind, "fraction": budget.fraction, "limit": budget.limit, "base": budget.base},
+        "metric_name": session.evaluator.metric_name,  # what metric_val and metric_test are (accuracy, neg_nll, ...)
         "baseline": {"metric_val": float(session.baseline_metric), "metric": float(session.baseline_metric), "macs": base.macs, "params": base.params},
         "best": best,
         "rejected_by_remeasure": rejected,
