@@ -549,7 +549,8 @@ def main(argv=None) -> Path:
          "- the same trained weights (the spec's `train` section, seed 0), data splits and calibration batches "
          "(the evaluator's, drawn with the run seed);"),
         "- the same score function: `session.evaluator(model, 'val')` = BatchNorm statistics re-estimated on the "
-        "calibration batches, then val accuracy (autoprune's proxy; FastNAS gets it as `score_func`, and its own "
+        "calibration batches (where the model has BatchNorms; least-squares reconstruction too where the spec enables "
+        f"it), then the task's val {metric} (autoprune's proxy; FastNAS gets it as `score_func`, and its own "
         "BN calibration `data_loader` is the same batches);",
         "- the same budget counter on the final model: `torch.utils.flop_counter.FlopCounterMode` (conv + linear "
         "only), MACs = FLOPs / 2, ratio to the unpruned model; budget met = ratio <= budget;",
