@@ -72,6 +72,63 @@ def test_the_latency_table_times_copies_and_never_the_unpruned_models_own_layers
     assert not [m for m in timed if id(m) in base]
 
 
+class _DemoFrozenBatchNorm2d(torch.nn.Module):
+    """A frozen BatchNorm as DETR's backbone has them: per-channel buffers, no parameters (matched by class name)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for k, v in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(k, torch.full((n,), v))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale[None, :, None, None] + (self.bias - self.running_mean * scale)[None, :, None, None]
+
+
+class _DemoRMSNorm(torch.nn.Module):
+    """An RMSNorm as Llama's: one scale parameter, cut by Torch-Pruning as a bare parameter (no layer function)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return self.weight * x * (x.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
+
+
+def test_the_latency_table_times_frozen_batchnorms_and_rms_norms_at_each_width():
+    # Torch-Pruning has no layer functions for either: the table timed a frozen BatchNorm at full width on a
+    # narrower input (DETR failed: "The size of tensor a (14) must match ... (16)") and refused an RMSNorm ("cannot
+    # resize ... for the latency table", every Llama-family model)
+    import autoprune.costs.latency as lat
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), _DemoFrozenBatchNorm2d(16), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 4, 1))
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), _DemoRMSNorm(16), torch.nn.Linear(16, 4))
+    for model, x, norm in ((conv, torch.zeros(1, 1, 8, 8), "1"), (mlp, torch.zeros(1, 8), "1")):
+        pm = PrunableModel(model, x)
+        assert pm.prunable_names
+        table = lat.build_table(pm, points_1d=3, points_2d=2, calib_plans=3, valid_plans=1)
+        line = next(e for e in table.entries if e.module == norm)
+        assert line.shape == "line" and len(line.xs) == 3 and all(ms > 0 for ms in line.ms[0])
+
+
+def test_a_latency_table_that_cannot_be_built_falls_back_to_measuring_every_plan(make_spec, monkeypatch):
+    import autoprune.costs.budgets as budgets
+
+    spec = make_spec("cnn1d", budget={"latency": 0.9, **LAT64}, search={"priors": "none"})
+    session = api.session(spec, show_progress=False)
+
+    def fail(*a, **k):
+        raise RuntimeError("a layer the table cannot time")
+
+    monkeypatch.setattr(budgets, "load_or_build_table", fail)
+    budget = latency_budget(session.spec, session.pruner, session.cost_model)
+    assert budget.measured and budget.table is None
+    assert any("cannot be built (RuntimeError: a layer the table cannot time)" in n for n in budget.notes)
+    assert budget.estimate(session.pruner.plan({})) > 0  # a measurement on the device
+
+
 @pytest.mark.slow
 def test_latency_search_meets_remeasured_budget(make_spec):
     # batch 64: compute, not per-call overhead, dominates, so 60 % is reachable with room (uniform 0.5 -> ~55 %,

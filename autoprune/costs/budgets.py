@@ -166,11 +166,19 @@ def latency_budget(spec, pm, cost_model=None):
     base = _guard(lambda: dev.measure_plan(pm, pm.plan({})), dev).median_ms
     table = None
     if mode != "measure":
-        table, path, built = _guard(lambda: load_or_build_table(spec, pm, dev), dev)
-        if table.median_error > max_error:
-            notes.append(f"latency table median error {table.median_error:.1%} > {max_error:.0%}: "
-                         "falling back to measuring every plan on the device (slow)")
-            mode = "measure"
+        try:
+            table, path, built = _guard(lambda: load_or_build_table(spec, pm, dev), dev)
+        except Exception as e:  # noqa: BLE001 - a layer the table cannot time: every plan is measured instead
+            if not isinstance(dev, LocalDevice):  # (an agent that cannot be reached stays an error)
+                raise
+            notes.append(f"the latency table cannot be built ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                         "measuring every plan on the device instead (slow)")
+            mode, table = "measure", None
+        else:
+            if table.median_error > max_error:
+                notes.append(f"latency table median error {table.median_error:.1%} > {max_error:.0%}: "
+                             "falling back to measuring every plan on the device (slow)")
+                mode = "measure"
     if mode == "measure":
         cache: dict[str, float] = {}
 

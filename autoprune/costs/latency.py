@@ -42,6 +42,7 @@ import torch_pruning as tp
 from autoprune.costs.counting import LatencyStats, measure_latency
 from autoprune.errors import AutopruneError, TrialFailed
 from autoprune.model.task import call_model, resize_batch, slice_batch
+from autoprune.pruning.layers import FrozenBatchNorm, custom_pruners
 from autoprune.pruning.plan import PruningPlan, channels_kept
 
 log = logging.getLogger(__name__)
@@ -206,14 +207,28 @@ def _resized(module: nn.Module, site: CallSite, cin: int, cout: int) -> nn.Modul
         return type(module)(cin, cout, module.kernel_size, module.stride, module.padding, module.dilation, G,
                             module.bias is not None, module.padding_mode).to(module.weight.device)
     m = copy.deepcopy(module)
-    if not any(True for _ in m.parameters(recurse=False)):
-        return m  # parameterless (ReLU, pooling, dropout): only its input changes
-    pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(m))
-    if pruner is None:
-        raise AutopruneError(f"cannot resize {site.module} ({site.kind}) for the latency table")
-    tied = isinstance(m, _TIED_TYPES) or tp.ops.module2type(m) == tp.ops.OPTYPE.DEPTHWISE_CONV
     c_out = site.out_shape[site.out_dim] if site.out_dim is not None else None
     c_in = site.in_shape[site.in_dim] if site.in_dim is not None else None
+    # the functions `apply` cuts it with: autoprune's own for the layer types Torch-Pruning has none for (a frozen
+    # BatchNorm's per-channel buffers: DETR's backbone timed at full width failed on a narrower input), else
+    # Torch-Pruning's
+    pruner = custom_pruners(m).get(type(m))
+    if pruner is None:
+        own = dict(m.named_parameters(recurse=False))
+        if not own:
+            return m  # parameterless (ReLU, pooling, dropout): only its input changes
+        pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(m))
+        width = c_out if c_out is not None else c_in
+        if pruner is None and width is not None and all(p.dim() == 1 and p.shape[0] == width for p in own.values()):
+            # a per-channel layer Torch-Pruning cuts as bare parameters (an RMSNorm's scale: Llama, Qwen, Gemma),
+            # with no function of its own for the table to call: its vectors cut to the width
+            keep = min(cin, cout) if c_out is not None and c_in is not None else (cout if c_out is not None else cin)
+            for k, p in own.items():
+                setattr(m, k, nn.Parameter(p.data[:keep].clone(), requires_grad=p.requires_grad))
+            return m
+    if pruner is None:
+        raise AutopruneError(f"cannot resize {site.module} ({site.kind}) for the latency table")
+    tied = isinstance(m, _TIED_TYPES + (FrozenBatchNorm,)) or tp.ops.module2type(m) == tp.ops.OPTYPE.DEPTHWISE_CONV
     if c_out is not None and cout < c_out:
         pruner.prune_out_channels(m, list(range(cout, c_out)))
     if not tied and c_in is not None and cin < c_in:
