@@ -10,6 +10,9 @@ a `ModelOutput`; autoprune's task (`autoprune.model.task`) reads the batches and
   items `{"input_ids", "attention_mask"}`; with `task: {kind: distillation, output: pooled}` the metric is the
   cosine similarity of the pruned model's mean-pooled embeddings to the unpruned model's
   (search_spaces/minilm-distill-*.yaml).
+- `byte_llama()` and `stdlib_bytes()`: a small LlamaForCausalLM (grouped-query attention) over 257 byte tokens
+  (random init; trained through `train:`) and the same sentences as UTF-8 bytes, no tokenizer needed
+  (search_spaces/stdlib-llama-lm-macs50.yaml, `task: {kind: language_modeling}`).
 - `vit_digits()`: a small ViTForImageClassification for 8x8 one-channel images (random init; autoprune trains it
   through the spec's `train:` section) and `digits_dict()`: sklearn digits as dict items `{"pixel_values",
   "labels"}` (search_spaces/vit-digits-macs50.yaml, `task: {kind: classification}`).
@@ -145,21 +148,35 @@ def stdlib_text(n_train: int = 1024, n_val: int = 256, n_test: int = 256, seq_le
     (`task: {kind: distillation, output: pooled}`). Nothing is cached on disk; it takes well under a second once
     `transformers` is imported.
     """
+    sents = _shuffled_sentences("stdlib_text", n_train, n_val, n_test, seq_len, seed)
+    enc = _tokenizer()(sents, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    return _distinct_splits("stdlib_text", enc["input_ids"].long(), enc["attention_mask"].long(), sents,
+                            (n_train, n_val, n_test), seq_len)
+
+
+def _shuffled_sentences(name: str, n_train: int, n_val: int, n_test: int, seq_len: int, seed: int) -> list[str]:
+    """`_all_sentences()` shuffled with `seed`, once the split sizes and `seq_len` are checked."""
     if min(n_train, n_val, n_test) <= 0 or seq_len < 4:
-        raise AutopruneError(f"stdlib_text: split sizes must be positive and seq_len >= 4, got "
+        raise AutopruneError(f"{name}: split sizes must be positive and seq_len >= 4, got "
                              f"n_train={n_train}, n_val={n_val}, n_test={n_test}, seq_len={seq_len}")
     sents = list(_all_sentences())
     random.Random(seed).shuffle(sents)
-    enc = _tokenizer()(sents, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-    ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+    return sents
+
+
+def _distinct_splits(name: str, ids: torch.Tensor, mask: torch.Tensor, sents: list[str], sizes: tuple[int, int, int],
+                     seq_len: int) -> dict[str, TokenizedText]:
+    """Train/val/test of `sizes` from the rows of `ids` (one per sentence, in order), each distinct row once, so
+    that no input appears in two splits."""
     keep, seen = [], set()
     for i, row in enumerate(map(tuple, ids.tolist())):
         if row not in seen:
             seen.add(row)
             keep.append(i)
+    n_train, n_val, n_test = sizes
     n = n_train + n_val + n_test
     if len(keep) < n:
-        raise AutopruneError(f"stdlib_text: only {len(keep)} distinct sentences at seq_len={seq_len}, asked for {n} "
+        raise AutopruneError(f"{name}: only {len(keep)} distinct sentences at seq_len={seq_len}, asked for {n} "
                              f"(n_train + n_val + n_test)")
     cut = {"train": keep[:n_train], "val": keep[n_train:n_train + n_val], "test": keep[n_train + n_val:n]}
     return {s: TokenizedText({"input_ids": ids[ix].contiguous(), "attention_mask": mask[ix].contiguous()},
@@ -176,30 +193,12 @@ def stdlib_bytes(n_train: int = 2048, n_val: int = 256, n_test: int = 256, seq_l
     b + 1 for each UTF-8 byte b (0 pads; `attention_mask` 0 there), truncated or padded to `seq_len`. For a byte-level
     language model (`byte_llama`, `task: {kind: language_modeling}`): no tokenizer, nothing downloaded, and
     `transformers` is not needed for the data."""
-    if min(n_train, n_val, n_test) <= 0 or seq_len < 4:
-        raise AutopruneError(f"stdlib_bytes: split sizes must be positive and seq_len >= 4, got "
-                             f"n_train={n_train}, n_val={n_val}, n_test={n_test}, seq_len={seq_len}")
-    sents = list(_all_sentences())
-    random.Random(seed).shuffle(sents)
-    rows, seen, kept = [], set(), []
-    for text in sents:
-        row = bytes(text.encode("utf-8")[:seq_len])
-        if row not in seen:  # no input in two splits
-            seen.add(row)
-            rows.append(row)
-            kept.append(text)
-    n = n_train + n_val + n_test
-    if len(rows) < n:
-        raise AutopruneError(f"stdlib_bytes: only {len(rows)} distinct sentences at seq_len={seq_len}, asked for {n} "
-                             f"(n_train + n_val + n_test)")
-    ids = torch.zeros(n, seq_len, dtype=torch.long)
-    for i, row in enumerate(rows[:n]):
+    sents = _shuffled_sentences("stdlib_bytes", n_train, n_val, n_test, seq_len, seed)
+    ids = torch.zeros(len(sents), seq_len, dtype=torch.long)
+    for i, text in enumerate(sents):
+        row = text.encode("utf-8")[:seq_len]
         ids[i, :len(row)] = torch.tensor(list(row), dtype=torch.long) + 1
-    mask = (ids > 0).long()
-    cut = {"train": range(0, n_train), "val": range(n_train, n_train + n_val), "test": range(n_train + n_val, n)}
-    return {s: TokenizedText({"input_ids": ids[list(ix)].contiguous(), "attention_mask": mask[list(ix)].contiguous()},
-                             [kept[i] for i in ix]) for s, ix in cut.items()}
-
+    return _distinct_splits("stdlib_bytes", ids, (ids > 0).long(), sents, (n_train, n_val, n_test), seq_len)
 
 def byte_llama(hidden_size: int = 128, num_layers: int = 4, num_heads: int = 8, num_kv_heads: int = 4,
                intermediate_size: int = 384, max_len: int = 128, seed: int = 0) -> torch.nn.Module:
