@@ -222,7 +222,7 @@ def _resized(module: nn.Module, site: CallSite, cin: int, cout: int) -> nn.Modul
         if pruner is None and width is not None and all(p.dim() == 1 and p.shape[0] == width for p in own.values()):
             # a per-channel layer Torch-Pruning cuts as bare parameters (an RMSNorm's scale: Llama, Qwen, Gemma),
             # with no function of its own for the table to call: its vectors cut to the width
-            keep = min(cin, cout) if c_out is not None and c_in is not None else (cout if c_out is not None else cin)
+            keep = cout if c_out is not None else cin  # (the new width of the dimension `width` is)
             for k, p in own.items():
                 setattr(m, k, nn.Parameter(p.data[:keep].clone(), requires_grad=p.requires_grad))
             return m

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from autoprune.model.data import first_batch
 from autoprune.errors import AutopruneError
 from autoprune.spec import Spec
-from autoprune.model.task import LABEL_KEYS, Task, call_model, describe, make_task
+from autoprune.model.task import Task, call_model, describe, label_keys, make_task
 from autoprune.model.factories import import_object
 from autoprune.model.training import train_model
 
@@ -81,6 +80,17 @@ def load_datasets(factory: str, kwargs: dict[str, Any] | None = None) -> dict[st
     return {s: data[s] for s in SPLITS}
 
 
+def split_batch(task: Task, batch: Any, what: str) -> tuple[Any, Any]:
+    """`task.split(batch)`, its failure one error naming the task and the batch (`what` it is)."""
+    try:
+        return task.split(batch)
+    except AutopruneError:
+        raise
+    except Exception as e:
+        raise AutopruneError(f"task {task.name!r} cannot split {what} ({describe(batch)}) into inputs and target: "
+                             f"{type(e).__name__}: {e}") from None
+
+
 def check_forward(model: nn.Module, example: Any, where: str = "model", task: Task | None = None,
                   batch: Any = None) -> Any:
     """Run one forward pass on the example inputs, and the task on its output and the batch's target.
@@ -112,18 +122,12 @@ def check_forward(model: nn.Module, example: Any, where: str = "model", task: Ta
     if scores_example and not isinstance(scored, torch.Tensor):
         raise AutopruneError(f"task {task.name!r}: output() must give a tensor, got {type(scored).__name__} from {describe(out)}")
     if batch is not None:
-        try:
-            inputs, target = task.split(batch)
-        except AutopruneError:
-            raise
-        except Exception as e:
-            raise AutopruneError(f"task {task.name!r} cannot split the data's first batch ({describe(batch)}) into "
-                                 f"inputs and target: {type(e).__name__}: {e}") from None
+        inputs, target = split_batch(task, batch, "the data's first batch")
         try:
             with torch.no_grad():
                 scored = task.output(call_model(model, inputs), inputs)
         except Exception as e:
-            given = [k for k in LABEL_KEYS if isinstance(inputs, Mapping) and k in inputs]
+            given = label_keys(inputs)
             hint = (f" (task {task.name!r} hands the model the batch's {given[0]!r} to compute its own loss from; a "
                     "model that computes none needs another task)") if given else ""
             raise AutopruneError(f"{where} forward failed on the data's first batch {describe(inputs)}: "
@@ -248,14 +252,7 @@ def load_target(spec: Spec, *, show_progress: bool = True) -> Target:
     except Exception as e:
         raise AutopruneError(f"data factory {spec.data.factory!r}: cannot form a batch of the train split "
                              f"({type(e).__name__}: {e}); items must be tensors, tuples or dicts of tensors") from None
-    try:
-        example, _ = task.split(one)
-        example = task.inference_inputs(example)
-    except AutopruneError:
-        raise
-    except Exception as e:
-        raise AutopruneError(f"task {task.name!r} cannot split the data's batches ({describe(one)}) into inputs "
-                             f"and target: {type(e).__name__}: {e}") from None
+    example = task.inference_inputs(split_batch(task, one, "the data's batches")[0])
     if spec.model.input_shape is not None:
         if not isinstance(example, torch.Tensor):
             raise AutopruneError(f"model.input_shape is {list(spec.model.input_shape)} but the data's inputs are "

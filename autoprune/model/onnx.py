@@ -22,20 +22,17 @@ def export_onnx(model: nn.Module, example: Any, path: str | Path, notes: list[st
     `notes` says so: the TorchScript exporter fails on a bfloat16 BERT ("ScalarType ComplexDouble is an unexpected
     tensor scalar type"), and transformers 5 loads a checkpoint in its stored dtype, often bfloat16, by default.
     Without `notes` (the agent, which times the file) the error stands: a float32 file would time another model."""
-    try:
-        with _eager_grouped_attention(model):
-            return _export(model, example, path)
-    except AutopruneError as first:
-        if notes is None or not any(p.dtype == torch.bfloat16 for p in model.parameters()):
-            raise
-        full = copy.deepcopy(model).float()
-        x = _bf16_to_float(example)
-        with _eager_grouped_attention(full):
-            _export(full, x, path)  # its own error if float32 fails too
-        why = str(first).partition("; export without ONNX")[0]
-        why = why.removeprefix("ONNX export failed (").removesuffix(")")
-        notes.append(f"model.onnx is in float32: the bfloat16 model's export failed ({why})")
-        return Path(path)
+    why = _attempt(model, example, path)
+    if why is not None and notes is not None and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        why_float = _attempt(copy.deepcopy(model).float(), _bf16_to_float(example), path)
+        if why_float is None:
+            notes.append(f"model.onnx is in float32: the bfloat16 model's export failed ({why})")
+            return Path(path)
+        why = why_float  # float32 fails too: its own error
+    if why is not None:
+        raise AutopruneError(f"ONNX export failed ({why}); export without ONNX (--no-onnx) or replace the "
+                             "unsupported op")
+    return Path(path)
 
 
 def _bf16_to_float(obj: Any) -> Any:
@@ -69,34 +66,40 @@ def _eager_grouped_attention(model: nn.Module):
         model.set_attn_implementation(old)
 
 
-def _export(model: nn.Module, example: Any, path: str | Path) -> Path:
+def _attempt(model: nn.Module, example: Any, path: str | Path) -> str | None:
+    """Write `model` as ONNX to `path` (grouped-query attention switched to eager meanwhile); None when it worked,
+    else why not (the exception's type and first line)."""
     try:
-        if isinstance(example, torch.Tensor):
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17)
-        elif isinstance(example, dict):
-            names = list(example)
-            axes = {n: {0: "batch"} for n in names}
+        with _eager_grouped_attention(model):
+            _export(model, example, path)
+    except Exception as e:  # noqa: BLE001 - said by the caller, with what to do about it
+        return f"{type(e).__name__}: {_first_line(e)}"
+    return None
+
+
+def _export(model: nn.Module, example: Any, path: str | Path) -> None:
+    if isinstance(example, torch.Tensor):
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17)
+    elif isinstance(example, dict):
+        names = list(example)
+        axes = {n: {0: "batch"} for n in names}
+        try:
+            torch.onnx.export(model, (), str(path), kwargs=dict(example), dynamo=False, input_names=names,
+                              dynamic_axes=axes, opset_version=17)
+        except Exception as first:  # noqa: BLE001 - retried below, raised if the retry fails too
+            # the exporter passes keyword inputs positionally, which a forward whose decorators add keywords of
+            # their own rejects (GPT-2: "got multiple values for argument 'use_cache'"), and it takes no
+            # `Cache` among the outputs (GPT-2's LM head model): the same inputs by name through a wrapper, its
+            # outputs' tensors as a tuple
             try:
-                torch.onnx.export(model, (), str(path), kwargs=dict(example), dynamo=False, input_names=names,
-                                  dynamic_axes=axes, opset_version=17)
-            except Exception as first:  # noqa: BLE001 - retried below, raised if the retry fails too
-                # the exporter passes keyword inputs positionally, which a forward whose decorators add keywords of
-                # their own rejects (GPT-2: "got multiple values for argument 'use_cache'"), and it takes no
-                # `Cache` among the outputs (GPT-2's LM head model): the same inputs by name through a wrapper, its
-                # outputs' tensors as a tuple
-                try:
-                    torch.onnx.export(_ByName(model, names), tuple(example.values()), str(path), dynamo=False,
-                                      input_names=names, dynamic_axes=axes, opset_version=17)
-                except Exception as second:  # noqa: BLE001 - both errors are said: the second is often the op
-                    raise RuntimeError(f"{type(first).__name__}: {_first_line(first)}; and through a wrapper taking "
-                                       f"the inputs by name: {type(second).__name__}: {_first_line(second)}") from None
-        else:
-            torch.onnx.export(model, tuple(example), str(path), dynamo=False, opset_version=17)
-    except Exception as e:
-        raise AutopruneError(f"ONNX export failed ({type(e).__name__}: {_first_line(e)}); "
-                             "export without ONNX (--no-onnx) or replace the unsupported op") from None
-    return Path(path)
+                torch.onnx.export(_ByName(model, names), tuple(example.values()), str(path), dynamo=False,
+                                  input_names=names, dynamic_axes=axes, opset_version=17)
+            except Exception as second:  # noqa: BLE001 - both errors are said: the second is often the op
+                raise RuntimeError(f"{type(first).__name__}: {_first_line(first)}; and through a wrapper taking "
+                                   f"the inputs by name: {type(second).__name__}: {_first_line(second)}") from None
+    else:
+        torch.onnx.export(model, tuple(example), str(path), dynamo=False, opset_version=17)
 
 
 class _ByName(nn.Module):

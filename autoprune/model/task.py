@@ -36,6 +36,11 @@ Inputs = Any  # a tensor, a tuple/list of tensors (positional arguments) or a di
 
 
 # --------------------------------------------------------------------------- structure helpers
+def label_keys(obj: Any) -> list[str]:
+    """The `LABEL_KEYS` a dict batch (or inputs) holds, in that order; none for anything else."""
+    return [k for k in LABEL_KEYS if k in obj] if isinstance(obj, Mapping) else []
+
+
 def to_device(obj: Any, device: str | torch.device) -> Any:
     """Move every tensor inside `obj` (tensor, tuple, list, dict) to `device`; other values are kept."""
     if isinstance(obj, torch.Tensor):
@@ -199,7 +204,7 @@ class Task:
         but the label keys (`labels`, `label`, `targets`, `target`, `y`) to the model; a bare tensor has no target.
         """
         if isinstance(batch, Mapping):
-            keys = [k for k in LABEL_KEYS if k in batch]
+            keys = label_keys(batch)
             target = batch[keys[0]] if keys else None
             return {k: v for k, v in batch.items() if k not in LABEL_KEYS}, target
         if isinstance(batch, (tuple, list)):
@@ -422,7 +427,7 @@ class ModelLoss(Task):
     def output(self, out: Any, inputs: Inputs = None) -> torch.Tensor:
         loss = _field(out, "loss")
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            have = [k for k in LABEL_KEYS if isinstance(inputs, Mapping) and k in inputs]
+            have = label_keys(inputs)
             raise ValueError(f"model_loss needs the model to return a scalar `loss`; it returned {describe(out)} "
                              + (f"given {have[0]!r}" if have else "and the batch has no labels (a 'labels' key)"))
         return loss.reshape(1).expand(batch_len(self.inference_inputs(inputs)) if inputs is not None else 1)
