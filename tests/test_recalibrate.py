@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -72,3 +73,27 @@ def test_plan_to_dict_is_dataclasses_asdict():
     d["ratios"]["a"] = 0.9
     assert plan.ratios["a"] == 0.25  # a copy, as asdict makes
     assert PruningPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_scoring_switches_a_model_in_train_mode_to_eval_and_obeys_an_overridden_train():
+    """`Evaluator.score` scores in eval mode (dropout off, running statistics used) whatever mode the model was
+    left in, through a module's own `train` where it has one."""
+    from torch.utils.data import TensorDataset
+
+    from autoprune.sensitivity.evaluate import Evaluator
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    ds = TensorDataset(x, y)
+    ev = Evaluator({"train": ds, "val": ds}, batch_size=16, calibration_batches=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.9), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[2].running_mean.fill_(5.0)  # eval-mode BN shifts every logit of class c by the same amount
+    want = float((model.eval()(x).argmax(1) == y).float().mean())
+    model.train()
+    assert ev.score(model) == pytest.approx(want) and not any(m.training for m in model.modules())
+    frozen = nn.Sequential(nn.Linear(4, 3), Frozen())
+    frozen.train()
+    ev.score(frozen)
+    assert not any(m.training for m in frozen.modules())

@@ -67,7 +67,7 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple], device: str = "cpu",
     for m in bns:
         m.reset_running_stats()
         saved.append(m.momentum)
-        m.momentum = None  # cumulative average
+        m.__dict__["momentum"] = None  # cumulative average (a plain attribute: nn.Module.__setattr__'s checks skipped)
     plain = _plain_modes(mods)
     if plain:  # only BN in train mode: what model.train() then training=False on the rest leaves, in one pass
         _set_modes(mods, False)
@@ -81,7 +81,7 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple], device: str = "cpu",
         for x, _ in batches:
             call_model(model, to_device(x, device))
     for m, mom in zip(bns, saved):
-        m.momentum = mom
+        m.__dict__["momentum"] = mom
     if plain:
         _set_modes(mods, False)
         return model
@@ -236,7 +236,12 @@ class Evaluator:
 
     @torch.no_grad()
     def _pass(self, model: nn.Module, split: str, *, loss: bool) -> tuple[float, float]:
-        model = on_device(model, self.device).eval()  # a model elsewhere (the unpruned one) is scored on a copy
+        model = on_device(model, self.device)  # a model elsewhere (the unpruned one) is scored on a copy
+        mods = list(model.modules())
+        if _plain_modes(mods):  # `model.eval()` without its recursive walk through nn.Module.__setattr__
+            _set_modes(mods, False)
+        else:
+            model.eval()
         state = self.task.metric_state()
         total, n = 0.0, 0
         for i, (x, y) in enumerate(self.iter_batches(split)):
