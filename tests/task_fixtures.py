@@ -169,6 +169,17 @@ def convnext_digits(seed: int = 0) -> nn.Module:
         return transformers.ConvNextForImageClassification(cfg).eval()
 
 
+def tiny_qwen2_gqa(seed: int = 0) -> nn.Module:
+    """A Qwen2 decoder with more query heads per key/value head than key/value heads (6 query heads on 2, as
+    Qwen2.5-0.5B has 14 on 2): its query heads are pruned, as many from each key/value head. Random init."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=40))
+
+
 def tiny_glm(seed: int = 0) -> nn.Module:
     """A GLM decoder from a small config: a fused gate/up MLP projection and grouped-query heads (2 key/value heads
     for 4 query heads), random init."""

@@ -1269,3 +1269,70 @@ def test_a_pruned_model_generates_with_its_cache_what_it_generates_without(name,
     back = auto.from_pretrained(tmp_path, trust_remote_code=True).eval()
     with torch.no_grad():
         assert torch.equal(back.generate(prompt, use_cache=True, **kw), cached)
+
+
+
+def test_grouped_query_heads_with_few_key_value_heads_prune_query_heads_as_many_from_each(tmp_path) -> None:
+    # Qwen2.5-0.5B style: more query heads per key/value head than key/value heads (here 3 on each of 2). Whole
+    # key/value heads gave one step (2 -> 1, half the query heads at once); now the query heads are the group, the
+    # same number from each key/value head's block (its key/value repeat reads them in order): two steps here, six
+    # on Qwen2.5-0.5B
+    import copy
+
+    from autoprune.exporting import hf as hfexport
+    from autoprune.exporting.files import export_model, load_pruned
+    from autoprune.pruning.schedules import prune_to
+    from task_fixtures import tiny_qwen2_gqa
+
+    pm = _in_thread(lambda: PrunableModel(tiny_qwen2_gqa().eval(), _tokens(1)), 120)
+    q0, q1, v0 = (f"model.layers.{i}.self_attn.{p}" for i, p in ((0, "q_proj"), (1, "q_proj"), (0, "v_proj")))
+    g, kv = pm.group(q0), pm.group(v0)
+    assert (g.prunable, g.channels, g.multiple, g.blocks, g.min_keep) == (True, 48, 8, 2, 16)
+    assert {(m.module.rsplit(".", 1)[-1], m.role) for m in g.members} == {("q_proj", "out"), ("o_proj", "in")}
+    assert pm.kind(g) == "attention heads, grouped-query (6 query heads of 8, as many from each of 2 key/value heads)"
+    assert not kv.prunable and q0 in kv.reason
+    # kept widths are whole heads, as many in each block, at least one head a block
+    assert pm.kept(pm.plan({q0: 0.3}))[q0] == 48  # under one step (a head from each block: 16 of 48)
+    plan = pm.plan({q0: 0.34, q1: 0.9})
+    assert (pm.kept(plan)[q0], pm.kept(plan)[q1]) == (32, 16)
+    gone = pm.pruned_indices(plan)
+    for name, heads in ((q0, 1), (q1, 2)):  # heads gone from each block of 3
+        lost = sorted({c // 8 for c in gone[name]})
+        assert len(gone[name]) == 8 * len(lost) and [sum(h // 3 == b for h in lost) for b in (0, 1)] == [heads, heads]
+    # the cut computes what silencing those query heads computes (their columns of o_proj zeroed)
+    small = pm.apply(plan)
+    silenced = copy.deepcopy(pm.base)
+    with torch.no_grad():
+        for name in (q0, q1):
+            o = silenced.get_submodule(name.replace("q_proj", "o_proj"))
+            o.weight[:, gone[name]] = 0
+    x = _tokens(2)
+    assert torch.allclose(_logits(small, x), _logits(silenced, x), atol=1e-5)
+    assert [small.model.layers[i].self_attn.num_key_value_groups for i in (0, 1)] == [2, 1]
+    assert small.model.layers[0].self_attn.k_proj.out_features == 16  # both key/value heads stay
+    cm = CostModel(pm)
+    assert cm.exact and cm.estimate(plan) == (count_macs(small, pm.example), count_params(small))
+    # it saves and reloads in transformers, and rebuilds from its factory and plan
+    hfexport.save_pretrained(small, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert torch.allclose(_logits(back, x), _logits(small, x), atol=1e-5)
+    export_model(small, tmp_path / "files", plan=plan,
+                 model_spec={"factory": "task_fixtures:tiny_qwen2_gqa", "kwargs": {}},
+                 pruning={"ignore": [], "round_to": 1, "mode": "structured", "criterion": "l2"}, example=_tokens(1),
+                 onnx=False)
+    assert torch.allclose(_logits(load_pruned(tmp_path / "files"), x), _logits(small, x), atol=1e-6)
+    # a gradual schedule (re-scoring copies without probes) ends on the plan's shapes
+    model = pm.base
+    for fraction in (0.5, 1.0):
+        model = prune_to(pm, model, plan, fraction)
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == \
+        {n: tuple(p.shape) for n, p in small.named_parameters()}
+
+
+def test_grouped_query_heads_with_as_many_key_value_heads_stay_whole_key_value_heads() -> None:
+    # 2 query heads on each of 2 key/value heads (and Llama-3 8B's 4 on 8): whole key/value heads give as many
+    # steps or more, and shrink the key/value cache too, so the group stays theirs
+    pm, _ = _in_thread(lambda: _build(tiny_llama), 120)
+    v0 = "model.layers.0.self_attn.v_proj"
+    assert pm.group(v0).prunable and "model.layers.0.self_attn.q_proj" not in pm.names
+    assert pm.kind(pm.group(v0)) == "attention heads, grouped (2 key/value heads of 8, 2 query heads each)"

@@ -388,7 +388,7 @@ def build_table(pm, groups: list[str] | None = None, *, device: str = "cpu", thr
     time_entry = _timer(device, threads, ENTRY_TIMING)
     # the group's reachable widths: multiples of its step (round_to, whole heads, conv groups), down to its
     # width at max_ratio
-    step = {g: math.lcm(pm.round_to, pm.group(g).multiple, pm.group(g).conv_groups) for g in groups}
+    step = {g: math.lcm(pm.round_to, pm.group(g).unit, pm.group(g).conv_groups) for g in groups}
     kmin = pm.kept(pm.uniform_plan(pm.max_ratio))
     chans = {g: pm.group(g).channels for g in groups}
     entries = []

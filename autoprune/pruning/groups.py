@@ -57,6 +57,15 @@ class GroupInfo:
     multiple: int = 1  # kept channels are a multiple of this (e.g. attention heads), found by probing
     min_keep: int = 1  # channels that must stay: one per concatenated branch
     conv_groups: int = 1  # conv groups of the grouped convolutions it touches: kept is a multiple, equal count per conv group
+    # equal blocks that each lose the same number of whole multiples (a grouped-query attention's query heads: one
+    # block of query heads per key/value head, which its key/value repeat reads in order); kept is a multiple of
+    # multiple x blocks
+    blocks: int = 1
+
+    @property
+    def unit(self) -> int:
+        """The channels one step removes, before round_to: a multiple from each block."""
+        return self.multiple * self.blocks
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -200,7 +209,11 @@ class PrunableModel:
         calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         seed: int = 0,
         check_groups: bool = True,
+        query_heads: Iterable[str] = (),
     ) -> None:
+        """`query_heads`: query projections of grouped-query attentions whose query heads are a group whatever their
+        head counts (`_query_head_groups`), for a partly pruned copy of a model whose groups were so (`prune_to`):
+        its fewer query heads per key/value head would otherwise make the copy's group whole key/value heads."""
         self.base = model.eval()
         self.example = example_input
         self.criterion = criterion
@@ -236,6 +249,7 @@ class PrunableModel:
         # multi-query attentions' query projections, each a group of its own (`_query_head_groups`) -> the output
         # projection that reads their heads
         self._query_heads: dict[str, str] = {}
+        self._forced_query_heads = frozenset(query_heads)
         self.groups: list[GroupInfo] = self._find_groups()
         if check_groups:
             self._check_groups()
@@ -441,6 +455,13 @@ class PrunableModel:
         the output projection's inputs, the key and value projections untouched. The key/value group, one head that
         no cut can remove, is left intact and says where its heads went.
 
+        The same for a grouped-query attention with more query heads per key/value head than key/value heads
+        (Qwen2.5-0.5B: 14 query heads on 2 key/value heads): whole key/value heads (each with its query heads) would
+        give it one step (2 -> 1), query heads taken in equal numbers from every key/value head's block six (7 -> 1
+        a block), so its query heads are the group (`GroupInfo.blocks`) and its key/value heads stay. Where key/value
+        heads give as many steps or more (Llama-3 8B: 8 of 4 query heads each), the group stays whole key/value
+        heads, which also shrinks the key/value cache.
+
         Why by hand: Torch-Pruning's walk from a key/value projection takes the query heads with each key/value
         head (`_kv_layout`), which under one key/value head is all of them, and its walk from the query projection
         takes key/value channels with every query channel, as in multi-head attention. `_walk` keeps the query
@@ -450,9 +471,12 @@ class PrunableModel:
             lay = self._kv_layout(g.name)
             # (a query projection that is a root of its own already, one Torch-Pruning's walk from the key/value
             # projection did not reach, stays as it is)
-            if lay is None or self._base_modules()[g.name].out_features != lay[1] or any(h.name == lay[2] for h in out):
+            if lay is None or any(h.name == lay[2] for h in out):
                 continue
             n_rep, head, q_name, o_name = lay
+            n_kv = self._base_modules()[g.name].out_features // head
+            if n_kv > 1 and n_rep <= n_kv and q_name not in self._forced_query_heads:
+                continue  # whole key/value heads are the finer steps: the group stays as it is
             self._query_heads[q_name] = o_name
             width = work.get_submodule(q_name).out_features
             try:
@@ -463,10 +487,17 @@ class PrunableModel:
                 del self._query_heads[q_name]
                 continue
             self.branch_counts[q_name], self._segments[q_name], self._conv_in[q_name] = {}, [], False
-            out.append(GroupInfo(q_name, 0, width, (Member(q_name, "out", width), Member(o_name, "in", width)),
-                                 (q_name,)))
-            reason = (f"one key/value head (multi-query attention) that its {n_rep} query heads share; the query heads "
-                      f"are pruned as group {q_name}")
+            members = (Member(q_name, "out", width), Member(o_name, "in", width))
+            if n_kv == 1:
+                out.append(GroupInfo(q_name, 0, width, members, (q_name,)))
+                reason = (f"one key/value head (multi-query attention) that its {n_rep} query heads share; the query "
+                          f"heads are pruned as group {q_name}")
+            else:  # whole heads, as many from each key/value head's block, at least one head left in each
+                out.append(GroupInfo(q_name, 0, width, members, (q_name,), multiple=head, min_keep=head * n_kv,
+                                     blocks=n_kv))
+                reason = (f"{n_kv} key/value heads of {n_rep} query heads each: the query heads are pruned instead, "
+                          f"as many from each key/value head, as group {q_name} ({n_rep - 1} steps, where whole "
+                          f"key/value heads give {n_kv - 1})")
             out = [replace(h, prunable=False, multiple=head, reason=reason) if h.name == g.name else h for h in out]
         return out
 
@@ -544,7 +575,7 @@ class PrunableModel:
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
         # (a group touching grouped convs removes one channel from each conv group; a fused q/k/v one, one head)
         idx = [i for i, g in enumerate(self.groups) if g.prunable]
-        first = {i: max(self.groups[i].conv_groups, self.groups[i].multiple) for i in idx}
+        first = {i: max(self.groups[i].conv_groups, self.groups[i].unit) for i in idx}
         if probe({self.groups[i].name: first[i] for i in idx}) is not None:
             for i in idx:
                 g = self.groups[i]
@@ -833,20 +864,22 @@ class PrunableModel:
     def _kept_count(self, g: GroupInfo, ratio: float, round_to: int) -> int:
         """Channels group `g` keeps at `ratio`: rounded up to lcm(round_to, its multiple, its conv groups), at
         least min_keep (and, where the width must stay a multiple, at least one multiple)."""
-        step = _step(round_to, g.multiple, g.conv_groups)
+        step = _step(round_to, g.unit, g.conv_groups)
         keep = channels_kept(g.channels, ratio, step)
         if keep < g.min_keep:
             keep = min(g.channels, math.ceil(g.min_keep / step) * step)
-        if keep % step and math.lcm(g.multiple, g.conv_groups) > 1:  # channels_kept's one channel at ratio 1
+        if keep % step and math.lcm(g.unit, g.conv_groups) > 1:  # channels_kept's one channel at ratio 1
             keep = min(g.channels, math.ceil(keep / step) * step)
         return keep
 
     def _select(self, g: GroupInfo, n_prune: int, order: list[int]) -> list[int]:
         """The first `n_prune` channels of `order`, skipping any that would empty a concatenated branch
         (grouped convs: the same count from each conv group, ranked by position in `order`)."""
-        if g.conv_groups > 1 or self._fused_layout(g) is not None:
+        if g.conv_groups > 1 or g.blocks > 1 or self._fused_layout(g) is not None:
             rank = torch.empty(g.channels)
             rank[torch.tensor(order[: g.channels], dtype=torch.long)] = torch.arange(g.channels, dtype=torch.float)
+            if g.blocks > 1:  # whole heads, as many from each block, ranked by their channels' positions
+                return self._select_per_block(g, n_prune, rank)
             if g.conv_groups == 1:  # a fused projection: whole units, ranked by their channels' positions
                 return self._fused_heads(g, n_prune, self._fused_head_scores(g, rank))
             return self._select_conv_groups(g, n_prune, rank)
@@ -883,6 +916,8 @@ class PrunableModel:
             if key not in self._selection:
                 if g.conv_groups > 1:
                     self._selection[key] = self._select_conv_groups(g, n, self.scores(plan.criterion)[g.name])
+                elif g.blocks > 1:
+                    self._selection[key] = self._select_per_block(g, n, self.scores(plan.criterion)[g.name])
                 elif g.multiple > 1 and not self._segments.get(g.name) and n % g.multiple == 0:
                     self._selection[key] = self._select_blocks(g, n, plan.criterion)
                 else:
@@ -907,6 +942,22 @@ class PrunableModel:
             offs = torch.argsort(s.mean(0), stable=True)[:per].tolist()
             return sorted(k * size + o for k in range(G) for o in offs)
         return sorted(k * size + o for k in range(G) for o in torch.argsort(s[k], stable=True)[:per].tolist())
+
+    def _select_per_block(self, g: GroupInfo, n_prune: int, scores: torch.Tensor) -> list[int]:
+        """`n_prune` channels in whole multiples (heads), the same number from each of the `g.blocks` equal blocks
+        (rounded up to one unit, at most all but one head of a block): in each block its heads with the lowest
+        summed channel score. A grouped-query attention's key/value repeat gives query heads j x n_rep ... (j + 1)
+        x n_rep - 1 to key/value head j, so every key/value head must keep the same number of query heads, and
+        those of its own block."""
+        size = g.channels // g.blocks
+        per_head = scores.reshape(g.blocks, size // g.multiple, g.multiple).sum(2)
+        n_heads = min(-(-n_prune // g.unit), size // g.multiple - 1)
+        out = []
+        for b in range(g.blocks):
+            for h in torch.argsort(per_head[b], stable=True)[:n_heads].tolist():
+                start = b * size + h * g.multiple
+                out.extend(range(start, start + g.multiple))
+        return sorted(out)
 
     def _select_blocks(self, g: GroupInfo, n_prune: int, criterion: str) -> list[int]:
         """Whole aligned blocks of `g.multiple` channels (attention heads: q/k/v widths must stay a multiple of the
@@ -1446,6 +1497,9 @@ class PrunableModel:
             return self._fused_layout(g).describe()
         if layers and all(isinstance(m, (nn.Linear, HFConv1D)) for m in layers):
             kv = self._kv_layout(g.name) if g.multiple > 1 else None
+            if g.name in self.__dict__.get("_query_heads", {}) and g.blocks > 1:
+                return f"attention heads, grouped-query ({g.channels // g.multiple} query heads of {g.multiple}, " \
+                       f"as many from each of {g.blocks} key/value heads)"
             if g.name in self.__dict__.get("_query_heads", {}) and g.multiple > 1:
                 return f"attention heads, multi-query ({g.channels // g.multiple} query heads of {g.multiple}, " \
                        "one key/value head for all)"

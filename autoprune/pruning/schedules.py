@@ -85,7 +85,7 @@ def prune_to(pm_base: PrunableModel, model: nn.Module, plan: PruningPlan, fracti
     target = pm_base.kept(target_plan)
     cur = PrunableModel(model, pm_base.example, ignore=pm_base.ignored, criterion=plan.criterion,
                         round_to=1, max_ratio=0.999, calibration=pm_base.calibration, seed=pm_base.seed,
-                        check_groups=False)
+                        check_groups=False, query_heads=[g.name for g in pm_base.groups if g.blocks > 1])
     cur.adopt_multiples(pm_base)  # attention heads go whole here too
     cur.task, cur.teacher = getattr(pm_base, "task", None), getattr(pm_base, "teacher", None)
     ratios = {}
