@@ -772,8 +772,9 @@ SURVEY = {
            # its q/k/v/o are nn.Linear layers inside wrappers (`MoshiLinear.linear`); its MLP's fused gate/up (a
            # view into 2 halves) is left intact
            ("moshi", transformers.MoshiForCausalLM, transformers.MoshiConfig, {"head_dim": 8}, 4, 5),
-           # mixture of experts: the experts' weights are 3-d tensors, not layers; heads and hidden size prune
-           ("mixtral", transformers.MixtralForCausalLM, transformers.MixtralConfig, {"head_dim": 8}, 2, 3),
+           # mixture of experts: each layer's experts' neurons (3-d tensors, `pruning/experts.py`) and the heads;
+           # the hidden size stays (Torch-Pruning does not cut the experts' tensors along it)
+           ("mixtral", transformers.MixtralForCausalLM, transformers.MixtralConfig, {"head_dim": 8}, 4, 5),
            # a fused gate/up projection (chunked in two): Torch-Pruning cut two channels of it per root channel,
            # which the probe's member check refuses (left intact)
            ("glm", transformers.GlmForCausalLM, transformers.GlmConfig, {"head_dim": 8, "pad_token_id": 0}, 5, 5),

@@ -35,6 +35,22 @@ except AttributeError:  # pragma: no cover
     _CUSTOM = {}
 
 
+def _grouped_mm_flop(a, b, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `aten._grouped_mm` (a mixture-of-experts layer's experts, in transformers' default `grouped_mm`
+    implementation): every row of `a` meets one group's matrix. FlopCounterMode has no formula for it, so a
+    mixture-of-experts model counted none of its experts' MACs (Mixtral's experts, most of its compute, were 0)."""
+    a, b = (t.shape if hasattr(t, "shape") else t for t in (a, b))
+    if len(a) == 3 and len(b) == 3:  # [G, M, K] x [G, K, N]
+        return 2 * a[0] * a[1] * a[2] * b[2]
+    if len(a) == 3:  # [G, M, K] x [K, N]
+        return 2 * a[0] * a[1] * a[2] * b[-1]
+    return 2 * a[0] * a[1] * b[-1]  # [M, K] x [G, K, N] (rows grouped) or [M, K] x [K, N] (K grouped)
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _CUSTOM[torch.ops.aten._grouped_mm] = _grouped_mm_flop
+
+
 @dataclass
 class LatencyStats:
     median_ms: float

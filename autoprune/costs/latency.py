@@ -158,6 +158,11 @@ def analyse_calls(pm, groups: list[str], batch_size: int = 1) -> tuple[list[Call
     deltas: dict[str, tuple[int, list]] = {}
     for g in groups:
         info = pm.group(g)
+        if g in pm.expert_groups:
+            # an experts module computes with its 3-d parameters inside one call (`pruning/experts.py`), with as
+            # many calls as experts the tokens reach: no per-layer entry follows its neurons
+            raise AutopruneError(f"group {g!r} is a mixture-of-experts layer's neurons, which the latency table "
+                                 "cannot time layer by layer")
         r = min(0.5, pm.max_ratio)
         removed = info.channels - channels_kept(info.channels, r, pm.round_to)
         if removed <= 0:

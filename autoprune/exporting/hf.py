@@ -36,10 +36,11 @@ SHAPES_KEY = "autoprune_shapes"
 CODE_FILE = "modeling_autoprune.py"
 # which of the model's heads an attention kept, where it reads per-head rows the model makes (`keep_alibi_heads`)
 KEPT_HEADS = ("autoprune_heads", "autoprune_total_heads")
-# integer attributes of attention (and similar) modules that follow the pruned widths
+# integer attributes of attention (and similar) modules that follow the pruned widths (an experts module's
+# intermediate size too: `pruning/experts.py`)
 ATTRIBUTES = ("num_attention_heads", "all_head_size", "attention_head_size", "num_heads", "head_dim", "embed_dim",
               "num_key_value_heads", "num_key_value_groups", "hidden_size", "intermediate_size", "inner_dim",
-              "split_size", "n_heads", "num_kv_heads")
+              "split_size", "n_heads", "num_kv_heads", "intermediate_dim", "expert_dim")
 
 
 def is_hf(model: nn.Module) -> bool:

@@ -24,6 +24,7 @@ import torch_pruning as tp
 
 from autoprune.pruning import criteria
 from autoprune.pruning.clone import clone_module, copy_tensor
+from autoprune.pruning.experts import Experts, find_experts
 from autoprune.pruning.attention import (QUERY_NAMES, Fused, head_sizes, head_style, keep_alibi_heads, neutral_rope,
                                          no_cache, share_cross_attention_bias, sync_attention_attributes, takes_alibi)
 from autoprune.pruning.layers import ROOT_TYPES, HFConv1D, custom_pruners, in_width, out_width
@@ -250,6 +251,8 @@ class PrunableModel:
         # projection that reads their heads
         self._query_heads: dict[str, str] = {}
         self._forced_query_heads = frozenset(query_heads)
+        # mixture-of-experts layers whose experts' neurons are a group (`_find_expert_groups`): name -> layout
+        self._experts: dict[str, Experts] = {}
         self.groups: list[GroupInfo] = self._find_groups()
         if check_groups:
             self._check_groups()
@@ -446,6 +449,7 @@ class PrunableModel:
             self._conv_in[root_name] = any(r == "in" for _, r in grouped)
             found.append(GroupInfo(root_name, 0, channels, mem, layers, prunable, reason, 1, min_keep, conv_groups))
         found = self._query_head_groups(found, work, dg)
+        found += self._find_expert_groups()
         found.sort(key=lambda g: order.get(g.name, 0))
         return [replace(g, index=i) for i, g in enumerate(found)]
 
@@ -500,6 +504,72 @@ class PrunableModel:
                           f"key/value heads give {n_kv - 1})")
             out = [replace(h, prunable=False, multiple=head, reason=reason) if h.name == g.name else h for h in out]
         return out
+
+    def _find_expert_groups(self) -> list[GroupInfo]:
+        """A group per mixture-of-experts layer: its experts' neurons, as many from each expert (`experts.py`).
+
+        The layout (which dimensions, gate and up concatenated or interleaved) is the candidate whose cut of half of
+        every expert's neurons computes what silencing them computes, checked on the example once per experts class
+        and parameter shape; a layer whose layout no candidate reproduces, or that the example does not reach, is
+        left intact with the reason."""
+        found = find_experts(self.base, set(self.ignored))
+        if not found:
+            return []
+        verified: dict[tuple, Experts | str] = {}
+        out = []
+        for name, cands in found.items():
+            m = self._base_modules()[name]
+            key = (type(m), tuple(m._parameters["gate_up_proj"].shape), tuple(m._parameters["down_proj"].shape))
+            if key not in verified:
+                verified[key] = self._verify_experts(name, cands)
+            lay = verified[key]
+            width = cands[0].n * cands[0].inter
+            members, layers = (Member(name, "out", width),), (name,)
+            if isinstance(lay, str):
+                log.warning("group %s cannot be pruned (%s); it is left intact", name, lay)
+                out.append(GroupInfo(name, 0, width, members, layers, False, lay))
+                continue
+            self._experts[name] = lay
+            self.branch_counts[name], self._segments[name], self._conv_in[name] = {}, [], False
+            # each expert keeps a multiple of 16 bytes of neurons: transformers' default experts implementation
+            # (`torch._grouped_mm`) refuses other row strides ("strides should be multiple of 16 bytes": 33 of 36
+            # trials of a Mixtral search failed); the neurons themselves are chosen one by one
+            step = 16 // m._parameters["down_proj"].element_size()
+            step = step if lay.inter % step == 0 and lay.inter > step else 1
+            out.append(GroupInfo(name, 0, width, members, layers, multiple=step, min_keep=lay.n * step, blocks=lay.n))
+        return out
+
+    def _verify_experts(self, name: str, cands: list[Experts]) -> Experts | str:
+        """The candidate layout of experts module `name` whose cut computes what silencing computes (else why not)."""
+        def run(edit) -> list[torch.Tensor]:
+            work = clone_module(self.base)
+            edit(work.get_submodule(name))
+            with torch.no_grad():
+                return [t.float() for t in tensors_of(call_model(work.eval(), self.example))]
+
+        def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+            return len(a) == len(b) and all(x.shape == y.shape and bool(
+                (x - y).abs().max() <= 1e-3 * (y.abs().max() + 1e-6)) for x, y in zip(a, b))
+
+        try:
+            base = run(lambda m: None)
+            silenced: dict[str, list[torch.Tensor]] = {}
+            for lay in cands:
+                half = [e * lay.inter + j for e in range(lay.n) for j in range(lay.inter // 2)]
+                if lay.layout not in silenced:
+                    silenced[lay.layout] = run(lambda m, lay=lay, half=half: lay.silence(m, half))
+                if close(silenced[lay.layout], base):
+                    continue  # (the example does not reach these neurons: nothing to compare)
+                try:
+                    got = run(lambda m, lay=lay, half=half: lay.cut(m, half))
+                except Exception:  # noqa: BLE001 - a layout its forward cannot run: the next candidate
+                    continue
+                if close(got, silenced[lay.layout]):
+                    return lay
+        except Exception as e:  # noqa: BLE001 - the model's own failure, said as the reason
+            return f"its experts could not be checked: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return ("a mixture-of-experts layer whose experts' gate_up_proj / down_proj layout autoprune does not know "
+                "(no cut of their neurons computed what silencing them computes on the example)")
 
     def _check_groups(self) -> None:
         """Probe every group on copies of the model and mark the ones that break unprunable.
@@ -567,6 +637,8 @@ class PrunableModel:
         # model's multiplier); its layout is the first of the candidates whose one-unit cut computes what zeroing
         # that unit's inputs to the consumer computes
         for i, g in enumerate(self.groups):
+            if g.name in self._experts:  # checked against silencing when found (`_find_expert_groups`)
+                continue
             lay = self._infer_fused(g) if g.prunable or g.name in self._lost else None
             if lay is not None:
                 self.groups[i] = self._fused_group(g, lay)
@@ -574,7 +646,7 @@ class PrunableModel:
                 log.warning("group %s cannot be pruned (%s)", g.name, g.reason)
         # probe 1: remove one channel (or, failing that, the smallest divisor of the width that works)
         # (a group touching grouped convs removes one channel from each conv group; a fused q/k/v one, one head)
-        idx = [i for i, g in enumerate(self.groups) if g.prunable]
+        idx = [i for i, g in enumerate(self.groups) if g.prunable and g.name not in self._experts]
         first = {i: max(self.groups[i].conv_groups, self.groups[i].unit) for i in idx}
         if probe({self.groups[i].name: first[i] for i in idx}) is not None:
             for i in idx:
@@ -592,7 +664,7 @@ class PrunableModel:
                 else:
                     mark(i, prunable=False, reason=self._fused_qkv_reason(g, err))
         # probe 2: remove about half (rounded to the group's multiple)
-        idx = [i for i, g in enumerate(self.groups) if g.prunable]
+        idx = [i for i, g in enumerate(self.groups) if g.prunable and g.name not in self._experts]
         half = {i: self.groups[i].channels - self._kept_count(self.groups[i], 0.5, 1) for i in idx}
         if probe({self.groups[i].name: half[i] for i in idx}) is not None:
             for i in idx:
@@ -878,8 +950,8 @@ class PrunableModel:
         if g.conv_groups > 1 or g.blocks > 1 or self._fused_layout(g) is not None:
             rank = torch.empty(g.channels)
             rank[torch.tensor(order[: g.channels], dtype=torch.long)] = torch.arange(g.channels, dtype=torch.float)
-            if g.blocks > 1:  # whole heads, as many from each block, ranked by their channels' positions
-                return self._select_per_block(g, n_prune, rank)
+            if g.blocks > 1:  # as many from each block, ranked by their channels' positions
+                return self._select_per_block(g, n_prune, rank, whole=g.name not in self._experts)
             if g.conv_groups == 1:  # a fused projection: whole units, ranked by their channels' positions
                 return self._fused_heads(g, n_prune, self._fused_head_scores(g, rank))
             return self._select_conv_groups(g, n_prune, rank)
@@ -917,7 +989,8 @@ class PrunableModel:
                 if g.conv_groups > 1:
                     self._selection[key] = self._select_conv_groups(g, n, self.scores(plan.criterion)[g.name])
                 elif g.blocks > 1:
-                    self._selection[key] = self._select_per_block(g, n, self.scores(plan.criterion)[g.name])
+                    self._selection[key] = self._select_per_block(g, n, self.scores(plan.criterion)[g.name],
+                                                                  whole=g.name not in self._experts)
                 elif g.multiple > 1 and not self._segments.get(g.name) and n % g.multiple == 0:
                     self._selection[key] = self._select_blocks(g, n, plan.criterion)
                 else:
@@ -943,20 +1016,22 @@ class PrunableModel:
             return sorted(k * size + o for k in range(G) for o in offs)
         return sorted(k * size + o for k in range(G) for o in torch.argsort(s[k], stable=True)[:per].tolist())
 
-    def _select_per_block(self, g: GroupInfo, n_prune: int, scores: torch.Tensor) -> list[int]:
-        """`n_prune` channels in whole multiples (heads), the same number from each of the `g.blocks` equal blocks
-        (rounded up to one unit, at most all but one head of a block): in each block its heads with the lowest
-        summed channel score. A grouped-query attention's key/value repeat gives query heads j x n_rep ... (j + 1)
-        x n_rep - 1 to key/value head j, so every key/value head must keep the same number of query heads, and
-        those of its own block."""
+    def _select_per_block(self, g: GroupInfo, n_prune: int, scores: torch.Tensor, whole: bool = True) -> list[int]:
+        """`n_prune` channels, the same number from each of the `g.blocks` equal blocks (rounded up to a multiple
+        from each, at most all but one multiple of a block): in each block its lowest-scored heads (`whole`: aligned
+        runs of `g.multiple` channels, by summed score) or channels (an experts' group: its neurons one by one, a
+        multiple of them). A grouped-query attention's key/value repeat gives query heads j x n_rep ... (j + 1) x
+        n_rep - 1 to key/value head j, so every key/value head must keep the same number of query heads, and those
+        of its own block; experts share one tensor, so every expert keeps as many neurons."""
         size = g.channels // g.blocks
-        per_head = scores.reshape(g.blocks, size // g.multiple, g.multiple).sum(2)
-        n_heads = min(-(-n_prune // g.unit), size // g.multiple - 1)
+        unit = g.multiple if whole else 1
+        per_unit = scores.reshape(g.blocks, size // unit, unit).sum(2)
+        n_units = min(-(-n_prune // g.unit), size // g.multiple - 1) * (g.multiple // unit)
         out = []
         for b in range(g.blocks):
-            for h in torch.argsort(per_head[b], stable=True)[:n_heads].tolist():
-                start = b * size + h * g.multiple
-                out.extend(range(start, start + g.multiple))
+            for h in torch.argsort(per_unit[b], stable=True)[:n_units].tolist():
+                start = b * size + h * unit
+                out.extend(range(start, start + unit))
         return sorted(out)
 
     def _select_blocks(self, g: GroupInfo, n_prune: int, criterion: str) -> list[int]:
@@ -977,6 +1052,11 @@ class PrunableModel:
     @property
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
+
+    @property
+    def expert_groups(self) -> list[str]:
+        """Groups that are a mixture-of-experts layer's neurons (`pruning/experts.py`)."""
+        return list(self.__dict__.get("_experts", {}))
 
     @property
     def prunable_names(self) -> list[str]:
@@ -1049,6 +1129,9 @@ class PrunableModel:
         try:
             for g in self.groups:
                 if not g.prunable:
+                    continue
+                if g.name in self._experts:  # no Torch-Pruning group: the neurons' weight magnitudes
+                    out[g.name] = self._experts[g.name].scores(self.base.get_submodule(g.name), crit)
                     continue
                 pg = self._walk(work, dg, g.name, list(range(g.channels)))
                 s = imp(pg)
@@ -1127,6 +1210,9 @@ class PrunableModel:
                     for k, t in slots.items():
                         if t is not None and id(t) in shared and t is shared[id(t)]:
                             slots[k] = copy_tensor(t)
+        for name, idxs in pruned.items():
+            if name in self.__dict__.get("_experts", {}):
+                self._experts[name].cut(work.get_submodule(name), idxs)
         self._retie(memo)
         for m in (base_mods.values() if not share_rest else ()):  # the copy's modules, without walking its tree
             for p in memo[id(m)]._parameters.values():  # again (the base's own tensors, when shared, stay as they are)
@@ -1359,6 +1445,8 @@ class PrunableModel:
     def _group_items(self, gname: str, idxs: list[int]) -> list:
         """[((layer, kind, pruning function name), (function, sorted indices))] that removing root channels `idxs`
         of group `gname` cuts: from the group's map (`_group_map`) where it has one, else from Torch-Pruning."""
+        if gname in self.__dict__.get("_experts", {}):
+            return []  # cut by `_build` itself (`Experts.cut`)
         if gname in self.__dict__.get("_fused", {}):
             return self._tp_items(gname, idxs)  # whole units only: their cuts come from `_walk`
         gmap = self._group_maps.get(gname)
@@ -1495,6 +1583,9 @@ class PrunableModel:
         members = [mods[m.module] for m in g.members if m.module in mods]
         if self._fused_layout(g) is not None:
             return self._fused_layout(g).describe()
+        if g.name in self.__dict__.get("_experts", {}):
+            e = self._experts[g.name]
+            return f"experts' neurons ({e.n} experts of {e.inter}, as many from each)"
         if layers and all(isinstance(m, (nn.Linear, HFConv1D)) for m in layers):
             kv = self._kv_layout(g.name) if g.multiple > 1 else None
             if g.name in self.__dict__.get("_query_heads", {}) and g.blocks > 1:
