@@ -109,14 +109,20 @@ def test_stdlib_bytes_are_utf8_bytes_padded_and_disjoint():
     assert not (rows["train"] & rows["val"]) and not (rows["val"] & rows["test"])
 
 
+def _byte_lm_session(spec: str, runs_root, *, epochs: int, n_train: int):
+    """A session of a byte-level LM spec, shortened: `epochs` of training on `n_train` sentences of 32 bytes, a
+    4-trial search after a one-ratio sweep."""
+    over = {"output": str(runs_root), "train.epochs": epochs, "search.n_trials": 4, "sensitivity.ratios": [0.5],
+            "data.kwargs": {"n_train": n_train, "n_val": 64, "n_test": 64, "seq_len": 32},
+            "evaluation.calibration_batches": 2}
+    return api.session(f"search_spaces/{spec}.yaml", over, show_progress=False)
+
+
 @pytest.mark.slow
 def test_a_byte_level_mixtral_searches_its_experts_neurons_exports_and_reloads(runs_root):
     # search_spaces/stdlib-mixtral-lm-macs50.yaml, shortened: a raw MixtralForCausalLM trained here; its experts'
     # neurons are groups (as many from each expert) and the plan meets the budget counted with the experts' MACs
-    over = {"output": str(runs_root), "train.epochs": 1, "search.n_trials": 4, "sensitivity.ratios": [0.5],
-            "data.kwargs": {"n_train": 256, "n_val": 64, "n_test": 64, "seq_len": 32},
-            "evaluation.calibration_batches": 2}
-    s = api.session("search_spaces/stdlib-mixtral-lm-macs50.yaml", over, show_progress=False)
+    s = _byte_lm_session("stdlib-mixtral-lm-macs50", runs_root, epochs=1, n_train=256)
     assert isinstance(s.target.model, transformers.MixtralForCausalLM)
     experts = [n for n in s.pruner.expert_groups if s.pruner.group(n).prunable]
     assert len(experts) == 4 and "experts' neurons (8 experts of 192" in s.pruner.kind(s.pruner.group(experts[0]))
@@ -136,10 +142,7 @@ def test_a_byte_level_mixtral_searches_its_experts_neurons_exports_and_reloads(r
 def test_a_byte_level_llama_trains_on_next_tokens_searches_exports_and_reloads(runs_root):
     # search_spaces/stdlib-llama-lm-macs50.yaml, shortened: a raw LlamaForCausalLM trained here, scored by its
     # next-token loss (language_modeling), its grouped-query heads and MLP neurons searched
-    over = {"output": str(runs_root), "train.epochs": 2, "search.n_trials": 4, "sensitivity.ratios": [0.5],
-            "data.kwargs": {"n_train": 512, "n_val": 64, "n_test": 64, "seq_len": 32},
-            "evaluation.calibration_batches": 2}
-    s = api.session("search_spaces/stdlib-llama-lm-macs50.yaml", over, show_progress=False)
+    s = _byte_lm_session("stdlib-llama-lm-macs50", runs_root, epochs=2, n_train=512)
     assert isinstance(s.target.model, transformers.LlamaForCausalLM) and s.evaluator.metric_name == "neg_nll"
     assert s.baseline_metric > -3.5  # trained: guessing a byte is log(257) = 5.55 nats
     assert any(k.startswith("attention heads, grouped") for k in set(s.pruner.table().kind))
