@@ -92,6 +92,10 @@ class PruningSpec(_Section):
     ignore: list[str] = Field(default_factory=list)
     round_to: int = Field(1, ge=1)
     max_ratio: float = Field(0.9, gt=0, lt=1)
+    attention_heads: Literal["auto", "key_value", "query"] = Field(
+        "auto", description="what a grouped-query attention loses: whole key/value heads with their query heads "
+        "('key_value'), or query heads, as many from each key/value head ('query'); 'auto': query heads where a "
+        "layer has more query heads per key/value head than key/value heads (finer steps), else key/value heads")
 
 
 class BudgetSpec(_Section):

@@ -1337,3 +1337,37 @@ def test_grouped_query_heads_with_as_many_key_value_heads_stay_whole_key_value_h
     v0 = "model.layers.0.self_attn.v_proj"
     assert pm.group(v0).prunable and "model.layers.0.self_attn.q_proj" not in pm.names
     assert pm.kind(pm.group(v0)) == "attention heads, grouped (2 key/value heads of 8, 2 query heads each)"
+
+
+def test_pruning_attention_heads_chooses_key_value_or_query_heads_and_a_gradual_schedule_keeps_the_choice() -> None:
+    from autoprune.errors import AutopruneError
+    from autoprune.pruning.schedules import prune_to
+    from task_fixtures import tiny_qwen2_gqa
+
+    q0, v0 = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+    # 3 query heads on each of 2 key/value heads: "auto" takes query heads (see above); "key_value" whole
+    # key/value heads
+    kv = _in_thread(lambda: PrunableModel(tiny_qwen2_gqa().eval(), _tokens(1), attention_heads="key_value"), 120)
+    assert kv.group(v0).prunable and q0 not in kv.names
+    # 2 on each of 2: "auto" takes key/value heads, "query" query heads, as many from each key/value head
+    pm, _ = _in_thread(lambda: _build(tiny_llama), 120)
+    query = _in_thread(lambda: PrunableModel(pm.base, _tokens(1), attention_heads="query"), 120)
+    assert (query.group(q0).blocks, query.group(q0).multiple) == (2, 8) and not query.group(v0).prunable
+    with pytest.raises(AutopruneError, match="pruning.attention_heads 'heads'"):
+        PrunableModel(pm.base, _tokens(1), attention_heads="heads")
+    # 3 query heads on each of 4 key/value heads: "auto" takes key/value heads; a gradual schedule's copy with 2
+    # of them left has 3 > 2 and would have taken query heads, and the plan's 1 key/value head was out of reach
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=100, hidden_size=96, intermediate_size=64, num_hidden_layers=1, num_attention_heads=12,
+        num_key_value_heads=4, head_dim=8, max_position_embeddings=40)).eval()
+    pm = _in_thread(lambda: PrunableModel(model, _tokens(1)), 120)
+    assert pm.group(v0).prunable and q0 not in pm.names
+    plan = pm.plan({v0: 0.75})
+    small = pm.apply(plan)
+    assert small.model.layers[0].self_attn.k_proj.out_features == 8
+    cur = pm.base
+    for fraction in (0.75, 1.0):
+        cur = prune_to(pm, cur, plan, fraction)
+    assert {n: tuple(p.shape) for n, p in cur.named_parameters()} == \
+        {n: tuple(p.shape) for n, p in small.named_parameters()}

@@ -69,6 +69,7 @@ class Session:
             round_to=p.round_to,
             max_ratio=p.max_ratio,
             mode=p.mode,
+            attention_heads=p.attention_heads,
             calibration=self.evaluator.calibration[:4],
             seed=self.spec.search.seed,
         )

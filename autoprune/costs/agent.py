@@ -138,7 +138,8 @@ class Agent:
             self._pms[key] = PrunableModel(base, torch.zeros(1, *shape), ignore=list(pruning.get("ignore", [])),
                                            criterion="l1", round_to=int(pruning.get("round_to", 1)),
                                            max_ratio=float(pruning.get("max_ratio", 0.9)), mode="structured",
-                                           check_groups=False)
+                                           check_groups=False,
+                                           attention_heads=str(pruning.get("attention_heads", "auto")))
             if len(self._pms) > 8:
                 self._pms.pop(next(iter(self._pms)))
         return self._pms[key]

@@ -61,7 +61,7 @@ def export_model(
         "version": MANIFEST_VERSION,
         "model": {k: model_spec.get(k) for k in ("factory", "kwargs", "input_shape")},
         "task": task or {},
-        "pruning": {k: pruning[k] for k in ("ignore", "round_to", "mode", "criterion")},
+        "pruning": {k: pruning[k] for k in ("ignore", "round_to", "mode", "criterion", "attention_heads") if k in pruning},
         "plan": plan.to_dict(),
         # which of the model's heads each attention kept where it reads per-head rows the model makes (BLOOM's
         # ALiBi): the state dict does not say, and the plan re-applied at load picks its heads on other weights
@@ -104,7 +104,8 @@ def load_pruned(export_dir: str | Path) -> nn.Module:
     # probed as the search probed it (heads, fused projections): the widths a plan gives depend on the multiples and
     # layouts the probes find, which do not depend on the weights; a GLM's reload failed without them
     pm = PrunableModel(base, example, ignore=p["ignore"], criterion="l1", round_to=p["round_to"],
-                       mode=p["mode"], max_ratio=0.999, check_groups=p["mode"] == "structured")
+                       mode=p["mode"], max_ratio=0.999, check_groups=p["mode"] == "structured",
+                       attention_heads=p.get("attention_heads", "auto"))
     # which channels go does not matter here: the saved weights replace them; only the widths must match
     model = pm.apply(PruningPlan(plan.ratios, plan.mode, "l1", plan.round_to), check=False)
     for name, attrs in manifest.get("kept_heads", {}).items():

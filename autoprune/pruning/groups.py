@@ -211,8 +211,10 @@ class PrunableModel:
         seed: int = 0,
         check_groups: bool = True,
         query_heads: Iterable[str] = (),
+        attention_heads: str = "auto",
     ) -> None:
-        """`query_heads`: query projections of grouped-query attentions whose query heads are a group whatever their
+        """`attention_heads` (the spec's `pruning.attention_heads`): what a grouped-query attention loses, "auto",
+        "key_value" or "query" (`_query_head_groups`). `query_heads`: query projections of grouped-query attentions whose query heads are a group whatever their
         head counts (`_query_head_groups`), for a partly pruned copy of a model whose groups were so (`prune_to`):
         its fewer query heads per key/value head would otherwise make the copy's group whole key/value heads."""
         self.base = model.eval()
@@ -251,6 +253,9 @@ class PrunableModel:
         # projection that reads their heads
         self._query_heads: dict[str, str] = {}
         self._forced_query_heads = frozenset(query_heads)
+        if attention_heads not in ("auto", "key_value", "query"):
+            raise AutopruneError(f"pruning.attention_heads {attention_heads!r}: use auto, key_value or query")
+        self.attention_heads = attention_heads
         # mixture-of-experts layers whose experts' neurons are a group (`_find_expert_groups`): name -> layout
         self._experts: dict[str, Experts] = {}
         self.groups: list[GroupInfo] = self._find_groups()
@@ -479,8 +484,9 @@ class PrunableModel:
                 continue
             n_rep, head, q_name, o_name = lay
             n_kv = self._base_modules()[g.name].out_features // head
-            if n_kv > 1 and n_rep <= n_kv and q_name not in self._forced_query_heads:
-                continue  # whole key/value heads are the finer steps: the group stays as it is
+            if n_kv > 1 and q_name not in self._forced_query_heads and (
+                    self.attention_heads == "key_value" or (self.attention_heads == "auto" and n_rep <= n_kv)):
+                continue  # whole key/value heads: asked for, or the finer steps; the group stays as it is
             self._query_heads[q_name] = o_name
             width = work.get_submodule(q_name).out_features
             try:

@@ -85,7 +85,13 @@ def prune_to(pm_base: PrunableModel, model: nn.Module, plan: PruningPlan, fracti
     target = pm_base.kept(target_plan)
     cur = PrunableModel(model, pm_base.example, ignore=pm_base.ignored, criterion=plan.criterion,
                         round_to=1, max_ratio=0.999, calibration=pm_base.calibration, seed=pm_base.seed,
-                        check_groups=False, query_heads=[g.name for g in pm_base.groups if g.blocks > 1])
+                        check_groups=False,
+                        # the base's choice for each grouped-query attention, not this copy's (its fewer heads
+                        # could make "auto" choose the other way): query heads where the base's were, else
+                        # key/value heads
+                        attention_heads="key_value",
+                        query_heads=[g.name for g in pm_base.groups
+                                     if g.blocks > 1 and g.name not in pm_base.expert_groups])
     cur.adopt_multiples(pm_base)  # attention heads go whole here too
     cur.task, cur.teacher = getattr(pm_base, "task", None), getattr(pm_base, "teacher", None)
     ratios = {}
