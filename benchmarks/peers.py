@@ -574,8 +574,8 @@ def main(argv=None) -> Path:
         "calibration batches (where the model has BatchNorms; least-squares reconstruction too where the spec enables "
         f"it), then the task's val {metric} (autoprune's proxy; FastNAS gets it as `score_func`, and its own "
         "BN calibration `data_loader` is the same batches);",
-        "- the same budget counter on the final model: `torch.utils.flop_counter.FlopCounterMode` (conv, linear, attention, grouped matmuls of experts, "
-        "only), MACs = FLOPs / 2, ratio to the unpruned model; budget met = ratio <= budget;",
+        "- the same budget counter on the final model: `torch.utils.flop_counter.FlopCounterMode` (conv, linear, attention and the grouped matmuls of experts"
+        "), MACs = FLOPs / 2, ratio to the unpruned model; budget met = ratio <= budget;",
         "- the same recovery and seeds (see above); the test metric is read once, after recovery; "
         "'val % proxy before FT' is the common score of the final model before recovery;",
         "- `autoprune`: `api.search(session)` with the spec's search section unchanged (TPE, sensitivity priors, "
