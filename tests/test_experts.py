@@ -148,6 +148,10 @@ def test_the_counter_counts_the_experts_macs_in_both_of_transformers_implementat
     pm = PrunableModel(tiny_mixtral(), x)
     half = pm.apply(pm.plan({n: 0.5 for n in pm.expert_groups}))
     assert grouped - count_macs(half, x) == 2 * 12 * 2 * 3 * 32 * 32  # layers x tokens x top-k x (gate, up, down)
+    # the groups table's MACs share of a layer's experts: tokens x top-k x 3 x hidden x neurons over the total (it
+    # read 0 when only the modelled layers counted)
+    shares = CostModel(pm).macs_shares()
+    assert shares["model.layers.0.mlp.experts"] == pytest.approx(12 * 2 * 3 * 32 * 64 / grouped)
 
 
 def test_the_latency_table_refuses_experts_neurons_so_a_latency_budget_measures_them() -> None:

@@ -492,12 +492,14 @@ class CostModel:
         return total
 
     def macs_shares(self) -> dict[str, float]:
-        """Each group's share of the model's MACs: the MACs that scale with its channels, over the total."""
+        """Each group's share of the model's MACs: the MACs that scale with its channels, over the total (what the
+        layers model, plus what the fit attributes to the group: attention matmuls outside modules, a
+        mixture-of-experts layer's experts, which were a 0 share before)."""
         base, _ = self._estimate({})
         out = {}
         for g in self.pm.groups:
             macs, _ = self._estimate({g.name: list(range(g.channels))})
-            out[g.name] = (base - macs) / self.base_macs
+            out[g.name] = (base - macs + _fitted(self.slopes, {g.name: g.channels})) / self.base_macs
         return out
 
 
