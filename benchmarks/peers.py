@@ -52,10 +52,11 @@ from _tables import git_rev, machine, mean_pm  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import autoprune  # noqa: E402
 from autoprune.app import api  # noqa: E402
+from autoprune.costs.counting import FLOP_FORMULAS  # noqa: E402
 from autoprune.model.task import scored_by_accuracy  # noqa: E402
 from autoprune.spec import set_dotted  # noqa: E402
 
@@ -78,32 +79,14 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the common pieces, identical for every method
-def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of `aten._grouped_mm`, which torch's counter has no formula for: transformers runs a mixture-of-experts
-    layer's experts with it, and without this a Mixtral's experts (most of its compute) counted nothing."""
-    a, b = (t.shape if hasattr(t, "shape") else t for t in (a, b))
-    rows = a[0] * a[1] if len(a) == 3 else a[0]
-    return 2 * rows * a[-1] * b[-1]
-
-
-def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of the CPU's fused attention op, which torch's counter has no formula for (it has the GPU's): a
-    transformers model's attention matmuls counted nothing on the CPU, so a plan that cut heads was counted above
-    the budget its search met (LAMP on the byte-level Mixtral: 0.519 of the MACs by this counter, 0.499 with the
-    attention counted). Rows before 2026-11-28 were counted without it."""
-    return sdpa_flop_count(*(t.shape if hasattr(t, "shape") else t for t in (q, k, v)))
-
-
-_FLOPS = {torch.ops.aten._grouped_mm: _grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {}
-if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-    _FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
-
-
 def count_macs(model: torch.nn.Module, example, task=None) -> float:
     """MACs of one forward pass of `example`, counted by torch's FlopCounterMode (conv, matmul, attention, and the
-    grouped matmuls of mixture-of-experts layers) / 2."""
+    grouped matmuls of mixture-of-experts layers) / 2, with the formulas torch lacks from autoprune's counter
+    (`FLOP_FORMULAS`): without them a Mixtral's experts (`aten._grouped_mm`) counted nothing, nor did attention on
+    the CPU, so a plan that cut heads was counted above the budget its search met (LAMP on the byte-level
+    Mixtral: 0.519 of the MACs, 0.499 with attention counted). Rows before 2026-11-28 were counted without them."""
     m = copy.deepcopy(model).eval()
-    with FlopCounterMode(display=False, custom_mapping=_FLOPS) as fc, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as fc, torch.no_grad():
         task.forward(m, example) if task is not None else m(example)
     return fc.get_total_flops() / 2
 

@@ -30,9 +30,9 @@ try:  # the CPU flash-attention op is missing from torch's flop table
     def _sdpa_cpu_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query.shape if hasattr(query, "shape") else query, key.shape if hasattr(key, "shape") else key, value.shape if hasattr(value, "shape") else value)
 
-    _CUSTOM = {_SDPA_CPU: _sdpa_cpu_flop}
+    FLOP_FORMULAS = {_SDPA_CPU: _sdpa_cpu_flop}
 except AttributeError:  # pragma: no cover
-    _CUSTOM = {}
+    FLOP_FORMULAS = {}
 
 
 def _grouped_mm_flop(a, b, *args, out_shape=None, **kwargs) -> int:
@@ -40,15 +40,13 @@ def _grouped_mm_flop(a, b, *args, out_shape=None, **kwargs) -> int:
     implementation): every row of `a` meets one group's matrix. FlopCounterMode has no formula for it, so a
     mixture-of-experts model counted none of its experts' MACs (Mixtral's experts, most of its compute, were 0)."""
     a, b = (t.shape if hasattr(t, "shape") else t for t in (a, b))
-    if len(a) == 3 and len(b) == 3:  # [G, M, K] x [G, K, N]
-        return 2 * a[0] * a[1] * a[2] * b[2]
-    if len(a) == 3:  # [G, M, K] x [K, N]
-        return 2 * a[0] * a[1] * a[2] * b[-1]
-    return 2 * a[0] * a[1] * b[-1]  # [M, K] x [G, K, N] (rows grouped) or [M, K] x [K, N] (K grouped)
+    rows = a[0] * a[1] if len(a) == 3 else a[0]  # [G, M, K] or [M, K] (against [G, K, N] or [K, N])
+    return 2 * rows * a[-1] * b[-1]
 
 
+# the formulas FlopCounterMode lacks (`count_macs`; the peer benchmark's counter uses them too)
 if hasattr(torch.ops.aten, "_grouped_mm"):
-    _CUSTOM[torch.ops.aten._grouped_mm] = _grouped_mm_flop
+    FLOP_FORMULAS[torch.ops.aten._grouped_mm] = _grouped_mm_flop
 
 
 @dataclass
@@ -94,7 +92,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     # the module runs linear + scaled_dot_product_attention, which are counted
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    fc = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+    fc = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     rnn, before = [0], {}
 
     def pre(mod, _args):

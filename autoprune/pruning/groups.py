@@ -74,6 +74,18 @@ class GroupInfo:
         return d
 
 
+def _lowest_in_each_block(scores: torch.Tensor, blocks: int, unit: int, n_units: int) -> list[int]:
+    """Channels of the `n_units` lowest-scored aligned runs of `unit` channels (by summed score) in each of `blocks`
+    equal blocks of `scores`, sorted: the same number from every block, each block its own."""
+    size = scores.numel() // blocks
+    per_unit = scores.detach().float().reshape(blocks, size // unit, unit).sum(2)
+    out = []
+    for b in range(blocks):
+        for h in torch.argsort(per_unit[b], stable=True)[:n_units].tolist():
+            out.extend(range(b * size + h * unit, b * size + (h + 1) * unit))
+    return sorted(out)
+
+
 @functools.lru_cache(maxsize=256)
 def _step(round_to: int, multiple: int, conv_groups: int) -> int:
     """The channel granularity of a group (its kept count is a multiple of it); cached: ~700 calls a trial."""
@@ -214,9 +226,10 @@ class PrunableModel:
         attention_heads: str = "auto",
     ) -> None:
         """`attention_heads` (the spec's `pruning.attention_heads`): what a grouped-query attention loses, "auto",
-        "key_value" or "query" (`_query_head_groups`). `query_heads`: query projections of grouped-query attentions whose query heads are a group whatever their
-        head counts (`_query_head_groups`), for a partly pruned copy of a model whose groups were so (`prune_to`):
-        its fewer query heads per key/value head would otherwise make the copy's group whole key/value heads."""
+        "key_value" or "query" (`_query_head_groups`). `query_heads`: query projections of grouped-query attentions
+        whose query heads are a group whatever their head counts, for a partly pruned copy of a model whose groups
+        were so (`prune_to`, from `query_head_groups`): its fewer query heads per key/value head would otherwise
+        make the copy's group whole key/value heads."""
         self.base = model.eval()
         self.example = example_input
         self.criterion = criterion
@@ -1020,7 +1033,7 @@ class PrunableModel:
         if self._conv_in.get(g.name, True):
             offs = torch.argsort(s.mean(0), stable=True)[:per].tolist()
             return sorted(k * size + o for k in range(G) for o in offs)
-        return sorted(k * size + o for k in range(G) for o in torch.argsort(s[k], stable=True)[:per].tolist())
+        return _lowest_in_each_block(s, G, 1, per)
 
     def _select_per_block(self, g: GroupInfo, n_prune: int, scores: torch.Tensor, whole: bool = True) -> list[int]:
         """`n_prune` channels, the same number from each of the `g.blocks` equal blocks (rounded up to a multiple
@@ -1029,16 +1042,9 @@ class PrunableModel:
         multiple of them). A grouped-query attention's key/value repeat gives query heads j x n_rep ... (j + 1) x
         n_rep - 1 to key/value head j, so every key/value head must keep the same number of query heads, and those
         of its own block; experts share one tensor, so every expert keeps as many neurons."""
-        size = g.channels // g.blocks
         unit = g.multiple if whole else 1
-        per_unit = scores.reshape(g.blocks, size // unit, unit).sum(2)
-        n_units = min(-(-n_prune // g.unit), size // g.multiple - 1) * (g.multiple // unit)
-        out = []
-        for b in range(g.blocks):
-            for h in torch.argsort(per_unit[b], stable=True)[:n_units].tolist():
-                start = b * size + h * unit
-                out.extend(range(start, start + unit))
-        return sorted(out)
+        n_units = min(-(-n_prune // g.unit), g.channels // g.blocks // g.multiple - 1) * (g.multiple // unit)
+        return _lowest_in_each_block(scores, g.blocks, unit, n_units)
 
     def _select_blocks(self, g: GroupInfo, n_prune: int, criterion: str) -> list[int]:
         """Whole aligned blocks of `g.multiple` channels (attention heads: q/k/v widths must stay a multiple of the
@@ -1058,6 +1064,11 @@ class PrunableModel:
     @property
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
+
+    @property
+    def query_head_groups(self) -> list[str]:
+        """Groups that are an attention's query heads alone, its key/value heads intact (`_query_head_groups`)."""
+        return list(self.__dict__.get("_query_heads", {}))
 
     @property
     def expert_groups(self) -> list[str]:

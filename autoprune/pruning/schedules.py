@@ -90,8 +90,7 @@ def prune_to(pm_base: PrunableModel, model: nn.Module, plan: PruningPlan, fracti
                         # could make "auto" choose the other way): query heads where the base's were, else
                         # key/value heads
                         attention_heads="key_value",
-                        query_heads=[g.name for g in pm_base.groups
-                                     if g.blocks > 1 and g.name not in pm_base.expert_groups])
+                        query_heads=pm_base.query_head_groups)
     cur.adopt_multiples(pm_base)  # attention heads go whole here too
     cur.task, cur.teacher = getattr(pm_base, "task", None), getattr(pm_base, "teacher", None)
     ratios = {}

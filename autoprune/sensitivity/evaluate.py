@@ -55,6 +55,15 @@ def _set_modes(mods: list[nn.Module], mode: bool) -> None:
         m.__dict__["training"] = mode
 
 
+def _to_eval(model: nn.Module, mods: list[nn.Module], plain: bool | None = None) -> nn.Module:
+    """`model.eval()`, through `_set_modes` when no module overrides `train` (`plain`: `_plain_modes(mods)`, when
+    the caller knows it)."""
+    if plain if plain is not None else _plain_modes(mods):
+        _set_modes(mods, False)
+        return model
+    return model.eval()
+
+
 def recalibrate_bn(model: nn.Module, batches: list[tuple], device: str = "cpu",
                    modules: list[nn.Module] | None = None) -> nn.Module:
     """Reset BatchNorm statistics and re-estimate them as an exact average over `batches` (`modules`: the
@@ -82,10 +91,7 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple], device: str = "cpu",
             call_model(model, to_device(x, device))
     for m, mom in zip(bns, saved):
         m.__dict__["momentum"] = mom
-    if plain:
-        _set_modes(mods, False)
-        return model
-    return model.eval()
+    return _to_eval(model, mods, plain)
 
 
 class Evaluator:
@@ -237,11 +243,7 @@ class Evaluator:
     @torch.no_grad()
     def _pass(self, model: nn.Module, split: str, *, loss: bool) -> tuple[float, float]:
         model = on_device(model, self.device)  # a model elsewhere (the unpruned one) is scored on a copy
-        mods = list(model.modules())
-        if _plain_modes(mods):  # `model.eval()` without its recursive walk through nn.Module.__setattr__
-            _set_modes(mods, False)
-        else:
-            model.eval()
+        _to_eval(model, list(model.modules()))
         state = self.task.metric_state()
         total, n = 0.0, 0
         for i, (x, y) in enumerate(self.iter_batches(split)):
